@@ -1,0 +1,255 @@
+"""Token checking: dev HS256 tokens, production JWTs from a JWKS URL, CDS Hooks client tokens; claims to Principal.
+
+Roles and per-LA isolation are enforced in one place: web.middlewares reads the roles a route allows (``allow``)
+and puts the verified Principal on the request; handlers scope every store call by ``principal.ods``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import jwt
+from jwt import PyJWK
+
+from cpis_bridge.core.errors import Forbidden, Unauthenticated
+from cpis_bridge.core.principal import Principal, Role
+from cpis_bridge.core.registry import Registry
+
+ASYMMETRIC_ALGS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384"})
+DEV_ALG = "HS256"
+JWKS_TTL_S = 300.0
+JWKS_MIN_REFRESH_S = 10.0
+LEEWAY_S = 30
+
+
+def dev_token(
+    secret: str,
+    *,
+    role: Role,
+    ods: str,
+    name: str | None = None,
+    role_code: str | None = None,
+    ttl_s: int = 3600,
+    subject: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """A dev token signed with the dev secret (``cpis-bridge token``)."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": subject or f"dev-{role.value}-{ods}",
+        "iat": now,
+        "exp": now + ttl_s,
+        "cpis_role": role.value,
+        "ods": ods,
+    }
+    if name:
+        claims["name"] = name
+    if role_code:
+        claims["role_code"] = role_code
+    if extra:
+        claims.update(extra)
+    return jwt.encode(claims, secret, algorithm=DEV_ALG)
+
+
+@dataclass
+class JwksCache:
+    """Keys fetched from a JWKS URL, cached and refreshed on an unknown ``kid`` (at most every 10 s)."""
+
+    url: str
+    session: aiohttp.ClientSession | None = None
+    keys: dict[str, PyJWK] = field(default_factory=dict)
+    fetched_at: float = 0.0
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def get(self, kid: str | None) -> PyJWK:
+        now = time.monotonic()
+        stale = now - self.fetched_at > JWKS_TTL_S
+        if stale or (kid not in self.keys and now - self.fetched_at > JWKS_MIN_REFRESH_S):
+            async with self._lock:
+                if time.monotonic() - self.fetched_at > JWKS_MIN_REFRESH_S or not self.keys:
+                    await self._fetch()
+        if kid is None and len(self.keys) == 1:
+            return next(iter(self.keys.values()))
+        key = self.keys.get(kid or "")
+        if key is None:
+            raise Unauthenticated("token signed with an unknown key")
+        return key
+
+    async def _fetch(self) -> None:
+        session = self.session
+        own = session is None
+        if own:
+            session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        assert session is not None
+        try:
+            async with session.get(self.url) as resp:
+                resp.raise_for_status()
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            if not self.keys:
+                raise Unauthenticated("the token issuer's keys cannot be fetched") from None
+            return
+        finally:
+            if own:
+                await session.close()
+        keys: dict[str, PyJWK] = {}
+        for jwk in data.get("keys", []) if isinstance(data, dict) else []:
+            try:
+                key = PyJWK(jwk)
+            except (jwt.PyJWKError, jwt.InvalidKeyError):
+                continue
+            if key.algorithm_name in ASYMMETRIC_ALGS or jwk.get("alg") is None:
+                keys[jwk.get("kid", "")] = key
+        self.keys = keys
+        self.fetched_at = time.monotonic()
+
+
+class Authenticator:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        dev_secret: str | None,
+        jwks_url: str | None = None,
+        issuer: str | None = None,
+        audience: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.registry = registry
+        self.dev_secret = dev_secret if not jwks_url else None
+        self.issuer = issuer
+        self.audience = audience
+        self.jwks = JwksCache(jwks_url, session) if jwks_url else None
+        self.session = session
+        self._cds_jwks: dict[str, JwksCache] = {}
+
+    @property
+    def production(self) -> bool:
+        return self.jwks is not None
+
+    async def verify_bearer(self, header: str | None) -> Principal:
+        token = _bearer(header)
+        alg, kid = _header(token)
+        if self.jwks is not None:
+            if alg not in ASYMMETRIC_ALGS:
+                raise Unauthenticated("token algorithm not accepted")
+            key: Any = await self.jwks.get(kid)
+            claims = _decode(token, key, alg, issuer=self.issuer, audience=self.audience)
+        else:
+            if alg != DEV_ALG or not self.dev_secret:
+                raise Unauthenticated("token algorithm not accepted")
+            claims = _decode(token, self.dev_secret, alg, issuer=self.issuer, audience=self.audience)
+        return self.principal(claims)
+
+    async def verify_cds(self, header: str | None, audience: str) -> Principal:
+        """A CDS Hooks 2.0 client token (iss, aud, exp, iat, jti), or a dev care-setting token in dev mode."""
+        token = _bearer(header)
+        alg, kid = _header(token)
+        if alg == DEV_ALG and not self.production:
+            principal = await self.verify_bearer(header)
+            if principal.role is not Role.CARE_SETTING:
+                raise Forbidden("CDS Hooks calls need a care-setting token")
+            return principal
+        if alg not in ASYMMETRIC_ALGS:
+            raise Unauthenticated("token algorithm not accepted")
+        try:
+            iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError:
+            raise Unauthenticated("token is malformed") from None
+        client = self.registry.cds_clients.get(iss) if isinstance(iss, str) else None
+        if client is None:
+            raise Unauthenticated("CDS client not registered")
+        cache = self._cds_jwks.setdefault(client.iss, JwksCache(client.jwks_url, self.session))
+        key: Any = await cache.get(kid)
+        claims = _decode(token, key, alg, issuer=client.iss, audience=audience, required=("exp", "iat", "jti"))
+        setting = self.registry.care_settings[client.ods]
+        return Principal(
+            subject=str(claims.get("sub") or client.iss), role=Role.CARE_SETTING, ods=setting.ods,
+            name=_opt_str(claims.get("name")), role_code=_opt_str(claims.get("role_code")),
+        )
+
+    def principal(self, claims: dict[str, Any]) -> Principal:
+        try:
+            role = Role(claims.get("cpis_role"))
+        except ValueError:
+            raise Forbidden("token has no valid cpis_role claim") from None
+        ods = claims.get("ods")
+        if role is Role.OPS:
+            ods_text = ods if isinstance(ods, str) else ""
+        else:
+            if not isinstance(ods, str) or not ods:
+                raise Forbidden("token has no ods claim")
+            known = (
+                self.registry.care_settings if role is Role.CARE_SETTING else self.registry.local_authorities
+            )
+            if ods not in known:
+                raise Forbidden("organisation is not registered for this role")
+            ods_text = ods
+        return Principal(
+            subject=str(claims["sub"]),
+            role=role,
+            ods=ods_text,
+            name=_opt_str(claims.get("name")),
+            role_code=_opt_str(claims.get("role_code")),
+        )
+
+
+def _opt_str(value: object) -> str | None:
+    return value[:100] if isinstance(value, str) and value else None
+
+
+def _bearer(header: str | None) -> str:
+    if not header:
+        raise Unauthenticated("missing bearer token")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("missing bearer token")
+    return token.strip()
+
+
+def _header(token: str) -> tuple[str, str | None]:
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise Unauthenticated("token is malformed") from None
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg.lower() == "none":
+        raise Unauthenticated("token algorithm not accepted")
+    kid = header.get("kid")
+    return alg, kid if isinstance(kid, str) else None
+
+
+def _decode(
+    token: str,
+    key: Any,
+    alg: str,
+    *,
+    issuer: str | None,
+    audience: str | None,
+    required: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    options: dict[str, Any] = {"require": ["exp", "sub", *required] if not required else ["exp", *required]}
+    if audience is None:
+        options["verify_aud"] = False
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[alg],
+            issuer=issuer,
+            audience=audience,
+            options=options,
+            leeway=dt.timedelta(seconds=LEEWAY_S),
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthenticated("token expired") from None
+    except jwt.PyJWTError:
+        raise Unauthenticated("token is invalid") from None
+    if "sub" not in claims and not required:
+        raise Unauthenticated("token is invalid")
+    return claims

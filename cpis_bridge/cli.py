@@ -1,0 +1,178 @@
+"""The ``cpis-bridge`` command: serve, token, upload, reconcile, purge, export, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from cpis_bridge import log as logmod
+from cpis_bridge.config import Settings
+from cpis_bridge.core.principal import Role
+
+log = logging.getLogger("cpis_bridge.cli")
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request with the route template, never the raw path or query (they can hold NHS numbers)."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        from cpis_bridge.web.middlewares import route_template
+
+        route = route_template(request) if isinstance(request, web.Request) else "unmatched"
+        self.logger.info(
+            "http.request",
+            extra={"method": request.method, "route": route, "status": response.status,
+                   "durationMs": round(time * 1000, 2), "remote": request.remote},
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+async def serve(settings: Settings) -> int:
+    from cpis_bridge.app import create_app
+    from cpis_bridge.web.state import LIFECYCLE
+
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        access_log=logging.getLogger("cpis_bridge.access"),
+        shutdown_timeout=settings.shutdown_grace_s,
+        handle_signals=False,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    log.info("serve.listening", extra={"host": settings.host, "port": settings.port})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # Readiness first: /readyz answers 503 while in-flight requests finish and load balancers move away.
+    app[LIFECYCLE].draining = True
+    log.info("serve.draining", extra={"delayS": settings.drain_delay_s})
+    if settings.drain_delay_s:
+        await asyncio.sleep(settings.drain_delay_s)
+    await runner.cleanup()
+    log.info("serve.stopped")
+    return 0
+
+
+def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
+    from cpis_bridge.auth import dev_token
+
+    if not settings.dev_mode:
+        print("cpis-bridge token: refused: production auth (CPIS_AUTH_JWKS_URL) is configured", file=sys.stderr)
+        return 2
+    print(
+        dev_token(
+            settings.dev_secret(), role=Role(args.role), ods=args.ods, name=args.name, role_code=args.role_code,
+            ttl_s=args.ttl,
+        )
+    )
+    return 0
+
+
+_UPLOAD_TYPES = {".json": "application/json", ".ndjson": "application/x-ndjson", ".jsonl": "application/x-ndjson",
+                 ".csv": "text/csv"}
+
+
+async def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cpis_bridge.auth import dev_token
+
+    path = Path(args.file)
+    ct = _UPLOAD_TYPES.get(path.suffix.lower())
+    if ct is None:
+        print("cpis-bridge upload: the file must end .json, .ndjson, .jsonl or .csv", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get("CPIS_TOKEN")
+    if not token:
+        if not settings.dev_mode or not args.ods:
+            print("cpis-bridge upload: give --token (or CPIS_TOKEN), or --ods in dev mode", file=sys.stderr)
+            return 2
+        token = dev_token(settings.dev_secret(), role=Role.LOCAL_AUTHORITY, ods=args.ods, ttl_s=3600)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": ct}
+    if ct != "application/json":
+        headers["Upload-Mode"] = args.mode
+        headers["Upload-Sequence"] = str(args.sequence or int(time.time()))
+        if args.record_count is not None:
+            headers["Upload-Record-Count"] = str(args.record_count)
+    size = path.stat().st_size
+    url = (args.url or settings.base_url).rstrip("/") + "/v1/uploads"
+    bar = tqdm(total=size, unit="B", unit_scale=True, desc="upload", disable=args.quiet or None)
+
+    async def body() -> AsyncIterator[bytes]:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                bar.update(len(chunk))
+                yield chunk
+
+    headers["Content-Length"] = str(size)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async with session.post(url, data=body(), headers=headers) as resp:
+            text = await resp.text()
+    bar.close()
+    print(text)
+    return 0 if resp.status == 200 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpis-bridge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the service")
+    tok = sub.add_parser("token", help="print a dev token signed with the dev secret")
+    tok.add_argument("--role", required=True, choices=[r.value for r in Role])
+    tok.add_argument("--ods", required=True)
+    tok.add_argument("--name")
+    tok.add_argument("--role-code")
+    tok.add_argument("--ttl", type=int, default=3600)
+    up = sub.add_parser("upload", help="upload a batch file (JSON, NDJSON or CSV) to a running service")
+    up.add_argument("file")
+    up.add_argument("--mode", choices=["delta", "full"], default="delta")
+    up.add_argument("--sequence", type=int)
+    up.add_argument("--record-count", type=int)
+    up.add_argument("--ods", help="dev mode: upload as this local authority")
+    up.add_argument("--token")
+    up.add_argument("--url")
+    up.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    logmod.configure(settings.log_level, settings.log_format, settings.hash_key())
+    if args.command == "serve":
+        return run(serve(settings))
+    if args.command == "token":
+        return cmd_token(settings, args)
+    if args.command == "upload":
+        return run(cmd_upload(settings, args))
+    return 2
+
+
+def run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where available (faster event loop), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return uvloop.run(coro)

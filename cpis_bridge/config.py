@@ -1,0 +1,113 @@
+"""Settings (pydantic-settings, prefix CPIS_): the only reader of the environment. API.md section 1 is the list."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cpis_bridge.core.records import VisibilityWindows
+
+BUNDLED_REGISTRY = Path(__file__).parent / "data" / "demo-registry.yaml"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CPIS_", env_file=".env", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    redis_url: str | None = None
+    redis_max_connections: int = Field(64, ge=2)
+    key_prefix: str = Field("cpis", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    data_dir: Path = Path("./var")
+    registry: Path = BUNDLED_REGISTRY
+    allow_embedded_redis: bool = False
+
+    auth_jwks_url: str | None = None
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    auth_dev_secret: str | None = None
+
+    fhir_base_url: str | None = None
+    fhir_write_mode: Literal["auto", "id", "conditional"] = "auto"
+    fhir_auth_mode: Literal["none", "bearer", "client-secret", "private-key-jwt"] = "none"
+    fhir_auth_token: str | None = None
+    fhir_auth_token_url: str | None = None
+    fhir_auth_client_id: str | None = None
+    fhir_auth_client_secret: str | None = None
+    fhir_auth_private_key_file: Path | None = None
+    fhir_auth_kid: str | None = None
+    fhir_auth_alg: str = "RS384"
+    fhir_auth_scope: str | None = None
+
+    public_base_url: str | None = None
+
+    delivery_first_retry_s: float = Field(1.0, gt=0)
+    delivery_max_backoff_s: float = Field(60.0, gt=0)
+    delivery_max_age_h: float = Field(72.0, gt=0)
+    relays: bool = True
+
+    retention_record_days: int = Field(90, ge=0)
+    retention_access_days: int = Field(730, ge=0)
+    retention_inbox_days: int = Field(90, ge=0)
+    retention_audit_days: int = Field(2922, ge=0)
+
+    log_hash_key: str | None = None
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    visible_days_after_end: int = Field(364, ge=0)
+    ucpp_visible_days_after_end: int = Field(28, ge=0)
+    test_numbers_only: bool | None = None  # default: true in dev mode
+
+    shutdown_grace_s: float = Field(5.0, ge=0)
+    drain_delay_s: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _production_needs_issuer(self) -> Settings:
+        if self.auth_jwks_url and not self.auth_issuer:
+            raise ValueError("CPIS_AUTH_ISSUER is required when CPIS_AUTH_JWKS_URL is set")
+        return self
+
+    # -- derived --------------------------------------------------------------------------------------------
+    @property
+    def dev_mode(self) -> bool:
+        return not self.auth_jwks_url
+
+    @property
+    def only_test_numbers(self) -> bool:
+        return self.dev_mode if self.test_numbers_only is None else self.test_numbers_only
+
+    @property
+    def windows(self) -> VisibilityWindows:
+        return VisibilityWindows(self.visible_days_after_end, self.ucpp_visible_days_after_end)
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_base_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def redis_socket(self) -> Path:
+        return self.data_dir.resolve() / "redis.sock"
+
+    def _secret_file(self, name: str, nbytes: int) -> str:
+        """Read a generated secret from the data dir, creating it (mode 0600) on first use."""
+        path = self.data_dir / name
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(nbytes)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(value)
+        tmp.chmod(0o600)
+        tmp.replace(path)
+        return value
+
+    def dev_secret(self) -> str:
+        return self.auth_dev_secret or self._secret_file("dev-secret", 32)
+
+    def hash_key(self) -> bytes:
+        return (self.log_hash_key or self._secret_file("log-hash-key", 32)).encode()

@@ -1,0 +1,107 @@
+"""Accesses (attendances and unscheduled look-ups): who asked, where, when; their compact stored form and ids."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final
+
+# Fixed namespaces (documented in the README): ids derived from them are stable across releases.
+NS_ACCESS: Final = uuid.UUID("6f1c2f4e-8a55-5b7e-9d3a-2b7c0c1d4e01")
+NS_NOTIFICATION: Final = uuid.UUID("6f1c2f4e-8a55-5b7e-9d3a-2b7c0c1d4e02")
+SEP: Final = "\x1f"
+HISTORY_LENGTH: Final = 25
+_LIMITS: Final = {"user_id": 64, "user_name": 100, "role_code": 32, "source_event_id": 128}
+
+
+def _clean(value: str | None, limit: int) -> str:
+    if not value:
+        return ""
+    return value.replace(SEP, " ").replace("\x1e", " ")[:limit]
+
+
+def _ms(t: dt.datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+def _from_ms(ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+
+
+def instant(t: dt.datetime | None) -> str | None:
+    """An instant as API output: UTC with millisecond precision and a Z."""
+    if t is None:
+        return None
+    return t.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who performed an access: a person (id, name, role code) or, without a person, the calling system."""
+
+    user_id: str
+    user_name: str | None = None
+    role_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """One unscheduled access to a flagged child, as kept in the child's history (at most 25, newest first)."""
+
+    care_setting: str  # ODS code; name and type come from the registry
+    source_event_id: str
+    occurred_at: dt.datetime
+    actor: Actor
+    arrived_at: dt.datetime | None = None
+
+    def encode(self) -> str:
+        """The compact stored form. Lua matches idempotency on the ``ods SEP source_event_id SEP`` prefix."""
+        return SEP.join(
+            (
+                self.care_setting,
+                _clean(self.source_event_id, _LIMITS["source_event_id"]),
+                str(_ms(self.occurred_at)),
+                "" if self.arrived_at is None else str(_ms(self.arrived_at)),
+                _clean(self.actor.user_id, _LIMITS["user_id"]),
+                _clean(self.actor.user_name, _LIMITS["user_name"]),
+                _clean(self.actor.role_code, _LIMITS["role_code"]),
+            )
+        )
+
+    @property
+    def idempotency_prefix(self) -> str:
+        return f"{self.care_setting}{SEP}{_clean(self.source_event_id, _LIMITS['source_event_id'])}{SEP}"
+
+    @classmethod
+    def decode(cls, text: str) -> Access:
+        ods, sid, occurred, arrived, user_id, user_name, role_code = text.split(SEP)
+        return cls(
+            care_setting=ods,
+            source_event_id=sid,
+            occurred_at=_from_ms(int(occurred)),
+            arrived_at=_from_ms(int(arrived)) if arrived else None,
+            actor=Actor(user_id=user_id, user_name=user_name or None, role_code=role_code or None),
+        )
+
+    def access_id(self, child_key: str) -> str:
+        """A stable id for this access (derived, so it costs no storage)."""
+        seed = f"{child_key}|{self.care_setting}|{self.source_event_id}|{_ms(self.occurred_at)}"
+        return str(uuid.uuid5(NS_ACCESS, seed))
+
+    def to_api(self, child_key: str, care_settings: dict[str, tuple[str, str]]) -> dict[str, Any]:
+        """The ``access`` shape of API.md section 6. ``care_settings`` maps ODS -> (name, type)."""
+        name, kind = care_settings.get(self.care_setting, (self.care_setting, "UNKNOWN"))
+        return {
+            "id": self.access_id(child_key),
+            "occurredAt": instant(self.occurred_at),
+            "arrivedAt": instant(self.arrived_at),
+            "careSetting": {"ods": self.care_setting, "name": name, "type": kind},
+            "user": {"id": self.actor.user_id, "name": self.actor.user_name, "roleCode": self.actor.role_code},
+            "sourceEventId": self.source_event_id,
+        }
+
+
+def notification_id(access_id: str, la: str) -> str:
+    """One notification per (access, LA): its id is stable across retries and processes."""
+    return str(uuid.uuid5(NS_NOTIFICATION, f"{access_id}|{la}"))

@@ -1,0 +1,36 @@
+"""Audit entries: who did what to which NHS number, when, under which TraceID (append-only)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from cpis_bridge.core.access import instant
+from cpis_bridge.core.principal import Principal
+
+
+@dataclass(frozen=True, slots=True)
+class AuditContext:
+    """The request-level facts every audit entry carries."""
+
+    principal: Principal
+    trace_id: str | None = None
+    request_id: str | None = None
+
+    def entry(self, action: str, nhs: str | None, at: dt.datetime, **detail: Any) -> dict[str, Any]:
+        p = self.principal
+        out: dict[str, Any] = {
+            "at": instant(at),
+            "action": action,
+            "actor": p.subject,
+            "actorName": p.name,
+            "roleCode": p.role_code,
+            "role": p.role.value,
+            "org": p.ods,
+            "traceId": self.trace_id,
+            "nhsNumber": nhs,
+        }
+        if detail:
+            out["detail"] = detail
+        return out

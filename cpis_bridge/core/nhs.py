@@ -1,0 +1,63 @@
+"""NHS numbers as a typed value: parsing, the Modulus 11 check and the never-issued test range."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Final
+
+_WEIGHTS: Final = (10, 9, 8, 7, 6, 5, 4, 3, 2)
+TEST_RANGE_PREFIX: Final = "999"
+
+
+class InvalidNhsNumber(ValueError):
+    """The text is not a valid NHS number. The message never repeats the input."""
+
+
+def check_digit(first_nine: str) -> int | None:
+    """The Modulus 11 check digit for nine digits, or None when the result is 10 (no valid number)."""
+    total = sum(int(d) * w for d, w in zip(first_nine, _WEIGHTS, strict=True))
+    check = 11 - (total % 11)
+    if check == 11:
+        return 0
+    if check == 10:
+        return None
+    return check
+
+
+class NhsNumber(str):
+    """A valid 10-digit NHS number (a ``str`` subclass holding only the digits).
+
+    Construct with :meth:`parse`; ``str(n)`` is the canonical ten digits. The repr hides the value so that
+    an NHS number cannot leak into a log line through an exception or a debug print.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, text: object, *, test_range_only: bool = False) -> NhsNumber:
+        if not isinstance(text, str):
+            raise InvalidNhsNumber("NHS number must be a string of 10 digits")
+        digits = text.replace(" ", "").replace("-", "")
+        if len(digits) != 10 or not digits.isascii() or not digits.isdigit():
+            raise InvalidNhsNumber("NHS number must be 10 digits")
+        if check_digit(digits[:9]) != int(digits[9]):
+            raise InvalidNhsNumber("NHS number fails the Modulus 11 check")
+        if test_range_only and not digits.startswith(TEST_RANGE_PREFIX):
+            raise InvalidNhsNumber("only test-range NHS numbers (999 000 0000 - 999 999 9999) are accepted here")
+        return cls(digits)
+
+    def __repr__(self) -> str:
+        return "NhsNumber(<redacted>)"
+
+    @property
+    def is_test_range(self) -> bool:
+        return self.startswith(TEST_RANGE_PREFIX)
+
+
+def iter_test_numbers(start: int = 0) -> Iterator[NhsNumber]:
+    """Valid test-range NHS numbers in ascending order, from 999 000 0000 + start*10 (for demos and tests)."""
+    for n in range(start, 1_000_000):
+        nine = f"999{n:06d}"
+        cd = check_digit(nine)
+        if cd is not None:
+            yield NhsNumber(nine + str(cd))

@@ -1,0 +1,60 @@
+"""Prometheus metrics on one injected CollectorRegistry (never the global one). No NHS number or name in labels."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CHANNELS = ("webhook", "fhir", "inbox", "flag-sync")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "cpis_http_requests_total", "HTTP requests by route template, method and status",
+            ["route", "method", "status"], registry=r,
+        )
+        self.http_duration = Histogram(
+            "cpis_http_request_duration_seconds", "HTTP request latency by route template, method and status",
+            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.accesses = Counter(
+            "cpis_accesses_total", "Look-ups and attendances by kind and whether the child was flagged",
+            ["kind", "flagged"], registry=r,
+        )
+        self.upload_records = Counter(
+            "cpis_upload_records_total", "Uploaded records by result code", ["code"], registry=r
+        )
+        self.uploads = Counter("cpis_uploads_total", "Upload files by file code", ["code"], registry=r)
+        self.deliveries = Counter(
+            "cpis_deliveries_total", "Delivery attempts by channel and outcome (delivered/retried/dead)",
+            ["channel", "outcome"], registry=r,
+        )
+        self.delivery_pending = Gauge(
+            "cpis_delivery_pending", "Entries waiting for delivery, by channel", ["channel"], registry=r
+        )
+        self.delivery_oldest = Gauge(
+            "cpis_delivery_oldest_pending_seconds", "Age of the oldest undelivered entry, by channel",
+            ["channel"], registry=r,
+        )
+        self.delivery_dead = Gauge(
+            "cpis_delivery_dead", "Dead letters held, by channel", ["channel"], registry=r
+        )
+        self.delivery_latency = Histogram(
+            "cpis_delivery_latency_seconds", "Time from queueing to successful delivery, by channel",
+            ["channel"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.redis_up = Gauge("cpis_redis_up", "1 when Redis answers, else 0", registry=r)
+        self.ready = Gauge("cpis_ready", "1 when the service is ready to serve, else 0", registry=r)
+        self.audit_entries = Counter("cpis_audit_entries_total", "Audit entries written", ["action"], registry=r)
+        for channel in CHANNELS:
+            self.delivery_pending.labels(channel)
+            self.delivery_oldest.labels(channel)
+            self.delivery_dead.labels(channel)
+            for outcome in ("delivered", "retried", "dead"):
+                self.deliveries.labels(channel, outcome)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Delivery channels for notifications to local authorities: signed webhooks and FHIR Communication."""

@@ -1,0 +1,141 @@
+"""Loads and validates the registry YAML (API.md section 7) into core types; errors name file, entry and field."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cpis_bridge.core.registry import CareSetting, CdsClient, FhirChannel, LocalAuthority, Registry, WebhookChannel
+
+_ODS = r"^[A-Z0-9]{3,10}$"
+
+
+class RegistryError(ValueError):
+    """The registry file is missing or invalid; the message names the file, the entry and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class _Webhook(_Strict):
+    url: str = Field(pattern=r"^https?://")
+    secret_env: str = Field(alias="secretEnv", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Fhir(_Strict):
+    base_url: str = Field(alias="baseUrl", pattern=r"^https?://")
+    auth: dict[str, str] = Field(default_factory=dict)
+
+
+class _Notify(_Strict):
+    webhook: _Webhook | None = None
+    fhir: _Fhir | None = None
+
+
+class _LA(_Strict):
+    ods: str = Field(pattern=_ODS)
+    name: str = Field(min_length=1, max_length=200)
+    office_hours_phone: str = Field(alias="officeHoursPhone", min_length=3, max_length=40)
+    emergency_duty_phone: str = Field(alias="emergencyDutyPhone", min_length=3, max_length=40)
+    notify: _Notify | None = None
+
+
+class _CareSetting(_Strict):
+    ods: str = Field(pattern=_ODS)
+    name: str = Field(min_length=1, max_length=200)
+    type: str = Field(min_length=1, max_length=20)
+    unscheduled: bool
+
+    @field_validator("type")
+    @classmethod
+    def _upper(cls, v: str) -> str:
+        return v.upper()
+
+
+class _Cds(_Strict):
+    iss: str = Field(min_length=1)
+    jwks_url: str = Field(alias="jwksUrl", pattern=r"^https?://")
+    ods: str = Field(pattern=_ODS)
+
+
+class _File(_Strict):
+    local_authorities: list[_LA] = Field(alias="localAuthorities", default_factory=list)
+    care_settings: list[_CareSetting] = Field(alias="careSettings", default_factory=list)
+    cds_clients: list[_Cds] = Field(alias="cdsClients", default_factory=list)
+
+
+_SECTION = {"localAuthorities": "local authority", "careSettings": "care setting", "cdsClients": "CDS client"}
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = list(err["loc"])
+    where = ".".join(str(p) for p in loc)
+    if len(loc) >= 2 and loc[0] in _SECTION and isinstance(loc[1], int):
+        entries = raw.get(str(loc[0])) or []
+        entry = entries[loc[1]] if loc[1] < len(entries) else {}
+        ods = entry.get("ods") if isinstance(entry, dict) else None
+        label = f"{_SECTION[str(loc[0])]} #{loc[1] + 1}" + (f" ({ods})" if ods else "")
+        fld = ".".join(str(p) for p in loc[2:]) or "(entry)"
+        return f"{label}, field {fld}: {err['msg']}"
+    return f"{where}: {err['msg']}"
+
+
+def load_registry(path: Path) -> Registry:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(f"{path}: registry file not found") from None
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{path}: the top level must be a mapping with localAuthorities and careSettings")
+    try:
+        parsed = _File.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(dict(e), raw) for e in exc.errors()]
+        raise RegistryError(f"{path}: " + "; ".join(lines)) from None
+
+    problems: list[str] = []
+    las: dict[str, LocalAuthority] = {}
+    for i, la in enumerate(parsed.local_authorities):
+        if la.ods in las:
+            problems.append(f"local authority #{i + 1} ({la.ods}), field ods: duplicate ODS code")
+        notify = la.notify or _Notify()
+        las[la.ods] = LocalAuthority(
+            ods=la.ods,
+            name=la.name,
+            office_hours_phone=la.office_hours_phone,
+            emergency_duty_phone=la.emergency_duty_phone,
+            webhook=WebhookChannel(notify.webhook.url, notify.webhook.secret_env) if notify.webhook else None,
+            fhir=FhirChannel(notify.fhir.base_url, dict(notify.fhir.auth)) if notify.fhir else None,
+        )
+    settings: dict[str, CareSetting] = {}
+    for i, cs in enumerate(parsed.care_settings):
+        if cs.ods in settings or cs.ods in las:
+            problems.append(f"care setting #{i + 1} ({cs.ods}), field ods: duplicate ODS code")
+        settings[cs.ods] = CareSetting(cs.ods, cs.name, cs.type, cs.unscheduled)
+    cds: dict[str, CdsClient] = {}
+    for i, c in enumerate(parsed.cds_clients):
+        if c.ods not in settings:
+            problems.append(f"CDS client #{i + 1} ({c.iss}), field ods: {c.ods} is not a registered care setting")
+        cds[c.iss] = CdsClient(c.iss, c.jwks_url, c.ods)
+    if problems:
+        raise RegistryError(f"{path}: " + "; ".join(problems))
+    return Registry(las, settings, cds)
+
+
+def webhook_secret_problems(registry: Registry, environ: dict[str, str]) -> list[str]:
+    """Webhook channels whose secret is missing from the environment or not a ``whsec_`` secret."""
+    out = []
+    for la in registry.local_authorities.values():
+        if la.webhook is None:
+            continue
+        value = environ.get(la.webhook.secret_env, "")
+        if not re.fullmatch(r"whsec_[A-Za-z0-9+/=]+", value):
+            out.append(f"local authority {la.ods}: {la.webhook.secret_env} must hold a whsec_ secret")
+    return out

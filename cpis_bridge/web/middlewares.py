@@ -1,0 +1,134 @@
+"""Cross-cutting request handling: ids and TraceID, metrics, size limits, authentication and role policy, errors.
+
+Errors under /fhir render as OperationOutcome (application/fhir+json); everywhere else as RFC 9457 problem+json.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import orjson
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from cpis_bridge.core.errors import CpisError, Forbidden, PayloadTooLarge, StoreUnavailable
+from cpis_bridge.fhir.outcome import operation_outcome
+from cpis_bridge.log import request_id_var, trace_id_var
+from cpis_bridge.web.common import PRINCIPAL, REQUEST_ID, TRACE_ID, Handler, policy_of, problem
+from cpis_bridge.web.state import AUTH, METRICS, SETTINGS
+
+log = logging.getLogger("cpis_bridge.web")
+
+MiB = 1024 * 1024
+UPLOAD_LIMIT = 128 * MiB
+DEFAULT_LIMIT = 1 * MiB
+FHIR_CT = "application/fhir+json"
+
+
+def route_template(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource if route is not None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def body_limit(request: web.Request) -> int:
+    return UPLOAD_LIMIT if request.path == "/v1/uploads" else DEFAULT_LIMIT
+
+
+def error_response(request: web.Request, status: int, title: str, detail: str, *, code: str | None = None,
+                   errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    if request.path.startswith("/fhir"):
+        expression = [e["field"] for e in errors or []] or None
+        body = operation_outcome(status, detail, expression=expression)
+        return web.Response(body=orjson.dumps(body), status=status, content_type=FHIR_CT, headers=headers)
+    return problem(status, title, detail, code=code, errors=errors, headers=headers)
+
+
+def make_middlewares() -> list[web.Middleware]:
+    @web.middleware
+    async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex
+        trace = request.headers.get("TraceID")
+        trace = trace[:128] if trace else None
+        request[REQUEST_ID] = rid
+        request[TRACE_ID] = trace
+        t_rid, t_trace = request_id_var.set(rid), trace_id_var.set(trace)
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            response.headers["X-Request-ID"] = rid
+            if trace:
+                response.headers["TraceID"] = trace
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics = request.app[METRICS]
+            route, method = route_template(request), request.method
+            metrics.http_requests.labels(route, method, str(status)).inc()
+            metrics.http_duration.labels(route, method, str(status)).observe(time.perf_counter() - started)
+            request_id_var.reset(t_rid)
+            trace_id_var.reset(t_trace)
+
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except CpisError as exc:
+            if exc.status >= 500:
+                log.error("web.error", extra={"error": type(exc).__name__, "route": route_template(request)})
+            return error_response(
+                request, exc.status, exc.title, exc.detail, code=exc.code, errors=[e.as_dict() for e in exc.errors]
+            )
+        except RedisError:
+            log.exception("web.redis_error", extra={"route": route_template(request)})
+            return error_response(request, 503, "Service unavailable", "the data store is unavailable; retry shortly",
+                                  headers={"Retry-After": "1"})
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(request, 413, "Payload too large", "the request body is too large")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            detail = {404: "no such resource", 405: "method not allowed"}.get(exc.status, exc.reason)
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return error_response(request, exc.status, exc.reason, detail, headers=headers)
+        except Exception:
+            log.exception("web.unhandled", extra={"route": route_template(request)})
+            return error_response(request, 500, "Internal error", "an internal error occurred")
+
+    @web.middleware
+    async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > body_limit(request):
+            raise PayloadTooLarge(f"the request body is over the {body_limit(request) // MiB} MiB limit")
+        return await handler(request)
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route
+        if route is None or request.match_info.http_exception is not None:
+            return await handler(request)  # unmatched: let it answer 404/405
+        policy = policy_of(request.match_info.handler)
+        if policy is None:
+            raise Forbidden("this route has no access policy")
+        if policy.public:
+            return await handler(request)
+        auth = request.app[AUTH]
+        if policy.cds:
+            audience = request.app[SETTINGS].base_url + request.path
+            request[PRINCIPAL] = await auth.verify_cds(request.headers.get("Authorization"), audience)
+        else:
+            request[PRINCIPAL] = await auth.verify_bearer(request.headers.get("Authorization"))
+        if request[PRINCIPAL].role not in policy.roles:
+            raise Forbidden("this role may not call this endpoint")
+        return await handler(request)
+
+    return [context, errors, limits, authenticate]
+
+
+__all__ = ["FHIR_CT", "StoreUnavailable", "error_response", "make_middlewares", "route_template"]

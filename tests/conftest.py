@@ -1,0 +1,103 @@
+"""Shared fixtures: one real Redis per test process (embedded, or CPIS_TEST_REDIS_URL), a key prefix per test,
+and the app built by create_app, served over real HTTP by pytest-aiohttp."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_sync
+
+from cpis_bridge.auth import dev_token
+from cpis_bridge.config import Settings
+from cpis_bridge.core.principal import Role
+from cpis_bridge.store.embedded import EmbeddedRedis
+
+DATA = Path(__file__).parent / "data"
+REGISTRY = DATA / "registry.yaml"
+DEV_SECRET = "test-dev-secret-not-for-production-0123456789"
+HASH_KEY = "test-log-hash-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("CPIS_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def key_prefix(redis_url: str) -> Iterator[str]:
+    prefix = "t" + uuid.uuid4().hex[:12]
+    yield prefix
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i : i + 500])
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def make_settings(redis_url: str, key_prefix: str, tmp_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "redis_url": redis_url,
+            "key_prefix": key_prefix,
+            "data_dir": tmp_path / "var",
+            "registry": REGISTRY,
+            "auth_dev_secret": DEV_SECRET,
+            "log_hash_key": HASH_KEY,
+            "delivery_first_retry_s": 0.05,
+            "delivery_max_backoff_s": 0.5,
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    return make
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings()
+
+
+def token(role: Role | str, ods: str, **kw: Any) -> str:
+    return dev_token(DEV_SECRET, role=Role(role), ods=ods, **kw)
+
+
+def auth(role: Role | str, ods: str, **kw: Any) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token(role, ods, **kw)}"}
+
+
+LA1 = auth(Role.LOCAL_AUTHORITY, "LA001")
+LA2 = auth(Role.LOCAL_AUTHORITY, "LA002")
+ED = auth(Role.CARE_SETTING, "RXX01", name="Dr Test Example", role_code="R8000")
+GP = auth(Role.CARE_SETTING, "GP001")
+OPS = auth(Role.OPS, "OPS")
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: Settings) -> AsyncIterator[Any]:
+    from cpis_bridge.app import create_app
+
+    yield await aiohttp_client(create_app(settings))
+
+
+def record(local_id: str = "CASE-1", nhs: str = "9990000018", **kw: Any) -> dict[str, Any]:
+    body = {"localId": local_id, "planType": "CPP", "nhsNumber": nhs, "dateOfBirth": "2016-04-02",
+            "givenName": "Testchild", "familyName": "Example", "startDate": "2026-01-10", "endDate": None}
+    body.update(kw)
+    return body
