@@ -17,7 +17,9 @@ from cpis_bridge.config import Settings
 from cpis_bridge.core.access import SEP
 from cpis_bridge.metrics import Metrics
 from cpis_bridge.registry import load_registry
+from cpis_bridge.services.access import AccessService
 from cpis_bridge.services.records import RecordService
+from cpis_bridge.store.accesses import RedisAccessStore
 from cpis_bridge.store.audit import RedisAuditLog
 from cpis_bridge.store.connection import make_client
 from cpis_bridge.store.embedded import EmbeddedRedis, socket_answers
@@ -27,6 +29,7 @@ from cpis_bridge.store.scripts import Scripts
 from cpis_bridge.web import la, ops
 from cpis_bridge.web.middlewares import DEFAULT_LIMIT, make_middlewares
 from cpis_bridge.web.state import (
+    ACCESS,
     AUDIT,
     AUTH,
     KEYS,
@@ -88,6 +91,10 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         store = RedisRecordStore(client, keys, scripts, sync_enabled=bool(settings.fhir_base_url))
         app[RECORDS] = RecordService(
             store, audit, windows=settings.windows, test_numbers_only=settings.only_test_numbers
+        )
+        app[ACCESS] = AccessService(
+            RedisAccessStore(client, keys, scripts, encounter_ttl_s=settings.retention_access_days * 86400),
+            windows=settings.windows,
         )
         registry = app[REGISTRY]
         if registry.care_settings:

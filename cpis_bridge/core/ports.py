@@ -6,7 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cpis_bridge.core.records import Record
+from cpis_bridge.core.access import Access
+from cpis_bridge.core.records import Record, VisibilityWindows
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +45,31 @@ class AuditLog(Protocol):
     async def append(self, nhs: str | None, entry: Mapping[str, Any]) -> None: ...
 
     async def query(self, nhs: str, limit: int = 1000) -> list[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LookupOutcome:
+    """What the access step found and did. ``status``: 0 nothing recorded, 1 recorded, 2 repeat of a recorded one."""
+
+    records: list[Record]
+    status: int
+    access: Access | None
+    access_id: str | None
+
+
+class AccessStore(Protocol):
+    async def lookup(
+        self,
+        nhs: str,
+        *,
+        today_day: int,
+        windows: VisibilityWindows,
+        record_access: Access | None,
+        audit_with: Mapping[str, Any],
+        audit_without: Mapping[str, Any],
+        encounter: Mapping[str, Any] | None = None,
+    ) -> LookupOutcome: ...
+
+    async def history(self, nhs: str) -> tuple[list[Record], list[tuple[str, Access]]]: ...
+
+    async def encounter(self, encounter_id: str) -> dict[str, Any] | None: ...

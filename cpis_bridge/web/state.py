@@ -11,6 +11,7 @@ from cpis_bridge.auth import Authenticator
 from cpis_bridge.config import Settings
 from cpis_bridge.core.registry import Registry
 from cpis_bridge.metrics import Metrics
+from cpis_bridge.services.access import AccessService
 from cpis_bridge.services.records import RecordService
 from cpis_bridge.store.audit import RedisAuditLog
 from cpis_bridge.store.keys import Keys
@@ -33,5 +34,6 @@ AUTH = web.AppKey("auth", Authenticator)
 REDIS = web.AppKey("redis", Redis)
 KEYS = web.AppKey("keys", Keys)
 RECORDS = web.AppKey("records", RecordService)
+ACCESS = web.AppKey("access", AccessService)
 AUDIT = web.AppKey("audit", RedisAuditLog)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)

@@ -1,0 +1,87 @@
+"""The access use-case behind every entry point that looks a child up: decide whether the access is unscheduled,
+record it (idempotently, on its source event id) and queue the LA notifications in one atomic store step."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from cpis_bridge.core.access import HISTORY_LENGTH, Access, Actor
+from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.nhs import NhsNumber
+from cpis_bridge.core.ports import AccessStore, LookupOutcome
+from cpis_bridge.core.records import Record, VisibilityWindows, today_london
+from cpis_bridge.core.registry import CareSetting
+
+EPOCH = dt.date(1970, 1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class LookupRequest:
+    """One look-up by a care setting. ``unscheduled_claimed`` is what the caller said (header, or implied)."""
+
+    nhs: NhsNumber
+    care_setting: CareSetting
+    kind: str  # careteam | flag | encounter | cds-patient-view | cds-encounter-start (audit action suffix)
+    unscheduled_claimed: bool = True
+    source_event_id: str | None = None
+    arrived_at: dt.datetime | None = None
+    encounter: Mapping[str, Any] | None = None  # minimal Encounter to retain (POST /fhir/Encounter)
+
+
+class AccessService:
+    def __init__(
+        self,
+        store: AccessStore,
+        *,
+        windows: VisibilityWindows,
+        clock: Callable[[], dt.datetime] | None = None,
+    ) -> None:
+        self.store = store
+        self.windows = windows
+        self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
+
+    @staticmethod
+    def is_unscheduled(req: LookupRequest) -> bool:
+        """API.md section 3: unscheduled when the caller says so AND the setting is registered as unscheduled."""
+        return req.unscheduled_claimed and req.care_setting.unscheduled
+
+    async def lookup(self, ctx: AuditContext, req: LookupRequest) -> LookupOutcome:
+        now = self.clock()
+        today = today_london(now)
+        unscheduled = self.is_unscheduled(req)
+        access: Access | None = None
+        if unscheduled:
+            p = ctx.principal
+            access = Access(
+                care_setting=req.care_setting.ods,
+                source_event_id=req.source_event_id or secrets.token_urlsafe(12),
+                occurred_at=now,
+                arrived_at=req.arrived_at,
+                actor=Actor(user_id=p.subject, user_name=p.name, role_code=p.role_code),
+            )
+        action = f"lookup.{req.kind}" + ("" if unscheduled else ".silent")
+        return await self.store.lookup(
+            req.nhs,
+            today_day=(today - EPOCH).days,
+            windows=self.windows,
+            record_access=access,
+            audit_with=ctx.entry(action, req.nhs, now, unscheduled=unscheduled),
+            audit_without=ctx.entry(action, None, now, unscheduled=unscheduled, found=False),
+            encounter=req.encounter,
+        )
+
+    async def history(self, nhs: NhsNumber) -> tuple[list[Record], list[tuple[str, Access]]]:
+        """Visible records and the last 25 unscheduled accesses (empty when nothing is visible)."""
+        records, accesses = await self.store.history(nhs)
+        today = today_london(self.clock())
+        visible = [r for r in records if r.is_visible(today, self.windows)]
+        if not visible:
+            return [], []
+        return visible, accesses[:HISTORY_LENGTH]
+
+    async def encounter(self, encounter_id: str) -> dict[str, Any] | None:
+        return await self.store.encounter(encounter_id)

@@ -1,0 +1,90 @@
+"""Access storage: the one-round-trip lookup that records an access and queues notifications (access.lua),
+the child's last 25 accesses, retained Encounters."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from cpis_bridge.core.access import Access
+from cpis_bridge.core.ports import LookupOutcome
+from cpis_bridge.core.records import Record, VisibilityWindows
+from cpis_bridge.store.keys import Keys
+from cpis_bridge.store.records import decode_field
+from cpis_bridge.store.scripts import Scripts
+
+
+class RedisAccessStore:
+    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, *, encounter_ttl_s: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = scripts
+        self.encounter_ttl_s = encounter_ttl_s
+
+    async def lookup(
+        self,
+        nhs: str,
+        *,
+        today_day: int,
+        windows: VisibilityWindows,
+        record_access: Access | None,
+        audit_with: Mapping[str, Any],
+        audit_without: Mapping[str, Any],
+        encounter: Mapping[str, Any] | None = None,
+    ) -> LookupOutcome:
+        k = self.keys
+        tag = k.tag(nhs)
+        access_id = record_access.access_id(tag) if record_access is not None else ""
+        out = await self.scripts.access(
+            keys=[k.records(tag), k.accesses(tag), k.audit(tag), k.notify_queue, k.care_settings,
+                  k.encounter(access_id or "none")],
+            args=[
+                today_day,
+                windows.after_end_days,
+                windows.ucpp_after_end_days,
+                "1" if record_access is not None else "0",
+                record_access.encode() if record_access is not None else "",
+                record_access.idempotency_prefix if record_access is not None else "",
+                int(time.time() * 1000),
+                orjson.dumps(dict(audit_with)),
+                orjson.dumps(dict(audit_without)),
+                k.inbox(""),
+                orjson.dumps(dict(encounter)) if encounter is not None and record_access is not None else "",
+                nhs,
+                tag,
+                self.encounter_ttl_s,
+            ],
+        )
+        status, existing = int(out[0]), out[1]
+        records = [decode_field(out[i], out[i + 1]) for i in range(2, len(out), 2)]
+        access: Access | None = None
+        if status == 1:
+            access = record_access
+        elif status == 2:
+            access = Access.decode(existing)
+            access_id = access.access_id(tag)
+        else:
+            access_id = ""
+        return LookupOutcome(records, status, access, access_id or None)
+
+    async def history(self, nhs: str) -> tuple[list[Record], list[tuple[str, Access]]]:
+        """All the child's records (visible or not) and its last 25 accesses with their ids, newest first."""
+        tag = self.keys.tag(nhs)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.records(tag))
+            pipe.lrange(self.keys.accesses(tag), 0, 24)
+            raw_records, raw_accesses = await pipe.execute()
+        records = [decode_field(f, v) for f, v in sorted(raw_records.items())]
+        accesses = [Access.decode(a) for a in raw_accesses]
+        return records, [(a.access_id(tag), a) for a in accesses]
+
+    async def encounter(self, encounter_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.get(self.keys.encounter(encounter_id))
+        if raw is None:
+            return None
+        result: dict[str, Any] = orjson.loads(raw)
+        return result
