@@ -3,7 +3,6 @@ NDJSON or CSV. Any unreadable part raises UnreadableInput with code CPF01."""
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import tempfile
@@ -137,7 +136,7 @@ def iter_csv(f: IO[bytes]) -> Iterator[object]:
             yield record
     except csv.Error as exc:
         raise _unreadable(f"the CSV file is malformed: {exc}") from None
-    except (UnicodeDecodeError, codecs.CodecRegistryError):
+    except UnicodeDecodeError:
         raise _unreadable("the CSV file is not UTF-8 text") from None
     finally:
         text.detach()
