@@ -3,7 +3,6 @@ NDJSON or CSV. Any unreadable part raises UnreadableInput with code CPF01."""
 
 from __future__ import annotations
 
-import codecs
 import csv
 import io
 import tempfile
@@ -19,6 +18,7 @@ from cpis_bridge.core.codes import FileCode
 from cpis_bridge.core.errors import PayloadTooLarge, UnreadableInput, UnsupportedMediaType
 from cpis_bridge.core.records import READ_ONLY_FIELDS, WRITABLE_FIELDS
 from cpis_bridge.services.records import UploadMeta, parse_count, parse_mode, parse_sequence
+from cpis_bridge.web.middlewares import size_text
 
 CONTENT_TYPES = ("application/json", "application/x-ndjson", "text/csv")
 CHUNK = 1 << 20
@@ -51,7 +51,7 @@ async def spool(request: web.Request, limit: int) -> IO[bytes]:
         async for chunk in request.content.iter_chunked(CHUNK):
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(f"the upload is over the {limit // (1 << 20)} MiB limit")
+                raise PayloadTooLarge(f"the upload is over the {size_text(limit)} limit")
             tmp.write(chunk)
     except BaseException:
         tmp.close()
@@ -137,7 +137,7 @@ def iter_csv(f: IO[bytes]) -> Iterator[object]:
             yield record
     except csv.Error as exc:
         raise _unreadable(f"the CSV file is malformed: {exc}") from None
-    except (UnicodeDecodeError, codecs.CodecRegistryError):
+    except UnicodeDecodeError:
         raise _unreadable("the CSV file is not UTF-8 text") from None
     finally:
         text.detach()
