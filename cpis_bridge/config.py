@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     fhir_auth_scope: str | None = None
 
     public_base_url: str | None = None
+    upload_max_bytes: int = Field(128 * 1024 * 1024, ge=1)  # POST /v1/uploads body limit (API.md: 128 MiB)
 
     delivery_first_retry_s: float = Field(1.0, gt=0)
     delivery_max_backoff_s: float = Field(60.0, gt=0)
