@@ -32,6 +32,7 @@ PROFILE_CARETEAM: Final = PROFILE + "CPIS-CareTeam"
 PROFILE_FLAG: Final = PROFILE + "CPIS-Flag"
 PROFILE_AUDITEVENT: Final = PROFILE + "CPIS-AuditEvent"
 PROFILE_ENCOUNTER: Final = PROFILE + "CPIS-Encounter"
+PROFILE_ORGANIZATION: Final = PROFILE + "CPIS-Organization"
 
 # Fixed namespaces: Flag ids are those of the Flag sync (API.md section 5), so one record is one Flag everywhere.
 NS_FLAG: Final = uuid.UUID("f7fb2f68-0e89-5007-9105-85edde449734")
@@ -116,6 +117,7 @@ def organization(la: LocalAuthority) -> dict[str, Any]:
     return {
         "resourceType": "Organization",
         "id": la.ods,
+        "meta": {"profile": [PROFILE_ORGANIZATION]},
         "identifier": [ods_identifier(la.ods)],
         "active": True,
         "type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/organization-type", "code": "govt",
@@ -127,7 +129,7 @@ def organization(la: LocalAuthority) -> dict[str, Any]:
     }
 
 
-def careteam(record: Record, la: LocalAuthority | None, *, active: bool = True) -> dict[str, Any]:
+def careteam(record: Record, la: LocalAuthority | None) -> dict[str, Any]:
     """One visible record as the CareTeam responsible for the child: the LA, the plan, its dates."""
     la_ref = _la_reference(la, record.la)
     name = PLAN_NAMES[record.plan_type] + (f" - {la.name}" if la is not None else "")
@@ -136,7 +138,7 @@ def careteam(record: Record, la: LocalAuthority | None, *, active: bool = True) 
         "id": careteam_id(record),
         "meta": {"profile": [PROFILE_CARETEAM]},
         "identifier": [{"system": RECORD_ID, "value": record_key(record.la, record.local_id)}],
-        "status": "active" if active and record.end_date is None else "inactive",
+        "status": "active" if record.end_date is None else "inactive",  # visible either way; ended = inactive
         "category": [plan_concept(record.plan_type)],
         "name": name,
         "subject": {"identifier": nhs_identifier(record.nhs_number)},
