@@ -54,7 +54,7 @@ def fhir(*interactions: Interaction) -> Callable[[H], H]:
 def routed_interactions(app: web.Application) -> list[Interaction]:
     out: list[Interaction] = []
     for route in app.router.routes():
-        if route.resource is not None and route.resource.canonical.startswith("/fhir/"):
+        if route.method != "HEAD" and route.resource is not None and route.resource.canonical.startswith("/fhir/"):
             out.extend(getattr(route.handler, INTERACTION_ATTR, ()))
     return out
 

@@ -69,7 +69,7 @@ def test_examples_conform(path):
 
 
 def test_checker_catches_cardinality_fixed_pattern_binding_and_slices():
-    sds, vs = definitions()
+    _, vs = definitions()
     flag = example("Flag-example")
     sd = profile("CPIS-Flag")
     assert check_differential(flag, sd, vs) == []
