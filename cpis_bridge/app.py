@@ -26,7 +26,7 @@ from cpis_bridge.store.embedded import EmbeddedRedis, socket_answers
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import RedisRecordStore
 from cpis_bridge.store.scripts import Scripts
-from cpis_bridge.web import la, openapi, ops
+from cpis_bridge.web import cds, fhir, la, openapi, ops
 from cpis_bridge.web.middlewares import DEFAULT_LIMIT, make_middlewares
 from cpis_bridge.web.state import (
     ACCESS,
@@ -155,10 +155,13 @@ def create_app(settings: Settings | None = None, *, extra_contexts: list[Cleanup
     app[LIFECYCLE] = Lifecycle()
     app.cleanup_ctx.append(http_ctx)
     app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(cds.http_ctx)
     for ctx in extra_contexts or []:
         app.cleanup_ctx.append(ctx)
     app.cleanup_ctx.append(ready_ctx)
     la.setup(app)
     openapi.setup(app)
+    fhir.setup(app)
+    cds.setup(app)
     app.router.add_routes(ops.routes)
     return app
