@@ -86,7 +86,14 @@ class RedisOutbox:
         return [to_entry(i, f) for i, f in _stream_entries(out)]
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[QueueEntry]:
-        out = await self.redis.xautoclaim(self.keys.notify_queue, GROUP, consumer, min_idle_ms, "0-0", count=count)
+        try:
+            out = await self.redis.xautoclaim(self.keys.notify_queue, GROUP, consumer, min_idle_ms, "0-0",
+                                              count=count)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group()
+            return []
         entries = [to_entry(i, f) for i, f in out[1] if f]
         gone = [i for i, f in out[1] if not f]  # deleted while pending: nothing to deliver
         if gone:

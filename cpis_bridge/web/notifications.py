@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from cpis_bridge.core.codes import RecordCode
-from cpis_bridge.core.errors import UnreadableInput, ValidationFailed
+from cpis_bridge.core.errors import NotFound, UnreadableInput
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
 from cpis_bridge.core.principal import Role
 from cpis_bridge.services.inbox import DEFAULT_LIMIT, MAX_LIMIT, InboxService
@@ -22,8 +21,8 @@ async def child_accesses(request: web.Request) -> web.Response:
         raise UnreadableInput("this endpoint takes no query parameters")
     try:
         nhs = NhsNumber.parse(request.match_info["nhs"])
-    except InvalidNhsNumber as exc:
-        raise ValidationFailed(str(exc), code=RecordCode.NHS_NUMBER_FORMAT) from None
+    except InvalidNhsNumber:
+        raise NotFound("no such child") from None  # section 4: anything but a held number looks absent
     items = await request.app[INBOX].child_accesses(audit_context(request), principal(request).ods, nhs)
     return json_response({"accesses": items})
 
