@@ -26,7 +26,7 @@ from cpis_bridge.store.embedded import EmbeddedRedis, socket_answers
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import RedisRecordStore
 from cpis_bridge.store.scripts import Scripts
-from cpis_bridge.web import cds, fhir, la, openapi, ops
+from cpis_bridge.web import admin, cds, fhir, la, notifications, openapi, ops
 from cpis_bridge.web.middlewares import DEFAULT_LIMIT, make_middlewares
 from cpis_bridge.web.state import (
     ACCESS,
@@ -133,6 +133,59 @@ async def http_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The pull inbox and delivery admin services, and (unless settings.relays is False) this process's relay:
+    started after Redis, stopped before it on shutdown (in-flight deliveries finish or go back to the queue)."""
+    import os
+    import secrets
+    import socket
+
+    from cpis_bridge.notify.channels import build_channels, channel_names
+    from cpis_bridge.notify.observer import MetricsObserver, refresh_gauges
+    from cpis_bridge.services.delivery import DeliveryAdmin, Relay, RelayConfig, RetryPolicy
+    from cpis_bridge.services.inbox import InboxService
+    from cpis_bridge.store.inbox import RedisInbox
+    from cpis_bridge.store.outbox import RedisOutbox
+
+    settings, registry = app[SETTINGS], app[REGISTRY]
+    client, keys = app[REDIS], app[KEYS]
+    outbox = RedisOutbox(client, keys, app[SCRIPTS])
+    channels_of = {ods: channel_names(la) for ods, la in registry.local_authorities.items()}
+    admin_service = DeliveryAdmin(outbox, app[AUDIT], channels_of)
+    app[admin.DELIVERIES] = admin_service
+    notifications.setup(app, InboxService(RedisInbox(client, keys), app[ACCESS].store, app[AUDIT],
+                                          care_settings=registry.care_setting_names))
+    if not settings.relays:
+        yield
+        return
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.relay_concurrency))
+    channels = build_channels(registry, session, settings.env_secret, timeout_s=settings.delivery_timeout_s)
+    observer = MetricsObserver(app[METRICS])
+    relay = Relay(
+        outbox,
+        lambda la_ods: channels.get(la_ods, ()),
+        policy=RetryPolicy(settings.delivery_first_retry_s, settings.delivery_max_backoff_s,
+                           settings.delivery_max_age_h * 3600),
+        config=RelayConfig(
+            consumer=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}",
+            concurrency=settings.relay_concurrency,
+            claim_idle_ms=int(settings.relay_claim_idle_s * 1000),
+            reclaim_interval_s=settings.relay_reclaim_interval_s,
+            promote_interval_s=min(0.25, settings.delivery_first_retry_s / 2),
+        ),
+        observer=observer,
+    )
+    await relay.start()
+    gauges = asyncio.create_task(refresh_gauges(observer, admin_service.stats, 5.0), name="delivery-gauges")
+    try:
+        yield
+    finally:
+        gauges.cancel()
+        await relay.stop(settings.shutdown_grace_s)
+        await outbox.forget(relay.config.consumer)
+        await session.close()
+
+
 async def ready_ctx(app: web.Application) -> AsyncIterator[None]:
     """Last in the chain: the app is ready once everything before it started; draining starts first on the way out."""
     app[LIFECYCLE].started = True
@@ -156,6 +209,7 @@ def create_app(settings: Settings | None = None, *, extra_contexts: list[Cleanup
     app.cleanup_ctx.append(http_ctx)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(cds.http_ctx)
+    app.cleanup_ctx.append(delivery_ctx)
     for ctx in extra_contexts or []:
         app.cleanup_ctx.append(ctx)
     app.cleanup_ctx.append(ready_ctx)
@@ -164,4 +218,6 @@ def create_app(settings: Settings | None = None, *, extra_contexts: list[Cleanup
     fhir.setup(app)
     cds.setup(app)
     app.router.add_routes(ops.routes)
+    app.router.add_routes(notifications.routes)
+    app.router.add_routes(admin.routes)
     return app
