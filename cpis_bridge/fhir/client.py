@@ -4,6 +4,7 @@ a private_key_jwt assertion), one pause gate per server honouring Retry-After, s
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import logging
 import re
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote_plus
 
 import aiohttp
 import jwt
@@ -116,15 +118,15 @@ class ClientCredentials:
         form = {"grant_type": "client_credentials"}
         if self.scope:
             form["scope"] = self.scope
-        basic: aiohttp.BasicAuth | None = None
+        headers: dict[str, str] = {}
         if self.private_key:
             form["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
             form["client_assertion"] = self.assertion()
             form["client_id"] = self.client_id
         else:
-            basic = aiohttp.BasicAuth(self.client_id, self.client_secret or "")
+            headers["Authorization"] = basic_auth(self.client_id, self.client_secret or "")
         try:
-            async with session.post(self.token_url, data=form, auth=basic,
+            async with session.post(self.token_url, data=form, headers=headers,
                                     timeout=aiohttp.ClientTimeout(total=10, connect=5)) as resp:
                 body = await resp.read()
                 if resp.status != 200:
@@ -141,6 +143,12 @@ class ClientCredentials:
         self._expires = self.clock() + float(data.get("expires_in", 300))
         self.fetched += 1
         log.info("fhir.token.fetched", extra={"expiresIn": data.get("expires_in")})
+
+
+def basic_auth(client_id: str, secret: str) -> str:
+    """client_secret_basic (RFC 6749 2.3.1: both parts form-urlencoded before Base64)."""
+    raw = f"{quote_plus(client_id)}:{quote_plus(secret)}".encode()
+    return "Basic " + base64.b64encode(raw).decode()
 
 
 def make_auth(mode: str, *, token: str | None = None, token_url: str | None = None, client_id: str | None = None,
