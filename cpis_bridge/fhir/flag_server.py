@@ -92,7 +92,7 @@ class FhirFlagServer:
     """Writes Flags to one server. ``mode`` is id, conditional or auto (decided by :meth:`prepare`)."""
 
     def __init__(self, client: FhirClient, *, mode: str = "auto", batch_above: int = 4, bundle_size: int = 100,
-                 concurrency: int = 8) -> None:
+                 concurrency: int = 8, bundles_in_flight: int = 2) -> None:
         self.client = client
         self.setting = mode
         self.mode: str | None = None if mode == "auto" else mode
@@ -100,6 +100,7 @@ class FhirFlagServer:
         self.batch_above = batch_above
         self.bundle_size = bundle_size
         self.concurrency = concurrency
+        self.bundles_in_flight = bundles_in_flight
         self.use_batch = False
 
     def pause(self, seconds: float) -> None:
@@ -148,10 +149,14 @@ class FhirFlagServer:
                     log.warning("fhir.capabilities.unavailable", extra={"error": str(exc)})
                     return [WriteResult("retry", 0, "capabilities unavailable")] * len(writes)
         if self.use_batch and len(writes) > self.batch_above:
-            results: list[WriteResult] = []
-            for i in range(0, len(writes), self.bundle_size):
-                results += await self._bundle(writes[i : i + self.bundle_size])
-            return results
+            gate = asyncio.Semaphore(self.bundles_in_flight)
+
+            async def bundle(chunk: Sequence[FlagWrite]) -> list[WriteResult]:
+                async with gate:
+                    return await self._bundle(chunk)
+
+            chunks = [writes[i : i + self.bundle_size] for i in range(0, len(writes), self.bundle_size)]
+            return [r for part in await asyncio.gather(*(bundle(c) for c in chunks)) for r in part]
         return await self._singles(writes)
 
     async def _singles(self, writes: Sequence[FlagWrite]) -> list[WriteResult]:

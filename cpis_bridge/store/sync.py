@@ -105,13 +105,19 @@ class RedisSyncQueue:
         return items
 
     async def current(self, items: Sequence[SyncItem]) -> list[Record | None]:
-        """Each item's record as stored now (None when absent): two pipelined round trips."""
+        """Each item's record as stored now (None when absent): two round trips (HMGET per LA, then HGETs)."""
         if not items:
             return []
+        by_la: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            by_la.setdefault(item.la, []).append(i)
+        numbers: list[str | None] = [None] * len(items)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for item in items:
-                pipe.hget(self.keys.la_ids(item.la), item.local_id)
-            numbers: list[str | None] = await pipe.execute()
+            for la, idx in by_la.items():
+                pipe.hmget(self.keys.la_ids(la), [items[i].local_id for i in idx])
+            for idx, found in zip(by_la.values(), await pipe.execute(), strict=True):
+                for i, nhs in zip(idx, found, strict=True):
+                    numbers[i] = nhs
         async with self.redis.pipeline(transaction=False) as pipe:
             for item, nhs in zip(items, numbers, strict=True):
                 if nhs is not None:
