@@ -5,20 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from cpis_bridge.auth import Authenticator
 from cpis_bridge.config import Settings
 from cpis_bridge.core.access import SEP
+from cpis_bridge.fhir.client import AuthFailed, FhirClient, FhirUnavailable, make_auth
+from cpis_bridge.fhir.flag_server import FhirFlagServer
 from cpis_bridge.metrics import Metrics
 from cpis_bridge.registry import load_registry
 from cpis_bridge.services.access import AccessService
 from cpis_bridge.services.records import RecordService
+from cpis_bridge.services.sync import Clock, FlagScheduler, FlagSyncRelay, epoch_ms, utc_now
 from cpis_bridge.store.accesses import RedisAccessStore
 from cpis_bridge.store.audit import RedisAuditLog
 from cpis_bridge.store.connection import make_client
@@ -26,6 +34,7 @@ from cpis_bridge.store.embedded import EmbeddedRedis, socket_answers
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import RedisRecordStore
 from cpis_bridge.store.scripts import Scripts
+from cpis_bridge.store.sync import RedisSyncQueue
 from cpis_bridge.web import admin, cds, fhir, la, notifications, openapi, ops
 from cpis_bridge.web.middlewares import DEFAULT_LIMIT, make_middlewares
 from cpis_bridge.web.state import (
@@ -183,6 +192,96 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         gauges.cancel()
         await relay.stop(settings.shutdown_grace_s)
         await outbox.forget(relay.config.consumer)
+@dataclass
+class FlagSyncParts:
+    queue: RedisSyncQueue
+    server: FhirFlagServer
+    relay: FlagSyncRelay
+    scheduler: FlagScheduler
+
+
+def flag_sync_parts(
+    settings: Settings, redis: Redis, keys: Keys, scripts: Scripts, session: aiohttp.ClientSession, *,
+    metrics: Metrics | None = None, clock: Clock = utc_now,
+) -> FlagSyncParts:
+    """The Flag sync adapters and use-cases for CPIS_FHIR_* settings (also used by `cpis-bridge reconcile`)."""
+    assert settings.fhir_base_url
+    auth = make_auth(
+        settings.fhir_auth_mode, token=settings.fhir_auth_token, token_url=settings.fhir_auth_token_url,
+        client_id=settings.fhir_auth_client_id, client_secret=settings.fhir_auth_client_secret,
+        private_key_file=settings.fhir_auth_private_key_file, kid=settings.fhir_auth_kid,
+        alg=settings.fhir_auth_alg, scope=settings.fhir_auth_scope,
+    )
+    client = FhirClient(settings.fhir_base_url, session, auth)
+    queue = RedisSyncQueue(redis, keys, scripts)
+    server = FhirFlagServer(client, mode=settings.fhir_write_mode)
+    observe = None
+    if metrics is not None:
+        counters = {o: metrics.deliveries.labels("flag-sync", o) for o in ("delivered", "retried", "dead")}
+
+        def observe(outcome: str, n: int) -> None:
+            counters[outcome].inc(n)
+
+    relay = FlagSyncRelay(
+        queue, server, windows=settings.windows,
+        consumer=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+        first_retry_s=settings.delivery_first_retry_s, max_backoff_s=settings.delivery_max_backoff_s,
+        clock=clock, observe=observe,
+    )
+    return FlagSyncParts(queue, server, relay, FlagScheduler(queue, clock=clock))
+
+
+async def _check_capabilities(server: FhirFlagServer) -> None:
+    """Start-up check of the CapabilityStatement; retried in the background, never blocking start."""
+    delay = 1.0
+    for _ in range(20):
+        try:
+            await server.prepare()
+            return
+        except (FhirUnavailable, aiohttp.ClientError, AuthFailed) as exc:
+            log.warning("fhir.capabilities.unavailable", extra={"error": str(exc), "retryInS": delay})
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 60.0)
+
+
+async def _sample_sync_metrics(queue: RedisSyncQueue, metrics: Metrics, stop: asyncio.Event) -> None:
+    pending, oldest = metrics.delivery_pending.labels("flag-sync"), metrics.delivery_oldest.labels("flag-sync")
+    while not stop.is_set():
+        with contextlib.suppress(RedisError):
+            count, age = await queue.stats(epoch_ms(utc_now()))
+            pending.set(count)
+            oldest.set(age)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=5.0)
+
+
+async def sync_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Flag sync (API.md section 5): relay, visibility scheduler and CapabilityStatement check, only when
+    CPIS_FHIR_BASE_URL is set and relays run. Never blocks start-up: the relay waits for the server itself."""
+    settings = app[SETTINGS]
+    if not settings.fhir_base_url or not settings.relays:
+        yield
+        return
+    stop = asyncio.Event()
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30, connect=5))
+    parts = flag_sync_parts(settings, app[REDIS], app[KEYS], app[SCRIPTS], session, metrics=app[METRICS])
+    await parts.queue.ensure_group()
+    tasks = [
+        asyncio.create_task(parts.relay.run(stop), name="flag-sync-relay"),
+        asyncio.create_task(parts.scheduler.run(stop), name="flag-sync-scheduler"),
+        asyncio.create_task(_check_capabilities(parts.server), name="flag-sync-capabilities"),
+        asyncio.create_task(_sample_sync_metrics(parts.queue, app[METRICS], stop), name="flag-sync-metrics"),
+    ]
+    try:
+        yield
+    finally:
+        stop.set()
+        _, alive = await asyncio.wait(tasks, timeout=max(1.0, settings.shutdown_grace_s))
+        for task in alive:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await session.close()
 
 
@@ -210,6 +309,7 @@ def create_app(settings: Settings | None = None, *, extra_contexts: list[Cleanup
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(cds.http_ctx)
     app.cleanup_ctx.append(delivery_ctx)
+    app.cleanup_ctx.append(sync_ctx)
     for ctx in extra_contexts or []:
         app.cleanup_ctx.append(ctx)
     app.cleanup_ctx.append(ready_ctx)

@@ -134,6 +134,57 @@ async def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if resp.status == 200 else 1
 
 
+async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    """Compare the store with the Flag sync server, repair drift, verify; prints one JSON line. Exit 0 = in sync."""
+    import json
+
+    from tqdm import tqdm
+
+    from cpis_bridge.app import flag_sync_parts, redis_url_for
+    from cpis_bridge.core.records import today_london
+    from cpis_bridge.fhir.reconcile import compare, repair
+    from cpis_bridge.store.connection import make_client
+    from cpis_bridge.store.keys import Keys
+    from cpis_bridge.store.scripts import Scripts
+
+    if not settings.fhir_base_url:
+        print("cpis-bridge reconcile: CPIS_FHIR_BASE_URL is not set (Flag sync is off)", file=sys.stderr)
+        return 2
+    url, embedded = await asyncio.to_thread(redis_url_for, settings)
+    redis = make_client(url)
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60, connect=5))
+    try:
+        keys = Keys(settings.key_prefix, settings.hash_key())
+        parts = flag_sync_parts(settings, redis, keys, Scripts(redis), session)
+        await parts.server.prepare()
+        day = today_london()
+        bar = tqdm(desc="reconcile: server Flags read", unit="flag", disable=args.quiet, file=sys.stderr)
+        drift, wanted, found = await compare(parts.server, parts.queue.all_records(), day=day,
+                                             windows=settings.windows, tick=bar.update)
+        bar.close()
+        report: dict[str, Any] = {"records": len(wanted), "serverFlags": sum(len(v) for v in found.values()),
+                                  "drift": drift.counts()}
+        if not args.dry_run and drift.total:
+            bar = tqdm(total=drift.total, desc="reconcile: repairing", unit="flag", disable=args.quiet,
+                       file=sys.stderr)
+            await repair(parts.server, drift, wanted, found, tick=bar.update)
+            bar.close()
+            after, _, _ = await compare(parts.server, parts.queue.all_records(), day=day, windows=settings.windows)
+            report["repaired"] = drift.total - len(drift.failed)
+            report["after"] = after.counts()
+            in_sync = after.total == 0
+        else:
+            in_sync = drift.total == 0
+        report["inSync"] = in_sync
+        print(json.dumps(report))
+        return 0 if in_sync else 1
+    finally:
+        await session.close()
+        await redis.aclose()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpis-bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--token")
     up.add_argument("--url")
     up.add_argument("--quiet", action="store_true")
+    rec = sub.add_parser("reconcile", help="compare the store with the Flag sync server and repair drift")
+    rec.add_argument("--dry-run", action="store_true", help="report drift only; exit 1 when there is any")
+    rec.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -166,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_token(settings, args)
     if args.command == "upload":
         return run(cmd_upload(settings, args))
+    if args.command == "reconcile":
+        return run(cmd_reconcile(settings, args))
     return 2
 
 

@@ -177,3 +177,59 @@ class Inbox(Protocol):
     async def find(self, la: str, notification_id: str) -> str | None: ...
 
     async def ack(self, la: str, ref: str) -> None: ...
+
+# -- Flag sync (services/sync.py; adapters store/sync.py and fhir/flag_sync.py) ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SyncItem:
+    """One record to mirror, coalesced from every queue entry read for it in one batch."""
+
+    la: str
+    local_id: str
+    entry_ids: tuple[str, ...]
+    queued_ms: int  # when the oldest of those entries was first queued
+    tombstone: Record | None = None  # the erased record, when an entry carried one
+
+
+@dataclass(frozen=True, slots=True)
+class FlagWrite:
+    """Write the record's Flag with this status (active, inactive or entered-in-error)."""
+
+    record: Record
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """How one Flag write ended: ok, retry (transient), conflict (409/version 412: re-read and resend), dead."""
+
+    outcome: str
+    status: int = 0
+    reason: str = ""
+    operation_outcome: str | None = None  # the server's OperationOutcome, JSON
+    retry_after_s: float | None = None
+
+
+class SyncQueue(Protocol):
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[SyncItem]: ...
+
+    async def current(self, items: Sequence[SyncItem]) -> list[Record | None]: ...
+
+    async def done(self, items: Sequence[SyncItem]) -> None: ...
+
+    async def defer(self, items: Sequence[SyncItem], due_ms: int) -> None: ...
+
+    async def dead(self, item: SyncItem, result: WriteResult) -> None: ...
+
+    async def move_due(self, now_ms: int) -> int: ...
+
+    async def schedule_due(self, today_day: int) -> int: ...
+
+
+class FlagServer(Protocol):
+    async def prepare(self) -> None: ...
+
+    async def write(self, writes: Sequence[FlagWrite]) -> list[WriteResult]: ...
+
+    def pause(self, seconds: float) -> None: ...
