@@ -134,6 +134,57 @@ async def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if resp.status == 200 else 1
 
 
+def cli_context(actor: str | None) -> Any:
+    """The audit context of a command-line operator (ops role; the OS user unless --actor names someone)."""
+    import getpass
+
+    from cpis_bridge.core.audit import AuditContext
+    from cpis_bridge.core.principal import Principal
+
+    if not actor:
+        try:
+            actor = getpass.getuser()
+        except (KeyError, OSError):
+            actor = str(os.getuid())
+    return AuditContext(Principal(subject=f"cli:{actor}", role=Role.OPS, ods="CLI"))
+
+
+async def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+
+    from cpis_bridge.app import open_retention
+
+    async with open_retention(settings) as service:
+        counts = await service.purge(cli_context(args.actor))
+    log.info("retention.purged", extra={"removed": counts})
+    print(orjson.dumps({"removed": counts}).decode())
+    return 0
+
+
+async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+
+    from cpis_bridge.app import open_retention
+    from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
+
+    try:
+        nhs = NhsNumber.parse(args.nhs_number)
+    except InvalidNhsNumber as exc:
+        print(f"cpis-bridge export: {exc}", file=sys.stderr)
+        return 2
+    async with open_retention(settings) as service:
+        data = await service.export(cli_context(args.actor), nhs)
+    text = orjson.dumps(data, option=orjson.OPT_INDENT_2).decode()
+    if args.output:
+        out = Path(args.output)
+        out.write_text(text + "\n")
+        out.chmod(0o600)
+    else:
+        print(text)
+    log.info("retention.exported")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpis-bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--token")
     up.add_argument("--url")
     up.add_argument("--quiet", action="store_true")
+    pg = sub.add_parser("purge", help="delete what is past the retention settings (CPIS_RETENTION_*); prints counts")
+    pg.add_argument("--actor", help="who runs it (recorded in the audit; default: the OS user)")
+    ex = sub.add_parser("export", help="print everything held for an NHS number as JSON (subject access)")
+    ex.add_argument("--nhs-number", required=True)
+    ex.add_argument("--output", help="write to this file (mode 0600) instead of stdout")
+    ex.add_argument("--actor", help="who runs it (recorded in the audit; default: the OS user)")
     return parser
 
 
@@ -166,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_token(settings, args)
     if args.command == "upload":
         return run(cmd_upload(settings, args))
+    if args.command == "purge":
+        return run(cmd_purge(settings, args))
+    if args.command == "export":
+        return run(cmd_export(settings, args))
     return 2
 
 
