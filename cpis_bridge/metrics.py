@@ -65,7 +65,11 @@ class Metrics:
         self.build.info({"version": _version(), "python": platform.python_version()})
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         PlatformCollector(registry=r)
+        for kind in ("unscheduled", "silent"):
+            for flagged in ("true", "false"):
+                self.accesses.labels(kind, flagged)
         for channel in CHANNELS:
+            self.delivery_latency.labels(channel)
             self.delivery_pending.labels(channel)
             self.delivery_oldest.labels(channel)
             self.delivery_dead.labels(channel)
