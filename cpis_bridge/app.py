@@ -161,6 +161,13 @@ async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics.ready.set(0)
 
 
+async def publish_ready(app: web.Application) -> None:
+    """Runs after every cleanup context started: the gauges show the service ready from the first scrape."""
+    life = app[LIFECYCLE]
+    app[METRICS].ready.set(1 if life.started and life.redis_ok and not life.draining else 0)
+    app[METRICS].redis_up.set(1 if life.redis_ok else 0)
+
+
 def retention_policy(settings: Settings) -> RetentionPolicy:
     return RetentionPolicy(
         record_days=settings.retention_record_days,
@@ -212,6 +219,7 @@ def create_app(settings: Settings | None = None, *, extra_contexts: list[Cleanup
     for ctx in extra_contexts or []:
         app.cleanup_ctx.append(ctx)
     app.cleanup_ctx.append(ready_ctx)
+    app.on_startup.append(publish_ready)
     la.setup(app)
     app.router.add_routes(ops.routes)
     return app
