@@ -28,14 +28,19 @@ class AccessLogger(AbstractAccessLogger):
     """One line per request with the route template, never the raw path or query (they can hold NHS numbers)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        from cpis_bridge.web.common import REQUEST_ID, TRACE_ID
         from cpis_bridge.web.middlewares import route_template
 
         route = route_template(request) if isinstance(request, web.Request) else "unmatched"
-        self.logger.info(
-            "http.request",
-            extra={"method": request.method, "route": route, "status": response.status,
-                   "durationMs": round(time * 1000, 2), "remote": request.remote},
-        )
+        extra: dict[str, Any] = {"method": request.method, "route": route, "status": response.status,
+                                 "durationMs": round(time * 1000, 2), "remote": request.remote}
+        # The access log runs after the request context is gone: take its ids from the request itself.
+        if isinstance(request, web.Request):
+            if request.get(REQUEST_ID):
+                extra["requestId"] = request[REQUEST_ID]
+            if request.get(TRACE_ID):
+                extra["traceId"] = request[TRACE_ID]
+        self.logger.info("http.request", extra=extra)
 
     @property
     def enabled(self) -> bool:
@@ -47,6 +52,12 @@ async def serve(settings: Settings) -> int:
     from cpis_bridge.web.state import LIFECYCLE
 
     app = create_app(settings)
+    log.debug(
+        "serve.config",
+        extra={"redis": "external" if settings.redis_url else "embedded", "devMode": settings.dev_mode,
+               "flagSync": bool(settings.fhir_base_url), "drainDelayS": settings.drain_delay_s,
+               "shutdownGraceS": settings.shutdown_grace_s, "logLevel": settings.log_level},
+    )
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
