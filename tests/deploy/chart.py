@@ -14,7 +14,8 @@ CHART = ROOT / "helm" / "cpis-bridge"
 CRDS = ROOT / "tests" / "data" / "crds"
 KUBE_VERSIONS = ("1.28.0", "1.33.0")
 
-MINIMAL: dict[str, Any] = {"redis": {"url": "redis://redis-primary:6379/0"}}
+MINIMAL: dict[str, Any] = {"redis": {"url": "redis://redis-primary:6379/0"},
+                           "secrets": {"existingSecret": "cpis-secrets"}}
 PRODUCTION: dict[str, Any] = {
     "replicaCount": 3,
     "image": {"repository": "registry.example.invalid/cpis-bridge", "tag": "0.1.0", "pullPolicy": "Always"},

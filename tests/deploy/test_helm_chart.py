@@ -27,9 +27,11 @@ def rendered():
     return {name: render(values) for name, values in CASES.items()}
 
 
-def test_default_values_demand_an_external_redis():
+def test_default_values_demand_an_external_redis_and_a_shared_hash_key():
     with pytest.raises(helm.HelmError, match=r"redis\.url or redis\.existingSecret is required"):
         render({})
+    with pytest.raises(helm.HelmError, match=r"secrets\.existingSecret is required"):
+        render({"redis": MINIMAL["redis"]})
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -167,3 +167,26 @@ def test_cli_starts_embedded_redis_only_when_none_runs(tmp_path):
     assert orjson.loads(done.stdout)["removed"] == {"records": 0, "accesses": 0, "inboxEntries": 0, "auditEntries": 0}
     assert (tmp_path / "var" / "cpis.aof").exists() or (tmp_path / "var" / "appendonlydir").exists()
     assert not socket_answers(tmp_path / "var" / "redis.sock")  # the one it started is stopped again
+
+
+def test_cli_uses_the_running_embedded_redis_and_leaves_it_running(tmp_path):
+    import redis as redis_sync
+
+    from cpis_bridge.store.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "var")
+    server.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CPIS_")}
+        env.update({"CPIS_DATA_DIR": str(tmp_path / "var"), "CPIS_LOG_HASH_KEY": HASH_KEY})
+        done = run_cli(["purge", "--actor", "ops-person"], env)
+        assert done.returncode == 0, done.stderr
+        assert server.running and socket_answers(server.socket_path)
+        client = redis_sync.Redis.from_url(server.url, decode_responses=True)
+        try:
+            [entry] = [orjson.loads(x) for x in client.lrange("cpis:audit:sys", 0, -1)]
+        finally:
+            client.close()
+        assert entry["action"] == "retention.purge" and entry["actor"] == "cli:ops-person"
+    finally:
+        server.stop()

@@ -75,21 +75,18 @@ app.kubernetes.io/part-of: cpis-bridge
 - name: CPIS_PUBLIC_BASE_URL
   value: {{ . | quote }}
 {{- end }}
-{{- if .Values.secrets.existingSecret }}
-{{- with .Values.secrets.logHashKeyKey }}
+{{- /* The hash key also names every child's Redis keys: all replicas and restarts must share it. */}}
 - name: CPIS_LOG_HASH_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ $.Values.secrets.existingSecret }}
-      key: {{ . }}
-{{- end }}
+      name: {{ required "secrets.existingSecret is required: its log hash key also derives the Redis key names, so every replica, restart and the purge job must share it" .Values.secrets.existingSecret }}
+      key: {{ required "secrets.logHashKeyKey is required" .Values.secrets.logHashKeyKey }}
 {{- with .Values.secrets.devSecretKey }}
 - name: CPIS_AUTH_DEV_SECRET
   valueFrom:
     secretKeyRef:
       name: {{ $.Values.secrets.existingSecret }}
       key: {{ . }}
-{{- end }}
 {{- end }}
 {{- with .Values.fhir.baseUrl }}
 - name: CPIS_FHIR_BASE_URL
