@@ -26,6 +26,7 @@ from cpis_bridge.metrics import Metrics
 from cpis_bridge.registry import load_registry
 from cpis_bridge.services.access import AccessService
 from cpis_bridge.services.records import RecordService
+from cpis_bridge.services.retention import RetentionPolicy, RetentionService
 from cpis_bridge.services.sync import Clock, FlagScheduler, FlagSyncRelay, epoch_ms, utc_now
 from cpis_bridge.store.accesses import RedisAccessStore
 from cpis_bridge.store.audit import RedisAuditLog
@@ -33,6 +34,7 @@ from cpis_bridge.store.connection import make_client
 from cpis_bridge.store.embedded import EmbeddedRedis, socket_answers
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import RedisRecordStore
+from cpis_bridge.store.retention import RedisRetentionStore
 from cpis_bridge.store.scripts import Scripts
 from cpis_bridge.store.sync import RedisSyncQueue
 from cpis_bridge.web import admin, cds, fhir, la, notifications, openapi, ops
@@ -283,6 +285,62 @@ async def sync_ctx(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await session.close()
+MONITOR_INTERVAL_S = 5.0
+
+
+async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+    """A periodic task keeping cpis_redis_up and cpis_ready current between scrapes and /readyz probes."""
+    metrics, life = app[METRICS], app[LIFECYCLE]
+
+    async def loop() -> None:
+        while True:
+            try:
+                ok = bool(await asyncio.wait_for(app[REDIS].ping(), timeout=2.0))
+            except (RedisError, OSError, TimeoutError):
+                ok = False
+            life.redis_ok = ok
+            metrics.redis_up.set(1 if ok else 0)
+            metrics.ready.set(1 if ok and life.started and not life.draining else 0)
+            await asyncio.sleep(MONITOR_INTERVAL_S)
+
+    task = asyncio.create_task(loop(), name="redis-monitor")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    metrics.ready.set(0)
+
+
+async def publish_ready(app: web.Application) -> None:
+    """Runs after every cleanup context started: the gauges show the service ready from the first scrape."""
+    life = app[LIFECYCLE]
+    app[METRICS].ready.set(1 if life.started and life.redis_ok and not life.draining else 0)
+    app[METRICS].redis_up.set(1 if life.redis_ok else 0)
+
+
+def retention_policy(settings: Settings) -> RetentionPolicy:
+    return RetentionPolicy(
+        record_days=settings.retention_record_days,
+        access_days=settings.retention_access_days,
+        inbox_days=settings.retention_inbox_days,
+        audit_days=settings.retention_audit_days,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_retention(settings: Settings) -> AsyncIterator[RetentionService]:
+    """For the CLI: the retention service on CPIS_REDIS_URL, else the running embedded Redis (or one started here)."""
+    url, embedded = await asyncio.to_thread(redis_url_for, settings)
+    client = make_client(url, max_connections=4)
+    try:
+        await _wait_for_redis(client)
+        keys = Keys(settings.key_prefix, settings.hash_key())
+        store = RedisRetentionStore(client, keys, Scripts(client))
+        yield RetentionService(store, policy=retention_policy(settings), windows=settings.windows)
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
 
 
 async def ready_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -310,9 +368,11 @@ def create_app(settings: Settings | None = None, *, extra_contexts: list[Cleanup
     app.cleanup_ctx.append(cds.http_ctx)
     app.cleanup_ctx.append(delivery_ctx)
     app.cleanup_ctx.append(sync_ctx)
+    app.cleanup_ctx.append(monitor_ctx)
     for ctx in extra_contexts or []:
         app.cleanup_ctx.append(ctx)
     app.cleanup_ctx.append(ready_ctx)
+    app.on_startup.append(publish_ready)
     la.setup(app)
     openapi.setup(app)
     fhir.setup(app)

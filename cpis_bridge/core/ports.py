@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -233,3 +233,43 @@ class FlagServer(Protocol):
     async def write(self, writes: Sequence[FlagWrite]) -> list[WriteResult]: ...
 
     def pause(self, seconds: float) -> None: ...
+
+@dataclass(frozen=True, slots=True)
+class InboxItem:
+    """One inbox notification mentioning a child, as held (for the subject-access export)."""
+
+    la: str
+    entry_id: str
+    acknowledged: bool
+    fields: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectData:
+    """Everything held for one NHS number, as stored (the service shapes it for output)."""
+
+    tag: str
+    records: list[Record]
+    accesses: list[tuple[str, Access]]
+    encounters: dict[str, dict[str, Any]]
+    inbox: list[InboxItem]
+    audit: list[dict[str, Any]]
+    system_audit: list[dict[str, Any]]
+
+
+class RetentionStore(Protocol):
+    """Retention (purge) and subject access over the whole key space: SCAN-based and batched."""
+
+    def child_records(self, batch: int = 500) -> AsyncIterator[list[Record]]: ...
+
+    async def delete_records(self, records: Sequence[Record], audit: Mapping[str, Any]) -> int: ...
+
+    async def trim_accesses(self, before_ms: int) -> int: ...
+
+    async def trim_acknowledged_inbox(self, before_ms: int) -> int: ...
+
+    async def trim_audit(self, before: str) -> int: ...
+
+    async def subject(self, nhs: str) -> SubjectData: ...
+
+    async def audit_system(self, entry: Mapping[str, Any]) -> None: ...
