@@ -152,9 +152,9 @@ class RedisRetentionStore:
         inbox_prefix = self.keys.inbox("")
         async for keys in self._scan("inbox:*"):
             for stream in keys:
-                if stream.endswith(":ack"):
-                    continue
                 la = stream.removeprefix(inbox_prefix)
+                if ":" in la:  # the LA's ack set and index, not its stream
+                    continue
                 ack_key = self.keys.inbox_acks(la)
                 start = "-"
                 while True:

@@ -14,6 +14,8 @@ from cpis_bridge.web.state import KEYS, METRICS, REDIS
 from tests.conftest import ED, GP, LA1, LA2, auth, record
 from tests.e2e.test_profiles import assert_conforms, example
 
+pytestmark = pytest.mark.no_relays  # these tests inspect the notification queue
+
 NHS_SYS = "https://fhir.nhs.uk/Id/nhs-number"
 CHILD = "9990000018"
 OTHER = "9990000026"
