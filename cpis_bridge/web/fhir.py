@@ -146,7 +146,7 @@ async def metadata(request: web.Request) -> web.Response:
     return fhir_response(body)
 
 
-@routes.get("/fhir/CareTeam")
+@routes.get("/fhir/CareTeam", allow_head=False)  # a HEAD must not record an access
 @allow(CS)
 @fhir(Interaction("CareTeam", "search-type", m.PROFILE_CARETEAM, (PATIENT_PARAM,),
                   documentation="One CareTeam per visible record; the LA Organization as search.mode=include. "
@@ -160,7 +160,7 @@ async def search_careteam(request: web.Request) -> web.Response:
     return fhir_response(m.searchset(fhir_base(request), self_link(request), teams, orgs))
 
 
-@routes.get("/fhir/Flag")
+@routes.get("/fhir/Flag", allow_head=False)  # a HEAD must not record an access
 @allow(CS)
 @fhir(Interaction("Flag", "search-type", m.PROFILE_FLAG, (PATIENT_PARAM,), supported_profiles=(m.UKCORE_FLAG,),
                   documentation="One UK Core Flag per visible record; an access exactly as for CareTeam."))
@@ -171,7 +171,7 @@ async def search_flag(request: web.Request) -> web.Response:
     return fhir_response(m.searchset(fhir_base(request), self_link(request), flags))
 
 
-@routes.get("/fhir/AuditEvent")
+@routes.get("/fhir/AuditEvent", allow_head=False)  # a HEAD must not record an access
 @allow(CS)
 @fhir(Interaction("AuditEvent", "search-type", m.PROFILE_AUDITEVENT,
                   (PATIENT_PARAM, SearchParam("_include", "special", f"{INCLUDE_ASSIGNED} (or {INCLUDE_AGENT}): "
@@ -231,7 +231,7 @@ async def create_encounter(request: web.Request) -> web.Response:
     return fhir_response(with_id(stored or keep, out.access_id))
 
 
-@routes.get("/fhir/Encounter/{id}")
+@routes.get("/fhir/Encounter/{id}", allow_head=False)
 @allow(CS)
 @fhir(Interaction("Encounter", "read", m.PROFILE_ENCOUNTER,
                   documentation="A retained attendance, only for the care setting that sent it."))
