@@ -19,7 +19,7 @@ from cpis_bridge.core.principal import Role
 from cpis_bridge.core.registry import CareSetting
 from cpis_bridge.fhir import mapping as m
 from cpis_bridge.fhir.capability import Interaction, SearchParam, capability_statement
-from cpis_bridge.fhir.encounter import parse_encounter, retained, with_id
+from cpis_bridge.fhir.encounter import parse_encounter, retained, safe_name, with_id
 from cpis_bridge.fhir.outcome import operation_outcome
 from cpis_bridge.services.access import AccessService, LookupRequest
 from cpis_bridge.web.common import TRACE_ID, Handler, allow, audit_context, principal
@@ -75,9 +75,9 @@ def search_params(query: MultiMapping[str], allowed: frozenset[str]) -> dict[str
                 raise UnreadableInput("_format: only JSON is supported")
             continue
         if name not in allowed:
-            raise UnreadableInput(f"unknown search parameter: {name[:40]}")
+            raise UnreadableInput(f"unknown search parameter: {safe_name(name[:40])}")
         if name in out:
-            raise UnreadableInput(f"search parameter {name[:40]} may be given only once")
+            raise UnreadableInput(f"search parameter {name} may be given only once")
         out[name] = value
     return out
 

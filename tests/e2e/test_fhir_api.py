@@ -355,3 +355,13 @@ async def test_careteam_lookup_is_one_redis_round_trip_and_head_records_nothing(
     r = await client.head(f"/fhir/CareTeam?{q()}", headers=ED)
     assert r.status == 405
     assert len(await accesses(client)) == 2
+
+
+async def test_client_chosen_names_never_echo_an_nhs_number(client):
+    outcome = await fhir_json(await client.get(f"/fhir/Flag?{q()}&{CHILD}=1", headers=ED), 400)
+    assert CHILD not in orjson.dumps(outcome).decode()
+    outcome = await fhir_json(await client.get(f"/fhir/Flag?{q()}&name=1", headers=ED), 400)
+    assert "name" in outcome["issue"][0]["diagnostics"]
+    body = encounter_body(**{CHILD: True, f"x{CHILD}": 1})
+    outcome = await fhir_json(await client.post("/fhir/Encounter", json=body, headers=ED), 422)
+    assert CHILD not in orjson.dumps(outcome).decode()
