@@ -36,6 +36,8 @@ PATIENT_PARAM: Final = SearchParam(
 )
 INCLUDE_ASSIGNED: Final = f"AuditEvent:entity-type={m.ROLE_CLASS}|ASSIGNED"
 INCLUDE_AGENT: Final = "AuditEvent:agent"
+SEARCH_PARAMS: Final = frozenset({"patient:identifier"})
+AUDIT_PARAMS: Final = frozenset({"patient:identifier", "_include"})
 _ID: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 CS = Role.CARE_SETTING
 H = TypeVar("H", bound=Handler)
@@ -125,7 +127,7 @@ def self_link(request: web.Request) -> str:
 
 async def lookup_for_search(request: web.Request, kind: str) -> LookupOutcome:
     """CareTeam and Flag searches: the same access rule (an ED must not see the alert without the LA hearing)."""
-    params = search_params(request.query, frozenset({"patient:identifier"}))
+    params = search_params(request.query, SEARCH_PARAMS)
     nhs = patient_nhs(params, test_numbers_only=request.app[SETTINGS].only_test_numbers)
     req = LookupRequest(nhs=nhs, care_setting=calling_setting(request), kind=kind,
                         unscheduled_claimed=unscheduled_claimed(request), source_event_id=request.get(TRACE_ID))
@@ -180,7 +182,7 @@ async def search_flag(request: web.Request) -> web.Response:
                   includes=(INCLUDE_AGENT, INCLUDE_ASSIGNED),
                   documentation="The last 25 unscheduled accesses, newest first; never itself an access."))
 async def search_auditevent(request: web.Request) -> web.Response:
-    params = search_params(request.query, frozenset({"patient:identifier", "_include"}))
+    params = search_params(request.query, AUDIT_PARAMS)
     include = params.get("_include")
     if include is not None and include not in (INCLUDE_ASSIGNED, INCLUDE_AGENT):
         raise UnreadableInput(f"_include: only {INCLUDE_ASSIGNED} is supported")
