@@ -4,7 +4,7 @@ resource type, interaction, search parameters and includes; web/fhir.py collects
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from cpis_bridge.fhir.mapping import PROFILE
@@ -30,7 +30,7 @@ class Interaction:
     params: tuple[SearchParam, ...] = ()
     includes: tuple[str, ...] = ()
     documentation: str = ""
-    supported_profiles: tuple[str, ...] = field(default=())
+    supported_profiles: tuple[str, ...] = ()
 
 
 def capability_statement(interactions: Iterable[Interaction], *, version: str, date: str,

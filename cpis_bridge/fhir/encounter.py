@@ -4,6 +4,7 @@ minimal Encounter that is retained (identifier, status, class, subject.identifie
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -20,6 +21,13 @@ STATUSES: Final = frozenset(
 )
 MAX_IDENTIFIER: Final = 120
 _FIELD_NAMES: Final = {"class_fhir": "class"}
+_SAFE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_:.\-]{0,63}")
+_DIGITS: Final = re.compile(r"\d{6,}")
+
+
+def safe_name(name: str) -> str:
+    """A client-chosen element name fit to echo: never a run of digits (it could be an NHS number)."""
+    return name if _SAFE_NAME.fullmatch(name) and not _DIGITS.search(name) else "(unrecognised element)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +46,7 @@ def _path(loc: tuple[int | str, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += "." + _FIELD_NAMES.get(part, part).removesuffix("__ext")
+            out += "." + safe_name(_FIELD_NAMES.get(part, part).removesuffix("__ext"))
     return out
 
 

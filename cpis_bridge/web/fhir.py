@@ -19,7 +19,7 @@ from cpis_bridge.core.principal import Role
 from cpis_bridge.core.registry import CareSetting
 from cpis_bridge.fhir import mapping as m
 from cpis_bridge.fhir.capability import Interaction, SearchParam, capability_statement
-from cpis_bridge.fhir.encounter import parse_encounter, retained, with_id
+from cpis_bridge.fhir.encounter import parse_encounter, retained, safe_name, with_id
 from cpis_bridge.fhir.outcome import operation_outcome
 from cpis_bridge.services.access import AccessService, LookupRequest
 from cpis_bridge.web.common import TRACE_ID, Handler, allow, audit_context, principal
@@ -36,6 +36,8 @@ PATIENT_PARAM: Final = SearchParam(
 )
 INCLUDE_ASSIGNED: Final = f"AuditEvent:entity-type={m.ROLE_CLASS}|ASSIGNED"
 INCLUDE_AGENT: Final = "AuditEvent:agent"
+SEARCH_PARAMS: Final = frozenset({"patient:identifier"})
+AUDIT_PARAMS: Final = frozenset({"patient:identifier", "_include"})
 _ID: Final = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 CS = Role.CARE_SETTING
 H = TypeVar("H", bound=Handler)
@@ -75,9 +77,9 @@ def search_params(query: MultiMapping[str], allowed: frozenset[str]) -> dict[str
                 raise UnreadableInput("_format: only JSON is supported")
             continue
         if name not in allowed:
-            raise UnreadableInput(f"unknown search parameter: {name[:40]}")
+            raise UnreadableInput(f"unknown search parameter: {safe_name(name[:40])}")
         if name in out:
-            raise UnreadableInput(f"search parameter {name[:40]} may be given only once")
+            raise UnreadableInput(f"search parameter {name} may be given only once")
         out[name] = value
     return out
 
@@ -125,7 +127,7 @@ def self_link(request: web.Request) -> str:
 
 async def lookup_for_search(request: web.Request, kind: str) -> LookupOutcome:
     """CareTeam and Flag searches: the same access rule (an ED must not see the alert without the LA hearing)."""
-    params = search_params(request.query, frozenset({"patient:identifier"}))
+    params = search_params(request.query, SEARCH_PARAMS)
     nhs = patient_nhs(params, test_numbers_only=request.app[SETTINGS].only_test_numbers)
     req = LookupRequest(nhs=nhs, care_setting=calling_setting(request), kind=kind,
                         unscheduled_claimed=unscheduled_claimed(request), source_event_id=request.get(TRACE_ID))
@@ -146,7 +148,7 @@ async def metadata(request: web.Request) -> web.Response:
     return fhir_response(body)
 
 
-@routes.get("/fhir/CareTeam")
+@routes.get("/fhir/CareTeam", allow_head=False)  # a HEAD must not record an access
 @allow(CS)
 @fhir(Interaction("CareTeam", "search-type", m.PROFILE_CARETEAM, (PATIENT_PARAM,),
                   documentation="One CareTeam per visible record; the LA Organization as search.mode=include. "
@@ -160,7 +162,7 @@ async def search_careteam(request: web.Request) -> web.Response:
     return fhir_response(m.searchset(fhir_base(request), self_link(request), teams, orgs))
 
 
-@routes.get("/fhir/Flag")
+@routes.get("/fhir/Flag", allow_head=False)  # a HEAD must not record an access
 @allow(CS)
 @fhir(Interaction("Flag", "search-type", m.PROFILE_FLAG, (PATIENT_PARAM,), supported_profiles=(m.UKCORE_FLAG,),
                   documentation="One UK Core Flag per visible record; an access exactly as for CareTeam."))
@@ -171,7 +173,7 @@ async def search_flag(request: web.Request) -> web.Response:
     return fhir_response(m.searchset(fhir_base(request), self_link(request), flags))
 
 
-@routes.get("/fhir/AuditEvent")
+@routes.get("/fhir/AuditEvent", allow_head=False)  # a HEAD must not record an access
 @allow(CS)
 @fhir(Interaction("AuditEvent", "search-type", m.PROFILE_AUDITEVENT,
                   (PATIENT_PARAM, SearchParam("_include", "special", f"{INCLUDE_ASSIGNED} (or {INCLUDE_AGENT}): "
@@ -180,7 +182,7 @@ async def search_flag(request: web.Request) -> web.Response:
                   includes=(INCLUDE_AGENT, INCLUDE_ASSIGNED),
                   documentation="The last 25 unscheduled accesses, newest first; never itself an access."))
 async def search_auditevent(request: web.Request) -> web.Response:
-    params = search_params(request.query, frozenset({"patient:identifier", "_include"}))
+    params = search_params(request.query, AUDIT_PARAMS)
     include = params.get("_include")
     if include is not None and include not in (INCLUDE_ASSIGNED, INCLUDE_AGENT):
         raise UnreadableInput(f"_include: only {INCLUDE_ASSIGNED} is supported")
@@ -231,7 +233,7 @@ async def create_encounter(request: web.Request) -> web.Response:
     return fhir_response(with_id(stored or keep, out.access_id))
 
 
-@routes.get("/fhir/Encounter/{id}")
+@routes.get("/fhir/Encounter/{id}", allow_head=False)
 @allow(CS)
 @fhir(Interaction("Encounter", "read", m.PROFILE_ENCOUNTER,
                   documentation="A retained attendance, only for the care setting that sent it."))

@@ -336,3 +336,34 @@ async def test_error_statuses_are_operation_outcomes(client):
     await fhir_json(await client.post("/fhir/Encounter", data=big, headers={**ED, "Content-Type": FHIR_CT}), 413)
     await fhir_json(await client.get("/fhir/Encounter/not a valid id!", headers=ED), 404)
     assert await accesses(client) == []
+
+
+async def commandstats(client: Any) -> dict[str, int]:
+    info = await client.app[REDIS].info("commandstats")
+    return {k: v["calls"] for k, v in info.items()}
+
+
+async def test_careteam_lookup_is_one_redis_round_trip_and_head_records_nothing(client):
+    await put(client)
+    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=ED))  # script loaded, pool warm
+    before = await commandstats(client)
+    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=ED))
+    after = await commandstats(client)
+    delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    delta.pop("cmdstat_info", None)
+    # commandstats also counts what the script runs inside Redis: one EVALSHA from the client, the rest the script's
+    assert delta.pop("cmdstat_evalsha") == 1 and delta.pop("cmdstat_hgetall") == 1, delta
+    assert set(delta) <= {f"cmdstat_{c}" for c in ("lrange", "lpush", "ltrim", "hget", "xadd")}, delta
+    r = await client.head(f"/fhir/CareTeam?{q()}", headers=ED)
+    assert r.status == 405
+    assert len(await accesses(client)) == 2
+
+
+async def test_client_chosen_names_never_echo_an_nhs_number(client):
+    outcome = await fhir_json(await client.get(f"/fhir/Flag?{q()}&{CHILD}=1", headers=ED), 400)
+    assert CHILD not in orjson.dumps(outcome).decode()
+    outcome = await fhir_json(await client.get(f"/fhir/Flag?{q()}&name=1", headers=ED), 400)
+    assert "name" in outcome["issue"][0]["diagnostics"]
+    body = encounter_body(**{CHILD: True, f"x{CHILD}": 1})
+    outcome = await fhir_json(await client.post("/fhir/Encounter", json=body, headers=ED), 422)
+    assert CHILD not in orjson.dumps(outcome).decode()
