@@ -190,3 +190,22 @@ def test_cli_uses_the_running_embedded_redis_and_leaves_it_running(tmp_path):
         assert entry["action"] == "retention.purge" and entry["actor"] == "cli:ops-person"
     finally:
         server.stop()
+
+
+async def test_a_record_changed_after_the_scan_is_not_purged(app, settings):
+    """The Lua step deletes only the version the scan saw: a correction in between wins."""
+    from cpis_bridge.store.retention import RedisRetentionStore
+    from cpis_bridge.store.scripts import Scripts
+
+    redis, keys, records = app[REDIS], app[KEYS], app[RECORDS]
+    la = ctx(Role.LOCAL_AUTHORITY, "LA001")
+    await records.put(la, "LA001", "OLD-1", record("OLD-1", CHILD_A, startDate="2019-01-01", endDate="2020-01-02"))
+    store = RedisRetentionStore(redis, keys, Scripts(redis))
+    scanned = [r async for batch in store.child_records() for r in batch]
+    assert [r.local_id for r in scanned] == ["OLD-1"]
+    await records.put(la, "LA001", "OLD-1", record("OLD-1", CHILD_A, startDate="2019-01-01", endDate="2020-01-03"))
+    assert await store.delete_records(scanned, {"action": "record.purged"}) == 0
+    assert await redis.hget(keys.la_ids("LA001"), "OLD-1") == CHILD_A
+    rescanned = [r async for batch in store.child_records() for r in batch]
+    assert await store.delete_records(rescanned, {"action": "record.purged"}) == 1
+    assert await redis.hlen(keys.records(keys.tag(CHILD_A))) == 0
