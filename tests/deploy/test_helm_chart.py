@@ -162,6 +162,15 @@ def test_dashboard_ships_in_a_configmap(rendered):
     board = dashboard(manifests)
     assert board == json.loads((CHART / "dashboards" / "cpis-bridge.json").read_text())
     assert board["uid"] == "cpis-bridge" and board["panels"]
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in board["templating"]["list"]}
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}" and "datasource" in variables
+        assert all(t["expr"] and t["refId"] for t in panel["targets"])
+        assert all('job=~"$job"' in t["expr"] for t in panel["targets"]), panel["title"]
 
 
 @pytest.mark.parametrize("bad", [
