@@ -147,9 +147,11 @@ async def test_cli_purge_and_export_on_external_redis(app, settings, redis_url, 
     done = run_cli(["purge", "--actor", "night-job"], env)
     assert done.returncode == 0, done.stderr
     assert orjson.loads(done.stdout)["removed"]["records"] == 1
-    done = run_cli(["export", "--nhs-number", CHILD_B], env)
+    out = tmp_path / "export.json"
+    done = run_cli(["export", "--nhs-number", CHILD_B, "--output", str(out)], env)
     assert done.returncode == 0, done.stderr
-    data = orjson.loads(done.stdout)
+    assert out.stat().st_mode & 0o777 == 0o600 and CHILD_B not in done.stdout
+    data = orjson.loads(out.read_text())
     assert [r["localId"] for r in data["records"]["LA001"]] == ["NEW-1"]
     assert CHILD_B not in done.stderr
     system = [orjson.loads(x) for x in await app[REDIS].lrange(app[KEYS].system_audit, 0, -1)]
