@@ -288,27 +288,34 @@ async def sync_ctx(app: web.Application) -> AsyncIterator[None]:
 MONITOR_INTERVAL_S = 5.0
 
 
-async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+def make_monitor(interval_s: float = MONITOR_INTERVAL_S) -> CleanupCtx:
     """A periodic task keeping cpis_redis_up and cpis_ready current between scrapes and /readyz probes."""
-    metrics, life = app[METRICS], app[LIFECYCLE]
 
-    async def loop() -> None:
-        while True:
-            try:
-                ok = bool(await asyncio.wait_for(app[REDIS].ping(), timeout=2.0))
-            except (RedisError, OSError, TimeoutError):
-                ok = False
-            life.redis_ok = ok
-            metrics.redis_up.set(1 if ok else 0)
-            metrics.ready.set(1 if ok and life.started and not life.draining else 0)
-            await asyncio.sleep(MONITOR_INTERVAL_S)
+    async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:
+        metrics, life = app[METRICS], app[LIFECYCLE]
 
-    task = asyncio.create_task(loop(), name="redis-monitor")
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    metrics.ready.set(0)
+        async def loop() -> None:
+            while True:
+                try:
+                    ok = bool(await asyncio.wait_for(app[REDIS].ping(), timeout=2.0))
+                except (RedisError, OSError, TimeoutError):
+                    ok = False
+                life.redis_ok = ok
+                metrics.redis_up.set(1 if ok else 0)
+                metrics.ready.set(1 if ok and life.started and not life.draining else 0)
+                await asyncio.sleep(interval_s)
+
+        task = asyncio.create_task(loop(), name="redis-monitor")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        metrics.ready.set(0)
+
+    return monitor_ctx
+
+
+monitor_ctx = make_monitor()
 
 
 async def publish_ready(app: web.Application) -> None:

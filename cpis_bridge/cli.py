@@ -236,9 +236,10 @@ async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
         data = await service.export(cli_context(args.actor), nhs)
     text = orjson.dumps(data, option=orjson.OPT_INDENT_2).decode()
     if args.output:
-        out = Path(args.output)
-        out.write_text(text + "\n")
-        out.chmod(0o600)
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # personal data: owner only
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(text + "\n")
     else:
         print(text)
     log.info("retention.exported")

@@ -14,6 +14,17 @@ CHART = ROOT / "helm" / "cpis-bridge"
 CRDS = ROOT / "tests" / "data" / "crds"
 KUBE_VERSIONS = ("1.28.0", "1.33.0")
 
+PRODUCTION_REGISTRY = """\
+localAuthorities:
+  - ods: LA001
+    name: Example Borough Council Children's Services
+    officeHoursPhone: "0300 000 0001"
+    emergencyDutyPhone: "0300 000 0002"
+    notify:
+      webhook: {url: "https://la001.example.invalid/cpis", secretEnv: LA001_WEBHOOK_SECRET}
+careSettings:
+  - {ods: RXX01, name: Example Hospital Emergency Department, type: ED, unscheduled: true}
+"""
 MINIMAL: dict[str, Any] = {"redis": {"url": "redis://redis-primary:6379/0"},
                            "secrets": {"existingSecret": "cpis-secrets"}}
 PRODUCTION: dict[str, Any] = {
@@ -47,7 +58,7 @@ PRODUCTION: dict[str, Any] = {
     "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "oldestPendingSeconds": 120},
     "grafanaDashboard": {"enabled": True, "labels": {"grafana_dashboard": "1"}},
     "purge": {"enabled": True, "schedule": "30 2 * * *"},
-    "registry": (CHART / "values.yaml").exists() and yaml.safe_load((CHART / "values.yaml").read_text())["registry"],
+    "registry": PRODUCTION_REGISTRY,
 }
 
 

@@ -11,6 +11,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
+from cpis_bridge.registry import load_registry
 from tests.deploy.chart import CHART, CRDS, KUBE_VERSIONS, MINIMAL, PRODUCTION, by_kind, dashboard, render
 
 CRD_SCHEMAS = {
@@ -142,15 +143,34 @@ def test_selectors_pick_the_service_pods_only(rendered, case):
     assert "replicas" not in deploy["spec"]  # the HPA owns the replica count
 
 
-def test_registry_and_dashboard_ship_in_configmaps(rendered):
-    manifests = rendered["minimal"]
-    [registry] = [m for m in by_kind(manifests, "ConfigMap") if "registry.yaml" in m["data"]]
-    import yaml
+@pytest.mark.parametrize("case", CASES)
+def test_registry_configmap_loads_with_the_service_loader(rendered, case, tmp_path):
+    [cm] = [m for m in by_kind(rendered[case], "ConfigMap") if "registry.yaml" in m["data"]]
+    path = tmp_path / "registry.yaml"
+    path.write_text(cm["data"]["registry.yaml"])
+    registry = load_registry(path)
+    assert "LA001" in registry.local_authorities and "RXX01" in registry.care_settings
+    [deploy] = by_kind(rendered[case], "Deployment")
+    [c] = deploy["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "registry")
+    assert env["CPIS_REGISTRY"] == mount["mountPath"] and mount["subPath"] == "registry.yaml"
 
-    assert yaml.safe_load(registry["data"]["registry.yaml"])["localAuthorities"][0]["ods"] == "LA001"
+
+def test_dashboard_ships_in_a_configmap(rendered):
+    manifests = rendered["minimal"]
     board = dashboard(manifests)
     assert board == json.loads((CHART / "dashboards" / "cpis-bridge.json").read_text())
     assert board["uid"] == "cpis-bridge" and board["panels"]
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"] for v in board["templating"]["list"]}
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}" and "datasource" in variables
+        assert all(t["expr"] and t["refId"] for t in panel["targets"])
+        assert all('job=~"$job"' in t["expr"] for t in panel["targets"]), panel["title"]
 
 
 @pytest.mark.parametrize("bad", [

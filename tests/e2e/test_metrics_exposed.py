@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 
 import promql_parser
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import LA1, OPS, record
@@ -97,7 +96,3 @@ async def test_every_metric_used_is_exposed_after_traffic(client):
             assert not NHS.search(value), (s.name, s.labels)
             assert "Testchild" not in value and "Example" not in value
 
-
-@pytest.mark.parametrize("expr", ["cpis_nonexistent_total", "rate(cpis_http_requests_totl[5m])"])
-def test_a_misspelt_metric_would_be_caught(expr):
-    assert metric_names(expr) - {"cpis_http_requests_total"}

@@ -147,9 +147,11 @@ async def test_cli_purge_and_export_on_external_redis(app, settings, redis_url, 
     done = run_cli(["purge", "--actor", "night-job"], env)
     assert done.returncode == 0, done.stderr
     assert orjson.loads(done.stdout)["removed"]["records"] == 1
-    done = run_cli(["export", "--nhs-number", CHILD_B], env)
+    out = tmp_path / "export.json"
+    done = run_cli(["export", "--nhs-number", CHILD_B, "--output", str(out)], env)
     assert done.returncode == 0, done.stderr
-    data = orjson.loads(done.stdout)
+    assert out.stat().st_mode & 0o777 == 0o600 and CHILD_B not in done.stdout
+    data = orjson.loads(out.read_text())
     assert [r["localId"] for r in data["records"]["LA001"]] == ["NEW-1"]
     assert CHILD_B not in done.stderr
     system = [orjson.loads(x) for x in await app[REDIS].lrange(app[KEYS].system_audit, 0, -1)]
@@ -190,3 +192,22 @@ def test_cli_uses_the_running_embedded_redis_and_leaves_it_running(tmp_path):
         assert entry["action"] == "retention.purge" and entry["actor"] == "cli:ops-person"
     finally:
         server.stop()
+
+
+async def test_a_record_changed_after_the_scan_is_not_purged(app, settings):
+    """The Lua step deletes only the version the scan saw: a correction in between wins."""
+    from cpis_bridge.store.retention import RedisRetentionStore
+    from cpis_bridge.store.scripts import Scripts
+
+    redis, keys, records = app[REDIS], app[KEYS], app[RECORDS]
+    la = ctx(Role.LOCAL_AUTHORITY, "LA001")
+    await records.put(la, "LA001", "OLD-1", record("OLD-1", CHILD_A, startDate="2019-01-01", endDate="2020-01-02"))
+    store = RedisRetentionStore(redis, keys, Scripts(redis))
+    scanned = [r async for batch in store.child_records() for r in batch]
+    assert [r.local_id for r in scanned] == ["OLD-1"]
+    await records.put(la, "LA001", "OLD-1", record("OLD-1", CHILD_A, startDate="2019-01-01", endDate="2020-01-03"))
+    assert await store.delete_records(scanned, {"action": "record.purged"}) == 0
+    assert await redis.hget(keys.la_ids("LA001"), "OLD-1") == CHILD_A
+    rescanned = [r async for batch in store.child_records() for r in batch]
+    assert await store.delete_records(rescanned, {"action": "record.purged"}) == 1
+    assert await redis.hlen(keys.records(keys.tag(CHILD_A))) == 0
