@@ -26,6 +26,8 @@ DEV_ALG = "HS256"
 JWKS_TTL_S = 300.0
 JWKS_MIN_REFRESH_S = 10.0
 LEEWAY_S = 30
+VERIFIED_TTL_S = 300.0
+VERIFIED_MAX = 10_000
 
 
 def dev_token(
@@ -147,6 +149,7 @@ class Authenticator:
         self.jwks = JwksCache(jwks_url, session) if jwks_url else None
         self.session = session
         self._cds_jwks: dict[str, JwksCache] = {}
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     @property
     def production(self) -> bool:
@@ -154,6 +157,18 @@ class Authenticator:
 
     async def verify_bearer(self, header: str | None) -> Principal:
         token = _bearer(header)
+        cached = self._verified.get(token)
+        if cached is not None:
+            principal, until = cached
+            if time.time() < until:
+                return principal
+            del self._verified[token]
+        principal = await self._verify_bearer(token)
+        return principal
+
+    async def _verify_bearer(self, token: str) -> Principal:
+        """Verify a bearer token and remember the result until it expires (at most VERIFIED_TTL_S): a signature
+        check costs more than the rest of a look-up, and ED systems reuse a token for many requests."""
         alg, kid = _header(token)
         if self.jwks is not None:
             if alg not in ASYMMETRIC_ALGS:
@@ -164,7 +179,11 @@ class Authenticator:
             if alg != DEV_ALG or not self.dev_secret:
                 raise Unauthenticated("token algorithm not accepted")
             claims = _decode(token, self.dev_secret, alg, issuer=self.issuer, audience=self.audience)
-        return self.principal(claims)
+        principal = self.principal(claims)
+        if len(self._verified) >= VERIFIED_MAX:
+            self._verified.clear()
+        self._verified[token] = (principal, min(float(claims["exp"]), time.time() + VERIFIED_TTL_S))
+        return principal
 
     async def verify_cds(self, header: str | None, audience: str) -> Principal:
         """A CDS Hooks 2.0 client token (iss, aud, exp, iat, jti), or a dev care-setting token in dev mode."""
