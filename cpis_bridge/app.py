@@ -194,6 +194,7 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         gauges.cancel()
         await relay.stop(settings.shutdown_grace_s)
         await outbox.forget(relay.config.consumer)
+        await session.close()
 @dataclass
 class FlagSyncParts:
     queue: RedisSyncQueue

@@ -177,12 +177,11 @@ class Relay:
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop reading, let in-flight deliveries finish for ``grace_s``, then release the rest to other relays."""
         self._stopping.set()
-        for task in self._loops[1:]:
-            task.cancel()
-        if self._loops:
-            await asyncio.wait(self._loops, timeout=self.config.block_ms / 1000 + 2)
+        # Cancelling a blocked read is safe: anything it was handed stays pending in the group for reclaim.
         for task in self._loops:
             task.cancel()
+        if self._loops:
+            await asyncio.wait(self._loops, timeout=2)
         if self._inflight:
             _, pending = await asyncio.wait(set(self._inflight), timeout=grace_s)
             for task in pending:
