@@ -90,5 +90,4 @@ async def test_reconcile_repairs_drift(aiohttp_client, make_settings, double):
     assert double.flags["stray"]["status"] == "entered-in-error"
     assert double.flags[flag_id("LA001", "RC-0")]["status"] == "active"
     assert double.flags[flag_id("LA001", "RC-2")]["period"] == {"start": "2026-01-10"}
-    code, report = await _reconcile(settings, "--dry-run")
-    assert code == 0 and report["drift"]["missing"] == 0
+    assert report["after"] == {"missing": 0, "wrong": 0, "extra": 0, "failed": 0}
