@@ -16,6 +16,8 @@ log = logging.getLogger("cpis_bridge.sync")
 
 ACTIVE, INACTIVE, ENTERED_IN_ERROR = "active", "inactive", "entered-in-error"
 EPOCH = dt.date(1970, 1, 1)
+LOCK_TTL_MS = 60_000  # one conditional write per identifier at a time (API.md section 5)
+BUSY_RETRY_MS = 500
 
 Clock = Callable[[], dt.datetime]
 Observer = Callable[[str, int], None]
@@ -87,11 +89,33 @@ class FlagSyncRelay:
 
     async def run_once(self) -> int:
         """Move due retries back, read one batch, send it. Returns how many records were handled."""
-        await self.queue.move_due(epoch_ms(self.clock()))
+        now = epoch_ms(self.clock())
+        paused = await self.queue.paused_until() - now  # a Retry-After seen by any process pauses every process
+        if paused > 0:
+            self.server.pause(paused / 1000)
+            await asyncio.sleep(min(paused, self.block_ms) / 1000)
+            return 0
+        await self.queue.move_due(now)
         items = await self.queue.read(self.consumer, self.batch, self.block_ms)
-        if items:
-            await self.process(items)
+        await self.send(items)
         return len(items)
+
+    async def send(self, items: Sequence[SyncItem]) -> None:
+        """Send a read batch; with conditional writes, only the identifiers this relay could lock."""
+        if not items:
+            return
+        if not self.server.serialised:
+            await self.process(items)
+            return
+        owned = await self.queue.lock(items, self.consumer, LOCK_TTL_MS)
+        mine = [i for i, ok in zip(items, owned, strict=True) if ok]
+        busy = [i for i, ok in zip(items, owned, strict=True) if not ok]
+        try:
+            await self.process(mine)
+        finally:
+            await self.queue.unlock(mine)
+        if busy:  # another process is writing these identifiers: look again shortly, with the newest state
+            await self.queue.defer(busy, epoch_ms(self.clock()) + BUSY_RETRY_MS)
 
     async def process(self, items: Sequence[SyncItem]) -> None:
         day = today_london(self.clock())
@@ -140,6 +164,9 @@ class FlagSyncRelay:
             delay = retry_after if retry_after is not None else self.backoff.next()
             if retry_after is None:
                 self.server.pause(delay)  # the server is struggling: every request waits, not only these
+            else:
+                now = epoch_ms(self.clock())
+                await self.queue.pause_until(now + int(retry_after * 1000), now)
             await self.queue.defer(retry, epoch_ms(self.clock()) + int(delay * 1000))
             self.observe("retried", len(retry))
             log.info("sync.deferred", extra={"count": len(retry), "delayS": round(delay, 3)})

@@ -253,3 +253,63 @@ async def test_capability_check_logs_clearly(env, double, caplog):
         caps = await env.parts.server.prepare()
     assert not caps.r4
     assert any("not 4.0.x" in r.getMessage() for r in caplog.records)
+
+
+async def _second_relay(env):
+    """Another service process: its own HTTP session and FHIR client, the same Redis."""
+    import aiohttp
+
+    from cpis_bridge.app import SCRIPTS, flag_sync_parts
+    from cpis_bridge.web.state import KEYS, REDIS
+
+    session = aiohttp.ClientSession()
+    parts = flag_sync_parts(env.settings, env.app[REDIS], env.app[KEYS], env.app[SCRIPTS], session, clock=env.clock)
+    parts.relay.block_ms = 20
+    return parts, session
+
+
+async def test_retry_after_seen_by_one_process_pauses_the_others(env, double):
+    other, session = await _second_relay(env)
+    try:
+        double.faults.append(Fault(429, {"Retry-After": "1"}, outcome("throttled", "slow down")))
+        await env.put("P-0", record("P-0"))
+        await env.parts.relay.run_once()  # process A meets the 429
+        answered = double.answered[-1]
+        await env.put("P-1", record("P-1"))
+        await other.relay.run_once()  # process B: must not write before Retry-After has passed
+        assert all(r[0] <= answered for r in double.requests if r[2] != "metadata")
+        await env.drain()
+        await other.relay.run_once()
+        assert double.state() == await env.expected()
+        later = [r[0] for r in double.requests if r[0] > answered and r[2] != "metadata"]
+        assert later and min(later) - answered >= 0.95
+    finally:
+        await session.close()
+
+
+async def test_conditional_writes_are_serialised_per_identifier_across_processes(aiohttp_client, make_settings):
+    import asyncio
+
+    double = FhirDouble(update_create=False, conditional_update=True, batch=False)
+    double.racy = True
+    await double.start()
+    settings = make_settings(fhir_base_url=double.base_url, relays=False, fhir_write_mode="conditional")
+    env = await make_env(aiohttp_client, settings, timeout_s=5.0)
+    other, session = await _second_relay(env)
+    try:
+        for i in range(5):
+            await env.put(f"X-{i}", record(f"X-{i}"))
+        first = await env.parts.queue.read("a", 100, 10)
+        for i in range(5):
+            await env.put(f"X-{i}", record(f"X-{i}", endDate="2026-02-01"))
+        second = await other.queue.read("b", 100, 10)
+        assert {(i.la, i.local_id) for i in first} == {(i.la, i.local_id) for i in second}
+        await asyncio.gather(env.parts.relay.send(first), other.relay.send(second))
+        await env.drain()
+        values = [f["identifier"][0]["value"] for f in double.flags.values()]
+        assert sorted(values) == sorted(set(values)), "one Flag per identifier: no duplicate conditional creates"
+        assert double.state() == await env.expected()
+    finally:
+        await session.close()
+        await env.session.close()
+        await double.stop()
