@@ -165,8 +165,9 @@ def flag_sync_parts(
     client = FhirClient(settings.fhir_base_url, session, auth)
     queue = RedisSyncQueue(redis, keys, scripts)
     server = FhirFlagServer(client, mode=settings.fhir_write_mode)
-    observe = None
+    observe = observe_latency = None
     if metrics is not None:
+        observe_latency = metrics.delivery_latency.labels("flag-sync").observe
         counters = {o: metrics.deliveries.labels("flag-sync", o) for o in ("delivered", "retried", "dead")}
 
         def observe(outcome: str, n: int) -> None:
@@ -176,7 +177,7 @@ def flag_sync_parts(
         queue, server, windows=settings.windows,
         consumer=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
         first_retry_s=settings.delivery_first_retry_s, max_backoff_s=settings.delivery_max_backoff_s,
-        clock=clock, observe=observe,
+        clock=clock, observe=observe, observe_latency=observe_latency,
     )
     return FlagSyncParts(queue, server, relay, FlagScheduler(queue, clock=clock))
 

@@ -75,6 +75,7 @@ class FlagSyncRelay:
         conflict_retries: int = 3,
         clock: Clock = utc_now,
         observe: Observer | None = None,
+        observe_latency: Callable[[float], None] | None = None,
     ) -> None:
         self.queue = queue
         self.server = server
@@ -85,6 +86,7 @@ class FlagSyncRelay:
         self.conflict_retries = conflict_retries
         self.clock = clock
         self.observe = observe or (lambda outcome, n: None)
+        self.observe_latency = observe_latency or (lambda seconds: None)
         self.backoff = Backoff(first_retry_s, max_backoff_s)
 
     async def run_once(self) -> int:
@@ -154,6 +156,9 @@ class FlagSyncRelay:
                         retry_after = max(retry_after or 0.0, result.retry_after_s)
             await self.queue.done(ok)
             delivered += len(ok)
+            now_ms = epoch_ms(self.clock())
+            for item in ok:
+                self.observe_latency(max(0.0, (now_ms - item.queued_ms) / 1000))
             pending = conflicts
             if conflicts and attempt < self.conflict_retries:
                 await asyncio.sleep(0.05 * (attempt + 1))

@@ -48,6 +48,7 @@ async def test_the_app_relays_writes_and_erasures(aiohttp_client, make_settings,
     metrics = await (await client.get("/metrics", headers=OPS)).text()
     assert 'cpis_deliveries_total{channel="flag-sync",outcome="delivered"} 2.0' in metrics
     assert 'cpis_delivery_pending{channel="flag-sync"}' in metrics
+    assert 'cpis_delivery_latency_seconds_count{channel="flag-sync"} 2.0' in metrics
 
 
 async def test_relays_off_means_no_sync(aiohttp_client, make_settings, double):

@@ -116,7 +116,7 @@ async def test_503_without_retry_after_backs_off_then_succeeds(env, double):
 
 
 async def test_ratelimit_reset_is_used_without_retry_after(env, double):
-    double.faults.append(Fault(429, {"RateLimit": '"default";r=0;t=1'}, outcome("throttled", "quota")))
+    double.faults.append(Fault(429, {"ratelimit": '"default";r=0;t=1'}, outcome("throttled", "quota")))
     await env.put("Q", record("Q"))
     await env.drain()
     seen = puts(double)
