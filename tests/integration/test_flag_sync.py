@@ -313,3 +313,29 @@ async def test_conditional_writes_are_serialised_per_identifier_across_processes
         await session.close()
         await env.session.close()
         await double.stop()
+
+
+@pytest.mark.chaos
+async def test_chaos_429_then_503_then_fine(env, double):
+    """QUALITY.md: 429 with Retry-After, then 503, then fine -> exactly the current Flags; nothing sooner than
+    Retry-After (bar requests already in flight when the 429 was answered)."""
+    import random
+
+    numbers = ["9990000018", "9990000026", "9990000034"]
+    for i in range(1000):
+        await env.put(f"Z-{i}", record(f"Z-{i}", nhs=numbers[i % 3]))
+    env.parts.relay.batch = random.randint(50, 300)
+    for _ in range(random.randint(0, 3)):
+        await env.parts.relay.run_once()  # the fault lands at a random point of the backlog
+    double.faults.append(Fault(429, {"Retry-After": "2"}, outcome("throttled", "slow down")))
+    for _ in range(3):
+        double.faults.append(Fault(503, {}, outcome("transient", "down")))
+    for i in range(0, 1000, 7):  # newer versions keep arriving meanwhile
+        await env.put(f"Z-{i}", record(f"Z-{i}", nhs=numbers[i % 3], endDate="2026-02-01"))
+    await env.drain(timeout_s=50)
+    assert double.state() == await env.expected()
+    assert await env.dead() == []
+    i429 = next(i for i, r in enumerate(double.requests) if r[3] == 429)
+    answered = double.answered[i429]
+    early = [r for r in double.requests if answered + 0.05 < r[0] < answered + 1.95]
+    assert early == [], "no request sooner than Retry-After"
