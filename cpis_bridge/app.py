@@ -182,7 +182,7 @@ def flag_sync_parts(
     return FlagSyncParts(queue, server, relay, FlagScheduler(queue, clock=clock))
 
 
-async def _check_capabilities(server: FhirFlagServer) -> None:
+async def _check_capabilities(server: FhirFlagServer, stop: asyncio.Event) -> None:
     """Start-up check of the CapabilityStatement; retried in the background, never blocking start."""
     delay = 1.0
     for _ in range(20):
@@ -191,7 +191,10 @@ async def _check_capabilities(server: FhirFlagServer) -> None:
             return
         except (FhirUnavailable, aiohttp.ClientError, AuthFailed) as exc:
             log.warning("fhir.capabilities.unavailable", extra={"error": str(exc), "retryInS": delay})
-        await asyncio.sleep(delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        if stop.is_set():
+            return
         delay = min(delay * 2, 60.0)
 
 
@@ -220,7 +223,7 @@ async def sync_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(parts.relay.run(stop), name="flag-sync-relay"),
         asyncio.create_task(parts.scheduler.run(stop), name="flag-sync-scheduler"),
-        asyncio.create_task(_check_capabilities(parts.server), name="flag-sync-capabilities"),
+        asyncio.create_task(_check_capabilities(parts.server, stop), name="flag-sync-capabilities"),
         asyncio.create_task(_sample_sync_metrics(parts.queue, app[METRICS], stop), name="flag-sync-metrics"),
     ]
     try:
