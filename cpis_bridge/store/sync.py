@@ -60,8 +60,9 @@ def _stream_messages(resp: Any) -> list[tuple[str, dict[str, str]]]:
         return out
     streams = resp.items() if isinstance(resp, dict) else resp
     for _name, messages in streams:
-        if messages and isinstance(messages[0], list) and messages and not isinstance(messages[0][0], str):
-            messages = messages[0]
+        if isinstance(resp, dict) and messages and isinstance(messages[0], list) and len(messages) == 1 \
+                and messages[0] and isinstance(messages[0][0], (list, tuple)):
+            messages = messages[0]  # RESP3 nests the entries one level deeper
         for entry_id, fields in messages:
             if fields is not None:
                 out.append((entry_id, dict(fields)))
