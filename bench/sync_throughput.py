@@ -117,7 +117,8 @@ async def run_case(records: int, batch: bool, redis_url: str, data_dir: Path) ->
             await runner.cleanup()
         return {"mode": "batch" if batch else "single", "records": records, "seconds": round(seconds, 3),
                 "records_per_s": round(records / seconds), "relay_cpu_share": round(cpu / seconds, 2),
-                "server_cpu_share": round(server_cpu / seconds, 2), "dead": dead}
+                "server_cpu_share": round(server_cpu / seconds, 2),
+                "dead": dead}
     finally:
         proc.kill()
         proc.join(5)

@@ -218,8 +218,9 @@ def flag_sync_parts(
     client = FhirClient(settings.fhir_base_url, session, auth)
     queue = RedisSyncQueue(redis, keys, scripts)
     server = FhirFlagServer(client, mode=settings.fhir_write_mode)
-    observe = None
+    observe = observe_latency = None
     if metrics is not None:
+        observe_latency = metrics.delivery_latency.labels("flag-sync").observe
         counters = {o: metrics.deliveries.labels("flag-sync", o) for o in ("delivered", "retried", "dead")}
 
         def observe(outcome: str, n: int) -> None:
@@ -229,12 +230,12 @@ def flag_sync_parts(
         queue, server, windows=settings.windows,
         consumer=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
         first_retry_s=settings.delivery_first_retry_s, max_backoff_s=settings.delivery_max_backoff_s,
-        clock=clock, observe=observe,
+        clock=clock, observe=observe, observe_latency=observe_latency,
     )
     return FlagSyncParts(queue, server, relay, FlagScheduler(queue, clock=clock))
 
 
-async def _check_capabilities(server: FhirFlagServer) -> None:
+async def _check_capabilities(server: FhirFlagServer, stop: asyncio.Event) -> None:
     """Start-up check of the CapabilityStatement; retried in the background, never blocking start."""
     delay = 1.0
     for _ in range(20):
@@ -243,7 +244,10 @@ async def _check_capabilities(server: FhirFlagServer) -> None:
             return
         except (FhirUnavailable, aiohttp.ClientError, AuthFailed) as exc:
             log.warning("fhir.capabilities.unavailable", extra={"error": str(exc), "retryInS": delay})
-        await asyncio.sleep(delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        if stop.is_set():
+            return
         delay = min(delay * 2, 60.0)
 
 
@@ -272,7 +276,7 @@ async def sync_ctx(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(parts.relay.run(stop), name="flag-sync-relay"),
         asyncio.create_task(parts.scheduler.run(stop), name="flag-sync-scheduler"),
-        asyncio.create_task(_check_capabilities(parts.server), name="flag-sync-capabilities"),
+        asyncio.create_task(_check_capabilities(parts.server, stop), name="flag-sync-capabilities"),
         asyncio.create_task(_sample_sync_metrics(parts.queue, app[METRICS], stop), name="flag-sync-metrics"),
     ]
     try:

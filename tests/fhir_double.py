@@ -40,6 +40,7 @@ class FhirDouble:
         self.batch = batch
         self.always_200 = always_200
         self.fhir_version = fhir_version
+        self.racy = False  # conditional update not race-safe (two concurrent creates make two Flags)
         self.token = token  # required bearer token, when set
         self.tokens_issued = 0
         self.token_ttl = 3600
@@ -151,6 +152,11 @@ class FhirDouble:
             return self.reject[value]
         if flag.get("resourceType") != "Flag" or flag.get("status") not in ("active", "inactive", "entered-in-error"):
             return 422, outcome("invalid", "Flag.status is invalid")
+        racy_matches = None
+        if self.racy and not tail.startswith("Flag/"):  # like common servers: search, then write, not atomic
+            wanted = unquote(query.partition("identifier=")[2]).partition("|")[2]
+            racy_matches = self.by_identifier(wanted)
+            await asyncio.sleep(0.15)
         async with self.lock:
             if tail.startswith("Flag/"):
                 fid = tail[5:]
@@ -162,7 +168,7 @@ class FhirDouble:
                 if not self.conditional_update:
                     return 405, outcome("not-supported", "conditional update is not supported")
                 wanted = unquote(query.partition("identifier=")[2]).partition("|")[2]
-                matches = self.by_identifier(wanted)
+                matches = self.by_identifier(wanted) if racy_matches is None else racy_matches
                 if len(matches) > 1:
                     return 412, outcome("multiple-matches", f"criteria matched {len(matches)} resources")
                 fid = matches[0]["id"] if matches else str(uuid.uuid4())

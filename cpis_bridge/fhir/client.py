@@ -19,6 +19,7 @@ from urllib.parse import quote_plus
 import aiohttp
 import jwt
 import orjson
+from multidict import CIMultiDict
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 log = logging.getLogger("cpis_bridge.fhir.client")
@@ -279,7 +280,7 @@ class FhirClient:
                                             timeout=self.timeout) as resp:
                 raw = await resp.read()
                 status = resp.status
-                resp_headers = {k: v for k, v in resp.headers.items()}
+                resp_headers = CIMultiDict(resp.headers)  # header names are case-insensitive
             if status == 401 and auth_try == 0 and auth:
                 self.auth.invalidate()  # an expired or revoked token: fetch a new one once
                 continue

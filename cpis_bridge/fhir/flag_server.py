@@ -12,7 +12,14 @@ from typing import Any
 import orjson
 
 from cpis_bridge.core.ports import FlagWrite, WriteResult
-from cpis_bridge.fhir.client import FhirClient, FhirResponse, FhirUnavailable, ratelimit_reset_s, retry_after_s
+from cpis_bridge.fhir.client import (
+    AuthFailed,
+    FhirClient,
+    FhirResponse,
+    FhirUnavailable,
+    ratelimit_reset_s,
+    retry_after_s,
+)
 from cpis_bridge.fhir.flag_sync import conditional_url, record_flag
 
 log = logging.getLogger("cpis_bridge.fhir.sync")
@@ -106,6 +113,11 @@ class FhirFlagServer:
     def pause(self, seconds: float) -> None:
         self.client.pause(seconds)
 
+    @property
+    def serialised(self) -> bool:
+        """Conditional writes are not race-safe on common servers: one writer per identifier at a time."""
+        return self.mode != "id"
+
     async def prepare(self) -> Capabilities:
         """Read the CapabilityStatement, log what it means, pick the write mode when auto. Raises FhirUnavailable."""
         caps = read_capabilities(await self.client.capabilities())
@@ -144,7 +156,7 @@ class FhirFlagServer:
         if self.mode is None or self.capabilities is None:
             try:
                 await self.prepare()
-            except FhirUnavailable as exc:
+            except (FhirUnavailable, AuthFailed) as exc:
                 if self.mode is None:  # auto mode cannot choose without the CapabilityStatement
                     log.warning("fhir.capabilities.unavailable", extra={"error": str(exc)})
                     return [WriteResult("retry", 0, "capabilities unavailable")] * len(writes)
@@ -167,7 +179,7 @@ class FhirFlagServer:
             async with gate:
                 try:
                     resp = await self.client.request("PUT", url, flag, {"Prefer": "return=minimal"})
-                except FhirUnavailable as exc:
+                except (FhirUnavailable, AuthFailed) as exc:
                     return WriteResult("retry", 0, str(exc))
             return classify(resp.status, resp.body, resp.headers)
 
@@ -181,7 +193,7 @@ class FhirFlagServer:
         bundle = {"resourceType": "Bundle", "type": "batch", "entry": entries}
         try:
             resp = await self.client.request("POST", "", bundle, {"Prefer": "return=minimal"})
-        except FhirUnavailable as exc:
+        except (FhirUnavailable, AuthFailed) as exc:
             return [WriteResult("retry", 0, str(exc))] * len(writes)
         return await self._bundle_results(resp, writes)
 

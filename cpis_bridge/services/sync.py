@@ -16,6 +16,8 @@ log = logging.getLogger("cpis_bridge.sync")
 
 ACTIVE, INACTIVE, ENTERED_IN_ERROR = "active", "inactive", "entered-in-error"
 EPOCH = dt.date(1970, 1, 1)
+LOCK_TTL_MS = 60_000  # one conditional write per identifier at a time (API.md section 5)
+BUSY_RETRY_MS = 500
 
 Clock = Callable[[], dt.datetime]
 Observer = Callable[[str, int], None]
@@ -73,6 +75,7 @@ class FlagSyncRelay:
         conflict_retries: int = 3,
         clock: Clock = utc_now,
         observe: Observer | None = None,
+        observe_latency: Callable[[float], None] | None = None,
     ) -> None:
         self.queue = queue
         self.server = server
@@ -83,15 +86,38 @@ class FlagSyncRelay:
         self.conflict_retries = conflict_retries
         self.clock = clock
         self.observe = observe or (lambda outcome, n: None)
+        self.observe_latency = observe_latency or (lambda seconds: None)
         self.backoff = Backoff(first_retry_s, max_backoff_s)
 
     async def run_once(self) -> int:
         """Move due retries back, read one batch, send it. Returns how many records were handled."""
-        await self.queue.move_due(epoch_ms(self.clock()))
+        now = epoch_ms(self.clock())
+        paused = await self.queue.paused_until() - now  # a Retry-After seen by any process pauses every process
+        if paused > 0:
+            self.server.pause(paused / 1000)
+            await asyncio.sleep(min(paused, self.block_ms) / 1000)
+            return 0
+        await self.queue.move_due(now)
         items = await self.queue.read(self.consumer, self.batch, self.block_ms)
-        if items:
-            await self.process(items)
+        await self.send(items)
         return len(items)
+
+    async def send(self, items: Sequence[SyncItem]) -> None:
+        """Send a read batch; with conditional writes, only the identifiers this relay could lock."""
+        if not items:
+            return
+        if not self.server.serialised:
+            await self.process(items)
+            return
+        owned = await self.queue.lock(items, self.consumer, LOCK_TTL_MS)
+        mine = [i for i, ok in zip(items, owned, strict=True) if ok]
+        busy = [i for i, ok in zip(items, owned, strict=True) if not ok]
+        try:
+            await self.process(mine)
+        finally:
+            await self.queue.unlock(mine)
+        if busy:  # another process is writing these identifiers: look again shortly, with the newest state
+            await self.queue.defer(busy, epoch_ms(self.clock()) + BUSY_RETRY_MS)
 
     async def process(self, items: Sequence[SyncItem]) -> None:
         day = today_london(self.clock())
@@ -130,6 +156,9 @@ class FlagSyncRelay:
                         retry_after = max(retry_after or 0.0, result.retry_after_s)
             await self.queue.done(ok)
             delivered += len(ok)
+            now_ms = epoch_ms(self.clock())
+            for item in ok:
+                self.observe_latency(max(0.0, (now_ms - item.queued_ms) / 1000))
             pending = conflicts
             if conflicts and attempt < self.conflict_retries:
                 await asyncio.sleep(0.05 * (attempt + 1))
@@ -140,6 +169,9 @@ class FlagSyncRelay:
             delay = retry_after if retry_after is not None else self.backoff.next()
             if retry_after is None:
                 self.server.pause(delay)  # the server is struggling: every request waits, not only these
+            else:
+                now = epoch_ms(self.clock())
+                await self.queue.pause_until(now + int(retry_after * 1000), now)
             await self.queue.defer(retry, epoch_ms(self.clock()) + int(delay * 1000))
             self.observe("retried", len(retry))
             log.info("sync.deferred", extra={"count": len(retry), "delayS": round(delay, 3)})

@@ -19,6 +19,8 @@ Layout (P = settings.key_prefix, h = child tag):
   P:q:sync             STREAM flag sync queue: {la, lid[, t=tombstone JSON]} (group "relays")
   P:q:sync:delay       ZSET   sync retries waiting for their time
   P:sched:sync         ZSET   "<la>|<localId>" -> epoch day on which its visibility ends (time-driven Flag status)
+  P:sync:pause         STRING epoch ms until which every process waits before writing to the sync server (Retry-After)
+  P:sync:lock:<la>|<localId>  STRING  a conditional Flag write in progress for that identifier (serialised, with TTL)
   P:dead               STREAM dead letters of every channel (fields: channel, la, ref | lid[, t], reason, ...)
   P:pause:<ch>:<la>    STRING epoch ms until which that endpoint is paused (Retry-After), with a matching TTL
   P:audit:sys          LIST   audit entries that concern no NHS number (ops reads)
@@ -109,6 +111,13 @@ class Keys:
     @property
     def sync_schedule(self) -> str:
         return f"{self.prefix}:sched:sync"
+
+    @property
+    def sync_pause(self) -> str:
+        return f"{self.prefix}:sync:pause"
+
+    def sync_lock(self, field: str) -> str:
+        return f"{self.prefix}:sync:lock:{field}"
 
     @property
     def dead_letters(self) -> str:

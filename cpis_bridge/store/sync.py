@@ -60,8 +60,9 @@ def _stream_messages(resp: Any) -> list[tuple[str, dict[str, str]]]:
         return out
     streams = resp.items() if isinstance(resp, dict) else resp
     for _name, messages in streams:
-        if messages and isinstance(messages[0], list) and messages and not isinstance(messages[0][0], str):
-            messages = messages[0]
+        if isinstance(resp, dict) and messages and isinstance(messages[0], list) and len(messages) == 1 \
+                and messages[0] and isinstance(messages[0][0], (list, tuple)):
+            messages = messages[0]  # RESP3 nests the entries one level deeper
         for entry_id, fields in messages:
             if fields is not None:
                 out.append((entry_id, dict(fields)))
@@ -181,6 +182,28 @@ class RedisSyncQueue:
 
     async def schedule_due(self, today_day: int, limit: int = 1000) -> int:
         return int(await self._schedule(keys=[self.keys.sync_schedule, self.keys.sync_queue], args=[today_day, limit]))
+
+    # -- coordination between processes ---------------------------------------------------------------------
+    async def paused_until(self) -> int:
+        """Epoch ms until which every process waits before writing to the server (0 = not paused)."""
+        raw = await self.redis.get(self.keys.sync_pause)
+        return int(raw) if raw else 0
+
+    async def pause_until(self, until_ms: int, now_ms: int) -> None:
+        """Pause every process until ``until_ms`` (never shortens a longer pause already set)."""
+        if until_ms > await self.paused_until():
+            await self.redis.set(self.keys.sync_pause, until_ms, px=max(1, until_ms - now_ms))
+
+    async def lock(self, items: Sequence[SyncItem], owner: str, ttl_ms: int) -> list[bool]:
+        """Claim each item's identifier for one conditional write (SET NX PX); False where another process has it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item in items:
+                pipe.set(self.keys.sync_lock(Keys.record_field(item.la, item.local_id)), owner, nx=True, px=ttl_ms)
+            return [bool(x) for x in await pipe.execute()]
+
+    async def unlock(self, items: Sequence[SyncItem]) -> None:
+        if items:
+            await self.redis.delete(*(self.keys.sync_lock(Keys.record_field(i.la, i.local_id)) for i in items))
 
     # -- observation ------------------------------------------------------------------------------------------
     async def stats(self, now_ms: int) -> tuple[int, float]:

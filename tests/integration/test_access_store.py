@@ -5,8 +5,6 @@ import datetime as dt
 import orjson
 import pytest
 
-pytestmark = pytest.mark.no_relays
-
 from cpis_bridge.app import create_app
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber
@@ -14,6 +12,8 @@ from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.access import LookupRequest
 from cpis_bridge.web.state import ACCESS, KEYS, RECORDS, REDIS, REGISTRY
 from tests.conftest import record
+
+pytestmark = pytest.mark.no_relays
 
 
 @pytest.fixture

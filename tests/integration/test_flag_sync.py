@@ -116,7 +116,7 @@ async def test_503_without_retry_after_backs_off_then_succeeds(env, double):
 
 
 async def test_ratelimit_reset_is_used_without_retry_after(env, double):
-    double.faults.append(Fault(429, {"RateLimit": '"default";r=0;t=1'}, outcome("throttled", "quota")))
+    double.faults.append(Fault(429, {"ratelimit": '"default";r=0;t=1'}, outcome("throttled", "quota")))
     await env.put("Q", record("Q"))
     await env.drain()
     seen = puts(double)
@@ -253,3 +253,89 @@ async def test_capability_check_logs_clearly(env, double, caplog):
         caps = await env.parts.server.prepare()
     assert not caps.r4
     assert any("not 4.0.x" in r.getMessage() for r in caplog.records)
+
+
+async def _second_relay(env):
+    """Another service process: its own HTTP session and FHIR client, the same Redis."""
+    import aiohttp
+
+    from cpis_bridge.app import SCRIPTS, flag_sync_parts
+    from cpis_bridge.web.state import KEYS, REDIS
+
+    session = aiohttp.ClientSession()
+    parts = flag_sync_parts(env.settings, env.app[REDIS], env.app[KEYS], env.app[SCRIPTS], session, clock=env.clock)
+    parts.relay.block_ms = 20
+    return parts, session
+
+
+async def test_retry_after_seen_by_one_process_pauses_the_others(env, double):
+    other, session = await _second_relay(env)
+    try:
+        double.faults.append(Fault(429, {"Retry-After": "1"}, outcome("throttled", "slow down")))
+        await env.put("P-0", record("P-0"))
+        await env.parts.relay.run_once()  # process A meets the 429
+        answered = double.answered[-1]
+        await env.put("P-1", record("P-1"))
+        await other.relay.run_once()  # process B: must not write before Retry-After has passed
+        assert all(r[0] <= answered for r in double.requests if r[2] != "metadata")
+        await env.drain()
+        await other.relay.run_once()
+        assert double.state() == await env.expected()
+        later = [r[0] for r in double.requests if r[0] > answered and r[2] != "metadata"]
+        assert later and min(later) - answered >= 0.95
+    finally:
+        await session.close()
+
+
+async def test_conditional_writes_are_serialised_per_identifier_across_processes(aiohttp_client, make_settings):
+    import asyncio
+
+    double = FhirDouble(update_create=False, conditional_update=True, batch=False)
+    double.racy = True
+    await double.start()
+    settings = make_settings(fhir_base_url=double.base_url, relays=False, fhir_write_mode="conditional")
+    env = await make_env(aiohttp_client, settings, timeout_s=5.0)
+    other, session = await _second_relay(env)
+    try:
+        for i in range(5):
+            await env.put(f"X-{i}", record(f"X-{i}"))
+        first = await env.parts.queue.read("a", 100, 10)
+        for i in range(5):
+            await env.put(f"X-{i}", record(f"X-{i}", endDate="2026-02-01"))
+        second = await other.queue.read("b", 100, 10)
+        assert {(i.la, i.local_id) for i in first} == {(i.la, i.local_id) for i in second}
+        await asyncio.gather(env.parts.relay.send(first), other.relay.send(second))
+        await env.drain()
+        values = [f["identifier"][0]["value"] for f in double.flags.values()]
+        assert sorted(values) == sorted(set(values)), "one Flag per identifier: no duplicate conditional creates"
+        assert double.state() == await env.expected()
+    finally:
+        await session.close()
+        await env.session.close()
+        await double.stop()
+
+
+@pytest.mark.chaos
+async def test_chaos_429_then_503_then_fine(env, double):
+    """QUALITY.md: 429 with Retry-After, then 503, then fine -> exactly the current Flags; nothing sooner than
+    Retry-After (bar requests already in flight when the 429 was answered)."""
+    import random
+
+    numbers = ["9990000018", "9990000026", "9990000034"]
+    for i in range(1000):
+        await env.put(f"Z-{i}", record(f"Z-{i}", nhs=numbers[i % 3]))
+    env.parts.relay.batch = random.randint(50, 300)
+    for _ in range(random.randint(0, 3)):
+        await env.parts.relay.run_once()  # the fault lands at a random point of the backlog
+    double.faults.append(Fault(429, {"Retry-After": "2"}, outcome("throttled", "slow down")))
+    for _ in range(3):
+        double.faults.append(Fault(503, {}, outcome("transient", "down")))
+    for i in range(0, 1000, 7):  # newer versions keep arriving meanwhile
+        await env.put(f"Z-{i}", record(f"Z-{i}", nhs=numbers[i % 3], endDate="2026-02-01"))
+    await env.drain(timeout_s=50)
+    assert double.state() == await env.expected()
+    assert await env.dead() == []
+    i429 = next(i for i, r in enumerate(double.requests) if r[3] == 429)
+    answered = double.answered[i429]
+    early = [r for r in double.requests if answered + 0.05 < r[0] < answered + 1.95]
+    assert early == [], "no request sooner than Retry-After"
