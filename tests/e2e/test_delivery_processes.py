@@ -4,6 +4,7 @@ duplicated; under the `chaos` marker, a receiver out for a minute and a relay pr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import re
@@ -187,7 +188,7 @@ async def outage(setup: dict[str, Any], seconds: float, mode: str, n: int) -> No
     if mode == "500":
         assert retried, "the fault caused no retries"
     for times in retried:
-        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         assert min(gaps) >= 0.05 / 2 - 0.01, gaps
 
 
