@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -97,10 +96,14 @@ class Bench:
     def service(self, prefix: str) -> subprocess.Popen[bytes]:
         env = {**os.environ, "CPIS_REDIS_URL": self.redis_url, "CPIS_KEY_PREFIX": prefix,
                "CPIS_REGISTRY": str(self.registry), "CPIS_AUTH_DEV_SECRET": DEV_SECRET, "CPIS_LOG_HASH_KEY": HASH_KEY,
-               "CPIS_LOG_LEVEL": "WARNING", "CPIS_PORT": str(free_port()), "CPIS_DATA_DIR": str(self.tmp / prefix),
+               "CPIS_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"), "CPIS_PORT": str(free_port()),
+               "CPIS_DATA_DIR": str(self.tmp / prefix),
                "BENCH_WEBHOOK_SECRET": SECRET}
-        return subprocess.Popen([sys.executable, "-m", "cpis_bridge", "serve"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=(self.tmp / f"{prefix}.log").open("wb"))
+        out = os.environ.get("BENCH_PROFILE")
+        profile = ["-m", "cProfile", "-o", out + prefix] if out else []
+        log = Path(os.environ.get("BENCH_LOG_DIR", str(self.tmp)), f"{prefix}.log")
+        return subprocess.Popen([sys.executable, *profile, "-m", "cpis_bridge", "serve"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=log.open("wb"))
 
     async def local_app(self, prefix: str) -> tuple[web.AppRunner, web.Application]:
         app = create_app(self.settings(prefix))

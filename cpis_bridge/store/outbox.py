@@ -9,6 +9,7 @@ flag-sync), la, reason, status, at (epoch ms), attempts, and ref + t0 for notifi
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -56,6 +57,8 @@ class RedisOutbox:
         self._settle = scripts.register("settle")
         self._promote = scripts.register("promote")
         self._requeue = scripts.register("requeue_dead")
+        self._batch: list[tuple[list[str], list[Any], asyncio.Future[bool]]] = []
+        self._flushing: set[asyncio.Task[None]] = set()
 
     async def ensure_group(self) -> None:
         try:
@@ -127,7 +130,39 @@ class RedisOutbox:
                       "attempts", str(entry.attempt + 1), "t0", str(entry.first_ms)]
             args += [len(fields) // 2, *fields]
         keys = [k.notify_queue, k.notify_delay, k.dead_letters, k.inbox_index(entry.la)]
-        return bool(await self._settle(keys=keys, args=args))
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._batch.append((keys, args, fut))
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+        return await fut
+
+    def _flush_soon(self) -> None:
+        batch, self._batch = self._batch, []
+        if batch:
+            task = asyncio.ensure_future(self._flush(batch))
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+
+    async def _flush(self, batch: list[tuple[list[str], list[Any], asyncio.Future[bool]]]) -> None:
+        """Settles made in the same event-loop tick go to Redis in one pipeline: one round trip (and, with
+        appendfsync always, one fsync) for many deliveries. Each script stays atomic on its own."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args, _ in batch:
+                    await self._settle(keys=keys, args=args, client=pipe)
+                results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, _, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(bool(result))
 
     async def promote(self, now_ms: int, limit: int) -> int:
         return int(await self._promote(keys=[self.keys.notify_delay, self.keys.notify_queue], args=[now_ms, limit]))
