@@ -138,7 +138,7 @@ def decide(policy: RetryPolicy, entry: QueueEntry, channel: str, result: Deliver
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
     consumer: str
-    batch: int = 100
+    batch: int = 200
     concurrency: int = 64
     block_ms: int = 500
     claim_idle_ms: int = 60_000
