@@ -277,6 +277,10 @@ class Relay:
         try:
             rendered = render(entry.la, fields)
             targets = [c for c in self.channels(entry.la) if entry.channel in (None, c.name)]
+            if entry.channel is not None and entry.channel != "inbox" and not targets:
+                # The registry no longer names this channel for the LA: nothing to send it to (the pull inbox
+                # still holds the notification).
+                log.warning("relay.channel_removed", extra={"channel": entry.channel, "la": entry.la})
             if entry.channel is None:
                 self.observer.count("inbox", "delivered")
             results = await asyncio.gather(*(self._attempt(c, entry, rendered) for c in targets))
