@@ -23,6 +23,7 @@ from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.scripts import Scripts
 
 GROUP = "relays"
+SETTLE_LINGER_S = 0.003
 SCAN_CAP = 50_000  # stats read at most this many entries per structure (bounded cost on a huge backlog)
 CHANNELS = ("webhook", "fhir", "inbox", "flag-sync")
 
@@ -133,7 +134,8 @@ class RedisOutbox:
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._batch.append((keys, args, fut))
         if len(self._batch) == 1:
-            asyncio.get_running_loop().call_soon(self._flush_soon)
+            # Linger a moment: settles finishing within it share one round trip (and one fsync).
+            asyncio.get_running_loop().call_later(SETTLE_LINGER_S, self._flush_soon)
         return await fut
 
     def _flush_soon(self) -> None:
@@ -144,7 +146,7 @@ class RedisOutbox:
             task.add_done_callback(self._flushing.discard)
 
     async def _flush(self, batch: list[tuple[list[str], list[Any], asyncio.Future[bool]]]) -> None:
-        """Settles made in the same event-loop tick go to Redis in one pipeline: one round trip (and, with
+        """Settles made within SETTLE_LINGER_S go to Redis in one pipeline: one round trip (and, with
         appendfsync always, one fsync) for many deliveries. Each script stays atomic on its own."""
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
