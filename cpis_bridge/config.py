@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     delivery_max_age_h: float = Field(72.0, gt=0)
     delivery_timeout_s: float = Field(10.0, gt=0)  # one HTTP attempt to a webhook or FHIR endpoint
     relays: bool = True
-    relay_concurrency: int = Field(64, ge=1, le=1024)  # deliveries in flight per process
+    relay_concurrency: int = Field(256, ge=1, le=4096)  # deliveries in flight per process
     relay_claim_idle_s: float = Field(60.0, gt=0)  # reclaim entries a consumer has held this long (> timeout)
     relay_reclaim_interval_s: float = Field(5.0, gt=0)
 

@@ -53,18 +53,26 @@ async def send(
     timeout_s: float,
 ) -> DeliveryResult:
     """One delivery attempt. ``headers`` is called per HTTP try, so signatures carry the current timestamp. A
-    connection the server closed under us is retried at once (a keep-alive race, not a receiver failure)."""
+    connection the server closed under us is retried at once (a keep-alive race, not a receiver failure); tenacity
+    is entered only on that path, so the common case pays nothing for it."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def once() -> DeliveryResult:
+        async with session.request(method, url, data=body, headers=headers(), timeout=timeout,
+                                   allow_redirects=False) as resp:
+            await resp.read()
+            return classify(resp.status, resp.headers)
+
     try:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(aiohttp.ServerDisconnectedError), stop=stop_after_attempt(2),
-            wait=wait_fixed(0.01), reraise=True,
-        ):
-            with attempt:
-                async with session.request(method, url, data=body, headers=headers(), timeout=timeout,
-                                           allow_redirects=False) as resp:
-                    await resp.read()
-                    return classify(resp.status, resp.headers)
+        try:
+            return await once()
+        except aiohttp.ServerDisconnectedError:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(aiohttp.ServerDisconnectedError), stop=stop_after_attempt(2),
+                wait=wait_fixed(0.01), reraise=True,
+            ):
+                with attempt:
+                    return await once()
     except TimeoutError:
         return DeliveryResult("transient", None, None, "timeout")
     except aiohttp.ClientError as exc:

@@ -35,17 +35,30 @@ class Rendered:
         return orjson.dumps(self.body)
 
 
+_ACCESS_CACHE: dict[tuple[str, str, tuple[str, str] | None], dict[str, Any]] = {}
+_ACCESS_CACHE_MAX = 50_000
+
+
+def _access_api(tag: str, raw: str, names: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """``Access.to_api`` memoised: a child's recent accesses recur in each of its notifications (uuid5 per id)."""
+    key = (tag, raw, names.get(raw.partition(SEP)[0]))
+    hit = _ACCESS_CACHE.get(key)
+    if hit is None:
+        if len(_ACCESS_CACHE) >= _ACCESS_CACHE_MAX:
+            _ACCESS_CACHE.clear()
+        hit = _ACCESS_CACHE[key] = Access.decode(raw).to_api(tag, names)
+    return hit
+
+
 def render(la: str, fields: Mapping[str, str]) -> Rendered:
     """The notification body from the inbox entry fields written by access.lua: a pure function of them, so every
     retry, every relay process and the pull inbox produce the same bytes."""
     tag = fields["tag"]
     names = {ods: _split(v) for ods, v in orjson.loads(fields["cs"] or "{}").items()}
-    access = Access.decode(fields["acc"])
-    current = access.to_api(tag, names)
+    current = _access_api(tag, fields["acc"], names)
     nid = notification_id(current["id"], la)
     recent_raw = fields.get("recent") or ""
-    recent = [current if raw == fields["acc"] else Access.decode(raw).to_api(tag, names)
-              for raw in recent_raw.split(RECENT_SEP) if raw]
+    recent = [_access_api(tag, raw, names) for raw in recent_raw.split(RECENT_SEP) if raw]
     created = dt.datetime.fromtimestamp(int(fields["at"]) / 1000, dt.UTC)
     body = {
         "type": "cpis.access",
@@ -125,7 +138,7 @@ def decide(policy: RetryPolicy, entry: QueueEntry, channel: str, result: Deliver
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
     consumer: str
-    batch: int = 100
+    batch: int = 200
     concurrency: int = 64
     block_ms: int = 500
     claim_idle_ms: int = 60_000
@@ -232,10 +245,12 @@ class Relay:
             await self._dispatch(entries)
 
     async def _dispatch(self, entries: Sequence[QueueEntry]) -> None:
-        loaded = await self.outbox.load(entries)
-        endpoints = {(e.la, c.name) for e in entries for c in self.channels(e.la)}
+        endpoints = sorted({(e.la, c.name) for e in entries for c in self.channels(e.la)})
         if endpoints:
-            self._pauses = await self.outbox.paused_until(sorted(endpoints))
+            loaded, self._pauses = await asyncio.gather(self.outbox.load(entries),
+                                                        self.outbox.paused_until(endpoints))
+        else:
+            loaded = await self.outbox.load(entries)
         for entry, fields in zip(entries, loaded, strict=True):
             task = asyncio.create_task(self._handle(entry, fields))
             self._inflight.add(task)
@@ -261,6 +276,10 @@ class Relay:
         try:
             rendered = render(entry.la, fields)
             targets = [c for c in self.channels(entry.la) if entry.channel in (None, c.name)]
+            if entry.channel is not None and entry.channel != "inbox" and not targets:
+                # The registry no longer names this channel for the LA: nothing to send it to (the pull inbox
+                # still holds the notification).
+                log.warning("relay.channel_removed", extra={"channel": entry.channel, "la": entry.la})
             if entry.channel is None:
                 self.observer.count("inbox", "delivered")
             results = await asyncio.gather(*(self._attempt(c, entry, rendered) for c in targets))
@@ -304,7 +323,8 @@ class Relay:
         outcome = "dead" if result.outcome == "gone" else "retried"
         self.observer.count(channel.name, outcome)
         log.info("relay.attempt_failed", extra={"channel": channel.name, "la": entry.la, "outcome": result.outcome,
-                                                "status": result.status, "attempt": entry.attempt + 1})
+                                                "status": result.status, "attempt": entry.attempt + 1,
+                                                "detail": result.detail})
         return result
 
 

@@ -9,6 +9,7 @@ flag-sync), la, reason, status, at (epoch ms), attempts, and ref + t0 for notifi
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,6 +23,7 @@ from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.scripts import Scripts
 
 GROUP = "relays"
+SETTLE_LINGER_S = 0.003
 SCAN_CAP = 50_000  # stats read at most this many entries per structure (bounded cost on a huge backlog)
 CHANNELS = ("webhook", "fhir", "inbox", "flag-sync")
 
@@ -56,6 +58,8 @@ class RedisOutbox:
         self._settle = scripts.register("settle")
         self._promote = scripts.register("promote")
         self._requeue = scripts.register("requeue_dead")
+        self._batch: list[tuple[list[str], list[Any], asyncio.Future[bool]]] = []
+        self._flushing: set[asyncio.Task[None]] = set()
 
     async def ensure_group(self) -> None:
         try:
@@ -127,7 +131,40 @@ class RedisOutbox:
                       "attempts", str(entry.attempt + 1), "t0", str(entry.first_ms)]
             args += [len(fields) // 2, *fields]
         keys = [k.notify_queue, k.notify_delay, k.dead_letters, k.inbox_index(entry.la)]
-        return bool(await self._settle(keys=keys, args=args))
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._batch.append((keys, args, fut))
+        if len(self._batch) == 1:
+            # Linger a moment: settles finishing within it share one round trip (and one fsync).
+            asyncio.get_running_loop().call_later(SETTLE_LINGER_S, self._flush_soon)
+        return await fut
+
+    def _flush_soon(self) -> None:
+        batch, self._batch = self._batch, []
+        if batch:
+            task = asyncio.ensure_future(self._flush(batch))
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+
+    async def _flush(self, batch: list[tuple[list[str], list[Any], asyncio.Future[bool]]]) -> None:
+        """Settles made within SETTLE_LINGER_S go to Redis in one pipeline: one round trip (and, with
+        appendfsync always, one fsync) for many deliveries. Each script stays atomic on its own."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args, _ in batch:
+                    await self._settle(keys=keys, args=args, client=pipe)
+                results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, _, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(result, Exception):
+                fut.set_exception(result)
+            else:
+                fut.set_result(bool(result))
 
     async def promote(self, now_ms: int, limit: int) -> int:
         return int(await self._promote(keys=[self.keys.notify_delay, self.keys.notify_queue], args=[now_ms, limit]))

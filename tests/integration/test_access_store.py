@@ -17,8 +17,9 @@ pytestmark = pytest.mark.no_relays
 
 
 @pytest.fixture
-async def app(aiohttp_client, settings):
-    c = await aiohttp_client(create_app(settings))
+async def app(aiohttp_client, make_settings):
+    # relays off: these tests inspect the delivery queue, which running relays would drain
+    c = await aiohttp_client(create_app(make_settings(relays=False)))
     return c.app
 
 

@@ -1,0 +1,227 @@
+"""Notification delivery benchmark (QUALITY.md): access-to-receipt p50/p99 at a steady 200 accesses/s to a local
+webhook receiver, and notifications/s delivered by one relay process when backlogged. Prints one JSON line.
+
+Relays run in a real `cpis-bridge serve` subprocess; accesses are recorded in this process through the access
+use-case against the same Redis (the embedded server with the shipped persistence, or CPIS_REDIS_URL).
+Usage: python -m bench.notify_latency [--rate 200] [--seconds 10] [--backlog 10000] [--children 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime as dt
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from cpis_bridge.app import create_app
+from cpis_bridge.config import Settings
+from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.nhs import NhsNumber, iter_test_numbers
+from cpis_bridge.core.principal import Principal, Role
+from cpis_bridge.services.access import LookupRequest
+from cpis_bridge.store.embedded import EmbeddedRedis
+from cpis_bridge.web.state import ACCESS, RECORDS, REGISTRY
+
+HASH_KEY = "bench-log-hash-key-0123456789"
+DEV_SECRET = "bench-dev-secret-0123456789-0123456789"
+SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+REGISTRY_YAML = """localAuthorities:
+  - ods: LA001
+    name: Bench Council
+    officeHoursPhone: "0300 000 0001"
+    emergencyDutyPhone: "0300 000 0002"
+    notify: {{webhook: {{url: "{url}", secretEnv: BENCH_WEBHOOK_SECRET}}}}
+careSettings:
+  - {{ods: RXX01, name: Bench Emergency Department, type: ED, unscheduled: true}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Receiver:
+    """The LA webhook: notes when each notification arrived and how old its access was."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.arrivals: list[float] = []
+        self.ids: set[str] = set()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        now = time.time()
+        if body["id"] not in self.ids:
+            self.ids.add(body["id"])
+            occurred = dt.datetime.fromisoformat(body["access"]["occurredAt"].replace("Z", "+00:00"))
+            self.latencies.append(now - occurred.timestamp())
+            self.arrivals.append(now)
+        return web.Response(status=204)
+
+
+async def wait_until(cond: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+class Bench:
+    def __init__(self, redis_url: str, registry: Path, tmp: Path) -> None:
+        self.redis_url = redis_url
+        self.registry = registry
+        self.tmp = tmp
+
+    def settings(self, prefix: str) -> Settings:
+        return Settings(_env_file=None, redis_url=self.redis_url, key_prefix=prefix, registry=self.registry,  # type: ignore[call-arg]
+                        data_dir=self.tmp / "local", auth_dev_secret=DEV_SECRET, log_hash_key=HASH_KEY, relays=False)
+
+    def service(self, prefix: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "CPIS_REDIS_URL": self.redis_url, "CPIS_KEY_PREFIX": prefix,
+               "CPIS_REGISTRY": str(self.registry), "CPIS_AUTH_DEV_SECRET": DEV_SECRET, "CPIS_LOG_HASH_KEY": HASH_KEY,
+               "CPIS_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"), "CPIS_PORT": str(free_port()),
+               "CPIS_DATA_DIR": str(self.tmp / prefix),
+               "BENCH_WEBHOOK_SECRET": SECRET}
+        out = os.environ.get("BENCH_PROFILE")
+        profile = ["-m", "cProfile", "-o", out + prefix] if out else []
+        log = Path(os.environ.get("BENCH_LOG_DIR", str(self.tmp)), f"{prefix}.log")
+        return subprocess.Popen([sys.executable, *profile, "-m", "cpis_bridge", "serve"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+
+    async def local_app(self, prefix: str) -> tuple[web.AppRunner, web.Application]:
+        app = create_app(self.settings(prefix))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        return runner, app
+
+    @staticmethod
+    async def flag_children(app: web.Application, count: int) -> list[str]:
+        numbers = [str(n) for n, _ in zip(iter_test_numbers(), range(count), strict=False)]
+        la = AuditContext(Principal("bench-la", Role.LOCAL_AUTHORITY, "LA001"))
+        for first in range(0, count, 100):
+            await asyncio.gather(*(
+                app[RECORDS].put(la, "LA001", f"B-{i}", {
+                    "localId": f"B-{i}", "planType": "CPP", "nhsNumber": numbers[i], "dateOfBirth": "2016-04-02",
+                    "startDate": "2026-01-10", "endDate": None})
+                for i in range(first, min(first + 100, count))))
+        return numbers
+
+    @staticmethod
+    async def access(app: web.Application, nhs: str, event: str) -> None:
+        ctx = AuditContext(Principal("bench-ed", Role.CARE_SETTING, "RXX01", name="Bench Clinician", role_code="R1"))
+        setting = app[REGISTRY].care_settings["RXX01"]
+        out = await app[ACCESS].lookup(ctx, LookupRequest(nhs=NhsNumber(nhs), care_setting=setting, kind="careteam",
+                                                          source_event_id=event))
+        assert out.status == 1
+
+
+async def steady(bench: Bench, receiver: Receiver, rate: float, seconds: float, children: int) -> dict[str, Any]:
+    runner, app = await bench.local_app("bn1")
+    numbers = await bench.flag_children(app, children)
+    proc = bench.service("bn1")
+    try:
+        await asyncio.sleep(0.5)
+        # warm-up: the relay is up once a first notification arrives
+        await bench.access(app, numbers[0], "warm-up")
+        if not await wait_until(lambda: len(receiver.ids) >= 1, 30):
+            raise SystemExit("the relay process did not deliver (see its log)")
+        receiver.latencies.clear()
+        total = int(rate * seconds)
+        started = time.monotonic()
+        tasks = []
+        for i in range(total):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(bench.access(app, numbers[i % children], f"s-{i}")))
+        await asyncio.gather(*tasks)
+        achieved = total / (time.monotonic() - started)
+        await wait_until(lambda: len(receiver.latencies) >= total, 60)
+        lat = sorted(receiver.latencies)
+        return {"accesses": total, "rate_per_s": round(achieved, 1), "received": len(lat),
+                "p50_ms": round(statistics.median(lat) * 1000, 1),
+                "p99_ms": round(lat[min(int(len(lat) * 0.99), len(lat) - 1)] * 1000, 1),
+                "max_ms": round(lat[-1] * 1000, 1)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        await runner.cleanup()
+
+
+async def backlog(bench: Bench, receiver: Receiver, count: int, children: int) -> dict[str, Any]:
+    runner, app = await bench.local_app("bn2")
+    numbers = await bench.flag_children(app, children)
+    for first in range(0, count, 200):
+        await asyncio.gather(*(bench.access(app, numbers[i % children], f"b-{i}")
+                               for i in range(first, min(first + 200, count))))
+    receiver.arrivals.clear()
+    before = len(receiver.ids)
+    proc = bench.service("bn2")
+    try:
+        ok = await wait_until(lambda: len(receiver.ids) - before >= count, 180)
+        arrivals = receiver.arrivals
+        span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else float("nan")
+        return {"backlog": count, "delivered": len(arrivals), "complete": ok,
+                "seconds": round(span, 2), "per_s": round((len(arrivals) - 1) / span, 1), "relay_processes": 1}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        await runner.cleanup()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--backlog", type=int, default=10000)
+    parser.add_argument("--children", type=int, default=1000)
+    args = parser.parse_args()
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hook", receiver.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        registry = tmp / "registry.yaml"
+        registry.write_text(REGISTRY_YAML.format(url=f"http://127.0.0.1:{port}/hook"))
+        embedded = None
+        redis_url = os.environ.get("CPIS_REDIS_URL")
+        if not redis_url:
+            embedded = EmbeddedRedis(tmp / "redis")
+            embedded.start()
+            redis_url = embedded.url
+        try:
+            bench = Bench(redis_url, registry, tmp)
+            steady_result = await steady(bench, receiver, args.rate, args.seconds, args.children)
+            backlog_result = await backlog(bench, receiver, args.backlog, args.children)
+        finally:
+            if embedded is not None:
+                embedded.stop()
+    await runner.cleanup()
+    result = {"name": "notify_latency", "steady": steady_result, "backlogged": backlog_result,
+              "targets": {"p99_ms": 250, "per_s": 1000}}
+    print(orjson.dumps(result).decode())
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
