@@ -43,6 +43,7 @@ class FhirDouble:
         self.racy = False  # conditional update not race-safe (two concurrent creates make two Flags)
         self.token = token  # required bearer token, when set
         self.tokens_issued = 0
+        self.communications: dict[str, dict[str, Any]] = {}
         self.token_ttl = 3600
         self.requests: list[tuple[float, str, str, int]] = []  # (arrival monotonic, method, path, status)
         self.answered: list[float] = []  # when each of those was answered
@@ -128,6 +129,9 @@ class FhirDouble:
         if request.method == "PUT" and tail.startswith("Flag"):
             status, body = await self._put(tail, request.query_string, orjson.loads(await request.read()))
             return self._json(status, body)
+        if request.method == "PUT" and tail.startswith("Communication/"):
+            self.communications[tail.partition("/")[2]] = orjson.loads(await request.read())
+            return self._json(201, None)
         if request.method == "GET" and tail.startswith("Flag/"):
             flag = self.flags.get(tail[5:])
             return self._json(200, flag) if flag else self._json(404, outcome("not-found", "no such Flag"))

@@ -5,12 +5,14 @@ notifications wait (and reach the dead letters at the maximum age) instead of be
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import aiohttp
 
 from cpis_bridge.core.ports import Channel, DeliveryResult
 from cpis_bridge.core.registry import LocalAuthority, Registry
+from cpis_bridge.fhir.client import Auth, make_auth
 from cpis_bridge.notify.fhir import FhirCommunicationChannel
 from cpis_bridge.notify.webhook import WebhookChannel, WebhookSecretError
 
@@ -28,6 +30,24 @@ class MisconfiguredChannel:
 
 def channel_names(la: LocalAuthority) -> list[str]:
     return (["webhook"] if la.webhook else []) + (["fhir"] if la.fhir else [])
+
+
+def fhir_auth(options: Mapping[str, str], env: Callable[[str], str | None]) -> Auth:
+    """An LA's FHIR channel auth from its registry ``auth`` block: the options of CPIS_FHIR_AUTH_MODE, secrets by
+    environment variable name (``tokenEnv``, ``clientSecretEnv``), e.g. ``{mode: private-key-jwt, tokenUrl: ...,
+    clientId: ..., privateKeyFile: /secrets/la001.pem, kid: k1, alg: RS384, scope: system/Communication.write}``."""
+    key_file = options.get("privateKeyFile")
+    return make_auth(
+        options.get("mode", "none"),
+        token=env(options["tokenEnv"]) if options.get("tokenEnv") else None,
+        token_url=options.get("tokenUrl"),
+        client_id=options.get("clientId"),
+        client_secret=env(options["clientSecretEnv"]) if options.get("clientSecretEnv") else None,
+        private_key_file=Path(key_file) if key_file else None,
+        kid=options.get("kid"),
+        alg=options.get("alg", "RS384"),
+        scope=options.get("scope"),
+    )
 
 
 def build_channels(
@@ -48,15 +68,12 @@ def build_channels(
                 log.error("delivery.webhook_misconfigured", extra={"la": la.ods, "env": la.webhook.secret_env})
                 channels.append(MisconfiguredChannel("webhook", str(exc)))
         if la.fhir is not None:
-            mode = la.fhir.auth.get("mode", "none")
-            if mode == "none":
-                channels.append(FhirCommunicationChannel(session, la.fhir.base_url, timeout_s=timeout_s))
-            elif mode == "bearer" and env(la.fhir.auth.get("tokenEnv", "")):
-                token = env(la.fhir.auth.get("tokenEnv", ""))
-                channels.append(FhirCommunicationChannel(session, la.fhir.base_url, timeout_s=timeout_s,
-                                                         auth_headers={"Authorization": f"Bearer {token}"}))
+            try:
+                auth = fhir_auth(la.fhir.auth, env)
+            except (ValueError, OSError) as exc:
+                log.error("delivery.fhir_misconfigured", extra={"la": la.ods, "error": str(exc)})
+                channels.append(MisconfiguredChannel("fhir", str(exc)))
             else:
-                log.error("delivery.fhir_misconfigured", extra={"la": la.ods, "mode": mode})
-                channels.append(MisconfiguredChannel("fhir", f"FHIR auth mode {mode} is not available"))
+                channels.append(FhirCommunicationChannel(session, la.fhir.base_url, auth=auth, timeout_s=timeout_s))
         out[la.ods] = channels
     return out

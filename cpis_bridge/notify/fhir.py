@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Mapping
 from typing import Any, Final
 
 import aiohttp
 import orjson
 
 from cpis_bridge.core.ports import DeliveryResult
+from cpis_bridge.fhir.client import Auth, AuthFailed, NoAuth
 from cpis_bridge.notify.http import send
 
 # Fixed (documented in the README): Communication.id = uuid5(NS_COMMUNICATION, notification id).
@@ -45,19 +45,27 @@ def communication(la: str, notification_id: str, nhs: str, body: bytes, sent: st
 class FhirCommunicationChannel:
     name = "fhir"
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, *, auth_headers: Mapping[str, str] | None = None,
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, *, auth: Auth | None = None,
                  timeout_s: float = 10.0) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
-        self.auth_headers = dict(auth_headers or {})
+        self.auth: Auth = auth or NoAuth()
         self.timeout_s = timeout_s
 
     async def deliver(self, la: str, notification_id: str, nhs: str, body: bytes) -> DeliveryResult:
         sent = orjson.loads(body).get("createdAt")
         resource = orjson.dumps(communication(la, notification_id, nhs, body, sent))
         url = f"{self.base_url}/Communication/{communication_id(notification_id)}"
+        try:
+            authorization = await self.auth.header(self.session)
+        except AuthFailed as exc:
+            return DeliveryResult("transient", None, None, f"token endpoint: {exc}")
+        extra = {"Authorization": authorization} if authorization else {}
 
         def headers() -> dict[str, str]:
-            return {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, **self.auth_headers}
+            return {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, **extra}
 
-        return await send(self.session, "PUT", url, resource, headers, self.timeout_s)
+        result = await send(self.session, "PUT", url, resource, headers, self.timeout_s)
+        if result.status == 401:
+            self.auth.invalidate()  # a fresh token next time (the answer is retried like any other 4xx)
+        return result

@@ -261,6 +261,28 @@ async def test_fhir_channel_puts_a_valid_r4_communication(make_client, receiver)
     assert inner["id"] == nid and inner["localAuthority"] == {"ods": "LA002"}
 
 
+async def test_fhir_channel_authenticates_with_oauth2_client_credentials(make_client):
+    from tests.fhir_double import FhirDouble
+
+    double = FhirDouble(token="not-yet-issued")
+    await double.start()
+    try:
+        auth = {"mode": "client-secret", "tokenUrl": f"{double.root}/token", "clientId": "cpis-la002",
+                "clientSecretEnv": "LA002_FHIR_SECRET", "scope": "system/Communication.write"}
+        client = await make_client({"LA002": {"fhir": {"baseUrl": double.base_url, "auth": auth}}},
+                                   {"LA002_FHIR_SECRET": "s3cret-for-tests"})
+        await flag(client.app, "LA002", "B-1")
+        await access(client.app, "e-oauth")
+        await wait_for(lambda: len(double.communications) == 1)
+        assert double.last_token_auth == "Basic " + base64.b64encode(b"cpis-la002:s3cret-for-tests").decode()
+        assert double.last_token_form["scope"] == "system/Communication.write"
+        [resource] = double.communications.values()
+        assert resource["resourceType"] == "Communication"
+        assert resource["recipient"][0]["identifier"]["value"] == "LA002"
+    finally:
+        await double.stop()
+
+
 async def test_two_relays_share_the_work_without_duplicates(make_client, receiver):
     las = {"LA001": webhook(receiver)}
     secrets = {"LA001_WEBHOOK_SECRET": receiver.secret}
