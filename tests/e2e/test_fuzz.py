@@ -366,3 +366,24 @@ def test_upload_too_large(server: LiveServer, http: requests.Session) -> None:
 
 def test_server_survived(server: LiveServer, http: requests.Session) -> None:
     assert http.get(f"{server.url}/readyz", timeout=TIMEOUT).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # a "\ud800" escape: the C JSON backend turns it into invalid UTF-8 (was a 500)
+        b'{"sequence": 900, "mode": "delta", "records": [{"localId": "S-1\\ud800", "givenName": "\\udfff"}]}',
+        # deep nesting: ijson's prefixes grow with depth, so this once exhausted memory (the process was killed)
+        b'{"sequence": 901, "mode": "delta", "records": [' + b"[" * 2000 + b"]" * 2000 + b"]}",
+        b'{"sequence": 902, "mode": "delta", "records": [], "x": ' + b'{"a":' * 2000 + b"1" + b"}" * 2000 + b"}",
+    ],
+    ids=["surrogate", "deep-array", "deep-object"],
+)
+def test_upload_hostile_json_is_cpf01(server: LiveServer, http: requests.Session, body: bytes) -> None:
+    assert_problem(upload(http, server, body, "application/json"), 422, "CPF01")
+
+
+def test_put_record_hostile_json_is_400(server: LiveServer, http: requests.Session) -> None:
+    for body in (b'{"localId": "S-2", "givenName": "\\ud800"}', b"[" * 5000 + b"]" * 5000):
+        r = put(http, server, "S-2", data=body, headers={"Content-Type": "application/json"})
+        assert_problem(r, 400)
