@@ -60,13 +60,37 @@ async def spool(request: web.Request, limit: int) -> IO[bytes]:
     return tmp
 
 
+_TEXT_EVENTS = frozenset({"string", "map_key"})
+_OPEN_EVENTS = frozenset({"start_map", "start_array"})
+_CLOSE_EVENTS = frozenset({"end_map", "end_array"})
+MAX_NESTING = 32  # envelope -> records -> record -> value is 3 levels; nothing legitimate comes near
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates (JSON "\\ud800" escapes): they cannot be stored or answered."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def iter_json(f: IO[bytes], meta: UploadMeta) -> Iterator[object]:
     """Records from ``{"sequence", "mode", "recordCount", "records": [...]}`` in one streaming pass."""
     builder: ObjectBuilder | None = None
     depth = 0
+    nesting = 0
     seen_records = False
     try:
         for prefix, event, value in ijson.parse(f, use_float=True):
+            if event in _OPEN_EVENTS:
+                nesting += 1
+                if nesting > MAX_NESTING:  # ijson's prefixes grow with depth: deep nesting would exhaust memory
+                    raise _unreadable(f"the upload nests deeper than {MAX_NESTING} levels")
+            elif event in _CLOSE_EVENTS:
+                nesting -= 1
+            if event in _TEXT_EVENTS and not value.isascii() and not _is_unicode(value):
+                raise _unreadable("the upload holds text that is not valid Unicode (an unpaired surrogate escape)")
             if builder is not None:
                 builder.event(event, value)
                 if event in ("start_map", "start_array"):
@@ -97,7 +121,7 @@ def iter_json(f: IO[bytes], meta: UploadMeta) -> Iterator[object]:
                 meta.record_count = parse_count(value)
             elif prefix == "" and event not in ("start_map", "end_map", "map_key"):
                 raise _unreadable("the upload must be a JSON object")
-    except ijson.JSONError:
+    except (ijson.JSONError, UnicodeDecodeError):  # the C backend decodes "\\ud800" escapes to invalid UTF-8
         raise _unreadable("the upload is not valid JSON") from None
     if not seen_records:
         raise _unreadable("the upload has no records array")
