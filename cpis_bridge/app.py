@@ -193,7 +193,8 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         gauges.cancel()
         await relay.stop(settings.shutdown_grace_s)
-        await outbox.forget(relay.config.consumer)
+        with contextlib.suppress(RedisError):  # a consumer left in the group is harmless; its entries stay claimable
+            await outbox.forget(relay.config.consumer)
         await session.close()
 @dataclass
 class FlagSyncParts:
@@ -290,6 +291,8 @@ async def sync_ctx(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await session.close()
+
+
 MONITOR_INTERVAL_S = 5.0
 
 
@@ -298,20 +301,26 @@ def make_monitor(interval_s: float = MONITOR_INTERVAL_S) -> CleanupCtx:
 
     async def monitor_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics, life = app[METRICS], app[LIFECYCLE]
+        stop = asyncio.Event()
 
         async def loop() -> None:
-            while True:
+            # Ends on the stop event, not on cancellation alone: Python 3.11's wait_for can swallow a cancel.
+            while not stop.is_set():
                 try:
-                    ok = bool(await asyncio.wait_for(app[REDIS].ping(), timeout=2.0))
+                    async with asyncio.timeout(2.0):
+                        ok = bool(await app[REDIS].ping())
                 except (RedisError, OSError, TimeoutError):
                     ok = False
                 life.redis_ok = ok
                 metrics.redis_up.set(1 if ok else 0)
                 metrics.ready.set(1 if ok and life.started and not life.draining else 0)
-                await asyncio.sleep(interval_s)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(interval_s):
+                        await stop.wait()
 
         task = asyncio.create_task(loop(), name="redis-monitor")
         yield
+        stop.set()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -70,44 +70,25 @@ TABLE: dict[tuple[str, str], Row] = {
         json={"sequence": 7, "mode": "delta", "recordCount": 1, "records": [record("M-UP", NHS_OTHER)]},
     ),
     ("GET", "/v1/admin/audit"): Row(OPS_ONLY, f"/v1/admin/audit?nhsNumber={NHS}", frozenset({200})),
-    # Built on other branches (see PENDING_ROUTES).
-    ("GET", "/v1/children/{nhs}/accesses"): Row(LA_ONLY, f"/v1/children/{NHS}/accesses", None),
-    ("GET", "/v1/notifications"): Row(LA_ONLY, "/v1/notifications", None),
-    ("POST", "/v1/notifications/{id}/ack"): Row(LA_ONLY, "/v1/notifications/no-such-id/ack", None),
-    ("GET", "/v1/admin/deliveries"): Row(OPS_ONLY, "/v1/admin/deliveries", None),
-    ("POST", "/v1/admin/dead-letters/{id}/retry"): Row(OPS_ONLY, "/v1/admin/dead-letters/no-such-id/retry", None),
-    ("GET", "/fhir/metadata"): Row(PUBLIC, "/fhir/metadata", None),
-    ("GET", "/fhir/CareTeam"): Row(CS_ONLY, f"/fhir/CareTeam?patient:identifier={IDENT}", None),
-    ("GET", "/fhir/Flag"): Row(CS_ONLY, f"/fhir/Flag?patient:identifier={IDENT}", None),
-    ("GET", "/fhir/AuditEvent"): Row(CS_ONLY, f"/fhir/AuditEvent?patient:identifier={IDENT}", None),
-    ("POST", "/fhir/Encounter"): Row(
-        CS_ONLY, "/fhir/Encounter", None, json=ENCOUNTER, headers={"Content-Type": "application/fhir+json"}
+    ("GET", "/v1/children/{nhs}/accesses"): Row(LA_ONLY, f"/v1/children/{NHS}/accesses", frozenset({200})),
+    ("GET", "/v1/notifications"): Row(LA_ONLY, "/v1/notifications", frozenset({200})),
+    ("POST", "/v1/notifications/{id}/ack"): Row(LA_ONLY, "/v1/notifications/no-such-id/ack", frozenset({404})),
+    ("GET", "/v1/admin/deliveries"): Row(OPS_ONLY, "/v1/admin/deliveries", frozenset({200})),
+    ("POST", "/v1/admin/dead-letters/{id}/retry"): Row(
+        OPS_ONLY, "/v1/admin/dead-letters/no-such-id/retry", frozenset({404})
     ),
-    ("GET", "/fhir/Encounter/{id}"): Row(CS_ONLY, "/fhir/Encounter/no-such-id", None),
-    ("GET", "/cds-services"): Row(PUBLIC, "/cds-services", None),
-    ("POST", "/cds-services/{id}"): Row(CS_ONLY, "/cds-services/cpis-patient-view", None, json=CDS_CALL),
+    ("GET", "/fhir/metadata"): Row(PUBLIC, "/fhir/metadata", frozenset({200})),
+    ("GET", "/fhir/CareTeam"): Row(CS_ONLY, f"/fhir/CareTeam?patient:identifier={IDENT}", frozenset({200})),
+    ("GET", "/fhir/Flag"): Row(CS_ONLY, f"/fhir/Flag?patient:identifier={IDENT}", frozenset({200})),
+    ("GET", "/fhir/AuditEvent"): Row(CS_ONLY, f"/fhir/AuditEvent?patient:identifier={IDENT}", frozenset({200})),
+    ("POST", "/fhir/Encounter"): Row(
+        CS_ONLY, "/fhir/Encounter", frozenset({200, 201}), json=ENCOUNTER,
+        headers={"Content-Type": "application/fhir+json"},
+    ),
+    ("GET", "/fhir/Encounter/{id}"): Row(CS_ONLY, "/fhir/Encounter/no-such-id", frozenset({404})),
+    ("GET", "/cds-services"): Row(PUBLIC, "/cds-services", frozenset({200})),
+    ("POST", "/cds-services/{id}"): Row(CS_ONLY, "/cds-services/cpis-patient-view", frozenset({200}), json=CDS_CALL),
 }
-
-# Table rows whose routes other branches build. LEAD: delete each entry once its branch is merged; the test fails
-# while a routed route is still listed here, and while a listed route is unrouted but missing from this set.
-PENDING_ROUTES: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("GET", "/v1/children/{nhs}/accesses"),
-        ("GET", "/v1/notifications"),
-        ("POST", "/v1/notifications/{id}/ack"),
-        ("GET", "/v1/admin/deliveries"),
-        ("POST", "/v1/admin/dead-letters/{id}/retry"),
-        ("GET", "/fhir/metadata"),
-        ("GET", "/fhir/CareTeam"),
-        ("GET", "/fhir/Flag"),
-        ("GET", "/fhir/AuditEvent"),
-        ("POST", "/fhir/Encounter"),
-        ("GET", "/fhir/Encounter/{id}"),
-        ("GET", "/cds-services"),
-        ("POST", "/cds-services/{id}"),
-    }
-)
-
 
 def all_routes(app: web.Application) -> dict[tuple[str, str], Any]:
     """Every (METHOD, template) -> handler the router holds, HEAD included."""
@@ -129,8 +110,7 @@ def test_table_covers_the_router(settings: Any) -> None:
     table_keys = {("GET", p) if m == "HEAD" else (m, p) for m, p in routes}
     assert sorted(table_keys - set(TABLE)) == [], "routes missing from the authorisation table"
     unrouted = set(TABLE) - table_keys
-    assert sorted(unrouted - PENDING_ROUTES) == [], "table rows for routes the router lacks"
-    assert sorted(PENDING_ROUTES - unrouted) == [], "now routed: delete these from PENDING_ROUTES"
+    assert sorted(unrouted) == [], "table rows for routes the router lacks"
 
 
 def test_table_agrees_with_route_policies(settings: Any) -> None:
@@ -250,39 +230,24 @@ async def _record_access(app: web.Application) -> None:
     assert outcome.status == 1 and outcome.access_id
 
 
-def _routed(app: web.Application, key: tuple[str, str]) -> bool:
-    if key in all_routes(app):
-        return True
-    assert key in PENDING_ROUTES
-    return False
-
-
 async def test_other_las_accesses_and_notifications_look_absent(client: Any) -> None:
-    import pytest
-
     r = await client.put("/v1/records/CASE-A", json=record("CASE-A"), headers=LA1)
     assert r.status == 201
     await _record_access(client.app)
-    accesses = _routed(client.app, ("GET", "/v1/children/{nhs}/accesses"))
-    notifications = _routed(client.app, ("GET", "/v1/notifications"))
-    if not (accesses or notifications):
-        pytest.skip("accesses and notifications routes are built on other branches (PENDING_ROUTES)")
-    if accesses:
-        r = await client.get(f"/v1/children/{NHS}/accesses", headers=LA1)
-        assert r.status == 200 and len((await r.json())["accesses"]) == 1
-        r = await client.get(f"/v1/children/{NHS}/accesses", headers=LA2)
-        assert r.status == 404
-        r = await client.get(f"/v1/children/{NHS_OTHER}/accesses", headers=LA2)
-        assert r.status == 404
-    if notifications:
-        r = await client.get("/v1/notifications", headers=LA1)
-        assert r.status == 200
-        mine = (await r.json())["notifications"]
-        assert len(mine) == 1
-        r = await client.get("/v1/notifications", headers=LA2)
-        assert r.status == 200
-        assert (await r.json())["notifications"] == []
-        r = await client.post(f"/v1/notifications/{mine[0]['id']}/ack", headers=LA2)
-        assert r.status == 404
-        r = await client.get("/v1/notifications", headers=LA1)
-        assert [n.get("acknowledged", False) for n in (await r.json())["notifications"]] == [False]
+    r = await client.get(f"/v1/children/{NHS}/accesses", headers=LA1)
+    assert r.status == 200 and len((await r.json())["accesses"]) == 1
+    r = await client.get(f"/v1/children/{NHS}/accesses", headers=LA2)
+    assert r.status == 404
+    r = await client.get(f"/v1/children/{NHS_OTHER}/accesses", headers=LA2)
+    assert r.status == 404
+    r = await client.get("/v1/notifications", headers=LA1)
+    assert r.status == 200
+    mine = (await r.json())["notifications"]
+    assert len(mine) == 1
+    r = await client.get("/v1/notifications", headers=LA2)
+    assert r.status == 200
+    assert (await r.json())["notifications"] == []
+    r = await client.post(f"/v1/notifications/{mine[0]['id']}/ack", headers=LA2)
+    assert r.status == 404
+    r = await client.get("/v1/notifications", headers=LA1)
+    assert [n.get("acknowledged", False) for n in (await r.json())["notifications"]] == [False]

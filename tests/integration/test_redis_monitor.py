@@ -29,8 +29,9 @@ async def wait_for(client, expected: dict[str, float], timeout: float = 10.0) ->
 async def test_gauges_follow_redis_down_and_up(aiohttp_client, make_settings, tmp_path):
     server = EmbeddedRedis(tmp_path / "own-redis")
     server.start()
+    client = None
     try:
-        app = create_app(make_settings(redis_url=server.url), extra_contexts=[make_monitor(0.05)])
+        app = create_app(make_settings(redis_url=server.url, relays=False), extra_contexts=[make_monitor(0.05)])
         client = await aiohttp_client(app)
         assert await gauges(client) == {"cpis_redis_up": 1.0, "cpis_ready": 1.0}
         await asyncio.to_thread(server.stop)
@@ -38,4 +39,6 @@ async def test_gauges_follow_redis_down_and_up(aiohttp_client, make_settings, tm
         await asyncio.to_thread(server.start)
         await wait_for(client, {"cpis_redis_up": 1.0, "cpis_ready": 1.0})
     finally:
+        if client is not None:
+            await client.close()  # the app stops while its Redis still answers
         await asyncio.to_thread(server.stop)
