@@ -187,11 +187,16 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         observer=observer,
     )
     await relay.start()
-    gauges = asyncio.create_task(refresh_gauges(observer, admin_service.stats, 5.0), name="delivery-gauges")
+    gauges_stop = asyncio.Event()
+    gauges = asyncio.create_task(refresh_gauges(observer, admin_service.stats, 5.0, gauges_stop),
+                                 name="delivery-gauges")
     try:
         yield
     finally:
+        gauges_stop.set()
         gauges.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await gauges
         await relay.stop(settings.shutdown_grace_s)
         with contextlib.suppress(RedisError):  # a consumer left in the group is harmless; its entries stay claimable
             await outbox.forget(relay.config.consumer)

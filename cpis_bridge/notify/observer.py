@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -37,13 +38,16 @@ class MetricsObserver:
 
 
 async def refresh_gauges(observer: MetricsObserver, stats: Callable[[], Awaitable[Mapping[str, ChannelStats]]],
-                         interval_s: float) -> None:
-    """Keep the pending/oldest/dead gauges current (every process reports the shared outbox)."""
-    while True:
+                         interval_s: float, stop: asyncio.Event) -> None:
+    """Keep the pending/oldest/dead gauges current (every process reports the shared outbox). Ends when ``stop`` is
+    set: a cancel alone can be swallowed by a Redis call in flight (Python 3.11), which would leave it looping."""
+    while not stop.is_set():
         try:
             observer.gauges(await stats())
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("delivery.gauges_failed")
-        await asyncio.sleep(interval_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval_s):
+                await stop.wait()
