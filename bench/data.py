@@ -20,9 +20,12 @@ NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
 
 REGISTRY = f"""# cpis-bridge benchmark registry: invented organisations, placeholder ODS codes.
 localAuthorities:
-  - {{ods: {LA_HTTP}, name: Bench Borough Council, officeHoursPhone: "0300 000 0001", emergencyDutyPhone: "0300 000 0002"}}
-  - {{ods: {LA_UPLOAD}, name: Bench County Council, officeHoursPhone: "0300 000 0011", emergencyDutyPhone: "0300 000 0012"}}
-  - {{ods: {LA_MEMORY}, name: Bench City Council, officeHoursPhone: "0300 000 0021", emergencyDutyPhone: "0300 000 0022"}}
+  - {{ods: {LA_HTTP}, name: Bench Borough Council,
+     officeHoursPhone: "0300 000 0001", emergencyDutyPhone: "0300 000 0002"}}
+  - {{ods: {LA_UPLOAD}, name: Bench County Council,
+     officeHoursPhone: "0300 000 0011", emergencyDutyPhone: "0300 000 0012"}}
+  - {{ods: {LA_MEMORY}, name: Bench City Council,
+     officeHoursPhone: "0300 000 0021", emergencyDutyPhone: "0300 000 0022"}}
 careSettings:
   - {{ods: {CARE_SETTING}, name: Bench Hospital Emergency Department, type: ED, unscheduled: true}}
   - {{ods: GP001, name: Bench Surgery, type: GP, unscheduled: false}}

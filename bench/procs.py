@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL built here
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
@@ -52,7 +52,7 @@ class Proc:
     def start(self) -> None:
         log = self.log_path.open("wb")
         self._log = log
-        self.process = subprocess.Popen(  # noqa: S603 - fixed argument list
+        self.process = subprocess.Popen(
             self.args, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -117,7 +117,7 @@ def machine() -> dict[str, object]:
     wrk = shutil.which("wrk")
     wrk_version = ""
     if wrk:
-        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)  # noqa: S603
+        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
         wrk_version = (out.stdout or out.stderr).splitlines()[0] if (out.stdout or out.stderr) else ""
     return {
         "cpus": os.cpu_count(),

@@ -64,7 +64,7 @@ def run_wrk(load: Load, *, seconds: float, connections: int = 32, threads: int =
     duration = max(1, round(seconds))
     args = [binary, "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout",
             f"{timeout_s:g}s", "-s", str(SCRIPT), load.url]
-    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=duration + 120, check=False)  # noqa: S603
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=duration + 120, check=False)
     line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
     if out.returncode != 0 or line is None:
         raise BenchError(f"wrk failed (code {out.returncode}): {out.stderr.strip() or out.stdout.strip()}")

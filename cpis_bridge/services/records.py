@@ -21,6 +21,7 @@ from cpis_bridge.core.records import Record, VisibilityWindows, parse_record, to
 
 EPOCH = dt.date(1970, 1, 1)
 BATCH = 500
+APPLY_IN_FLIGHT = 2
 UPLOAD_LOCK_TTL_S = 900
 
 
@@ -107,10 +108,37 @@ class RecordService:
     def render(self, record: Record) -> dict[str, Any]:
         return record.to_api(visible=record.is_visible(self.today(), self.windows))
 
-    def _change(self, record: Record, ctx: AuditContext, action: str, now: dt.datetime) -> Change:
+    def _change(
+        self, record: Record, ctx: AuditContext, action: str, now: dt.datetime,
+        template: dict[str, Any] | None = None,
+    ) -> Change:
+        """The write of one record with its audit entry. ``template`` (``ctx.entry(action, None, now)``, built once
+        per batch) gives the same entry as ``ctx.entry`` without re-rendering the shared fields per record."""
         last = record.last_visible_day(self.windows)
-        entry = ctx.entry(action, str(record.nhs_number), now, localId=record.local_id, la=record.la)
+        if template is None:
+            entry = ctx.entry(action, str(record.nhs_number), now, localId=record.local_id, la=record.la)
+        else:
+            entry = {**template, "nhsNumber": str(record.nhs_number),
+                     "detail": {"localId": record.local_id, "la": record.la}}
         return Change(record, None if last is None else epoch_day(last) + 1, entry)
+
+    async def _apply_in_batches(self, la: str, changes: Iterator[list[Change]]) -> None:
+        """Send batches with up to APPLY_IN_FLIGHT in flight: Redis runs one batch's script while this process
+        prepares the next. Batches of one upload name distinct records, so their order does not matter."""
+        pending: set[asyncio.Future[list[tuple[str, int]]]] = set()
+        try:
+            for batch in changes:
+                if len(pending) >= APPLY_IN_FLIGHT:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()
+                pending.add(asyncio.ensure_future(self.store.apply(la, batch)))
+            if pending:
+                await asyncio.gather(*pending)
+                pending = set()
+        finally:
+            for task in pending:
+                task.cancel()
 
     # -- single records -------------------------------------------------------------------------------------------
     async def put(self, ctx: AuditContext, la: str, local_id: str, body: object) -> tuple[Record, bool]:
@@ -233,9 +261,14 @@ class RecordService:
     ) -> dict[str, Any]:
         now = self.clock()
         accepted = validated.accepted
-        for start in range(0, len(accepted), BATCH):
-            batch = [self._change(r, ctx, "upload.record", now) for r in accepted[start : start + BATCH]]
-            await self.store.apply(la, batch)
+        template = ctx.entry("upload.record", None, now)
+        await self._apply_in_batches(
+            la,
+            (
+                [self._change(r, ctx, "upload.record", now, template) for r in accepted[start : start + BATCH]]
+                for start in range(0, len(accepted), BATCH)
+            ),
+        )
         code = file_code(len(accepted), len(validated.rejections))
         ended: list[str] = []
         if meta.mode is UploadMode.FULL and code in (FileCode.ALL_UPLOADED, FileCode.PARTIAL):

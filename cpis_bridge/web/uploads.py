@@ -12,7 +12,6 @@ from typing import IO, Any
 import ijson
 import orjson
 from aiohttp import web
-from ijson.common import ObjectBuilder
 
 from cpis_bridge.core.codes import FileCode
 from cpis_bridge.core.errors import PayloadTooLarge, UnreadableInput, UnsupportedMediaType
@@ -59,47 +58,53 @@ async def spool(request: web.Request, limit: int) -> IO[bytes]:
     return tmp
 
 
-def iter_json(f: IO[bytes], meta: UploadMeta) -> Iterator[object]:
-    """Records from ``{"sequence", "mode", "recordCount", "records": [...]}`` in one streaming pass."""
-    builder: ObjectBuilder | None = None
-    depth = 0
+_META_KEYS = frozenset({"sequence", "mode", "recordCount"})
+
+
+def read_json_meta(f: IO[bytes], meta: UploadMeta) -> None:
+    """Check the envelope's shape and read sequence, mode and recordCount (one streaming pass of parse events).
+
+    Stops as soon as the three meta keys and the start of ``records`` have all been seen (the usual order), so the
+    records themselves are normally not walked here; they are built in C by :func:`iter_json`.
+    """
     seen_records = False
-    try:
-        for prefix, event, value in ijson.parse(f, use_float=True):
-            if builder is not None:
-                builder.event(event, value)
-                if event in ("start_map", "start_array"):
-                    depth += 1
-                elif event in ("end_map", "end_array"):
-                    depth -= 1
-                    if depth == 0:
-                        yield builder.value
-                        builder = None
-                continue
-            if prefix == "records.item":
-                if event in ("start_map", "start_array"):
-                    builder = ObjectBuilder()
-                    builder.event(event, value)
-                    depth = 1
-                else:
-                    yield value
-            elif prefix == "records":
-                if event == "start_array":
-                    seen_records = True
-                elif event not in ("end_array",):
-                    raise _unreadable("records must be an array")
-            elif prefix == "sequence":
+    found: set[str] = set()
+    in_records = False
+    for prefix, event, value in ijson.parse(f, use_float=True):
+        if in_records:
+            if prefix == "records" and event == "end_array":
+                in_records = False
+            continue
+        if prefix == "records":
+            if event == "start_array":
+                seen_records = in_records = True
+            else:
+                raise _unreadable("records must be an array")
+        elif prefix in _META_KEYS:
+            if prefix == "sequence":
                 meta.sequence = parse_sequence(value)
             elif prefix == "mode":
                 meta.mode = parse_mode(value)
-            elif prefix == "recordCount":
+            else:
                 meta.record_count = parse_count(value)
-            elif prefix == "" and event not in ("start_map", "end_map", "map_key"):
-                raise _unreadable("the upload must be a JSON object")
-    except ijson.JSONError:
-        raise _unreadable("the upload is not valid JSON") from None
+            found.add(prefix)
+        elif prefix == "" and event not in ("start_map", "end_map", "map_key"):
+            raise _unreadable("the upload must be a JSON object")
+        if seen_records and len(found) == len(_META_KEYS):
+            return
     if not seen_records:
         raise _unreadable("the upload has no records array")
+
+
+def iter_json(f: IO[bytes], meta: UploadMeta) -> Iterator[object]:
+    """Records from ``{"sequence", "mode", "recordCount", "records": [...]}``: the envelope first
+    (:func:`read_json_meta`), then the records built by ijson's C backend, which also checks the whole file."""
+    try:
+        read_json_meta(f, meta)
+        f.seek(0)
+        yield from ijson.items(f, "records.item", use_float=True)
+    except ijson.JSONError:
+        raise _unreadable("the upload is not valid JSON") from None
 
 
 def iter_ndjson(f: IO[bytes]) -> Iterator[object]:
