@@ -104,6 +104,16 @@ def proc_status_kb(pid: int, field_name: str) -> int:
     raise BenchError(f"{field_name} not in /proc/{pid}/status")
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by a process (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
 def machine() -> dict[str, object]:
     cpu = ""
     with contextlib.suppress(OSError):

@@ -25,7 +25,16 @@ import orjson
 import redis as redis_sync
 
 from bench import data
-from bench.procs import BenchError, Proc, free_port, machine, proc_status_kb, python_module
+from bench.procs import (
+    BenchError,
+    Proc,
+    free_port,
+    load_average,
+    machine,
+    proc_cpu_s,
+    proc_status_kb,
+    python_module,
+)
 from bench.wrk import INSTALL_HINT, CaseResult, Load, measure, run_wrk, wrk_binary
 from cpis_bridge.auth import dev_token
 from cpis_bridge.core.principal import Role
@@ -224,8 +233,10 @@ class Bench:
         print(f"Upload case: POST /v1/uploads, {n:,} records, full mode", flush=True)
         body = data.upload_body(data.upload_numbers(n), sequence=1, mode="full", prefix="UP")
         hwm_before = proc_status_kb(self.service.pid, "VmHWM")
+        cpu0, rcpu0, load0 = proc_cpu_s(self.service.pid), self._redis_cpu(), load_average()
         report, seconds = self.upload(data.LA_UPLOAD, body)
         hwm_after = proc_status_kb(self.service.pid, "VmHWM")
+        cpu, rcpu, load = proc_cpu_s(self.service.pid) - cpu0, self._redis_cpu() - rcpu0, load_average()
         if report.get("fileCode") != "CPF02" or report.get("accepted") != n:
             raise BenchError(f"upload case: unexpected report {str(report)[:300]}")
         self.results["upload"] = {
@@ -233,10 +244,13 @@ class Bench:
             "peak_rss_mb": round(hwm_after / 1024, 1), "rss_peak_before_upload_mb": round(hwm_before / 1024, 1),
             "body_mb": round(len(body) / MiB, 1), "target_records_per_s": 20_000, "target_peak_rss_mb": 500,
             "pass": n / seconds >= 20_000 and hwm_after / 1024 <= 500,
+            "service_cpu_s": round(cpu, 2), "redis_cpu_s": round(rcpu, 2),
+            "load_average_1m": [round(load0, 2), round(load, 2)],
         }
         u = self.results["upload"]
         print(f"  {n:,} records in {u['seconds']} s = {u['records_per_s']:,} records/s; service peak RSS "
-              f"{u['peak_rss_mb']} MB", flush=True)
+              f"{u['peak_rss_mb']} MB; CPU: service {u['service_cpu_s']} s, Redis {u['redis_cpu_s']} s; "
+              f"load average {u['load_average_1m']}", flush=True)
 
     def _usage(self, keys: list[str]) -> int:
         total = 0
@@ -246,6 +260,10 @@ class Bench:
                 pipe.memory_usage(key, samples=0)
             total += sum(v or 0 for v in pipe.execute())
         return total
+
+    def _redis_cpu(self) -> float:
+        cpu = self.rc.info("cpu")
+        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
     def _used_memory(self) -> int:
         return int(self.rc.info("memory")["used_memory"])
@@ -402,7 +420,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seconds, args.warmup, args.runs = 1.0, 1.0, 1
         args.http_children, args.upload_records, args.memory_children = 1000, 2000, 200
         if args.out == HERE / "results.json":
-            args.out = HERE / "results.quick.json"
+            args.out = Path(tempfile.gettempdir()) / "cpis-bench-quick.json"  # a smoke run is not a measurement
     return args
 
 
