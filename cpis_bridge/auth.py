@@ -21,6 +21,7 @@ from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.core.registry import Registry
 
 ASYMMETRIC_ALGS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384"})
+SIGNING_KEY_TYPES = frozenset({"RSA", "EC"})
 DEV_ALG = "HS256"
 JWKS_TTL_S = 300.0
 JWKS_MIN_REFRESH_S = 10.0
@@ -58,15 +59,20 @@ def dev_token(
 
 @dataclass
 class JwksCache:
-    """Keys fetched from a JWKS URL, cached and refreshed on an unknown ``kid`` (at most every 10 s)."""
+    """Keys fetched from a JWKS URL, cached and refreshed on an unknown ``kid`` (at most every 10 s).
+
+    Only RSA and EC signing keys are kept. A key that names its ``alg`` verifies only that algorithm; one that does
+    not verifies any accepted algorithm of its type (an RSA key published without ``alg`` serves RS256 and RS384).
+    """
 
     url: str
     session: aiohttp.ClientSession | None = None
-    keys: dict[str, PyJWK] = field(default_factory=dict)
+    keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     fetched_at: float = 0.0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _built: dict[tuple[str, str], PyJWK] = field(default_factory=dict)
 
-    async def get(self, kid: str | None) -> PyJWK:
+    async def get(self, kid: str | None, alg: str) -> PyJWK:
         now = time.monotonic()
         stale = now - self.fetched_at > JWKS_TTL_S
         if stale or (kid not in self.keys and now - self.fetched_at > JWKS_MIN_REFRESH_S):
@@ -74,11 +80,21 @@ class JwksCache:
                 if time.monotonic() - self.fetched_at > JWKS_MIN_REFRESH_S or not self.keys:
                     await self._fetch()
         if kid is None and len(self.keys) == 1:
-            return next(iter(self.keys.values()))
-        key = self.keys.get(kid or "")
-        if key is None:
+            kid = next(iter(self.keys))
+        jwk = self.keys.get(kid or "")
+        if jwk is None:
             raise Unauthenticated("token signed with an unknown key")
-        return key
+        built = self._built.get((kid or "", alg))
+        if built is None:
+            declared = jwk.get("alg")
+            if declared is not None and declared != alg:
+                raise Unauthenticated("token algorithm does not match its key")
+            try:
+                built = PyJWK(jwk, alg)
+            except (jwt.PyJWKError, jwt.InvalidKeyError):
+                raise Unauthenticated("token algorithm does not match its key") from None
+            self._built[(kid or "", alg)] = built
+        return built
 
     async def _fetch(self) -> None:
         session = self.session
@@ -97,15 +113,19 @@ class JwksCache:
         finally:
             if own:
                 await session.close()
-        keys: dict[str, PyJWK] = {}
+        keys: dict[str, dict[str, Any]] = {}
         for jwk in data.get("keys", []) if isinstance(data, dict) else []:
+            if not isinstance(jwk, dict) or jwk.get("kty") not in SIGNING_KEY_TYPES:
+                continue
+            if jwk.get("use") not in (None, "sig") or jwk.get("alg") not in (None, *ASYMMETRIC_ALGS):
+                continue
             try:
-                key = PyJWK(jwk)
+                PyJWK(jwk)
             except (jwt.PyJWKError, jwt.InvalidKeyError):
                 continue
-            if key.algorithm_name in ASYMMETRIC_ALGS or jwk.get("alg") is None:
-                keys[jwk.get("kid", "")] = key
+            keys[str(jwk.get("kid", ""))] = jwk
         self.keys = keys
+        self._built = {}
         self.fetched_at = time.monotonic()
 
 
@@ -138,7 +158,7 @@ class Authenticator:
         if self.jwks is not None:
             if alg not in ASYMMETRIC_ALGS:
                 raise Unauthenticated("token algorithm not accepted")
-            key: Any = await self.jwks.get(kid)
+            key: Any = await self.jwks.get(kid, alg)
             claims = _decode(token, key, alg, issuer=self.issuer, audience=self.audience)
         else:
             if alg != DEV_ALG or not self.dev_secret:
@@ -165,7 +185,7 @@ class Authenticator:
         if client is None:
             raise Unauthenticated("CDS client not registered")
         cache = self._cds_jwks.setdefault(client.iss, JwksCache(client.jwks_url, self.session))
-        key: Any = await cache.get(kid)
+        key: Any = await cache.get(kid, alg)
         claims = _decode(token, key, alg, issuer=client.iss, audience=audience, required=("exp", "iat", "jti"))
         setting = self.registry.care_settings[client.ods]
         return Principal(
@@ -250,6 +270,7 @@ def _decode(
         raise Unauthenticated("token expired") from None
     except jwt.PyJWTError:
         raise Unauthenticated("token is invalid") from None
-    if "sub" not in claims and not required:
-        raise Unauthenticated("token is invalid")
+    sub = claims.get("sub")
+    if not required and not (isinstance(sub, str) and sub.strip()):
+        raise Unauthenticated("token has no subject")
     return claims

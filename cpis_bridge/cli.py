@@ -28,14 +28,19 @@ class AccessLogger(AbstractAccessLogger):
     """One line per request with the route template, never the raw path or query (they can hold NHS numbers)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        from cpis_bridge.web.common import REQUEST_ID, TRACE_ID
         from cpis_bridge.web.middlewares import route_template
 
         route = route_template(request) if isinstance(request, web.Request) else "unmatched"
-        self.logger.info(
-            "http.request",
-            extra={"method": request.method, "route": route, "status": response.status,
-                   "durationMs": round(time * 1000, 2), "remote": request.remote},
-        )
+        extra: dict[str, Any] = {"method": request.method, "route": route, "status": response.status,
+                                 "durationMs": round(time * 1000, 2), "remote": request.remote}
+        # The access log runs after the request context is gone: take its ids from the request itself.
+        if isinstance(request, web.Request):
+            if request.get(REQUEST_ID):
+                extra["requestId"] = request[REQUEST_ID]
+            if request.get(TRACE_ID):
+                extra["traceId"] = request[TRACE_ID]
+        self.logger.info("http.request", extra=extra)
 
     @property
     def enabled(self) -> bool:
@@ -47,6 +52,12 @@ async def serve(settings: Settings) -> int:
     from cpis_bridge.web.state import LIFECYCLE
 
     app = create_app(settings)
+    log.debug(
+        "serve.config",
+        extra={"redis": "external" if settings.redis_url else "embedded", "devMode": settings.dev_mode,
+               "flagSync": bool(settings.fhir_base_url), "drainDelayS": settings.drain_delay_s,
+               "shutdownGraceS": settings.shutdown_grace_s, "logLevel": settings.log_level},
+    )
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
@@ -134,6 +145,107 @@ async def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if resp.status == 200 else 1
 
 
+async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    """Compare the store with the Flag sync server, repair drift, verify; prints one JSON line. Exit 0 = in sync."""
+    import json
+
+    from tqdm import tqdm
+
+    from cpis_bridge.app import flag_sync_parts, redis_url_for
+    from cpis_bridge.core.records import today_london
+    from cpis_bridge.fhir.reconcile import compare, repair
+    from cpis_bridge.store.connection import make_client
+    from cpis_bridge.store.keys import Keys
+    from cpis_bridge.store.scripts import Scripts
+
+    if not settings.fhir_base_url:
+        print("cpis-bridge reconcile: CPIS_FHIR_BASE_URL is not set (Flag sync is off)", file=sys.stderr)
+        return 2
+    url, embedded = await asyncio.to_thread(redis_url_for, settings)
+    redis = make_client(url)
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60, connect=5))
+    try:
+        keys = Keys(settings.key_prefix, settings.hash_key())
+        parts = flag_sync_parts(settings, redis, keys, Scripts(redis), session)
+        await parts.server.prepare()
+        day = today_london()
+        bar = tqdm(desc="reconcile: server Flags read", unit="flag", disable=args.quiet, file=sys.stderr)
+        drift, wanted, found = await compare(parts.server, parts.queue.all_records(), day=day,
+                                             windows=settings.windows, tick=bar.update)
+        bar.close()
+        report: dict[str, Any] = {"records": len(wanted), "serverFlags": sum(len(v) for v in found.values()),
+                                  "drift": drift.counts()}
+        if not args.dry_run and drift.total:
+            bar = tqdm(total=drift.total, desc="reconcile: repairing", unit="flag", disable=args.quiet,
+                       file=sys.stderr)
+            await repair(parts.server, drift, wanted, found, tick=bar.update)
+            bar.close()
+            after, _, _ = await compare(parts.server, parts.queue.all_records(), day=day, windows=settings.windows)
+            report["repaired"] = drift.total - len(drift.failed)
+            report["after"] = after.counts()
+            in_sync = after.total == 0
+        else:
+            in_sync = drift.total == 0
+        report["inSync"] = in_sync
+        print(json.dumps(report))
+        return 0 if in_sync else 1
+    finally:
+        await session.close()
+        await redis.aclose()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+def cli_context(actor: str | None) -> Any:
+    """The audit context of a command-line operator (ops role; the OS user unless --actor names someone)."""
+    import getpass
+
+    from cpis_bridge.core.audit import AuditContext
+    from cpis_bridge.core.principal import Principal
+
+    if not actor:
+        try:
+            actor = getpass.getuser()
+        except (KeyError, OSError):
+            actor = str(os.getuid())
+    return AuditContext(Principal(subject=f"cli:{actor}", role=Role.OPS, ods="CLI"))
+
+
+async def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+
+    from cpis_bridge.app import open_retention
+
+    async with open_retention(settings) as service:
+        counts = await service.purge(cli_context(args.actor))
+    log.info("retention.purged", extra={"removed": counts})
+    print(orjson.dumps({"removed": counts}).decode())
+    return 0
+
+
+async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    import orjson
+
+    from cpis_bridge.app import open_retention
+    from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
+
+    try:
+        nhs = NhsNumber.parse(args.nhs_number)
+    except InvalidNhsNumber as exc:
+        print(f"cpis-bridge export: {exc}", file=sys.stderr)
+        return 2
+    async with open_retention(settings) as service:
+        data = await service.export(cli_context(args.actor), nhs)
+    text = orjson.dumps(data, option=orjson.OPT_INDENT_2).decode()
+    if args.output:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # personal data: owner only
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(text + "\n")
+    else:
+        print(text)
+    log.info("retention.exported")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpis-bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--token")
     up.add_argument("--url")
     up.add_argument("--quiet", action="store_true")
+    rec = sub.add_parser("reconcile", help="compare the store with the Flag sync server and repair drift")
+    rec.add_argument("--dry-run", action="store_true", help="report drift only; exit 1 when there is any")
+    rec.add_argument("--quiet", action="store_true", help="no progress bar")
+    pg = sub.add_parser("purge", help="delete what is past the retention settings (CPIS_RETENTION_*); prints counts")
+    pg.add_argument("--actor", help="who runs it (recorded in the audit; default: the OS user)")
+    ex = sub.add_parser("export", help="print everything held for an NHS number as JSON (subject access)")
+    ex.add_argument("--nhs-number", required=True)
+    ex.add_argument("--output", help="write to this file (mode 0600) instead of stdout")
+    ex.add_argument("--actor", help="who runs it (recorded in the audit; default: the OS user)")
     return parser
 
 
@@ -166,6 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_token(settings, args)
     if args.command == "upload":
         return run(cmd_upload(settings, args))
+    if args.command == "reconcile":
+        return run(cmd_reconcile(settings, args))
+    if args.command == "purge":
+        return run(cmd_purge(settings, args))
+    if args.command == "export":
+        return run(cmd_export(settings, args))
     return 2
 
 

@@ -44,11 +44,16 @@ class Settings(BaseSettings):
     fhir_auth_scope: str | None = None
 
     public_base_url: str | None = None
+    upload_max_bytes: int = Field(128 * 1024 * 1024, ge=1)  # POST /v1/uploads body limit (API.md: 128 MiB)
 
-    delivery_first_retry_s: float = Field(1.0, gt=0)
+    delivery_first_retry_s: float = Field(1.0, gt=0, lt=2)  # API.md section 6: first retry within 2 s
     delivery_max_backoff_s: float = Field(60.0, gt=0)
     delivery_max_age_h: float = Field(72.0, gt=0)
+    delivery_timeout_s: float = Field(10.0, gt=0)  # one HTTP attempt to a webhook or FHIR endpoint
     relays: bool = True
+    relay_concurrency: int = Field(64, ge=1, le=1024)  # deliveries in flight per process
+    relay_claim_idle_s: float = Field(60.0, gt=0)  # reclaim entries a consumer has held this long (> timeout)
+    relay_reclaim_interval_s: float = Field(5.0, gt=0)
 
     retention_record_days: int = Field(90, ge=0)
     retention_access_days: int = Field(730, ge=0)
@@ -105,6 +110,13 @@ class Settings(BaseSettings):
         tmp.chmod(0o600)
         tmp.replace(path)
         return value
+
+    @staticmethod
+    def env_secret(name: str) -> str | None:
+        """A secret the registry names by environment variable (webhook secrets, FHIR tokens)."""
+        import os
+
+        return os.environ.get(name) or None
 
     def dev_secret(self) -> str:
         return self.auth_dev_secret or self._secret_file("dev-secret", 32)

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import platform
+from importlib import metadata
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CHANNELS = ("webhook", "fhir", "inbox", "flag-sync")
@@ -49,7 +61,15 @@ class Metrics:
         self.redis_up = Gauge("cpis_redis_up", "1 when Redis answers, else 0", registry=r)
         self.ready = Gauge("cpis_ready", "1 when the service is ready to serve, else 0", registry=r)
         self.audit_entries = Counter("cpis_audit_entries_total", "Audit entries written", ["action"], registry=r)
+        self.build = Info("cpis_build", "The running build: package version and Python version", registry=r)
+        self.build.info({"version": _version(), "python": platform.python_version()})
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
+        PlatformCollector(registry=r)
+        for kind in ("unscheduled", "silent"):
+            for flagged in ("true", "false"):
+                self.accesses.labels(kind, flagged)
         for channel in CHANNELS:
+            self.delivery_latency.labels(channel)
             self.delivery_pending.labels(channel)
             self.delivery_oldest.labels(channel)
             self.delivery_dead.labels(channel)
@@ -58,3 +78,10 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("cpis-bridge")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "0+unknown"

@@ -70,8 +70,9 @@ def make_settings(redis_url: str, key_prefix: str, tmp_path: Path) -> Callable[.
 
 
 @pytest.fixture
-def settings(make_settings: Callable[..., Settings]) -> Settings:
-    return make_settings()
+def settings(make_settings: Callable[..., Settings], request: pytest.FixtureRequest) -> Settings:
+    """Default settings; a test marked ``no_relays`` runs without the in-process relays (to inspect the queues)."""
+    return make_settings(relays=request.node.get_closest_marker("no_relays") is None)
 
 
 def token(role: Role | str, ods: str, **kw: Any) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,3 +73,203 @@ class AccessStore(Protocol):
     async def history(self, nhs: str) -> tuple[list[Record], list[tuple[str, Access]]]: ...
 
     async def encounter(self, encounter_id: str) -> dict[str, Any] | None: ...
+
+    async def append_audit(self, nhs: str, entry: Mapping[str, Any]) -> None:
+        """Append to the child's audit trail (kept under the keyed hash of the number)."""
+        ...
+
+# -- notification delivery (services/delivery.py; store/outbox.py and notify/ implement these) ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """One delivery job read from the notification queue. ``channel`` is None on first delivery (every channel of
+    the LA is due); retries carry the one channel still owed. Times are epoch milliseconds."""
+
+    id: str
+    la: str
+    ref: str  # the LA's inbox entry id: the notification's fixed body parts
+    channel: str | None = None
+    attempt: int = 0
+    first_ms: int = 0  # when the notification was queued (max age counts from here)
+    client_error_since_ms: int = 0  # first of an unbroken run of 4xx answers (0 = none)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """What one delivery attempt achieved. ``outcome``: delivered | transient (5xx, 408/429, timeout, refused) |
+    client-error (other 4xx) | gone (410). ``retry_after_s`` is the receiver's Retry-After, if it sent one."""
+
+    outcome: str
+    status: int | None = None
+    retry_after_s: float | None = None
+    detail: str = ""
+
+
+class Channel(Protocol):
+    """A delivery channel (webhook, FHIR Communication) of one LA."""
+
+    name: str
+
+    async def deliver(self, la: str, notification_id: str, nhs: str, body: bytes) -> DeliveryResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A delivery given up on: which channel, why (no NHS number, no body: those stay in the inbox entry)."""
+
+    channel: str
+    reason: str
+    status: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStats:
+    pending: int = 0
+    retrying: int = 0
+    dead: int = 0
+    oldest_pending_s: float = 0.0
+
+    def to_api(self) -> dict[str, Any]:
+        return {"pending": self.pending, "retrying": self.retrying, "dead": self.dead,
+                "oldestPendingSeconds": round(self.oldest_pending_s, 3)}
+
+
+class Outbox(Protocol):
+    """The notification queue: consumer-group reads, reclaim, delayed retries, dead letters, endpoint pauses."""
+
+    async def ensure_group(self) -> None: ...
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[QueueEntry]: ...
+
+    async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[QueueEntry]: ...
+
+    async def load(self, entries: Sequence[QueueEntry]) -> list[dict[str, str] | None]: ...
+
+    async def settle(
+        self,
+        entry: QueueEntry,
+        *,
+        notification_id: str | None,
+        retries: Sequence[tuple[QueueEntry, int]] = (),
+        dead: Sequence[DeadLetter] = (),
+    ) -> bool:
+        """Atomically: acknowledge and drop ``entry``, schedule ``retries`` (entry, due epoch ms), write ``dead``.
+        False (and nothing written) when another consumer settled the entry first."""
+        ...
+
+    async def promote(self, now_ms: int, limit: int) -> int: ...
+
+    async def pause(self, la: str, channel: str, until_ms: int) -> None: ...
+
+    async def paused_until(self, endpoints: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]: ...
+
+    async def stats(self, channels_of: Mapping[str, Sequence[str]], now_ms: int) -> dict[str, ChannelStats]: ...
+
+    async def requeue_dead(self, dead_id: str, now_ms: int) -> bool: ...
+
+
+class Inbox(Protocol):
+    """An LA's pull inbox: every notification, in queue order, with acknowledgements."""
+
+    async def page(self, la: str, after: str | None, limit: int) -> list[tuple[str, dict[str, str], bool]]: ...
+
+    async def find(self, la: str, notification_id: str) -> str | None: ...
+
+    async def ack(self, la: str, ref: str) -> None: ...
+
+# -- Flag sync (services/sync.py; adapters store/sync.py and fhir/flag_sync.py) ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SyncItem:
+    """One record to mirror, coalesced from every queue entry read for it in one batch."""
+
+    la: str
+    local_id: str
+    entry_ids: tuple[str, ...]
+    queued_ms: int  # when the oldest of those entries was first queued
+    tombstone: Record | None = None  # the erased record, when an entry carried one
+
+
+@dataclass(frozen=True, slots=True)
+class FlagWrite:
+    """Write the record's Flag with this status (active, inactive or entered-in-error)."""
+
+    record: Record
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """How one Flag write ended: ok, retry (transient), conflict (409/version 412: re-read and resend), dead."""
+
+    outcome: str
+    status: int = 0
+    reason: str = ""
+    operation_outcome: str | None = None  # the server's OperationOutcome, JSON
+    retry_after_s: float | None = None
+
+
+class SyncQueue(Protocol):
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[SyncItem]: ...
+
+    async def current(self, items: Sequence[SyncItem]) -> list[Record | None]: ...
+
+    async def done(self, items: Sequence[SyncItem]) -> None: ...
+
+    async def defer(self, items: Sequence[SyncItem], due_ms: int) -> None: ...
+
+    async def dead(self, item: SyncItem, result: WriteResult) -> None: ...
+
+    async def move_due(self, now_ms: int) -> int: ...
+
+    async def schedule_due(self, today_day: int) -> int: ...
+
+
+class FlagServer(Protocol):
+    async def prepare(self) -> None: ...
+
+    async def write(self, writes: Sequence[FlagWrite]) -> list[WriteResult]: ...
+
+    def pause(self, seconds: float) -> None: ...
+
+@dataclass(frozen=True, slots=True)
+class InboxItem:
+    """One inbox notification mentioning a child, as held (for the subject-access export)."""
+
+    la: str
+    entry_id: str
+    acknowledged: bool
+    fields: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectData:
+    """Everything held for one NHS number, as stored (the service shapes it for output)."""
+
+    tag: str
+    records: list[Record]
+    accesses: list[tuple[str, Access]]
+    encounters: dict[str, dict[str, Any]]
+    inbox: list[InboxItem]
+    audit: list[dict[str, Any]]
+    system_audit: list[dict[str, Any]]
+
+
+class RetentionStore(Protocol):
+    """Retention (purge) and subject access over the whole key space: SCAN-based and batched."""
+
+    def child_records(self, batch: int = 500) -> AsyncIterator[list[Record]]: ...
+
+    async def delete_records(self, records: Sequence[Record], audit: Mapping[str, Any]) -> int: ...
+
+    async def trim_accesses(self, before_ms: int) -> int: ...
+
+    async def trim_acknowledged_inbox(self, before_ms: int) -> int: ...
+
+    async def trim_audit(self, before: str) -> int: ...
+
+    async def subject(self, nhs: str) -> SubjectData: ...
+
+    async def audit_system(self, entry: Mapping[str, Any]) -> None: ...

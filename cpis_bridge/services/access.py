@@ -74,14 +74,34 @@ class AccessService:
             encounter=req.encounter,
         )
 
-    async def history(self, nhs: NhsNumber) -> tuple[list[Record], list[tuple[str, Access]]]:
-        """Visible records and the last 25 unscheduled accesses (empty when nothing is visible)."""
+    async def history(
+        self, nhs: NhsNumber, *, ctx: AuditContext | None = None, kind: str = "history"
+    ) -> tuple[list[Record], list[tuple[str, Access]]]:
+        """Visible records and the last 25 unscheduled accesses (empty when nothing is visible).
+
+        Never itself an access. With ``ctx`` the read is audited as ``read.<kind>`` (under the keyed hash only,
+        without the NHS number, when nothing is visible)."""
+        now = self.clock()
         records, accesses = await self.store.history(nhs)
-        today = today_london(self.clock())
-        visible = [r for r in records if r.is_visible(today, self.windows)]
+        visible = [r for r in records if r.is_visible(today_london(now), self.windows)]
+        if ctx is not None:
+            entry = ctx.entry(f"read.{kind}", nhs if visible else None, now, found=bool(visible),
+                              returned=len(accesses[:HISTORY_LENGTH]) if visible else 0)
+            await self.store.append_audit(nhs, entry)
         if not visible:
             return [], []
         return visible, accesses[:HISTORY_LENGTH]
 
-    async def encounter(self, encounter_id: str) -> dict[str, Any] | None:
-        return await self.store.encounter(encounter_id)
+    async def encounter(self, encounter_id: str, *, ctx: AuditContext | None = None) -> dict[str, Any] | None:
+        """A retained Encounter by id (the access id). With ``ctx``: only the care setting that sent it sees it
+        (others get None), and the read is audited."""
+        stored = await self.store.encounter(encounter_id)
+        if stored is None or ctx is None:
+            return stored
+        owner = ((stored.get("serviceProvider") or {}).get("identifier") or {}).get("value")
+        if owner != ctx.principal.ods:
+            return None  # another care setting's attendance looks absent
+        nhs = str(((stored.get("subject") or {}).get("identifier") or {}).get("value") or "")
+        if nhs:
+            await self.store.append_audit(nhs, ctx.entry("read.encounter", nhs, self.clock(), encounterId=encounter_id))
+        return stored

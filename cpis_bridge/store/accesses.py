@@ -88,3 +88,6 @@ class RedisAccessStore:
             return None
         result: dict[str, Any] = orjson.loads(raw)
         return result
+
+    async def append_audit(self, nhs: str, entry: Mapping[str, Any]) -> None:
+        await self.redis.lpush(self.keys.audit(self.keys.tag(nhs)), orjson.dumps(dict(entry)))

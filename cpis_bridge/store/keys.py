@@ -13,12 +13,14 @@ Layout (P = settings.key_prefix, h = child tag):
   P:cs                 HASH   care-setting ODS -> "name\\x1ftype" (registry mirror read by Lua)
   P:inbox:<la>         STREAM every notification for that LA (the pull inbox), body parts fixed at queue time
   P:inbox:<la>:ack     SET    acknowledged inbox entry ids
+  P:inbox:<la>:idx     HASH   notification id -> inbox entry id (written by the relays, rebuilt on demand)
   P:q:notify           STREAM notification delivery queue: {la, ref=<inbox entry id>} (group "relays")
   P:q:notify:delay     ZSET   delivery retries waiting for their time
   P:q:sync             STREAM flag sync queue: {la, lid[, t=tombstone JSON]} (group "relays")
   P:q:sync:delay       ZSET   sync retries waiting for their time
   P:sched:sync         ZSET   "<la>|<localId>" -> epoch day on which its visibility ends (time-driven Flag status)
-  P:dead               STREAM dead letters of every channel
+  P:dead               STREAM dead letters of every channel (fields: channel, la, ref | lid[, t], reason, ...)
+  P:pause:<ch>:<la>    STRING epoch ms until which that endpoint is paused (Retry-After), with a matching TTL
   P:audit:sys          LIST   audit entries that concern no NHS number (ops reads)
 """
 
@@ -81,6 +83,12 @@ class Keys:
 
     def inbox_acks(self, la: str) -> str:
         return f"{self.prefix}:inbox:{la}:ack"
+
+    def inbox_index(self, la: str) -> str:
+        return f"{self.prefix}:inbox:{la}:idx"
+
+    def delivery_pause(self, la: str, channel: str) -> str:
+        return f"{self.prefix}:pause:{channel}:{la}"
 
     @property
     def notify_queue(self) -> str:

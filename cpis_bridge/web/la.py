@@ -12,12 +12,13 @@ from cpis_bridge.core.errors import UnreadableInput, UnsupportedMediaType, Valid
 from cpis_bridge.core.principal import Role
 from cpis_bridge.services.records import UploadMeta
 from cpis_bridge.web.common import allow, audit_context, json_response, principal
-from cpis_bridge.web.middlewares import UPLOAD_LIMIT
-from cpis_bridge.web.state import METRICS, RECORDS
+from cpis_bridge.web.state import METRICS, RECORDS, SETTINGS
 from cpis_bridge.web.uploads import content_type, meta_from_headers, reader_for, spool
 
 routes = web.RouteTableDef()
 LA = Role.LOCAL_AUTHORITY
+# Any printable localId (braces included: aiohttp's default segment pattern refuses them); "/" arrives as %2F.
+RECORD_PATH = "/v1/records/{localId:[^/]+}"
 
 
 async def read_json(request: web.Request, *, types: tuple[str, ...] = ("application/json",)) -> Any:
@@ -31,7 +32,7 @@ async def read_json(request: web.Request, *, types: tuple[str, ...] = ("applicat
         raise UnreadableInput("the body is not valid JSON") from None
 
 
-@routes.put("/v1/records/{localId}")
+@routes.put(RECORD_PATH)
 @allow(LA)
 async def put_record(request: web.Request) -> web.Response:
     service = request.app[RECORDS]
@@ -47,7 +48,7 @@ async def put_record(request: web.Request) -> web.Response:
     return json_response(service.render(record), status=201 if created else 200, headers=headers)
 
 
-@routes.get("/v1/records/{localId}")
+@routes.get(RECORD_PATH)
 @allow(LA)
 async def get_record(request: web.Request) -> web.Response:
     service = request.app[RECORDS]
@@ -66,7 +67,7 @@ async def list_records(request: web.Request) -> web.Response:
     return json_response({"records": [service.render(r) for r in records]})
 
 
-@routes.delete("/v1/records/{localId}")
+@routes.delete(RECORD_PATH)
 @allow(LA)
 async def delete_record(request: web.Request) -> web.Response:
     await request.app[RECORDS].erase(audit_context(request), principal(request).ods, request.match_info["localId"])
@@ -86,7 +87,7 @@ async def post_upload(request: web.Request) -> web.Response:
             stored = await service.check_sequence(la, meta.sequence)
             if stored is not None:
                 return json_response(stored, headers={"Upload-Replayed": "true"})
-        spooled = await spool(request, UPLOAD_LIMIT)
+        spooled = await spool(request, request.app[SETTINGS].upload_max_bytes)
         try:
             meta = meta or UploadMeta()
             file_meta = meta

@@ -34,7 +34,15 @@ def route_template(request: web.Request) -> str:
 
 
 def body_limit(request: web.Request) -> int:
-    return UPLOAD_LIMIT if request.path == "/v1/uploads" else DEFAULT_LIMIT
+    return request.app[SETTINGS].upload_max_bytes if request.path == "/v1/uploads" else DEFAULT_LIMIT
+
+
+def size_text(limit: int) -> str:
+    """A byte limit for error messages: whole MiB where it is one, else KiB or bytes."""
+    for unit, size in (("MiB", MiB), ("KiB", 1024)):
+        if limit >= size and limit % size == 0:
+            return f"{limit // size} {unit}"
+    return f"{limit} bytes"
 
 
 def error_response(request: web.Request, status: int, title: str, detail: str, *, code: str | None = None,
@@ -105,7 +113,7 @@ def make_middlewares() -> list[web.Middleware]:
     async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
         length = request.content_length
         if length is not None and length > body_limit(request):
-            raise PayloadTooLarge(f"the request body is over the {body_limit(request) // MiB} MiB limit")
+            raise PayloadTooLarge(f"the request body is over the {size_text(body_limit(request))} limit")
         return await handler(request)
 
     @web.middleware

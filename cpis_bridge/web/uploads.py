@@ -17,6 +17,7 @@ from cpis_bridge.core.codes import FileCode
 from cpis_bridge.core.errors import PayloadTooLarge, UnreadableInput, UnsupportedMediaType
 from cpis_bridge.core.records import READ_ONLY_FIELDS, WRITABLE_FIELDS
 from cpis_bridge.services.records import UploadMeta, parse_count, parse_mode, parse_sequence
+from cpis_bridge.web.middlewares import size_text
 
 CONTENT_TYPES = ("application/json", "application/x-ndjson", "text/csv")
 CHUNK = 1 << 20
@@ -49,7 +50,7 @@ async def spool(request: web.Request, limit: int) -> IO[bytes]:
         async for chunk in request.content.iter_chunked(CHUNK):
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(f"the upload is over the {limit // (1 << 20)} MiB limit")
+                raise PayloadTooLarge(f"the upload is over the {size_text(limit)} limit")
             tmp.write(chunk)
     except BaseException:
         tmp.close()

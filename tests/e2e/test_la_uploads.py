@@ -88,6 +88,7 @@ async def test_full_upload_ends_absent_records_but_not_named_rejected_ones(clien
 async def test_full_upload_with_nothing_accepted_ends_nothing(client):
     await upload(client, envelope(1, [record("A")]))
     status, rep = await upload(client, envelope(2, [record("B", nhsNumber="1")], mode="full"))
+    assert status == 200
     assert rep["fileCode"] == "CPF04" and rep["ended"] == 0
     assert (await ids(client))["A"]["endDate"] is None
     r = await client.post("/v1/uploads", data=b"garbage", headers={**LA1, "Content-Type": "application/json"})
@@ -102,10 +103,10 @@ async def test_ndjson_and_csv(client):
     r = await client.post("/v1/uploads", data=lines, headers=headers)
     assert r.status == 200 and (await r.json())["accepted"] == 3
     csv_body = (
-        "localId,planType,nhsNumber,dateOfBirth,startDate,endDate,lacLegalBasis\n"
-        "C1,LAC,9990000026,2015-01-01,2026-01-01,,s31\n"
-        "C2,CPP,9990000026,2015-01-01,2026-01-01,2026-03-01,\n"
-    ).encode()
+        b"localId,planType,nhsNumber,dateOfBirth,startDate,endDate,lacLegalBasis\n"
+        b"C1,LAC,9990000026,2015-01-01,2026-01-01,,s31\n"
+        b"C2,CPP,9990000026,2015-01-01,2026-01-01,2026-03-01,\n"
+    )
     headers = {**LA1, "Content-Type": "text/csv", "Upload-Sequence": "2", "Upload-Mode": "delta"}
     r = await client.post("/v1/uploads", data=csv_body, headers=headers)
     rep = await r.json()
@@ -135,6 +136,7 @@ async def test_bad_ndjson_csv_and_headers(client):
 
 async def test_duplicate_local_id_in_one_upload(client):
     status, rep = await upload(client, envelope(1, [record("A"), record("A", planType="LAC")]))
+    assert status == 200
     assert rep["fileCode"] == "CPF03" and rep["rejections"][0]["index"] == 1
     assert (await ids(client))["A"]["planType"] == "CPP"
 

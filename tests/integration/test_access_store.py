@@ -5,6 +5,8 @@ import datetime as dt
 import orjson
 import pytest
 
+pytestmark = pytest.mark.no_relays
+
 from cpis_bridge.app import create_app
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber

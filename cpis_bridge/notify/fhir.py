@@ -1,0 +1,63 @@
+"""The FHIR channel: PUT [base]/Communication/{uuid5 of the notification id} (R4), status completed, subject the
+NHS number, recipient the LA by ODS code, payload[0].contentAttachment the notification body as application/json."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Mapping
+from typing import Any, Final
+
+import aiohttp
+import orjson
+
+from cpis_bridge.core.ports import DeliveryResult
+from cpis_bridge.notify.http import send
+
+# Fixed (documented in the README): Communication.id = uuid5(NS_COMMUNICATION, notification id).
+NS_COMMUNICATION: Final = uuid.UUID("6f1c2f4e-8a55-5b7e-9d3a-2b7c0c1d4e03")
+NHS_SYSTEM: Final = "https://fhir.nhs.uk/Id/nhs-number"
+ODS_SYSTEM: Final = "https://fhir.nhs.uk/Id/ods-organization-code"
+FHIR_JSON: Final = "application/fhir+json"
+
+
+def communication_id(notification_id: str) -> str:
+    return str(uuid.uuid5(NS_COMMUNICATION, notification_id))
+
+
+def communication(la: str, notification_id: str, nhs: str, body: bytes, sent: str | None) -> dict[str, Any]:
+    """The R4 Communication carrying one notification (built as plain JSON; tests validate it with R4B)."""
+    resource: dict[str, Any] = {
+        "resourceType": "Communication",
+        "id": communication_id(notification_id),
+        "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{notification_id}"}],
+        "status": "completed",
+        "subject": {"identifier": {"system": NHS_SYSTEM, "value": nhs}},
+        "recipient": [{"identifier": {"system": ODS_SYSTEM, "value": la}}],
+        "payload": [{"contentAttachment": {"contentType": "application/json",
+                                           "data": base64.b64encode(body).decode()}}],
+    }
+    if sent:
+        resource["sent"] = sent
+    return resource
+
+
+class FhirCommunicationChannel:
+    name = "fhir"
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, *, auth_headers: Mapping[str, str] | None = None,
+                 timeout_s: float = 10.0) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self.auth_headers = dict(auth_headers or {})
+        self.timeout_s = timeout_s
+
+    async def deliver(self, la: str, notification_id: str, nhs: str, body: bytes) -> DeliveryResult:
+        sent = orjson.loads(body).get("createdAt")
+        resource = orjson.dumps(communication(la, notification_id, nhs, body, sent))
+        url = f"{self.base_url}/Communication/{communication_id(notification_id)}"
+
+        def headers() -> dict[str, str]:
+            return {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, **self.auth_headers}
+
+        return await send(self.session, "PUT", url, resource, headers, self.timeout_s)

@@ -1,0 +1,72 @@
+"""What the delivery channels share: one HTTP attempt (with a tenacity retry for a dropped keep-alive connection)
+and the classification of its answer into a DeliveryResult (2xx, 410, other 4xx, transient)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+from collections.abc import Callable, Mapping
+
+import aiohttp
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
+
+from cpis_bridge.core.ports import DeliveryResult
+
+TRANSIENT_4XX = frozenset({408, 425, 429})
+MAX_RETRY_AFTER_S = 3600.0
+
+
+def retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    delta = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
+    return min(max(delta, 0.0), MAX_RETRY_AFTER_S)
+
+
+def classify(status: int, headers: Mapping[str, str]) -> DeliveryResult:
+    if 200 <= status < 300:
+        return DeliveryResult("delivered", status)
+    if status == 410:
+        return DeliveryResult("gone", status)
+    ra = retry_after(headers.get("Retry-After"))
+    if 400 <= status < 500 and status not in TRANSIENT_4XX:
+        return DeliveryResult("client-error", status, ra)
+    return DeliveryResult("transient", status, ra)
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    body: bytes,
+    headers: Callable[[], dict[str, str]],
+    timeout_s: float,
+) -> DeliveryResult:
+    """One delivery attempt. ``headers`` is called per HTTP try, so signatures carry the current timestamp. A
+    connection the server closed under us is retried at once (a keep-alive race, not a receiver failure)."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(aiohttp.ServerDisconnectedError), stop=stop_after_attempt(2),
+            wait=wait_fixed(0.01), reraise=True,
+        ):
+            with attempt:
+                async with session.request(method, url, data=body, headers=headers(), timeout=timeout,
+                                           allow_redirects=False) as resp:
+                    await resp.read()
+                    return classify(resp.status, resp.headers)
+    except TimeoutError:
+        return DeliveryResult("transient", None, None, "timeout")
+    except aiohttp.ClientError as exc:
+        return DeliveryResult("transient", None, None, type(exc).__name__)
+    raise AssertionError("unreachable")  # pragma: no cover

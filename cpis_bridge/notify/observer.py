@@ -1,0 +1,49 @@
+"""Delivery metrics: counters per (channel, outcome) bound once, latency, and the gauges refreshed from the outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from prometheus_client import Counter, Histogram
+
+from cpis_bridge.core.ports import ChannelStats
+from cpis_bridge.metrics import CHANNELS, Metrics
+
+log = logging.getLogger("cpis_bridge.delivery")
+
+
+class MetricsObserver:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._counts: dict[tuple[str, str], Counter] = {
+            (ch, o): metrics.deliveries.labels(ch, o) for ch in CHANNELS for o in ("delivered", "retried", "dead")
+        }
+        self._latency: dict[str, Histogram] = {ch: metrics.delivery_latency.labels(ch) for ch in CHANNELS}
+
+    def count(self, channel: str, outcome: str) -> None:
+        child = self._counts.get((channel, outcome)) or self.metrics.deliveries.labels(channel, outcome)
+        child.inc()
+
+    def latency(self, channel: str, seconds: float) -> None:
+        self._latency[channel].observe(seconds)
+
+    def gauges(self, stats: Mapping[str, ChannelStats]) -> None:
+        for ch, s in stats.items():
+            self.metrics.delivery_pending.labels(ch).set(s.pending + s.retrying)
+            self.metrics.delivery_oldest.labels(ch).set(s.oldest_pending_s)
+            self.metrics.delivery_dead.labels(ch).set(s.dead)
+
+
+async def refresh_gauges(observer: MetricsObserver, stats: Callable[[], Awaitable[Mapping[str, ChannelStats]]],
+                         interval_s: float) -> None:
+    """Keep the pending/oldest/dead gauges current (every process reports the shared outbox)."""
+    while True:
+        try:
+            observer.gauges(await stats())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("delivery.gauges_failed")
+        await asyncio.sleep(interval_s)

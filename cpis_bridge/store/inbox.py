@@ -1,0 +1,48 @@
+"""Each LA's pull inbox in Redis: the inbox stream written by access.lua, its acknowledgements, and the index from
+notification id to inbox entry (written by the relays; rebuilt here by scanning when an id is not indexed yet)."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from cpis_bridge.core.access import Access, notification_id
+from cpis_bridge.store.keys import Keys
+
+SCAN_CHUNK = 500
+
+
+class RedisInbox:
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def page(self, la: str, after: str | None, limit: int) -> list[tuple[str, dict[str, str], bool]]:
+        """Up to ``limit`` entries after the entry id ``after`` (oldest first), each with its acknowledged flag."""
+        rows = await self.redis.xrange(self.keys.inbox(la), "(" + after if after else "-", "+", count=limit)
+        if not rows:
+            return []
+        flags = await self.redis.smismember(self.keys.inbox_acks(la), [r[0] for r in rows])
+        return [(eid, dict(f), bool(flag)) for (eid, f), flag in zip(rows, flags, strict=True)]
+
+    async def find(self, la: str, nid: str) -> str | None:
+        """The inbox entry id of notification ``nid`` in this LA's inbox, or None."""
+        ref: str | None = await self.redis.hget(self.keys.inbox_index(la), nid)
+        if ref is not None:
+            return ref
+        end = "+"
+        while True:  # newest first: an id not indexed yet is most likely a recent one
+            rows = await self.redis.xrevrange(self.keys.inbox(la), end, "-", count=SCAN_CHUNK)
+            if not rows:
+                return None
+            for eid, f in rows:
+                try:
+                    aid = Access.decode(f["acc"]).access_id(f["tag"])
+                except (KeyError, ValueError):
+                    continue
+                if notification_id(aid, la) == nid:
+                    await self.redis.hset(self.keys.inbox_index(la), nid, eid)
+                    return str(eid)
+            end = "(" + rows[-1][0]
+
+    async def ack(self, la: str, ref: str) -> None:
+        await self.redis.sadd(self.keys.inbox_acks(la), ref)

@@ -1,0 +1,239 @@
+"""The notification outbox in Redis: the delivery queue stream read through the "relays" consumer group, reclaim
+of abandoned entries (XAUTOCLAIM), the delay zset of retries (settle.lua / promote.lua), dead letters, pauses.
+
+Queue entry fields: la, ref (inbox entry id); retries add ch (the one channel still owed), n (failed attempts),
+t0 (epoch ms first queued) and c4 (epoch ms of the first of an unbroken run of 4xx, 0 if none).
+Dead-letter entry fields (keys.dead_letters, shared with the Flag sync): channel (webhook | fhir | inbox |
+flag-sync), la, reason, status, at (epoch ms), attempts, and ref + t0 for notifications or lid [+ t] for sync.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from cpis_bridge.core.ports import ChannelStats, DeadLetter, QueueEntry
+from cpis_bridge.store.keys import Keys
+from cpis_bridge.store.scripts import Scripts
+
+GROUP = "relays"
+SCAN_CAP = 50_000  # stats read at most this many entries per structure (bounded cost on a huge backlog)
+CHANNELS = ("webhook", "fhir", "inbox", "flag-sync")
+
+
+def entry_ms(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+def to_entry(entry_id: str, f: Mapping[str, str]) -> QueueEntry:
+    return QueueEntry(
+        id=entry_id,
+        la=f.get("la", ""),
+        ref=f.get("ref", ""),
+        channel=f.get("ch") or None,
+        attempt=int(f.get("n") or 0),
+        first_ms=int(f.get("t0") or entry_ms(entry_id)),
+        client_error_since_ms=int(f.get("c4") or 0),
+    )
+
+
+def member(entry: QueueEntry) -> str:
+    """A delay-zset member: the stream fields to re-add (unique per notification, channel and attempt)."""
+    fields = ["la", entry.la, "ref", entry.ref, "ch", entry.channel or "", "n", str(entry.attempt),
+              "t0", str(entry.first_ms), "c4", str(entry.client_error_since_ms)]
+    return orjson.dumps(fields).decode()
+
+
+class RedisOutbox:
+    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._settle = scripts.register("settle")
+        self._promote = scripts.register("promote")
+        self._requeue = scripts.register("requeue_dead")
+
+    async def ensure_group(self) -> None:
+        try:
+            # From the start of the stream: entries queued before any relay ever ran are delivered too.
+            await self.redis.xgroup_create(self.keys.notify_queue, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def forget(self, consumer: str) -> None:
+        """Remove a stopped consumer from the group, but only when it holds nothing (its entries stay claimable)."""
+        try:
+            pending = await self.redis.xpending_range(self.keys.notify_queue, GROUP, "-", "+", 1, consumername=consumer)
+            if not pending:
+                await self.redis.xgroup_delconsumer(self.keys.notify_queue, GROUP, consumer)
+        except ResponseError:
+            pass
+
+    async def read(self, consumer: str, count: int, block_ms: int) -> list[QueueEntry]:
+        try:
+            out = await self.redis.xreadgroup(GROUP, consumer, {self.keys.notify_queue: ">"}, count=max(count, 1),
+                                              block=block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group()
+            return []
+        return [to_entry(i, f) for i, f in _stream_entries(out)]
+
+    async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[QueueEntry]:
+        try:
+            out = await self.redis.xautoclaim(self.keys.notify_queue, GROUP, consumer, min_idle_ms, "0-0",
+                                              count=count)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group()
+            return []
+        entries = [to_entry(i, f) for i, f in out[1] if f]
+        gone = [i for i, f in out[1] if not f]  # deleted while pending: nothing to deliver
+        if gone:
+            await self.redis.xack(self.keys.notify_queue, GROUP, *gone)
+        return entries
+
+    async def load(self, entries: Sequence[QueueEntry]) -> list[dict[str, str] | None]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for e in entries:
+                pipe.xrange(self.keys.inbox(e.la), e.ref, e.ref)
+            found = await pipe.execute()
+        return [dict(rows[0][1]) if rows else None for rows in found]
+
+    async def settle(
+        self,
+        entry: QueueEntry,
+        *,
+        notification_id: str | None,
+        retries: Sequence[tuple[QueueEntry, int]] = (),
+        dead: Sequence[DeadLetter] = (),
+    ) -> bool:
+        k = self.keys
+        args: list[Any] = [GROUP, entry.id, notification_id or "", entry.ref, len(retries)]
+        for retry, due in retries:
+            args += [due, member(retry)]
+        args.append(len(dead))
+        now = int(time.time() * 1000)
+        for d in dead:
+            fields = ["channel", d.channel, "la", entry.la, "ref", entry.ref, "reason", d.reason,
+                      "status", "" if d.status is None else str(d.status), "at", str(now),
+                      "attempts", str(entry.attempt + 1), "t0", str(entry.first_ms)]
+            args += [len(fields) // 2, *fields]
+        keys = [k.notify_queue, k.notify_delay, k.dead_letters, k.inbox_index(entry.la)]
+        return bool(await self._settle(keys=keys, args=args))
+
+    async def promote(self, now_ms: int, limit: int) -> int:
+        return int(await self._promote(keys=[self.keys.notify_delay, self.keys.notify_queue], args=[now_ms, limit]))
+
+    async def pause(self, la: str, channel: str, until_ms: int) -> None:
+        ttl = max(until_ms - int(time.time() * 1000), 1)
+        await self.redis.set(self.keys.delivery_pause(la, channel), until_ms, px=ttl)
+
+    async def paused_until(self, endpoints: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        values = await self.redis.mget([self.keys.delivery_pause(la, ch) for la, ch in endpoints])
+        return {ep: int(v) for ep, v in zip(endpoints, values, strict=True) if v}
+
+    async def requeue_dead(self, dead_id: str, now_ms: int) -> bool:
+        k = self.keys
+        out = await self._requeue(keys=[k.dead_letters, k.notify_queue, k.sync_queue], args=[dead_id, now_ms])
+        return bool(out)
+
+    async def stats(self, channels_of: Mapping[str, Sequence[str]], now_ms: int) -> dict[str, ChannelStats]:
+        """Per channel: queued entries (pending), waiting retries (retrying), dead letters, and the age of the oldest
+        undelivered one. The pull inbox counts notifications the LA has not acknowledged yet."""
+        k = self.keys
+        pending = dict.fromkeys(CHANNELS, 0)
+        retrying = dict.fromkeys(CHANNELS, 0)
+        dead = dict.fromkeys(CHANNELS, 0)
+        oldest: dict[str, int] = {}
+
+        def seen(ch: str, t0: int) -> None:
+            if ch not in oldest or t0 < oldest[ch]:
+                oldest[ch] = t0
+
+        for eid, f in await self._scan_stream(k.notify_queue):
+            e = to_entry(eid, f)
+            for ch in [e.channel] if e.channel else channels_of.get(e.la, ()):
+                pending[ch] += 1
+                seen(ch, e.first_ms)
+        for raw in await self.redis.zrange(k.notify_delay, 0, SCAN_CAP - 1):
+            f = _pairs(orjson.loads(raw))
+            ch = f.get("ch") or "webhook"
+            retrying[ch] = retrying.get(ch, 0) + 1
+            seen(ch, int(f.get("t0") or now_ms))
+        for _, f in await self._scan_stream(k.dead_letters):
+            ch = f.get("channel", "webhook")
+            dead[ch] = dead.get(ch, 0) + 1
+        # Flag sync (its relay is built elsewhere): queue length, delay zset size, oldest queued entry.
+        pending["flag-sync"] = int(await self.redis.xlen(k.sync_queue))
+        retrying["flag-sync"] = int(await self.redis.zcard(k.sync_delay))
+        first = await self.redis.xrange(k.sync_queue, "-", "+", count=1)
+        if first:
+            seen("flag-sync", entry_ms(first[0][0]))
+        for la in channels_of:
+            count, first_ms = await self._unacknowledged(la)
+            pending["inbox"] += count
+            if first_ms is not None:
+                seen("inbox", first_ms)
+        return {
+            ch: ChannelStats(pending[ch], retrying.get(ch, 0), dead.get(ch, 0),
+                             max(now_ms - oldest[ch], 0) / 1000 if ch in oldest else 0.0)
+            for ch in CHANNELS
+        }
+
+    async def _unacknowledged(self, la: str) -> tuple[int, int | None]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self.keys.inbox(la))
+            pipe.scard(self.keys.inbox_acks(la))
+            total, acked = await pipe.execute()
+        count = max(int(total) - int(acked), 0)
+        if count == 0:
+            return 0, None
+        start = "-"
+        scanned = 0
+        while scanned < SCAN_CAP:
+            rows = await self.redis.xrange(self.keys.inbox(la), start, "+", count=500)
+            if not rows:
+                break
+            flags = await self.redis.smismember(self.keys.inbox_acks(la), [r[0] for r in rows])
+            for (eid, _), flag in zip(rows, flags, strict=True):
+                if not flag:
+                    return count, entry_ms(eid)
+            scanned += len(rows)
+            start = "(" + rows[-1][0]
+        return count, None
+
+    async def _scan_stream(self, key: str) -> list[tuple[str, dict[str, str]]]:
+        out: list[tuple[str, dict[str, str]]] = []
+        start = "-"
+        while len(out) < SCAN_CAP:
+            rows = await self.redis.xrange(key, start, "+", count=1000)
+            if not rows:
+                break
+            out += [(i, dict(f)) for i, f in rows]
+            start = "(" + rows[-1][0]
+        return out
+
+
+def _pairs(flat: Sequence[str]) -> dict[str, str]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+
+
+def _stream_entries(out: Any) -> list[tuple[str, dict[str, str]]]:
+    """XREADGROUP replies as RESP2 lists or RESP3 dicts, flattened to (id, fields)."""
+    if not out:
+        return []
+    streams = out.items() if isinstance(out, dict) else [(s[0], s[1]) for s in out]
+    result: list[tuple[str, dict[str, str]]] = []
+    for _, entries in streams:
+        for entry in entries:
+            if isinstance(entries, list) and len(entry) == 2:
+                result.append((entry[0], dict(entry[1] or {})))
+    return result

@@ -1,0 +1,288 @@
+"""Authorisation matrix: every route of the app's router x every role -> the expected answer, from one table that
+must cover every routed endpoint; unregistered organisations; other LAs' data looks absent (404, empty, never 403)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from cpis_bridge.app import create_app
+from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.nhs import NhsNumber
+from cpis_bridge.core.principal import Principal, Role
+from cpis_bridge.services.access import LookupRequest
+from cpis_bridge.web.common import policy_of
+from cpis_bridge.web.state import ACCESS, REGISTRY
+from tests.conftest import ED, LA1, LA2, OPS, auth, record
+
+NHS = "9990000018"
+NHS_OTHER = "9990000026"
+IDENT = f"https://fhir.nhs.uk/Id/nhs-number|{NHS}"
+
+ROLES: dict[str, dict[str, str]] = {"none": {}, "care-setting": ED, "ops": OPS, "local-authority": LA1}
+PUBLIC = frozenset(ROLES)
+LA_ONLY = frozenset({"local-authority"})
+CS_ONLY = frozenset({"care-setting"})
+OPS_ONLY = frozenset({"ops"})
+
+
+@dataclass(frozen=True)
+class Row:
+    """Who may call a route, one concrete request to it, and what an allowed caller gets (None: anything that is
+    neither 401/403 nor 5xx, for routes whose handlers live on other branches)."""
+
+    allowed: frozenset[str]
+    path: str
+    ok: frozenset[int] | None
+    json: Any = None
+    data: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+ENCOUNTER = {
+    "resourceType": "Encounter", "status": "arrived", "identifier": [{"system": "urn:test:ed", "value": "enc-m1"}],
+    "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER"},
+    "subject": {"identifier": {"system": "https://fhir.nhs.uk/Id/nhs-number", "value": NHS}},
+    "period": {"start": "2026-02-01T10:00:00Z"},
+}
+CDS_CALL = {
+    "hook": "patient-view", "hookInstance": "0e6a0f5c-3f1d-4a57-9a4e-6c1b5b1d2a01",
+    "context": {"userId": "Practitioner/1", "patientId": "p1"},
+    "prefetch": {"patient": {"resourceType": "Patient", "id": "p1",
+                             "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": NHS}]}},
+}
+
+# (METHOD, route template as the router spells it) -> Row. Every routed endpoint must be here (HEAD follows GET).
+TABLE: dict[tuple[str, str], Row] = {
+    ("GET", "/healthz"): Row(PUBLIC, "/healthz", frozenset({200})),
+    ("GET", "/readyz"): Row(PUBLIC, "/readyz", frozenset({200})),
+    ("GET", "/metrics"): Row(PUBLIC, "/metrics", frozenset({200})),
+    ("GET", "/v1/openapi.json"): Row(PUBLIC, "/v1/openapi.json", frozenset({200})),
+    ("PUT", "/v1/records/{localId}"): Row(LA_ONLY, "/v1/records/M-PUT", frozenset({201}), json=record("M-PUT")),
+    ("GET", "/v1/records/{localId}"): Row(LA_ONLY, "/v1/records/M-GET", frozenset({200})),
+    ("DELETE", "/v1/records/{localId}"): Row(LA_ONLY, "/v1/records/M-DEL", frozenset({204})),
+    ("GET", "/v1/records"): Row(LA_ONLY, f"/v1/records?nhsNumber={NHS}", frozenset({200})),
+    ("POST", "/v1/uploads"): Row(
+        LA_ONLY, "/v1/uploads", frozenset({200}),
+        json={"sequence": 7, "mode": "delta", "recordCount": 1, "records": [record("M-UP", NHS_OTHER)]},
+    ),
+    ("GET", "/v1/admin/audit"): Row(OPS_ONLY, f"/v1/admin/audit?nhsNumber={NHS}", frozenset({200})),
+    # Built on other branches (see PENDING_ROUTES).
+    ("GET", "/v1/children/{nhs}/accesses"): Row(LA_ONLY, f"/v1/children/{NHS}/accesses", None),
+    ("GET", "/v1/notifications"): Row(LA_ONLY, "/v1/notifications", None),
+    ("POST", "/v1/notifications/{id}/ack"): Row(LA_ONLY, "/v1/notifications/no-such-id/ack", None),
+    ("GET", "/v1/admin/deliveries"): Row(OPS_ONLY, "/v1/admin/deliveries", None),
+    ("POST", "/v1/admin/dead-letters/{id}/retry"): Row(OPS_ONLY, "/v1/admin/dead-letters/no-such-id/retry", None),
+    ("GET", "/fhir/metadata"): Row(PUBLIC, "/fhir/metadata", None),
+    ("GET", "/fhir/CareTeam"): Row(CS_ONLY, f"/fhir/CareTeam?patient:identifier={IDENT}", None),
+    ("GET", "/fhir/Flag"): Row(CS_ONLY, f"/fhir/Flag?patient:identifier={IDENT}", None),
+    ("GET", "/fhir/AuditEvent"): Row(CS_ONLY, f"/fhir/AuditEvent?patient:identifier={IDENT}", None),
+    ("POST", "/fhir/Encounter"): Row(
+        CS_ONLY, "/fhir/Encounter", None, json=ENCOUNTER, headers={"Content-Type": "application/fhir+json"}
+    ),
+    ("GET", "/fhir/Encounter/{id}"): Row(CS_ONLY, "/fhir/Encounter/no-such-id", None),
+    ("GET", "/cds-services"): Row(PUBLIC, "/cds-services", None),
+    ("POST", "/cds-services/{id}"): Row(CS_ONLY, "/cds-services/cpis-patient-view", None, json=CDS_CALL),
+}
+
+# Table rows whose routes other branches build. LEAD: delete each entry once its branch is merged; the test fails
+# while a routed route is still listed here, and while a listed route is unrouted but missing from this set.
+PENDING_ROUTES: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("GET", "/v1/children/{nhs}/accesses"),
+        ("GET", "/v1/notifications"),
+        ("POST", "/v1/notifications/{id}/ack"),
+        ("GET", "/v1/admin/deliveries"),
+        ("POST", "/v1/admin/dead-letters/{id}/retry"),
+        ("GET", "/fhir/metadata"),
+        ("GET", "/fhir/CareTeam"),
+        ("GET", "/fhir/Flag"),
+        ("GET", "/fhir/AuditEvent"),
+        ("POST", "/fhir/Encounter"),
+        ("GET", "/fhir/Encounter/{id}"),
+        ("GET", "/cds-services"),
+        ("POST", "/cds-services/{id}"),
+    }
+)
+
+
+def all_routes(app: web.Application) -> dict[tuple[str, str], Any]:
+    """Every (METHOD, template) -> handler the router holds, HEAD included."""
+    out: dict[tuple[str, str], Any] = {}
+    for route in app.router.routes():
+        assert route.resource is not None
+        assert route.method != "*", f"wildcard-method route {route.resource.canonical}: list its methods"
+        out[(route.method, route.resource.canonical)] = route.handler
+    return out
+
+
+def row_for(key: tuple[str, str]) -> Row:
+    method, path = key
+    return TABLE[("GET", path) if method == "HEAD" else key]
+
+
+def test_table_covers_the_router(settings: Any) -> None:
+    routes = all_routes(create_app(settings))
+    table_keys = {("GET", p) if m == "HEAD" else (m, p) for m, p in routes}
+    assert sorted(table_keys - set(TABLE)) == [], "routes missing from the authorisation table"
+    unrouted = set(TABLE) - table_keys
+    assert sorted(unrouted - PENDING_ROUTES) == [], "table rows for routes the router lacks"
+    assert sorted(PENDING_ROUTES - unrouted) == [], "now routed: delete these from PENDING_ROUTES"
+
+
+def test_table_agrees_with_route_policies(settings: Any) -> None:
+    """The table is written independently of the code; a policy change must show up here as a deliberate edit."""
+    for key, handler in all_routes(create_app(settings)).items():
+        policy = policy_of(handler)
+        assert policy is not None, f"{key} has no @allow policy"
+        expected = row_for(key).allowed
+        actual = PUBLIC if policy.public else frozenset(
+            r.value for r in (policy.roles | ({Role.CARE_SETTING} if policy.cds else set()))
+        )
+        assert actual == expected, key
+
+
+async def _seed(client: Any) -> None:
+    for lid in ("M-GET", "M-DEL"):
+        r = await client.put(f"/v1/records/{lid}", json=record(lid), headers=LA1)
+        assert r.status == 201, await r.text()
+
+
+def _expected_content_type(path: str) -> str:
+    return "application/fhir+json" if path.startswith("/fhir") else "application/problem+json"
+
+
+async def test_every_route_every_role(client: Any) -> None:
+    await _seed(client)
+    routes = all_routes(client.app)
+    assert len(routes) >= 10
+    checked: dict[str, int] = defaultdict(int)
+    for key in sorted(routes, key=lambda k: (k[1], k[0] != "HEAD")):  # HEAD first: it must not change anything
+        method, _ = key
+        row = row_for(key)
+        for role, headers in ROLES.items():
+            r = await client.request(
+                method, row.path, json=row.json, data=row.data, headers={**headers, **row.headers}
+            )
+            where = f"{method} {row.path} as {role}: {r.status}"
+            assert r.status < 500, where
+            if role in row.allowed:
+                assert r.status not in (401, 403), where
+                if row.ok is not None and method != "HEAD":
+                    assert r.status in row.ok, where + " " + await r.text()
+            else:
+                assert r.status == (401 if role == "none" else 403), where
+                if method != "HEAD":
+                    assert r.content_type == _expected_content_type(row.path), where
+                    if r.status == 401 and not row.path.startswith("/fhir"):
+                        body = await r.json()
+                        assert body["status"] == 401 and body["title"], where
+            checked[role] += 1
+    assert set(checked) == set(ROLES)
+
+
+async def test_unregistered_organisation_is_forbidden(client: Any) -> None:
+    strangers = {
+        "local-authority": auth(Role.LOCAL_AUTHORITY, "LA999"),
+        "care-setting": auth(Role.CARE_SETTING, "ZZZ99"),
+    }
+    no_ods = {
+        "local-authority": auth(Role.LOCAL_AUTHORITY, ""),
+        "care-setting": auth(Role.CARE_SETTING, ""),
+    }
+    await _seed(client)
+    tried = 0
+    for key in all_routes(client.app):
+        row = row_for(key)
+        if row.allowed == PUBLIC:
+            continue
+        for role in row.allowed & set(strangers):
+            for headers in (strangers[role], no_ods[role]):
+                r = await client.request(key[0], row.path, json=row.json, headers={**headers, **row.headers})
+                assert r.status == 403, f"{key} as unregistered {role}: {r.status}"
+                tried += 1
+    assert tried >= 6
+    r = await client.get("/v1/records/M-GET", headers=LA1)
+    assert r.status == 200  # nothing above changed or erased it
+
+
+async def test_other_las_records_look_absent(client: Any) -> None:
+    r = await client.put("/v1/records/CASE-X", json=record("CASE-X"), headers=LA1)
+    assert r.status == 201
+    mine = await r.json()
+
+    r = await client.get("/v1/records/CASE-X", headers=LA2)
+    assert r.status == 404 and r.content_type == "application/problem+json"
+    assert (await r.json())["status"] == 404
+    r = await client.get("/v1/records/NEVER-EXISTED", headers=LA2)
+    never = await r.json()
+    assert r.status == 404
+    r = await client.get("/v1/records/CASE-X", headers=LA2)
+    assert {k: v for k, v in (await r.json()).items()} == never  # indistinguishable from a record that never was
+    r = await client.delete("/v1/records/CASE-X", headers=LA2)
+    assert r.status == 404
+    r = await client.get(f"/v1/records?nhsNumber={NHS}", headers=LA2)
+    assert r.status == 200 and await r.json() == {"records": []}
+
+    # LA2 using the same localId makes its own record; a full upload of an empty caseload ends only its own.
+    r = await client.put("/v1/records/CASE-X", json=record("CASE-X", NHS_OTHER), headers=LA2)
+    assert r.status == 201
+    r = await client.post("/v1/uploads", json={"sequence": 1, "mode": "full", "records": []}, headers=LA2)
+    assert r.status == 200, await r.text()
+    assert (await r.json())["ended"] == 1
+
+    r = await client.get("/v1/records/CASE-X", headers=LA1)
+    assert r.status == 200
+    assert await r.json() == mine
+    r = await client.get(f"/v1/records?nhsNumber={NHS}", headers=LA1)
+    assert [x["localId"] for x in (await r.json())["records"]] == ["CASE-X"]
+
+
+async def _record_access(app: web.Application) -> None:
+    setting = app[REGISTRY].care_settings["RXX01"]
+    ctx = AuditContext(Principal("dev-care-setting-RXX01", Role.CARE_SETTING, "RXX01", name="Dr Test Example"))
+    outcome = await app[ACCESS].lookup(
+        ctx, LookupRequest(NhsNumber.parse(NHS), setting, "careteam", source_event_id="authz-evt-1")
+    )
+    assert outcome.status == 1 and outcome.access_id
+
+
+def _routed(app: web.Application, key: tuple[str, str]) -> bool:
+    if key in all_routes(app):
+        return True
+    assert key in PENDING_ROUTES
+    return False
+
+
+async def test_other_las_accesses_and_notifications_look_absent(client: Any) -> None:
+    import pytest
+
+    r = await client.put("/v1/records/CASE-A", json=record("CASE-A"), headers=LA1)
+    assert r.status == 201
+    await _record_access(client.app)
+    accesses = _routed(client.app, ("GET", "/v1/children/{nhs}/accesses"))
+    notifications = _routed(client.app, ("GET", "/v1/notifications"))
+    if not (accesses or notifications):
+        pytest.skip("accesses and notifications routes are built on other branches (PENDING_ROUTES)")
+    if accesses:
+        r = await client.get(f"/v1/children/{NHS}/accesses", headers=LA1)
+        assert r.status == 200 and len((await r.json())["accesses"]) == 1
+        r = await client.get(f"/v1/children/{NHS}/accesses", headers=LA2)
+        assert r.status == 404
+        r = await client.get(f"/v1/children/{NHS_OTHER}/accesses", headers=LA2)
+        assert r.status == 404
+    if notifications:
+        r = await client.get("/v1/notifications", headers=LA1)
+        assert r.status == 200
+        mine = (await r.json())["notifications"]
+        assert len(mine) == 1
+        r = await client.get("/v1/notifications", headers=LA2)
+        assert r.status == 200
+        assert (await r.json())["notifications"] == []
+        r = await client.post(f"/v1/notifications/{mine[0]['id']}/ack", headers=LA2)
+        assert r.status == 404
+        r = await client.get("/v1/notifications", headers=LA1)
+        assert [n.get("acknowledged", False) for n in (await r.json())["notifications"]] == [False]

@@ -1,0 +1,369 @@
+"""The care-setting FHIR API over HTTP against real Redis: every request of API.md section 3; every FHIR answer is
+R4 (fhir.resources R4B) and conforms to the profiles in fhir_profiles/."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+import pytest
+
+from cpis_bridge.core.principal import Role
+from cpis_bridge.web.state import KEYS, METRICS, REDIS
+from tests.conftest import ED, GP, LA1, LA2, auth, record
+from tests.e2e.test_profiles import assert_conforms, example
+
+pytestmark = pytest.mark.no_relays  # these tests inspect the notification queue
+
+NHS_SYS = "https://fhir.nhs.uk/Id/nhs-number"
+CHILD = "9990000018"
+OTHER = "9990000026"
+FHIR_CT = "application/fhir+json"
+ED2 = auth(Role.CARE_SETTING, "RXX02", name="Nurse Test Sample", role_code="R0260")
+ASSIGNED = "AuditEvent:entity-type=http://terminology.hl7.org/CodeSystem/v3-RoleClass|ASSIGNED"
+
+
+def q(nhs: str = CHILD) -> str:
+    return f"patient:identifier={NHS_SYS}|{nhs}"
+
+
+async def fhir_json(resp: Any, status: int = 200) -> dict[str, Any]:
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == FHIR_CT
+    body: dict[str, Any] = await resp.json(content_type=None)
+    assert_conforms(body)
+    return body
+
+
+async def accesses(client: Any, nhs: str = CHILD) -> list[str]:
+    keys = client.app[KEYS]
+    return await client.app[REDIS].lrange(keys.accesses(keys.tag(nhs)), 0, -1)
+
+
+async def inbox(client: Any, la: str) -> list[dict[str, str]]:
+    return [fields for _, fields in await client.app[REDIS].xrange(client.app[KEYS].inbox(la))]
+
+
+async def put(client: Any, lid: str = "CASE-1", headers: dict[str, str] = LA1, **kw: Any) -> None:
+    r = await client.put(f"/v1/records/{lid}", json=record(lid, **kw), headers=headers)
+    assert r.status in (200, 201), await r.text()
+
+
+def metric(client: Any, kind: str, flagged: str) -> float:
+    return client.app[METRICS].accesses.labels(kind=kind, flagged=flagged)._value.get()
+
+
+def encounter_body(value: str = "ATT-1", nhs: str = CHILD, **extra: Any) -> dict[str, Any]:
+    body = copy.deepcopy(example("Encounter-request-example"))
+    body["identifier"][0]["value"] = value
+    body["subject"]["identifier"]["value"] = nhs
+    body.update(extra)
+    return body
+
+
+# -- metadata -------------------------------------------------------------------------------------------------------
+
+
+async def test_metadata_is_public_and_lists_exactly_what_is_routed(client):
+    body = await fhir_json(await client.get("/fhir/metadata"))
+    assert body["fhirVersion"] == "4.0.1" and body["kind"] == "instance"
+    got = {r["type"]: sorted(i["code"] for i in r["interaction"]) for r in body["rest"][0]["resource"]}
+    assert got == {"AuditEvent": ["search-type"], "CareTeam": ["search-type"], "Encounter": ["create", "read"],
+                   "Flag": ["search-type"]}
+    audit = next(r for r in body["rest"][0]["resource"] if r["type"] == "AuditEvent")
+    assert ASSIGNED in audit["searchInclude"]
+    served = {(route.method, route.resource.canonical) for route in client.app.router.routes()
+              if route.resource.canonical.startswith("/fhir/") and route.method != "HEAD"}
+    assert served == {("GET", "/fhir/metadata"), ("GET", "/fhir/CareTeam"), ("GET", "/fhir/Flag"),
+                      ("GET", "/fhir/AuditEvent"), ("POST", "/fhir/Encounter"), ("GET", "/fhir/Encounter/{id}")}
+
+
+# -- CareTeam -------------------------------------------------------------------------------------------------------
+
+
+async def test_careteam_unscheduled_records_access_and_notifies(client):
+    await put(client)
+    r = await client.get(f"/fhir/CareTeam?{q()}", headers={**ED, "TraceID": "trace-ct-1"})
+    assert r.headers["TraceID"] == "trace-ct-1"
+    body = await fhir_json(r)
+    assert body["type"] == "searchset" and body["total"] == 1
+    [team] = [e for e in body["entry"] if e["search"]["mode"] == "match"]
+    [org] = [e for e in body["entry"] if e["search"]["mode"] == "include"]
+    ct = team["resource"]
+    assert ct["resourceType"] == "CareTeam" and ct["subject"]["identifier"] == {"system": NHS_SYS, "value": CHILD}
+    assert ct["category"][0]["coding"][0]["code"] == "342191000000101"
+    assert ct["period"] == {"start": "2026-01-10"}
+    assert ct["managingOrganization"][0]["reference"] == "Organization/LA001"
+    o = org["resource"]
+    assert o["resourceType"] == "Organization" and o["name"] == "Example Borough Council Children's Services"
+    assert o["identifier"] == [{"system": "https://fhir.nhs.uk/Id/ods-organization-code", "value": "LA001"}]
+    phones = {c["purpose"]["coding"][0]["code"]: c["telecom"][0]["value"] for c in o["contact"]}
+    assert phones == {"office-hours": "0300 000 0001", "emergency-duty": "0300 000 0002"}
+    assert org["fullUrl"].endswith("/fhir/Organization/LA001")
+    [acc] = await accesses(client)
+    assert acc.startswith("RXX01\x1ftrace-ct-1\x1f")
+    [note] = await inbox(client, "LA001")
+    assert orjson.loads(note["recs"]) == [{"localId": "CASE-1", "planType": "CPP", "startDate": "2026-01-10",
+                                           "endDate": None}]
+    assert await client.app[REDIS].xlen(client.app[KEYS].notify_queue) == 1
+    assert metric(client, "unscheduled", "true") == 1
+
+
+async def test_same_trace_id_is_one_access_and_no_trace_id_is_a_new_access_each_time(client):
+    await put(client)
+    for _ in range(2):
+        await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers={**ED, "TraceID": "same"}))
+    assert len(await accesses(client)) == 1
+    for _ in range(2):
+        await fhir_json(await client.get(f"/fhir/Flag?{q()}", headers=ED))
+    assert len(await accesses(client)) == 3
+    assert len(await inbox(client, "LA001")) == 3
+
+
+@pytest.mark.parametrize("path", ["CareTeam", "Flag"])
+async def test_silent_reads_leave_no_access(client, path):
+    await put(client)
+    r = await client.get(f"/fhir/{path}?{q()}", headers={**ED, "IsUnscheduledAccessEvent": "false"})
+    assert (await fhir_json(r))["total"] == 1
+    r = await client.get(f"/fhir/{path}?{q()}", headers={**GP, "IsUnscheduledAccessEvent": "true"})
+    assert (await fhir_json(r))["total"] == 1
+    r = await client.get(f"/fhir/{path}?{q()}", headers=GP)
+    assert (await fhir_json(r))["total"] == 1
+    assert await accesses(client) == []
+    assert await inbox(client, "LA001") == []
+    assert metric(client, "silent", "true") == 3 and metric(client, "unscheduled", "true") == 0
+    keys = client.app[KEYS]
+    audit = [orjson.loads(a) for a in await client.app[REDIS].lrange(keys.audit(keys.tag(CHILD)), 0, -1)]
+    assert [a["action"] for a in audit[:3]] == [f"lookup.{path.lower()}.silent"] * 3
+
+
+async def test_unflagged_child_keeps_nothing_and_looks_like_any_empty_answer(client):
+    await put(client, "OLD", nhs=OTHER, startDate="2020-01-01", endDate="2020-06-01")  # long invisible
+    empty_unknown = await fhir_json(await client.get(f"/fhir/CareTeam?{q('9990000034')}", headers=ED))
+    empty_ended = await fhir_json(await client.get(f"/fhir/CareTeam?{q(OTHER)}", headers=ED))
+    for body in (empty_unknown, empty_ended):
+        assert body["total"] == 0 and "entry" not in body
+    assert set(empty_unknown) == set(empty_ended)
+    assert await accesses(client, "9990000034") == [] and await accesses(client, OTHER) == []
+    assert await inbox(client, "LA001") == []
+    keys = client.app[KEYS]
+    [entry] = await client.app[REDIS].lrange(keys.audit(keys.tag("9990000034")), 0, -1)
+    assert orjson.loads(entry)["nhsNumber"] is None
+    assert metric(client, "unscheduled", "false") == 2
+
+
+async def test_two_las_one_notification_each_with_only_their_records(client):
+    await put(client, "A-1")
+    await put(client, "A-2", planType="LAC")
+    await put(client, "B-1", headers=LA2)
+    body = await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers={**ED, "TraceID": "t-two"}))
+    assert body["total"] == 3
+    orgs = sorted(e["resource"]["id"] for e in body["entry"] if e["search"]["mode"] == "include")
+    assert orgs == ["LA001", "LA002"]
+    la1, la2 = await inbox(client, "LA001"), await inbox(client, "LA002")
+    assert len(la1) == 1 and len(la2) == 1
+    assert sorted(r["localId"] for r in orjson.loads(la1[0]["recs"])) == ["A-1", "A-2"]
+    assert [r["localId"] for r in orjson.loads(la2[0]["recs"])] == ["B-1"]
+    assert la1[0]["acc"] == la2[0]["acc"]
+    assert await client.app[REDIS].xlen(client.app[KEYS].notify_queue) == 2
+
+
+# -- Flag -----------------------------------------------------------------------------------------------------------
+
+
+async def test_flag_is_uk_core_with_cpis_category_and_snomed(client):
+    await put(client, "U-1", planType="UCPP", expectedDeliveryDate="2027-01-15", dateOfBirth="1998-02-03")
+    body = await fhir_json(await client.get(f"/fhir/Flag?{q()}", headers=ED))
+    [entry] = body["entry"]
+    flag = entry["resource"]
+    assert "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Flag" in flag["meta"]["profile"]
+    cats = {c["coding"][0]["code"] for c in flag["category"]}
+    assert cats == {"safety", "CP-IS"}
+    codes = {(c["system"], c["code"]) for c in flag["code"]["coding"]}
+    assert ("http://snomed.info/sct", "818901000000100") in codes
+    assert ("https://cpis-bridge.example.org/CodeSystem/plan-type", "UCPP") in codes
+    assert flag["status"] == "active" and flag["author"]["identifier"]["value"] == "LA001"
+    assert len(await accesses(client)) == 1 and len(await inbox(client, "LA001")) == 1
+
+
+# -- AuditEvent -----------------------------------------------------------------------------------------------------
+
+
+async def test_auditevent_newest_25_of_30_and_never_itself_an_access(client):
+    await put(client)
+    for i in range(30):
+        await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers={**ED, "TraceID": f"e{i:02d}"}))
+    before = await accesses(client)
+    assert len(before) == 25
+    r = await client.get(f"/fhir/AuditEvent?{q()}", headers={**ED2, "IsUnscheduledAccessEvent": "true"})
+    body = await fhir_json(r)
+    assert body["total"] == 25 and len(body["entry"]) == 25
+    events = [e["resource"] for e in body["entry"]]
+    sources = [next(d["valueString"] for ent in ev["entity"] for d in ent.get("detail", [])) for ev in events]
+    assert sources == [f"e{i:02d}" for i in range(29, 4, -1)]
+    recorded = [ev["recorded"] for ev in events]
+    assert recorded == sorted(recorded, reverse=True)
+    ev = events[0]
+    assert ev["source"]["observer"]["identifier"]["value"] == "RXX01"
+    assert ev["source"]["observer"]["display"] == "Example Hospital Emergency Department"
+    assert ev["agent"][0]["who"]["display"] == "Dr Test Example"
+    assert await accesses(client) == before
+    keys = client.app[KEYS]
+    [last] = await client.app[REDIS].lrange(keys.audit(keys.tag(CHILD)), 0, 0)
+    assert orjson.loads(last)["action"] == "read.auditevent"
+
+
+async def test_auditevent_include_practitioner_roles(client):
+    await put(client)
+    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=ED))
+    await fhir_json(await client.get(f"/fhir/Flag?{q()}", headers=ED2))
+    await fhir_json(await client.get(f"/fhir/Flag?{q()}", headers=ED2))
+    r = await client.get(f"/fhir/AuditEvent?{q()}&_include={ASSIGNED}", headers=ED)
+    body = await fhir_json(r)
+    assert body["total"] == 3
+    roles = [e["resource"] for e in body["entry"] if e["search"]["mode"] == "include"]
+    assert sorted(r["organization"]["identifier"]["value"] for r in roles) == ["RXX01", "RXX02"]
+    assert {r["practitioner"]["display"] for r in roles} == {"Dr Test Example", "Nurse Test Sample"}
+    refs = {e["resource"]["agent"][0]["who"]["reference"] for e in body["entry"] if e["search"]["mode"] == "match"}
+    assert refs == {f"PractitionerRole/{r['id']}" for r in roles}
+    r = await client.get(f"/fhir/AuditEvent?{q()}&_include=AuditEvent:patient", headers=ED)
+    assert (await fhir_json(r, 400))["issue"][0]["code"] == "invalid"
+
+
+async def test_auditevent_empty_when_no_record_visible(client):
+    await put(client)
+    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=ED))
+    assert len(await accesses(client)) == 1
+    assert (await client.delete("/v1/records/CASE-1", headers=LA1)).status == 204
+    body = await fhir_json(await client.get(f"/fhir/AuditEvent?{q()}&_include={ASSIGNED}", headers=ED))
+    assert body["total"] == 0 and "entry" not in body
+    body = await fhir_json(await client.get(f"/fhir/AuditEvent?{q(OTHER)}", headers=ED))
+    assert body["total"] == 0
+
+
+# -- Encounter ------------------------------------------------------------------------------------------------------
+
+
+async def test_encounter_post_retains_minimal_encounter_and_repeat_is_idempotent(client):
+    await put(client)
+    body = encounter_body(reasonCode=[{"text": "fall from bicycle"}],
+                          participant=[{"individual": {"display": "Dr Test Example"}}])
+    r = await client.post("/fhir/Encounter", data=orjson.dumps(body), headers={**ED, "Content-Type": FHIR_CT})
+    created = await fhir_json(r, 201)
+    assert r.headers["Location"].endswith(f"/fhir/Encounter/{created['id']}")
+    assert set(created) == {"resourceType", "id", "meta", "identifier", "status", "class", "subject", "period",
+                            "serviceProvider"}
+    assert created["serviceProvider"]["identifier"]["value"] == "RXX01"
+    [acc] = await accesses(client)
+    assert acc.split("\x1f")[1] == "https://rxx01.example/Id/attendance|ATT-1"
+    assert acc.split("\x1f")[3] != ""  # arrivedAt = period.start
+    again = await client.post("/fhir/Encounter", data=orjson.dumps(body), headers={**ED, "Content-Type": FHIR_CT})
+    assert await fhir_json(again, 200) == created
+    assert len(await accesses(client)) == 1 and len(await inbox(client, "LA001")) == 1
+    read = await client.get(f"/fhir/Encounter/{created['id']}", headers=ED)
+    assert await fhir_json(read) == created
+    assert "fall" not in orjson.dumps(created).decode()
+    other = await client.get(f"/fhir/Encounter/{created['id']}", headers=ED2)
+    assert (await fhir_json(other, 404))["issue"][0]["code"] == "not-found"
+    missing = await client.get("/fhir/Encounter/00000000-0000-0000-0000-000000000000", headers=ED)
+    await fhir_json(missing, 404)
+
+
+async def test_encounter_without_visible_record_or_from_scheduled_setting_retains_nothing(client):
+    r = await client.post("/fhir/Encounter", json=encounter_body(nhs=OTHER), headers=ED)
+    outcome = await fhir_json(r, 200)
+    assert outcome["resourceType"] == "OperationOutcome" and outcome["issue"][0]["severity"] == "information"
+    await put(client)
+    r = await client.post("/fhir/Encounter", json=encounter_body("GP-1"), headers=GP)
+    outcome = await fhir_json(r, 200)
+    assert outcome["issue"][0]["severity"] == "information" and "scheduled" in outcome["issue"][0]["diagnostics"]
+    assert await accesses(client) == [] and await accesses(client, OTHER) == []
+    assert await inbox(client, "LA001") == []
+    enc_keys = [k async for k in client.app[REDIS].scan_iter(match=client.app[KEYS].encounter("*"))]
+    assert enc_keys == []
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (lambda b: b.pop("period"), "Encounter.period.start"),
+    (lambda b: b["period"].update(start="2026-11-21T22:05:00"), "Encounter.period.start"),
+    (lambda b: b.pop("identifier"), "Encounter.identifier"),
+    (lambda b: b.pop("class"), "Encounter.class"),
+    (lambda b: b.update(status="bogus"), "Encounter.status"),
+    (lambda b: b["subject"]["identifier"].update(value="9990000019"), "Encounter.subject.identifier.value"),
+    (lambda b: b["subject"]["identifier"].update(system="urn:other"), "Encounter.subject.identifier"),
+    (lambda b: b.update(unknownElement=1), "Encounter.unknownElement"),
+    (lambda b: b.update(resourceType="Patient"), "Encounter.resourceType"),
+])
+async def test_invalid_encounter_is_422_naming_the_field(client, mutate, field):
+    body = encounter_body()
+    mutate(body)
+    r = await client.post("/fhir/Encounter", json=body, headers=ED)
+    outcome = await fhir_json(r, 422)
+    assert field in outcome["issue"][0]["expression"], outcome
+
+
+# -- errors ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    f"/fhir/CareTeam?{q()}&name=x",
+    "/fhir/CareTeam",
+    f"/fhir/Flag?patient:identifier=urn:other|{CHILD}",
+    "/fhir/Flag?patient:identifier=https://fhir.nhs.uk/Id/nhs-number|1234567890",
+    f"/fhir/Flag?{q()}&{q()}",
+    f"/fhir/AuditEvent?{q()}&_count=5",
+    f"/fhir/CareTeam?{q()}&_format=xml",
+])
+async def test_bad_searches_are_400_operation_outcomes(client, url):
+    outcome = await fhir_json(await client.get(url, headers=ED), 400)
+    assert outcome["issue"][0]["severity"] == "error" and CHILD not in orjson.dumps(outcome).decode()
+
+
+async def test_error_statuses_are_operation_outcomes(client):
+    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}"), 401)
+    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=LA1), 403)
+    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=auth(Role.CARE_SETTING, "ZZZ99")), 403)
+    await fhir_json(await client.get("/fhir/Patient", headers=ED), 404)
+    await fhir_json(await client.delete("/fhir/CareTeam", headers=ED), 405)
+    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers={**ED, "IsUnscheduledAccessEvent": "maybe"}),
+                    400)
+    await fhir_json(await client.post("/fhir/Encounter", data=b"{not json", headers={**ED, "Content-Type": FHIR_CT}),
+                    400)
+    await fhir_json(await client.post("/fhir/Encounter", data=b"<Encounter/>",
+                                      headers={**ED, "Content-Type": "application/xml"}), 415)
+    big = orjson.dumps(encounter_body(text={"status": "generated", "div": "x" * (1024 * 1024 + 10)}))
+    await fhir_json(await client.post("/fhir/Encounter", data=big, headers={**ED, "Content-Type": FHIR_CT}), 413)
+    await fhir_json(await client.get("/fhir/Encounter/not a valid id!", headers=ED), 404)
+    assert await accesses(client) == []
+
+
+async def commandstats(client: Any) -> dict[str, int]:
+    info = await client.app[REDIS].info("commandstats")
+    return {k: v["calls"] for k, v in info.items()}
+
+
+async def test_careteam_lookup_is_one_redis_round_trip_and_head_records_nothing(client):
+    await put(client)
+    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=ED))  # script loaded, pool warm
+    before = await commandstats(client)
+    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=ED))
+    after = await commandstats(client)
+    delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+    delta.pop("cmdstat_info", None)
+    # commandstats also counts what the script runs inside Redis: one EVALSHA from the client, the rest the script's
+    assert delta.pop("cmdstat_evalsha") == 1 and delta.pop("cmdstat_hgetall") == 1, delta
+    assert set(delta) <= {f"cmdstat_{c}" for c in ("lrange", "lpush", "ltrim", "hget", "xadd")}, delta
+    r = await client.head(f"/fhir/CareTeam?{q()}", headers=ED)
+    assert r.status == 405
+    assert len(await accesses(client)) == 2
+
+
+async def test_client_chosen_names_never_echo_an_nhs_number(client):
+    outcome = await fhir_json(await client.get(f"/fhir/Flag?{q()}&{CHILD}=1", headers=ED), 400)
+    assert CHILD not in orjson.dumps(outcome).decode()
+    outcome = await fhir_json(await client.get(f"/fhir/Flag?{q()}&name=1", headers=ED), 400)
+    assert "name" in outcome["issue"][0]["diagnostics"]
+    body = encounter_body(**{CHILD: True, f"x{CHILD}": 1})
+    outcome = await fhir_json(await client.post("/fhir/Encounter", json=body, headers=ED), 422)
+    assert CHILD not in orjson.dumps(outcome).decode()

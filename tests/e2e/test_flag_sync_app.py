@@ -1,0 +1,94 @@
+"""Flag sync through the real entry points: the app's own relay (cleanup_ctx) mirrors API writes and counts them
+in /metrics; `cpis-bridge reconcile` (a subprocess) reports and repairs drift and exits 0 when in sync."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from cpis_bridge.app import create_app
+from cpis_bridge.fhir.flag_sync import IDENTIFIER_SYSTEM, flag_id
+from tests.conftest import HASH_KEY, LA1, OPS, REGISTRY, record
+from tests.fhir_double import FhirDouble
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def double():
+    d = FhirDouble()
+    await d.start()
+    yield d
+    await d.stop()
+
+
+async def _until(predicate, timeout_s: float = 10.0) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+async def test_the_app_relays_writes_and_erasures(aiohttp_client, make_settings, double):
+    client = await aiohttp_client(create_app(make_settings(fhir_base_url=double.base_url)))
+    r = await client.put("/v1/records/APP-1", json=record("APP-1"), headers=LA1)
+    assert r.status == 201
+    fid = flag_id("LA001", "APP-1")
+    await _until(lambda: fid in double.flags)
+    assert double.flags[fid]["status"] == "active"
+    r = await client.delete("/v1/records/APP-1", headers=LA1)
+    assert r.status == 204
+    await _until(lambda: double.flags[fid]["status"] == "entered-in-error")
+    metrics = await (await client.get("/metrics", headers=OPS)).text()
+    assert 'cpis_deliveries_total{channel="flag-sync",outcome="delivered"} 2.0' in metrics
+    assert 'cpis_delivery_pending{channel="flag-sync"}' in metrics
+
+
+async def test_relays_off_means_no_sync(aiohttp_client, make_settings, double):
+    client = await aiohttp_client(create_app(make_settings(fhir_base_url=double.base_url, relays=False)))
+    assert (await client.put("/v1/records/OFF", json=record("OFF"), headers=LA1)).status == 201
+    await asyncio.sleep(0.3)
+    assert double.flags == {}
+
+
+async def _reconcile(settings, *args: str) -> tuple[int, dict]:
+    env = {**os.environ, "CPIS_REDIS_URL": settings.redis_url, "CPIS_KEY_PREFIX": settings.key_prefix,
+           "CPIS_LOG_HASH_KEY": HASH_KEY, "CPIS_FHIR_BASE_URL": settings.fhir_base_url,
+           "CPIS_REGISTRY": str(REGISTRY), "CPIS_DATA_DIR": str(settings.data_dir), "CPIS_LOG_LEVEL": "WARNING"}
+    exe = str(Path(sys.executable).parent / "cpis-bridge")
+    proc = await asyncio.create_subprocess_exec(exe, "reconcile", "--quiet", *args, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=40)
+    assert proc.returncode in (0, 1), err.decode()[-2000:]
+    return proc.returncode, json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def test_reconcile_repairs_drift(aiohttp_client, make_settings, double):
+    settings = make_settings(fhir_base_url=double.base_url)
+    client = await aiohttp_client(create_app(settings))
+    for i in range(5):
+        assert (await client.put(f"/v1/records/RC-{i}", json=record(f"RC-{i}"), headers=LA1)).status == 201
+    await _until(lambda: len(double.flags) == 5)
+    await _until(lambda: all(f["status"] == "active" for f in double.flags.values()))
+    await client.close()  # stop the app's relay: the drift below must be found by reconcile alone
+    del double.flags[flag_id("LA001", "RC-0")]  # missing
+    double.flags[flag_id("LA001", "RC-1")]["status"] = "inactive"  # wrong status
+    double.flags[flag_id("LA001", "RC-2")]["period"] = {"start": "2020-01-01"}  # wrong period
+    double.flags["stray"] = {"resourceType": "Flag", "id": "stray", "status": "active", "meta": {"versionId": "1"},
+                             "identifier": [{"system": IDENTIFIER_SYSTEM, "value": "LA001|NO-SUCH"}],
+                             "subject": {"identifier": {"value": "9990000026"}}}  # ours, but no record
+    code, report = await _reconcile(settings, "--dry-run")
+    assert code == 1 and report["drift"] == {"missing": 1, "wrong": 2, "extra": 1, "failed": 0}
+    code, report = await _reconcile(settings)
+    assert code == 0 and report["inSync"] is True and report["repaired"] == 4
+    assert double.flags["stray"]["status"] == "entered-in-error"
+    assert double.flags[flag_id("LA001", "RC-0")]["status"] == "active"
+    assert double.flags[flag_id("LA001", "RC-2")]["period"] == {"start": "2026-01-10"}
+    code, report = await _reconcile(settings, "--dry-run")
+    assert code == 0 and report["drift"]["missing"] == 0

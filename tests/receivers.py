@@ -1,0 +1,132 @@
+"""Real HTTP receivers for delivery tests: an LA webhook (Standard Webhooks verified with the `standardwebhooks`
+library) and an LA FHIR server, both on 127.0.0.1, able to misbehave on purpose (5xx, slow, 429 + Retry-After,
+410, 4xx, down = connection refused)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+from standardwebhooks import Webhook
+
+NEW_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+
+
+@dataclass
+class Attempt:
+    at: float
+    status: int | None  # None: the answer never came back in time (slow)
+    id: str | None
+
+
+@dataclass
+class Receiver:
+    """Answers per ``behaviour(attempt_number, request) -> status`` (default 200); records every attempt and the
+    notifications accepted with a 2xx. ``slow_s`` > 0 makes the answer come late (beyond the client's timeout)."""
+
+    secret: str = field(default_factory=lambda: NEW_SECRET)
+    behaviour: Callable[[int, web.Request], int] | None = None
+    retry_after: str | None = None
+    slow_s: float = 0.0
+    attempts: list[Attempt] = field(default_factory=list)
+    accepted: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    bad_signatures: int = 0
+    port: int = 0
+    on_accept: Callable[[dict[str, Any]], Awaitable[None] | None] | None = None
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/cpis"
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/fhir"
+
+    def ids(self) -> list[str]:
+        return [i for i, bodies in self.accepted.items() for _ in bodies]
+
+    async def _webhook(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            Webhook(self.secret).verify(raw, headers)
+        except Exception:
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        body = orjson.loads(raw)
+        return await self._answer(request, body, body["id"])
+
+    async def _fhir(self, request: web.Request) -> web.Response:
+        resource = orjson.loads(await request.read())
+        inner = orjson.loads(base64.b64decode(resource["payload"][0]["contentAttachment"]["data"]))
+        resource["_notification"] = inner
+        return await self._answer(request, resource, inner["id"])
+
+    async def _answer(self, request: web.Request, body: dict[str, Any], nid: str) -> web.Response:
+        n = len(self.attempts) + 1
+        status = self.behaviour(n, request) if self.behaviour else 200
+        if self.slow_s:
+            self.attempts.append(Attempt(time.monotonic(), None, nid))
+            await asyncio.sleep(self.slow_s)
+            return web.Response(status=200)
+        self.attempts.append(Attempt(time.monotonic(), status, nid))
+        headers = {"Retry-After": self.retry_after} if self.retry_after and status in (429, 503) else None
+        if 200 <= status < 300:
+            self.accepted.setdefault(nid, []).append(body)
+            if self.on_accept is not None:
+                out = self.on_accept(body)
+                if out is not None:
+                    await out
+            if request.method == "PUT":
+                return web.json_response(body, status=status)
+        return web.Response(status=status, headers=headers)
+
+    async def start(self) -> Receiver:
+        app = web.Application()
+        app.router.add_post("/cpis", self._webhook)
+        app.router.add_put("/fhir/Communication/{id}", self._fhir)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        if not self.port:
+            self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def write_registry(path: Path, las: dict[str, dict[str, Any]]) -> Path:
+    """A registry with the test care settings and LA001/LA002 given the ``notify`` blocks in ``las``."""
+    lines = ["localAuthorities:"]
+    for i, ods in enumerate(("LA001", "LA002")):
+        lines += [f"  - ods: {ods}", f"    name: Test Council {i + 1}", '    officeHoursPhone: "0300 000 0001"',
+                  '    emergencyDutyPhone: "0300 000 0002"']
+        if ods in las:
+            lines.append(f"    notify: {orjson.dumps(las[ods]).decode()}")
+    lines += ["careSettings:",
+              "  - {ods: RXX01, name: Example Hospital Emergency Department, type: ED, unscheduled: true}",
+              "  - {ods: RXX02, name: Example Urgent Treatment Centre, type: UTC, unscheduled: true}",
+              "  - {ods: GP001, name: Example Surgery, type: GP, unscheduled: false}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 10.0, step: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)

@@ -1,0 +1,96 @@
+"""Helpers shared by the Flag sync tests: an app with sync configured but its relays off (the tests drive the
+relay and scheduler with an injected clock), draining the queue, and the store's expected Flag state."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from cpis_bridge.app import SCRIPTS, FlagSyncParts, create_app, flag_sync_parts
+from cpis_bridge.config import Settings
+from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.principal import Principal, Role
+from cpis_bridge.core.records import today_london
+from cpis_bridge.services.records import RecordService
+from cpis_bridge.services.sync import epoch_ms
+from cpis_bridge.web.state import KEYS, RECORDS, REDIS
+
+LA_CTX = {la: AuditContext(Principal(subject=f"u-{la}", role=Role.LOCAL_AUTHORITY, ods=la, name="Test User",
+                                     role_code="R0001")) for la in ("LA001", "LA002")}
+
+
+class Clock:
+    """An injectable clock: the real time, shifted by ``offset``."""
+
+    def __init__(self) -> None:
+        self.offset = dt.timedelta(0)
+
+    def __call__(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + self.offset
+
+    def set_day(self, day: dt.date) -> None:
+        """Move to noon (London) on ``day``."""
+        target = dt.datetime.combine(day, dt.time(12), tzinfo=dt.UTC)
+        self.offset = target - dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class SyncEnv:
+    app: web.Application
+    parts: FlagSyncParts
+    session: aiohttp.ClientSession
+    clock: Clock
+    settings: Settings
+
+    @property
+    def records(self) -> RecordService:
+        return self.app[RECORDS]
+
+    async def put(self, lid: str, body: dict[str, Any], la: str = "LA001") -> None:
+        await self.records.put(LA_CTX[la], la, lid, body)
+
+    async def erase(self, lid: str, la: str = "LA001") -> None:
+        await self.records.erase(LA_CTX[la], la, lid)
+
+    async def drain(self, timeout_s: float = 20.0) -> None:
+        """Run the relay until nothing waits (queue and retries), bounded in time."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            await self.parts.relay.run_once()
+            pending, _ = await self.parts.queue.stats(epoch_ms(self.clock()))
+            if pending == 0:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the sync queue did not drain in time")
+
+    async def expected(self) -> dict[str, tuple[Any, ...]]:
+        """identifier value -> (status, start, end, nhs) as the store says now."""
+        day = today_london(self.clock())
+        out: dict[str, tuple[Any, ...]] = {}
+        async for batch in self.parts.queue.all_records():
+            for r in batch:
+                status = "active" if r.is_visible(day, self.settings.windows) else "inactive"
+                out[f"{r.la}|{r.local_id}"] = (status, r.start_date.isoformat(), None if r.end_date is None else
+                                               r.end_date.isoformat(), str(r.nhs_number))
+        return out
+
+    async def dead(self) -> list[dict[str, str]]:
+        return await self.parts.queue.dead_letters()
+
+
+async def make_env(aiohttp_client: Any, settings: Settings, *, timeout_s: float = 15.0) -> SyncEnv:
+    client = await aiohttp_client(create_app(settings))
+    app = client.app
+    session = aiohttp.ClientSession()
+    clock = Clock()
+    parts = flag_sync_parts(settings, app[REDIS], app[KEYS], app[SCRIPTS], session, clock=clock)
+    parts.server.client.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 5.0))
+    parts.relay.block_ms = 20
+    await parts.queue.ensure_group()
+    return SyncEnv(app, parts, session, clock, settings)
