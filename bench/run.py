@@ -66,6 +66,7 @@ class Bench:
         self.redis: EmbeddedRedis | None = None
         self.redis_url = os.environ.get("CPIS_REDIS_URL", "")
         self.procs: list[Proc] = []
+        (tmp / "lists").mkdir(exist_ok=True)
         self.cases: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.results: dict[str, Any] = {}
@@ -193,7 +194,6 @@ class Bench:
     def http_cases(self) -> None:
         print("HTTP cases (wrk, 32 connections)", flush=True)
         lists = self.tmp / "lists"
-        lists.mkdir(exist_ok=True)
         base_file = data.write_lines(lists / "baseline.txt", [f"/child/{i}" for i in range(self.args.http_children)])
         base_load = Load(self.baseline_url, base_file)
         base, _ = self._measure(base_load, "baseline")
@@ -266,6 +266,12 @@ class Bench:
         return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
     def _used_memory(self) -> int:
+        """used_memory once the relays have drained the delivery queue (its entries are deleted when delivered)."""
+        deadline = time.monotonic() + 60
+        while self.rc.xlen(self.keys.notify_queue) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self.rc.xlen(self.keys.notify_queue):
+            self.notes.append("memory case: the notification queue had not drained within 60 s")
         return int(self.rc.info("memory")["used_memory"])
 
     def memory_case(self) -> None:
@@ -275,6 +281,11 @@ class Bench:
         tags = [self.keys.tag(x) for x in nhs]
         k = self.keys
         body = data.upload_body(nhs, sequence=1, mode="delta", prefix="MEM")
+        accesses = self._fhir_probe("CareTeam", "GET", data.careteam_path(nhs[0])) is None
+        if accesses:  # open the service's Redis connections first: their buffers are not per-child memory
+            warm = data.write_lines(self.tmp / "lists" / "memory_warm.txt",
+                                    [data.careteam_path(x) for x in self.unflagged])
+            run_wrk(Load(self.service_url, warm, auth=f"Bearer {self.ed_token}"), seconds=2, label="memwarm")
         queue0 = self.rc.memory_usage(k.notify_queue, samples=0) or 0
         used0 = self._used_memory()
         report, _ = self.upload(data.LA_MEMORY, body)
@@ -285,7 +296,6 @@ class Bench:
         mem: dict[str, Any] = {"children": n, "target_bytes_per_child": 4096,
                                "records_only": {"used_memory_delta": used1 - used0, "audit_bytes": audit1,
                                                 "bytes_per_child_excl_audit": round((used1 - used0 - audit1) / n)}}
-        accesses = self._fhir_probe("CareTeam", "GET", data.careteam_path(nhs[0])) is None
         if accesses:
             path_file = data.write_lines(self.tmp / "lists" / "memory_walk.txt", [data.careteam_path(x) for x in nhs])
             total = n * per
@@ -298,10 +308,13 @@ class Bench:
         audit2 = self._usage([k.audit(t) for t in tags])
         records = self._usage([k.records(t) for t in tags])
         access_lists = self._usage([k.accesses(t) for t in tags])
-        inbox = self._usage([k.inbox(data.LA_MEMORY), k.inbox_acks(data.LA_MEMORY)])
+        inbox = self._usage([k.inbox(data.LA_MEMORY), k.inbox_acks(data.LA_MEMORY), k.inbox_index(data.LA_MEMORY)])
         queue = max(0, (self.rc.memory_usage(k.notify_queue, samples=0) or 0) - queue0)
         delta = used2 - used0
-        core = delta - audit2 - inbox - queue
+        index = self.rc.memory_usage(k.la_ids(data.LA_MEMORY), samples=0) or 0
+        by_keys = records + access_lists + index
+        by_delta = delta - audit2 - inbox - queue
+        core = max(by_keys, by_delta)  # the larger of the two ways of counting
         mem.update(
             accesses_per_child=per if accesses else 0,
             accesses_measured=accesses,
@@ -309,11 +322,14 @@ class Bench:
             bytes_per_child=round(core / n),
             audit_bytes_per_child=round(audit2 / n),
             notifications_bytes_per_child=round((inbox + queue) / n),
+            bytes_per_child_by_delta=round(by_delta / n),
+            bytes_per_child_by_keys=round(by_keys / n),
             key_usage_per_child={"records_hash": round(records / n), "access_list": round(access_lists / n),
-                                 "audit_list": round(audit2 / n)},
-            method=("used_memory delta over the whole load, minus the MEMORY USAGE (SAMPLES 0) of these children's "
-                    "audit lists and of the LA's inbox stream and the notify-queue growth; indexes and "
-                    "idempotency keys stay in"),
+                                 "la_index_share": round(index / n), "audit_list": round(audit2 / n)},
+            method=("bytes_per_child is the larger of (a) the used_memory delta over the whole load minus the "
+                    "MEMORY USAGE (SAMPLES 0) of these children's audit lists, the LA's inbox (stream, index, "
+                    "acks) and the notify-queue growth, and (b) the MEMORY USAGE of the children's record "
+                    "hashes and access lists plus the LA's index; audit and notifications are reported apart"),
         )
         if not accesses:
             mem["note"] = ("records only: GET /fhir/CareTeam is not in this build, so no accesses were made; the "
@@ -324,20 +340,21 @@ class Bench:
               f"{mem['notifications_bytes_per_child']} B, separately)" + ("" if accesses else "; records only"),
               flush=True)
 
-    def notify_case(self) -> None:
-        script = HERE / "notify_latency.py"
-        if not script.exists():
-            self.notes.append("notification cases: bench/notify_latency.py is not in this build")
+    def extra_case(self, key: str, module: str, args: list[str]) -> None:
+        """Another engineer's harness (bench/<module>.py), run as a subprocess when present. Its result is the JSON
+        it writes to $BENCH_RESULT_JSON, or else the last JSON object line it prints."""
+        if not (HERE / f"{module}.py").exists():
+            self.notes.append(f"{key}: bench/{module}.py is not in this build")
             return
-        print("Notification cases: bench/notify_latency.py", flush=True)
-        out_file = self.tmp / "notify.json"
-        env = dict(os.environ, BENCH_NOTIFY_JSON=str(out_file), BENCH_QUICK="1" if self.args.quick else "0")
-        args = python_module("bench.notify_latency", *(["--quick"] if self.args.quick else []))
+        print(f"{key}: python -m bench.{module} {' '.join(args)}", flush=True)
+        out_file = self.tmp / f"{module}.json"
+        env = dict(os.environ, BENCH_RESULT_JSON=str(out_file), BENCH_NOTIFY_JSON=str(out_file),
+                   BENCH_QUICK="1" if self.args.quick else "0")
         try:
-            proc = subprocess.run(args, env=env, capture_output=True, text=True,
-                                  timeout=self.args.notify_timeout, check=False)
-        except Exception as exc:  # the other harness must not take this one down
-            self.results["notify"] = {"error": f"{type(exc).__name__}: {exc}"}
+            proc = subprocess.run(python_module(f"bench.{module}", *args), env=env, capture_output=True, text=True,
+                                  timeout=self.args.extra_timeout, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:  # the other harness must not take this one down
+            self.results[key] = {"error": f"{type(exc).__name__}: {exc}"}
             return
         result: Any = None
         if out_file.exists():
@@ -349,9 +366,11 @@ class Bench:
                     with contextlib.suppress(ValueError):
                         result = orjson.loads(line)
                         break
-        self.results["notify"] = result if result is not None else {
-            "exit_code": proc.returncode, "stdout_tail": proc.stdout[-2000:], "stderr_tail": proc.stderr[-2000:]}
-        print(proc.stdout[-3000:], flush=True)
+        if result is None or proc.returncode != 0:
+            result = {"exit_code": proc.returncode, "result": result, "stdout_tail": proc.stdout[-2000:],
+                      "stderr_tail": proc.stderr[-2000:]}
+        self.results[key] = result
+        print("  " + orjson.dumps(result).decode()[:1500], flush=True)
 
     # -- output ------------------------------------------------------------------------------------------------
     def report(self, out: Path) -> None:
@@ -405,7 +424,8 @@ def render_table(doc: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="smoke mode: 1 s cases, one run, 2,000-record upload")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke mode: 1 s cases, one run, no warm-up, 2,000-record upload, 40 memory children")
     p.add_argument("--out", type=Path, default=HERE / "results.json")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=3.0)
@@ -413,12 +433,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-children", type=int, default=2000)
     p.add_argument("--upload-records", type=int, default=250_000)
     p.add_argument("--memory-children", type=int, default=10_000)
-    p.add_argument("--notify-timeout", type=float, default=900.0)
-    p.add_argument("--skip", default="", help="comma list of: http, upload, memory, notify")
+    p.add_argument("--extra-timeout", type=float, default=900.0, help="bound on each other harness run")
+    p.add_argument("--skip", default="", help="comma list of: http, upload, memory, notify, sync")
     args = p.parse_args(argv)
     if args.quick:
-        args.seconds, args.warmup, args.runs = 1.0, 1.0, 1
-        args.http_children, args.upload_records, args.memory_children = 1000, 2000, 200
+        args.seconds, args.warmup, args.runs = 1.0, 0.0, 1
+        args.http_children, args.upload_records, args.memory_children = 1000, 2000, 40
         if args.out == HERE / "results.json":
             args.out = Path(tempfile.gettempdir()) / "cpis-bench-quick.json"  # a smoke run is not a measurement
     return args
@@ -437,14 +457,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"service pid {bench.service.pid} on {bench.service_url}; baseline on {bench.baseline_url}; "
               f"Redis {bench.redis_version}", flush=True)
         bench.load_http_data()
+        if "memory" not in skip:  # first, while nothing else is queued or draining in Redis
+            bench.memory_case()
         if "http" not in skip:
             bench.http_cases()
         if "upload" not in skip:
             bench.upload_case()
-        if "memory" not in skip:
-            bench.memory_case()
-        if "notify" not in skip:
-            bench.notify_case()
+        if "notify" not in skip:  # QUALITY.md notification delivery cases (another engineer's harness)
+            bench.extra_case("notify", "notify_latency", ["--quick"] if args.quick else [])
+        if "sync" not in skip:  # extra, labelled: initial Flag sync throughput
+            bench.extra_case("sync", "sync_throughput",
+                             ["--records", "300", "--singles", "50"] if args.quick else [])
         for name, proc in (("service", bench.service),):
             if proc.process is None or proc.process.poll() is not None:
                 raise BenchError(f"the {name} process died during the run; log:\n{proc.tail()}")

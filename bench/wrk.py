@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import statistics
 import subprocess
+import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,10 +67,14 @@ def run_wrk(load: Load, *, seconds: float, connections: int = 32, threads: int =
     duration = max(1, round(seconds))
     args = [binary, "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout",
             f"{timeout_s:g}s", "-s", str(SCRIPT), load.url]
-    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=duration + 120, check=False)
-    line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
-    if out.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed (code {out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
+    if load.total:
+        returncode, stdout, stderr = _run_until_done(args, env, threads, duration)
+    else:
+        out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=duration + 120, check=False)
+        returncode, stdout, stderr = out.returncode, out.stdout, out.stderr
+    line = next((x for x in stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
+    if returncode != 0 or line is None:
+        raise BenchError(f"wrk failed (code {returncode}): {stderr.strip() or stdout.strip()}")
     raw: dict[str, Any] = orjson.loads(line.removeprefix("BENCH_JSON "))
     secs = raw["duration_us"] / 1e6
     errors = sum(raw[k] for k in ("status_errors", "connect_errors", "read_errors", "write_errors", "timeouts"))
@@ -76,6 +83,28 @@ def run_wrk(load: Load, *, seconds: float, connections: int = 32, threads: int =
         p50_ms=raw["p50_us"] / 1000, p90_ms=raw["p90_us"] / 1000, p99_ms=raw["p99_us"] / 1000,
         max_ms=raw["max_us"] / 1000, requests=raw["requests"], errors=errors, raw=raw,
     )
+
+
+def _run_until_done(args: list[str], env: dict[str, str], threads: int, bound_s: int) -> tuple[int, str, str]:
+    """Run wrk until every thread has sent its share (it writes BENCH_DONE.<n>), then SIGINT it for its summary."""
+    with tempfile.TemporaryDirectory(prefix="wrk-") as tmp:
+        marker = Path(tmp) / "done"
+        env = dict(env, BENCH_DONE=str(marker))
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + bound_s
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                if all(Path(f"{marker}.{n}").exists() for n in range(1, threads + 1)):
+                    break
+                time.sleep(0.1)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return proc.returncode, stdout, stderr
 
 
 @dataclass

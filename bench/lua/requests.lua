@@ -2,7 +2,8 @@
 -- and carries a TraceID unique across runs (BENCH_RUN); distinct event ids so no access is an idempotent repeat.
 -- BENCH_MODE: "get" (lines are paths) or "encounter" (lines are NHS numbers; POST /fhir/Encounter bodies with a
 -- distinct identifier each). BENCH_AUTH: the Authorization header value (may be empty).
--- With BENCH_TOTAL set, each thread stops after its share of that many responses (the memory-case walk).
+-- With BENCH_TOTAL set, each thread stops after its share of that many responses (the memory-case walk) and
+-- writes the file BENCH_DONE.<thread> so the harness can interrupt wrk (SIGINT makes it print its summary).
 local counter = 0
 local threads = {}
 
@@ -71,7 +72,12 @@ end
 if os.getenv("BENCH_TOTAL") then
   function response(status, hdrs, body)
     got = got + 1
-    if got >= limit then wrk.thread:stop() end
+    if got == limit then
+      -- wrk's main thread sleeps for the whole -d: tell the harness (it interrupts wrk), then stop this thread
+      local done = io.open(os.getenv("BENCH_DONE") .. "." .. tid, "w")
+      if done then done:close() end
+      wrk.thread:stop()
+    end
   end
 end
 
