@@ -53,7 +53,7 @@ def memory_numbers(count: int) -> list[str]:
 
 
 def record(i: int, nhs: str, prefix: str) -> dict[str, Any]:
-    """A realistic record: mostly open CPPs, some LACs with a legal basis, some ended plans (still visible)."""
+    """A realistic record: mostly open CPPs, some LACs with a legal basis, some recently ended plans (all visible)."""
     start = dt.date(2025, 1, 1) + dt.timedelta(days=i % 300)
     body: dict[str, Any] = {
         "localId": f"{prefix}-{i:07d}", "planType": "CPP", "nhsNumber": nhs,
@@ -63,8 +63,8 @@ def record(i: int, nhs: str, prefix: str) -> dict[str, Any]:
     if i % 4 == 1:
         body["planType"] = "LAC"
         body["lacLegalBasis"] = "C2"
-    if i % 10 == 3:
-        body["endDate"] = (start + dt.timedelta(days=30)).isoformat()
+    if i % 10 == 3:  # ended two months ago: still inside the display window, so every child here is flagged
+        body["endDate"] = (dt.date.today() - dt.timedelta(days=60)).isoformat()
     return body
 
 
