@@ -32,6 +32,8 @@ chaos: $(STAMP)
 	$(BIN)/pytest -q -m chaos -p no:randomly
 
 bench: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || apt-get install -y wrk || sudo apt-get install -y wrk || \
+		echo "bench: wrk is missing; install it with: apt-get install -y wrk"
 	$(BIN)/python -m bench.run
 
 fmt: $(STAMP)

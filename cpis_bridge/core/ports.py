@@ -242,6 +242,10 @@ class FlagServer(Protocol):
 
     def pause(self, seconds: float) -> None: ...
 
+    @property
+    def serialised(self) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class InboxItem:
     """One inbox notification mentioning a child, as held (for the subject-access export)."""

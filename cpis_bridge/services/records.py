@@ -17,10 +17,18 @@ from cpis_bridge.core.codes import FileCode, RecordCode, file_code
 from cpis_bridge.core.errors import Conflict, NotFound, UnreadableInput, ValidationFailed
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
 from cpis_bridge.core.ports import AuditLog, Change, RecordStore
-from cpis_bridge.core.records import Record, VisibilityWindows, parse_record, today_london, validate_local_id
+from cpis_bridge.core.records import (
+    MAX_LOCAL_ID,
+    Record,
+    VisibilityWindows,
+    parse_record,
+    today_london,
+    validate_local_id,
+)
 
 EPOCH = dt.date(1970, 1, 1)
 BATCH = 500
+APPLY_IN_FLIGHT = 2
 UPLOAD_LOCK_TTL_S = 900
 
 
@@ -44,6 +52,11 @@ class ValidatedUpload:
     named: set[str] = field(default_factory=set)
     rejections: list[dict[str, Any]] = field(default_factory=list)
     received: int = 0
+
+
+def _count(items: Iterator[object]) -> int:
+    """Read every item (raising UnreadableInput on a bad file) and count them."""
+    return sum(1 for _ in items)
 
 
 def epoch_day(day: dt.date) -> int:
@@ -107,9 +120,18 @@ class RecordService:
     def render(self, record: Record) -> dict[str, Any]:
         return record.to_api(visible=record.is_visible(self.today(), self.windows))
 
-    def _change(self, record: Record, ctx: AuditContext, action: str, now: dt.datetime) -> Change:
+    def _change(
+        self, record: Record, ctx: AuditContext, action: str, now: dt.datetime,
+        template: dict[str, Any] | None = None,
+    ) -> Change:
+        """The write of one record with its audit entry. ``template`` (``ctx.entry(action, None, now)``, built once
+        per batch) gives the same entry as ``ctx.entry`` without re-rendering the shared fields per record."""
         last = record.last_visible_day(self.windows)
-        entry = ctx.entry(action, str(record.nhs_number), now, localId=record.local_id, la=record.la)
+        if template is None:
+            entry = ctx.entry(action, str(record.nhs_number), now, localId=record.local_id, la=record.la)
+        else:
+            entry = {**template, "nhsNumber": str(record.nhs_number),
+                     "detail": {"localId": record.local_id, "la": record.la}}
         return Change(record, None if last is None else epoch_day(last) + 1, entry)
 
     # -- single records -------------------------------------------------------------------------------------------
@@ -173,29 +195,37 @@ class RecordService:
         """Validate every record of an upload (CPU-bound: run it in a thread). UnreadableInput aborts the file."""
         out = ValidatedUpload()
         today = self.today()
-        for index, raw in enumerate(items):
-            out.received += 1
-            lid = raw.get("localId") if isinstance(raw, dict) else None
-            lid_text = lid if isinstance(lid, str) else None
-            try:
-                record = parse_record(raw, la=la, today=today, test_numbers_only=self.test_numbers_only)
-            except ValidationFailed as exc:
-                if lid_text is not None:
-                    out.named.add(lid_text)
-                out.rejections.append(
-                    {"index": index, "localId": lid_text, "code": exc.code or RecordCode.VALIDATION_FAILED,
-                     "detail": exc.detail}
-                )
-                continue
-            if record.local_id in out.named:
-                out.rejections.append(
-                    {"index": index, "localId": record.local_id, "code": RecordCode.VALIDATION_FAILED,
-                     "detail": "localId appears more than once in this upload"}
-                )
-                continue
-            out.named.add(record.local_id)
-            out.accepted.append(record)
+        for raw in items:
+            record = self._validate_one(out, la, raw, today)
+            if record is not None:
+                out.accepted.append(record)
         return out
+
+    def _validate_one(self, out: ValidatedUpload, la: str, raw: object, today: dt.date) -> Record | None:
+        """Validate the next record of an upload into ``out`` (counts, names, rejections); the Record if accepted."""
+        index = out.received
+        out.received += 1
+        lid = raw.get("localId") if isinstance(raw, dict) else None
+        # Echoed in the report only when it is printable text (a lone surrogate could not even be encoded).
+        lid_text = lid if isinstance(lid, str) and len(lid) <= MAX_LOCAL_ID and lid.isprintable() else None
+        try:
+            record = parse_record(raw, la=la, today=today, test_numbers_only=self.test_numbers_only)
+        except ValidationFailed as exc:
+            if lid_text is not None:
+                out.named.add(lid_text)
+            out.rejections.append(
+                {"index": index, "localId": lid_text, "code": exc.code or RecordCode.VALIDATION_FAILED,
+                 "detail": exc.detail}
+            )
+            return None
+        if record.local_id in out.named:
+            out.rejections.append(
+                {"index": index, "localId": record.local_id, "code": RecordCode.VALIDATION_FAILED,
+                 "detail": "localId appears more than once in this upload"}
+            )
+            return None
+        out.named.add(record.local_id)
+        return record
 
     async def apply_upload(
         self,
@@ -204,17 +234,22 @@ class RecordService:
         meta: UploadMeta,
         read_items: Callable[[], Iterator[object]],
     ) -> tuple[dict[str, Any], bool]:
-        """Validate the whole file, then apply it. Returns (report, replayed)."""
+        """Check the whole file, then validate and apply it batch by batch. Returns (report, replayed).
+
+        The first pass only reads the file (an unreadable file or a wrong count applies nothing); the second
+        validates each batch in a worker thread while Redis applies the previous one, so neither waits for the other
+        and the upload never holds all its records in memory.
+        """
         if meta.sequence is not None:
             stored = await self.check_sequence(la, meta.sequence)
             if stored is not None:
                 return stored, True
-        validated = await asyncio.to_thread(self.validate_items, la, read_items())
+        received = await asyncio.to_thread(_count, read_items())
         if meta.sequence is None or meta.mode is None:
             raise UnreadableInput("the upload must state its sequence and mode", code=FileCode.UNREADABLE)
-        if meta.record_count is not None and meta.record_count != validated.received:
+        if meta.record_count is not None and meta.record_count != received:
             raise UnreadableInput(
-                f"recordCount is {meta.record_count} but the file holds {validated.received} records",
+                f"recordCount is {meta.record_count} but the file holds {received} records",
                 code=FileCode.UNREADABLE,
             )
         stored = await self.check_sequence(la, meta.sequence)  # JSON bodies state their sequence inside
@@ -224,19 +259,52 @@ class RecordService:
         if not await self.store.lock_uploads(la, token, UPLOAD_LOCK_TTL_S):
             raise Conflict("another upload for this local authority is in progress; retry when it has finished")
         try:
-            return await self._apply(ctx, la, meta, validated), False
+            return await self._apply(ctx, la, meta, read_items()), False
         finally:
             await self.store.unlock_uploads(la, token)
 
-    async def _apply(
-        self, ctx: AuditContext, la: str, meta: UploadMeta, validated: ValidatedUpload
-    ) -> dict[str, Any]:
+    def _next_batch(
+        self, out: ValidatedUpload, la: str, items: Iterator[object], ctx: AuditContext, now: dt.datetime,
+        template: dict[str, Any],
+    ) -> list[Change] | None:
+        """Validate up to BATCH more records (in a worker thread); their changes, or None when the file is done."""
+        today = today_london(now)
+        changes: list[Change] = []
+        taken = 0
+        for raw in items:
+            taken += 1
+            record = self._validate_one(out, la, raw, today)
+            if record is not None:
+                changes.append(self._change(record, ctx, "upload.record", now, template))
+            if taken >= BATCH:
+                break
+        return changes if taken else None
+
+    async def _apply(self, ctx: AuditContext, la: str, meta: UploadMeta, items: Iterator[object]) -> dict[str, Any]:
         now = self.clock()
-        accepted = validated.accepted
-        for start in range(0, len(accepted), BATCH):
-            batch = [self._change(r, ctx, "upload.record", now) for r in accepted[start : start + BATCH]]
-            await self.store.apply(la, batch)
-        code = file_code(len(accepted), len(validated.rejections))
+        template = ctx.entry("upload.record", None, now)
+        validated = ValidatedUpload()
+        accepted = 0
+        pending: set[asyncio.Future[list[tuple[str, int]]]] = set()
+        try:
+            while (batch := await asyncio.to_thread(
+                self._next_batch, validated, la, items, ctx, now, template
+            )) is not None:
+                if not batch:
+                    continue
+                accepted += len(batch)
+                if len(pending) >= APPLY_IN_FLIGHT:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()
+                pending.add(asyncio.ensure_future(self.store.apply(la, batch)))
+            if pending:
+                await asyncio.gather(*pending)
+                pending = set()
+        finally:
+            for task in pending:
+                task.cancel()
+        code = file_code(accepted, len(validated.rejections))
         ended: list[str] = []
         if meta.mode is UploadMode.FULL and code in (FileCode.ALL_UPLOADED, FileCode.PARTIAL):
             ended = await self._end_absent(ctx, la, validated.named, now)
@@ -245,7 +313,7 @@ class RecordService:
             "mode": meta.mode.value if meta.mode else None,
             "fileCode": code.value,
             "received": validated.received,
-            "accepted": len(accepted),
+            "accepted": accepted,
             "rejected": len(validated.rejections),
             "ended": len(ended),
             "endedLocalIds": ended,

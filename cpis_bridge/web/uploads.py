@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
+import mmap
+import re
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -12,7 +14,6 @@ from typing import IO, Any
 import ijson
 import orjson
 from aiohttp import web
-from ijson.common import ObjectBuilder
 
 from cpis_bridge.core.codes import FileCode
 from cpis_bridge.core.errors import PayloadTooLarge, UnreadableInput, UnsupportedMediaType
@@ -60,71 +61,91 @@ async def spool(request: web.Request, limit: int) -> IO[bytes]:
     return tmp
 
 
-_TEXT_EVENTS = frozenset({"string", "map_key"})
-_OPEN_EVENTS = frozenset({"start_map", "start_array"})
-_CLOSE_EVENTS = frozenset({"end_map", "end_array"})
-MAX_NESTING = 32  # envelope -> records -> record -> value is 3 levels; nothing legitimate comes near
+_META_KEYS = frozenset({"sequence", "mode", "recordCount"})
 
 
-def _is_unicode(text: str) -> bool:
-    """False for strings holding lone surrogates (JSON "\\ud800" escapes): they cannot be stored or answered."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def read_json_meta(f: IO[bytes], meta: UploadMeta) -> None:
+    """Check the envelope's shape and read sequence, mode and recordCount (one streaming pass of parse events).
 
-
-def iter_json(f: IO[bytes], meta: UploadMeta) -> Iterator[object]:
-    """Records from ``{"sequence", "mode", "recordCount", "records": [...]}`` in one streaming pass."""
-    builder: ObjectBuilder | None = None
-    depth = 0
-    nesting = 0
+    Stops as soon as the three meta keys and the start of ``records`` have all been seen (the usual order), so the
+    records themselves are normally not walked here; they are built in C by :func:`iter_json`.
+    """
     seen_records = False
-    try:
-        for prefix, event, value in ijson.parse(f, use_float=True):
-            if event in _OPEN_EVENTS:
-                nesting += 1
-                if nesting > MAX_NESTING:  # ijson's prefixes grow with depth: deep nesting would exhaust memory
-                    raise _unreadable(f"the upload nests deeper than {MAX_NESTING} levels")
-            elif event in _CLOSE_EVENTS:
-                nesting -= 1
-            if event in _TEXT_EVENTS and not value.isascii() and not _is_unicode(value):
-                raise _unreadable("the upload holds text that is not valid Unicode (an unpaired surrogate escape)")
-            if builder is not None:
-                builder.event(event, value)
-                if event in ("start_map", "start_array"):
-                    depth += 1
-                elif event in ("end_map", "end_array"):
-                    depth -= 1
-                    if depth == 0:
-                        yield builder.value
-                        builder = None
-                continue
-            if prefix == "records.item":
-                if event in ("start_map", "start_array"):
-                    builder = ObjectBuilder()
-                    builder.event(event, value)
-                    depth = 1
-                else:
-                    yield value
-            elif prefix == "records":
-                if event == "start_array":
-                    seen_records = True
-                elif event not in ("end_array",):
-                    raise _unreadable("records must be an array")
-            elif prefix == "sequence":
+    found: set[str] = set()
+    in_records = False
+    for prefix, event, value in ijson.parse(f, use_float=True):
+        if in_records:
+            if prefix == "records" and event == "end_array":
+                in_records = False
+            continue
+        if prefix == "records":
+            if event == "start_array":
+                seen_records = in_records = True
+            else:
+                raise _unreadable("records must be an array")
+        elif prefix in _META_KEYS:
+            if prefix == "sequence":
                 meta.sequence = parse_sequence(value)
             elif prefix == "mode":
                 meta.mode = parse_mode(value)
-            elif prefix == "recordCount":
+            else:
                 meta.record_count = parse_count(value)
-            elif prefix == "" and event not in ("start_map", "end_map", "map_key"):
-                raise _unreadable("the upload must be a JSON object")
-    except (ijson.JSONError, UnicodeDecodeError):  # the C backend decodes "\\ud800" escapes to invalid UTF-8
-        raise _unreadable("the upload is not valid JSON") from None
+            found.add(prefix)
+        elif prefix == "" and event not in ("start_map", "end_map", "map_key"):
+            raise _unreadable("the upload must be a JSON object")
+        if seen_records and len(found) == len(_META_KEYS):
+            return
     if not seen_records:
         raise _unreadable("the upload has no records array")
+
+
+MAX_NESTING = 32  # envelope -> records -> record -> value is 3 levels; nothing legitimate comes near
+_ESCAPE = re.compile(rb"\\.", re.S)
+_STRING = re.compile(rb'"[^"]*"')
+_PAIR = re.compile(rb"\[\]|\{\}")
+_KEEP = b'"[]{}'
+_DROP = bytes(b for b in range(256) if b not in _KEEP)
+
+
+def nesting_within(f: IO[bytes], limit: int = MAX_NESTING) -> bool:
+    """False when the JSON nests deeper than ``limit``. Deep nesting makes a streaming parser's memory grow with the
+    square of the depth (a few KB of brackets could exhaust the process), so it is refused before parsing. Works at
+    C speed on the bracket skeleton: escapes dropped, then all but quotes and brackets, then strings; innermost
+    bracket pairs are then peeled ``limit`` times."""
+    f.seek(0, 2)
+    if f.tell() == 0:
+        return True
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        text = _ESCAPE.sub(b"", m) if m.find(b"\\") >= 0 else m[:]  # type: ignore[call-overload]
+    quoted = text.translate(None, _DROP)
+    del text
+    # Strings hold brackets rarely: then every string is an empty pair here and removing the pairs left to right
+    # leaves no quote. A quote left over means some string held a bracket: match strings properly (slower).
+    skeleton = quoted.replace(b'""', b"")
+    if b'"' in skeleton:
+        skeleton = _STRING.sub(b"", quoted)
+    for _ in range(limit):
+        if not skeleton:
+            return True
+        reduced = _PAIR.sub(b"", skeleton)
+        if reduced == skeleton:
+            return True  # unbalanced: the parser reports it as unreadable
+        skeleton = reduced
+    return not skeleton
+
+
+def iter_json(f: IO[bytes], meta: UploadMeta) -> Iterator[object]:
+    """Records from ``{"sequence", "mode", "recordCount", "records": [...]}``: the envelope first
+    (:func:`read_json_meta`), then the records built by ijson's C backend, which also checks the whole file."""
+    if not nesting_within(f):
+        raise _unreadable(f"the upload nests deeper than {MAX_NESTING} levels")
+    f.seek(0)
+    try:
+        read_json_meta(f, meta)
+        f.seek(0)
+        yield from ijson.items(f, "records.item", use_float=True)
+    except ijson.JSONError:
+        raise _unreadable("the upload is not valid JSON") from None
 
 
 def iter_ndjson(f: IO[bytes]) -> Iterator[object]:
