@@ -144,7 +144,7 @@ def iter_json(f: IO[bytes], meta: UploadMeta) -> Iterator[object]:
         read_json_meta(f, meta)
         f.seek(0)
         yield from ijson.items(f, "records.item", use_float=True)
-    except ijson.JSONError:
+    except (ijson.JSONError, UnicodeDecodeError):  # a lone surrogate escape is invalid UTF-8 to the C backend
         raise _unreadable("the upload is not valid JSON") from None
 
 
