@@ -5,6 +5,7 @@ Errors under /fhir render as OperationOutcome (application/fhir+json); everywher
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -25,6 +26,7 @@ MiB = 1024 * 1024
 UPLOAD_LIMIT = 128 * MiB
 DEFAULT_LIMIT = 1 * MiB
 FHIR_CT = "application/fhir+json"
+CLIENT_CLOSED = 499  # metric status of a request whose client disconnected before the answer (as nginx logs it)
 
 
 def route_template(request: web.Request) -> str:
@@ -83,6 +85,9 @@ def make_middlewares() -> list[web.Middleware]:
             return response
         except web.HTTPException as exc:
             status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # the client went away mid-request: not a server error
             raise
         finally:
             metrics = request.app[METRICS]

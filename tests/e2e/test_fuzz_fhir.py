@@ -8,12 +8,13 @@ import asyncio
 import json
 import re
 import string
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote, quote_plus
 
 import pytest
+from fhir.resources.R4B.encounter import Encounter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
@@ -82,6 +83,18 @@ def parse_reply(data: bytes) -> Reply:
     return Reply(status, headers, body)
 
 
+async def read_reply(reader: asyncio.StreamReader) -> bytes:
+    """One answer: its head, then its Content-Length bytes (or chunks, or up to EOF). It does not wait for the server
+    to close: an answer given before a body was read may leave the connection open."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    reply = parse_reply(head)
+    if "Content-Length" in reply.headers:
+        return head + await reader.readexactly(int(reply.headers["Content-Length"]))
+    if reply.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        return head + await reader.readuntil(b"\r\n0\r\n\r\n")
+    return head + await reader.read()
+
+
 class App:
     """The app under test (aiohttp_client over create_app, relays off) driven by raw HTTP/1.1 over loopback, so
     request lines, header bytes and bodies go out exactly as generated."""
@@ -109,7 +122,7 @@ class App:
             await writer.drain()
             if half_close:
                 writer.write_eof()
-            data = await asyncio.wait_for(reader.read(), TIMEOUT)
+            data = await asyncio.wait_for(read_reply(reader), TIMEOUT)
         finally:
             writer.close()
         return parse_reply(data)
@@ -242,7 +255,7 @@ trace_ids = (st.text(st.characters(exclude_characters="\r\n"), max_size=300).map
              | st.sampled_from([b"\x00", b"\x7f", b"\x1b[31m", b"\xff\xfe", b"\xed\xa0\x80", "é".encode("latin-1"),
                                 "🚑-trace".encode(), b"\t", b" a b "]))
 unscheduled = (st.sampled_from([b"true", b"false", b"TRUE", b" false ", b"", b"yes", b"1", b"0", b"null",
-                                b"true,false", "faux".encode(), "vrai\u00e9".encode()]) | header_bytes)
+                                b"true,false", b"faux", "vrai\u00e9".encode()]) | header_bytes)
 
 
 def is_field_text(value: bytes) -> bool:
@@ -363,6 +376,8 @@ def check_encounter_answer(app: App, sent: bytes, r: Reply, ok: bool = True) -> 
         assert r.headers["Location"].endswith(f"/fhir/Encounter/{out['id']}")
         assert set(out) <= {"resourceType", "id", "meta", "identifier", "status", "class", "subject", "period",
                             "serviceProvider"}
+        Encounter.model_validate(out)  # what is retained and answered is itself valid R4
+        assert all(isinstance(v, str) for v in out["period"].values()), out["period"]
         again = app.call("GET", f"/fhir/Encounter/{out['id']}", ED)
         assert again.status == 200 and again.json() == out
     else:
@@ -414,6 +429,8 @@ async def test_encounter_named_fields(app: App) -> None:
         ([("del", "period", None)], "Encounter.period.start"),
         ([("set", "status", 7)], "Encounter.status"),
         ([("set", "class", "EMER")], "Encounter.class"),
+        ([("set", "period.start", 20261122)], "Encounter.period.start"),  # not epoch seconds: a dateTime string
+        ([("set", "period.end", 5)], "Encounter.period.end"),
         ([("extra", "unknownThing", {"x": CHILD})], "Encounter.unknownThing"),
     ]
 
@@ -579,6 +596,40 @@ def _cds_bytes_case(app: App, body: bytes, content_type: str) -> None:
         assert r.status == 415
 
 
+patients = st.fixed_dictionaries({"resourceType": st.just("Patient")}, optional={
+    "id": json_values,
+    "identifier": json_values | st.lists(
+        st.fixed_dictionaries({}, optional={"system": st.just(NHS_SYS) | json_values, "value": nhs_like | json_values})
+        | json_values, max_size=4),
+})
+
+
+@FUZZ
+@given(patient=patients, name=st.sampled_from(["encounter-start", "patient-view"]))
+def _cds_patient_case(app: App, patient: dict[str, Any], name: str) -> None:
+    body = hook(name)
+    body["prefetch"]["patient"] = patient
+    sent = json.dumps(body)
+    service = "cpis-" + name
+    r = app.call("POST", f"/cds-services/{service}", {**ED, "Content-Type": "application/json"}, sent.encode())
+    assert r.status == 200, (r.status, sent[:300], r.text[:300])  # a Patient was prefetched: cards, maybe none
+    no_nhs_echo(sent, r)
+    assert isinstance(r.json()["cards"], list)
+
+
+async def test_cds_any_prefetched_patient(app: App) -> None:
+    await in_thread(lambda: _cds_patient_case(app))  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("identifier", [5, True, 1.5, "abc", {"system": NHS_SYS, "value": CHILD}, None, [CHILD]])
+async def test_cds_prefetch_identifier_shapes(app: App, identifier: Any) -> None:
+    body = hook()
+    body["prefetch"]["patient"]["identifier"] = identifier
+    r = await app.raw("POST", "/cds-services/cpis-encounter-start", {**ED, "Content-Type": "application/json"},
+                      json.dumps(body).encode())
+    assert r.status == 200 and r.json() == {"cards": []}, r.text[:300]
+
+
 async def test_cds_any_bytes(app: App) -> None:
     await in_thread(lambda: _cds_bytes_case(app))  # type: ignore[call-arg]
 
@@ -600,7 +651,11 @@ async def test_oversized_bodies_are_413(app: App, path: str, content_type: str) 
     big = json.dumps({"resourceType": "Encounter", "note": "x" * (MiB + 10)}).encode()
     r = await app.raw("POST", path, headers, big)  # sent in full
     assert r.status == 413, r.text[:300]
-    r = await app.client.post(path, data=(b" " * 65536 for _ in range(24)), headers=headers)  # chunked, 1.5 MiB
+    async def chunks() -> AsyncIterator[bytes]:  # 1.5 MiB sent chunked, without a Content-Length
+        for _ in range(24):
+            yield b" " * 65536
+
+    r = await app.client.post(path, data=chunks(), headers=headers)
     assert r.status == 413, await r.text()
     if path.startswith("/fhir"):
         assert (await r.json())["resourceType"] == "OperationOutcome"
@@ -615,7 +670,7 @@ def _truncated_case(app: App, cut: float, path: tuple[str, str], half_close: boo
     if half_close:  # announces the whole body, sends a part, then closes its side: no answer is owed
         try:
             r = app.call("POST", path[0], headers, part, half_close=True, content_length=len(full))
-        except (IndexError, ValueError):
+        except asyncio.IncompleteReadError:
             return  # the server closed without an answer
         assert r.status in (400, 413), r.text[:300]
         return
