@@ -30,9 +30,9 @@ CHILD = "9990000018"  # has a visible record in every test here
 OTHER = "9990000026"  # valid, no record
 FHIR_CT = "application/fhir+json"
 INCLUDE_ASSIGNED = "AuditEvent:entity-type=http://terminology.hl7.org/CodeSystem/v3-RoleClass|ASSIGNED"
-FUZZ = settings(max_examples=60, derandomize=True, deadline=None, database=None,
+FUZZ = settings(max_examples=100, derandomize=True, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
-FEW = settings(FUZZ, max_examples=40)
+FEW = settings(FUZZ, max_examples=50)
 TEN_DIGITS = re.compile(r"\d{10}")
 
 
@@ -319,8 +319,9 @@ PATHS = {  # where a perturbation lands: a key path into the Encounter
     "period.start": ("period", "start"), "period.end": ("period", "end"), "resourceType": ("resourceType",),
 }
 garbage_dates = st.sampled_from(["2026-13-45", "yesterday", CHILD, "", "2026-11-22T25:00:00Z", "2026",
-                                 "2026-11-22T02:10:00", "0000-00-00", "2026-02-30", "T", "2026-11-22T02:10:00+99:00"])
-field_values = (json_values | nhs_like | garbage_dates | st.integers(9990000000, 9999999999)
+                                 "2026-11-22T02:10:00", "0000-00-00", "2026-02-30", "T", "2026-11-22T02:10:00+99:00"]
+                                ) | st.integers(-(10**12), 10**12) | st.floats(-1e12, 1e12)
+field_values = (garbage_dates | json_values | nhs_like | st.integers(9990000000, 9999999999)
                 | st.text(max_size=3000) | st.lists(json_values, min_size=100, max_size=3000))
 perturbation = st.one_of(
     st.tuples(st.just("del"), st.sampled_from(sorted(PATHS)), st.none()),
@@ -598,7 +599,7 @@ def _cds_bytes_case(app: App, body: bytes, content_type: str) -> None:
 
 patients = st.fixed_dictionaries({"resourceType": st.just("Patient")}, optional={
     "id": json_values,
-    "identifier": json_values | st.lists(
+    "identifier": st.integers() | st.booleans() | st.floats(allow_nan=False) | json_values | st.lists(
         st.fixed_dictionaries({}, optional={"system": st.just(NHS_SYS) | json_values, "value": nhs_like | json_values})
         | json_values, max_size=4),
 })
