@@ -48,7 +48,10 @@ def nhs_number_of(patient: object) -> str | None:
     """The NHS number on a Patient resource (the identifier with the NHS number system), if any."""
     if not isinstance(patient, dict):
         return None
-    for ident in patient.get("identifier") or []:
+    identifiers = patient.get("identifier")
+    if not isinstance(identifiers, list):
+        return None
+    for ident in identifiers:
         if isinstance(ident, dict) and ident.get("system") == NHS_NUMBER and isinstance(ident.get("value"), str):
             return str(ident["value"])
     return None

@@ -89,7 +89,11 @@ def parse_encounter(body: object, *, test_numbers_only: bool) -> InboundEncounte
         except InvalidNhsNumber as exc:
             problems.append(FieldError("Encounter.subject.identifier.value", str(exc)))
     arrived = _instant(model.period.start) if model.period is not None else None
-    if arrived is None:
+    raw_period = body["period"] if isinstance(body.get("period"), dict) else {}
+    # pydantic would read a JSON number as epoch seconds, and the period is kept as sent: a dateTime must be a string
+    not_text = [key for key in ("start", "end") if key in raw_period and not isinstance(raw_period[key], str)]
+    problems += [FieldError(f"Encounter.period.{key}", "must be a FHIR dateTime string") for key in not_text]
+    if arrived is None and "start" not in not_text:
         problems.append(FieldError("Encounter.period.start", "the arrival time is required"))
     if model.class_fhir is None or not model.class_fhir.code:
         problems.append(FieldError("Encounter.class", "a class code is required (e.g. v3-ActCode EMER)"))

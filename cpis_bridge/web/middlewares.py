@@ -5,6 +5,7 @@ Errors under /fhir render as OperationOutcome (application/fhir+json); everywher
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -25,6 +26,7 @@ MiB = 1024 * 1024
 UPLOAD_LIMIT = 128 * MiB
 DEFAULT_LIMIT = 1 * MiB
 FHIR_CT = "application/fhir+json"
+CLIENT_CLOSED = 499  # metric status of a request whose client disconnected before the answer (as nginx logs it)
 
 
 def route_template(request: web.Request) -> str:
@@ -54,12 +56,21 @@ def error_response(request: web.Request, status: int, title: str, detail: str, *
     return problem(status, title, detail, code=code, errors=errors, headers=headers)
 
 
+def header_text(value: str | None, limit: int) -> str | None:
+    """A client header as safe text: undecodable bytes (aiohttp keeps them as lone surrogates, which Redis, JSON and
+    hashing refuse) become U+FFFD, control characters are dropped, and the value is cut to ``limit`` characters."""
+    if not value:
+        return None
+    text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    text = "".join(c for c in text if c.isprintable())[:limit]
+    return text or None
+
+
 def make_middlewares() -> list[web.Middleware]:
     @web.middleware
     async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = request.headers.get("X-Request-ID", "")[:64] or uuid.uuid4().hex
-        trace = request.headers.get("TraceID")
-        trace = trace[:128] if trace else None
+        rid = header_text(request.headers.get("X-Request-ID"), 64) or uuid.uuid4().hex
+        trace = header_text(request.headers.get("TraceID"), 128)
         request[REQUEST_ID] = rid
         request[TRACE_ID] = trace
         t_rid, t_trace = request_id_var.set(rid), trace_id_var.set(trace)
@@ -74,6 +85,9 @@ def make_middlewares() -> list[web.Middleware]:
             return response
         except web.HTTPException as exc:
             status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED  # the client went away mid-request: not a server error
             raise
         finally:
             metrics = request.app[METRICS]
