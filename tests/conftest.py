@@ -102,3 +102,14 @@ def record(local_id: str = "CASE-1", nhs: str = "9990000018", **kw: Any) -> dict
             "givenName": "Testchild", "familyName": "Example", "startDate": "2026-01-10", "endDate": None}
     body.update(kw)
     return body
+
+
+@pytest.fixture
+async def double() -> AsyncIterator[Any]:
+    """A FHIR R4 server double (tests/fhir_double.py) on loopback, able to fail on purpose."""
+    from tests.fhir_double import FhirDouble
+
+    d = FhirDouble()
+    await d.start()
+    yield d
+    await d.stop()

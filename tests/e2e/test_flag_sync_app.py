@@ -14,17 +14,8 @@ import pytest
 from cpis_bridge.app import create_app
 from cpis_bridge.fhir.flag_sync import IDENTIFIER_SYSTEM, flag_id
 from tests.conftest import HASH_KEY, LA1, OPS, REGISTRY, record
-from tests.fhir_double import FhirDouble
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def double():
-    d = FhirDouble()
-    await d.start()
-    yield d
-    await d.stop()
 
 
 async def _until(predicate, timeout_s: float = 10.0) -> None:

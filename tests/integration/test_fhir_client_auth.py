@@ -12,17 +12,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from cpis_bridge.fhir.client import ClientCredentials, FhirClient, make_auth
-from tests.fhir_double import FhirDouble
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-async def double():
-    d = FhirDouble()
-    await d.start()
-    yield d
-    await d.stop()
 
 
 @pytest.fixture

@@ -20,14 +20,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-async def double():
-    d = FhirDouble()
-    await d.start()
-    yield d
-    await d.stop()
-
-
-@pytest.fixture
 async def env(aiohttp_client, make_settings, double):
     settings = make_settings(fhir_base_url=double.base_url, relays=False)
     e = await make_env(aiohttp_client, settings, timeout_s=2.0)
