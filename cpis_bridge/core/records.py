@@ -256,11 +256,8 @@ def parse_valid_record(
 ) -> Record | None:
     """The fast path of :func:`parse_record` for a record without any problem: the same Record, or None whenever
     anything is off (then :func:`parse_record`'s full checks decide and name every problem). Builds no Problems."""
-    if type(raw) is not dict:
+    if type(raw) is not dict or not raw.keys() <= _KNOWN_FIELDS:
         return None
-    for key in raw:
-        if key not in _KNOWN_FIELDS:
-            return None
     lid = raw.get("localId")
     if local_id is not None:
         if lid is not None and lid != local_id:

@@ -206,12 +206,12 @@ class RecordService:
         """Validate the next record of an upload into ``out`` (counts, names, rejections); the Record if accepted."""
         index = out.received
         out.received += 1
-        lid = raw.get("localId") if isinstance(raw, dict) else None
-        # Echoed in the report only when it is printable text (a lone surrogate could not even be encoded).
-        lid_text = lid if isinstance(lid, str) and len(lid) <= MAX_LOCAL_ID and lid.isprintable() else None
         try:
             record = parse_record(raw, la=la, today=today, test_numbers_only=self.test_numbers_only)
         except ValidationFailed as exc:
+            lid = raw.get("localId") if isinstance(raw, dict) else None
+            # Echoed in the report only when it is printable text (a lone surrogate could not even be encoded).
+            lid_text = lid if isinstance(lid, str) and len(lid) <= MAX_LOCAL_ID and lid.isprintable() else None
             if lid_text is not None:
                 out.named.add(lid_text)
             out.rejections.append(
