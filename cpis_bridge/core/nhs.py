@@ -7,6 +7,8 @@ from typing import Final
 
 _WEIGHTS: Final = (10, 9, 8, 7, 6, 5, 4, 3, 2)
 TEST_RANGE_PREFIX: Final = "999"
+# The check digit by (weighted sum mod 11): 11 - r, where 11 means 0 and 10 means no valid number.
+_CHECK: Final[tuple[int | None, ...]] = tuple(0 if r == 0 else None if r == 1 else 11 - r for r in range(11))
 
 
 class InvalidNhsNumber(ValueError):
@@ -15,13 +17,15 @@ class InvalidNhsNumber(ValueError):
 
 def check_digit(first_nine: str) -> int | None:
     """The Modulus 11 check digit for nine digits, or None when the result is 10 (no valid number)."""
-    total = sum(int(d) * w for d, w in zip(first_nine, _WEIGHTS, strict=True))
-    check = 11 - (total % 11)
-    if check == 11:
-        return 0
-    if check == 10:
-        return None
-    return check
+    if len(first_nine) == 9 and first_nine.isascii() and first_nine.isdigit():
+        b = first_nine.encode()  # ASCII digits: byte - 48 is the digit; weights sum to 54
+        total = (
+            10 * b[0] + 9 * b[1] + 8 * b[2] + 7 * b[3] + 6 * b[4] + 5 * b[5] + 4 * b[6] + 3 * b[7] + 2 * b[8]
+            - 48 * 54
+        )
+    else:
+        total = sum(int(d) * w for d, w in zip(first_nine, _WEIGHTS, strict=True))
+    return _CHECK[total % 11]
 
 
 class NhsNumber(str):

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 from cpis_bridge.core.codes import RecordCode
 from cpis_bridge.core.errors import Problems, ValidationFailed
-from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
+from cpis_bridge.core.nhs import TEST_RANGE_PREFIX, InvalidNhsNumber, NhsNumber, check_digit
 
 LONDON: Final = ZoneInfo("Europe/London")
 MAX_LOCAL_ID: Final = 64
@@ -213,6 +213,106 @@ def validate_local_id(value: object) -> str:
     return value
 
 
+_KNOWN_FIELDS: Final = WRITABLE_FIELDS | READ_ONLY_FIELDS
+_PLANS: Final = {p.value: p for p in PlanType}
+_fromisoformat: Final = dt.date.fromisoformat
+
+
+class _NotFast(Exception):
+    """Something about the record needs the full checks (raised and caught inside :func:`parse_valid_record`)."""
+
+
+def _fast_date(value: object) -> dt.date | None:
+    """An optional date in the accepted shape (None when absent); _NotFast when the full checks must decide."""
+    if value is None or value == "":
+        return None
+    if type(value) is not str or len(value) != 10:
+        raise _NotFast
+    try:
+        return _fromisoformat(value)
+    except ValueError:
+        raise _NotFast from None
+
+
+def _fast_text(value: object, max_len: int) -> str | None:
+    """An optional text field as :func:`_parse_text` accepts it; _NotFast when the full checks must decide."""
+    if value is None or value == "":
+        return None
+    if type(value) is not str:
+        raise _NotFast
+    value = value.strip()
+    if len(value) > max_len or not value.isprintable():
+        raise _NotFast
+    return value or None
+
+
+def parse_valid_record(
+    raw: object,
+    *,
+    la: str,
+    today: dt.date,
+    test_numbers_only: bool,
+    local_id: str | None = None,
+) -> Record | None:
+    """The fast path of :func:`parse_record` for a record without any problem: the same Record, or None whenever
+    anything is off (then :func:`parse_record`'s full checks decide and name every problem). Builds no Problems."""
+    if type(raw) is not dict or not raw.keys() <= _KNOWN_FIELDS:
+        return None
+    lid = raw.get("localId")
+    if local_id is not None:
+        if lid is not None and lid != local_id:
+            return None
+        lid = local_id
+    if (
+        type(lid) is not str or not 0 < len(lid) <= MAX_LOCAL_ID or not lid.isprintable() or lid != lid.strip()
+    ):
+        return None
+    nhs = raw.get("nhsNumber")
+    if (
+        type(nhs) is not str or len(nhs) != 10 or not nhs.isascii() or not nhs.isdigit()
+        or check_digit(nhs[:9]) != ord(nhs[9]) - 48
+        or (test_numbers_only and not nhs.startswith(TEST_RANGE_PREFIX))
+    ):
+        return None
+    plan_text = raw.get("planType")
+    plan = _PLANS.get(plan_text) if type(plan_text) is str else None
+    if plan is None:
+        return None
+    try:
+        dob = _fast_date(raw.get("dateOfBirth"))
+        start = _fast_date(raw.get("startDate"))
+        end = _fast_date(raw.get("endDate"))
+        delete = _fast_date(raw.get("deleteDate"))
+        edd = _fast_date(raw.get("expectedDeliveryDate"))
+        given = _fast_text(raw.get("givenName"), MAX_NAME)
+        family = _fast_text(raw.get("familyName"), MAX_NAME)
+        legal = _fast_text(raw.get("lacLegalBasis"), MAX_LEGAL_BASIS)
+    except _NotFast:
+        return None
+    if (
+        dob is None or start is None or dob > today or start > today
+        or (end is not None and end < start)
+        or (delete is not None and delete < start)
+        or (edd is not None and plan is not PlanType.UCPP)
+        or (legal is not None and plan is not PlanType.LAC)
+    ):
+        return None
+    return Record(
+        la=la,
+        local_id=lid,
+        plan_type=plan,
+        nhs_number=NhsNumber(nhs),
+        date_of_birth=dob,
+        start_date=start,
+        given_name=given,
+        family_name=family,
+        end_date=end,
+        delete_date=delete,
+        expected_delivery_date=edd,
+        lac_legal_basis=legal,
+    )
+
+
 def parse_record(
     raw: object,
     *,
@@ -225,7 +325,23 @@ def parse_record(
 
     Raises ValidationFailed with code CPR04 (NHS number) or CPR07 (any other field), listing every field problem.
     ``local_id`` (from a URL path) wins over the body's and must agree with it when both are given.
+    A valid record takes the fast path (:func:`parse_valid_record`); anything else gets the full checks.
     """
+    record = parse_valid_record(raw, la=la, today=today, test_numbers_only=test_numbers_only, local_id=local_id)
+    if record is not None:
+        return record
+    return parse_record_full(raw, la=la, today=today, test_numbers_only=test_numbers_only, local_id=local_id)
+
+
+def parse_record_full(
+    raw: object,
+    *,
+    la: str,
+    today: dt.date,
+    test_numbers_only: bool,
+    local_id: str | None = None,
+) -> Record:
+    """:func:`parse_record` without the fast path: every check, every problem named."""
     if not isinstance(raw, dict):
         raise ValidationFailed("a record must be a JSON object", code=RecordCode.VALIDATION_FAILED)
     problems = Problems()

@@ -28,6 +28,7 @@ from cpis_bridge.core.records import (
 
 EPOCH = dt.date(1970, 1, 1)
 BATCH = 500
+SLICE = 50  # records validated between two yields to the event loop
 APPLY_IN_FLIGHT = 2
 UPLOAD_LOCK_TTL_S = 900
 
@@ -205,12 +206,12 @@ class RecordService:
         """Validate the next record of an upload into ``out`` (counts, names, rejections); the Record if accepted."""
         index = out.received
         out.received += 1
-        lid = raw.get("localId") if isinstance(raw, dict) else None
-        # Echoed in the report only when it is printable text (a lone surrogate could not even be encoded).
-        lid_text = lid if isinstance(lid, str) and len(lid) <= MAX_LOCAL_ID and lid.isprintable() else None
         try:
             record = parse_record(raw, la=la, today=today, test_numbers_only=self.test_numbers_only)
         except ValidationFailed as exc:
+            lid = raw.get("localId") if isinstance(raw, dict) else None
+            # Echoed in the report only when it is printable text (a lone surrogate could not even be encoded).
+            lid_text = lid if isinstance(lid, str) and len(lid) <= MAX_LOCAL_ID and lid.isprintable() else None
             if lid_text is not None:
                 out.named.add(lid_text)
             out.rejections.append(
@@ -263,20 +264,37 @@ class RecordService:
         finally:
             await self.store.unlock_uploads(la, token)
 
-    def _next_batch(
+    def _validate_slice(
         self, out: ValidatedUpload, la: str, items: Iterator[object], ctx: AuditContext, now: dt.datetime,
-        template: dict[str, Any],
-    ) -> list[Change] | None:
-        """Validate up to BATCH more records (in a worker thread); their changes, or None when the file is done."""
+        template: dict[str, Any], changes: list[Change], limit: int,
+    ) -> int:
+        """Validate up to ``limit`` more records, appending the accepted ones' changes; how many were read."""
         today = today_london(now)
-        changes: list[Change] = []
         taken = 0
         for raw in items:
             taken += 1
             record = self._validate_one(out, la, raw, today)
             if record is not None:
                 changes.append(self._change(record, ctx, "upload.record", now, template))
-            if taken >= BATCH:
+            if taken >= limit:
+                break
+        return taken
+
+    async def _next_batch(
+        self, out: ValidatedUpload, la: str, items: Iterator[object], ctx: AuditContext, now: dt.datetime,
+        template: dict[str, Any],
+    ) -> list[Change] | None:
+        """Validate up to BATCH more records on the event loop, a slice at a time, yielding between slices so the
+        loop keeps flushing the batch Redis is waiting for (and serving other requests); None when the file is
+        done. (A worker thread would fight the loop for the GIL: each socket write or read costs the loop a whole
+        switch interval, which serialises validation and Redis.)"""
+        changes: list[Change] = []
+        taken = 0
+        while taken < BATCH:
+            step = self._validate_slice(out, la, items, ctx, now, template, changes, min(SLICE, BATCH - taken))
+            taken += step
+            await asyncio.sleep(0)
+            if step == 0:
                 break
         return changes if taken else None
 
@@ -287,9 +305,7 @@ class RecordService:
         accepted = 0
         pending: set[asyncio.Future[list[tuple[str, int]]]] = set()
         try:
-            while (batch := await asyncio.to_thread(
-                self._next_batch, validated, la, items, ctx, now, template
-            )) is not None:
+            while (batch := await self._next_batch(validated, la, items, ctx, now, template)) is not None:
                 if not batch:
                     continue
                 accepted += len(batch)
@@ -298,6 +314,7 @@ class RecordService:
                     for task in done:
                         task.result()
                 pending.add(asyncio.ensure_future(self.store.apply(la, batch)))
+                await asyncio.sleep(0)  # the apply task sends its batch; Redis runs it while the next is validated
             if pending:
                 await asyncio.gather(*pending)
                 pending = set()
