@@ -324,7 +324,7 @@ class RecordService:
         code = file_code(accepted, len(validated.rejections))
         ended: list[str] = []
         if meta.mode is UploadMode.FULL and code in (FileCode.ALL_UPLOADED, FileCode.PARTIAL):
-            ended = await self._end_absent(ctx, la, validated.named, now)
+            ended = await self._end_absent(ctx, la, validated.named, now, accepted)
         report = {
             "sequence": meta.sequence,
             "mode": meta.mode.value if meta.mode else None,
@@ -341,8 +341,12 @@ class RecordService:
             await self.store.save_upload(la, meta.sequence, orjson.dumps(report))
         return report
 
-    async def _end_absent(self, ctx: AuditContext, la: str, named: set[str], now: dt.datetime) -> list[str]:
+    async def _end_absent(
+        self, ctx: AuditContext, la: str, named: set[str], now: dt.datetime, accepted: int
+    ) -> list[str]:
         """A full upload is the whole caseload: end (end date = today) every open record it does not name."""
+        if await self.store.count(la) == accepted:
+            return []  # every record the LA holds was just written by this upload: none is absent
         today = self.today()
         index = await self.store.index(la)
         absent = sorted(lid for lid in index if lid not in named)

@@ -75,6 +75,9 @@ class RedisRecordStore:
         result: dict[str, str] = await self.redis.hgetall(self.keys.la_ids(la))
         return result
 
+    async def count(self, la: str) -> int:
+        return int(await self.redis.hlen(self.keys.la_ids(la)))
+
     async def apply(self, la: str, changes: Sequence[Change]) -> list[tuple[str, int]]:
         """Write the changes atomically per call; retries records whose index moved under a concurrent write.
 
