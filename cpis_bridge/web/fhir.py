@@ -112,9 +112,7 @@ def calling_setting(request: web.Request) -> CareSetting:
 
 
 def count_access(request: web.Request, *, unscheduled: bool, flagged: bool) -> None:
-    request.app[METRICS].accesses.labels(
-        kind="unscheduled" if unscheduled else "silent", flagged="true" if flagged else "false"
-    ).inc()
+    request.app[METRICS].count_access(unscheduled=unscheduled, flagged=flagged)
 
 
 def fhir_base(request: web.Request) -> str:
