@@ -14,6 +14,7 @@ from redis.exceptions import NoScriptError
 from cpis_bridge.core.access import Access
 from cpis_bridge.core.ports import LookupOutcome
 from cpis_bridge.core.records import Record, VisibilityWindows
+from cpis_bridge.store.connection import call
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import decode_field
 from cpis_bridge.store.scripts import Scripts
@@ -87,10 +88,10 @@ class RedisAccessStore:
         than the script's own work); loads the script once after NOSCRIPT, as the wrapper would."""
         script = self.scripts.access
         try:
-            return await self.redis.execute_command("EVALSHA", script.sha, 6, *keys_and_args)
+            return await call(self.redis, "EVALSHA", script.sha, 6, *keys_and_args)
         except NoScriptError:
             script.sha = await self.redis.script_load(script.script)
-            return await self.redis.execute_command("EVALSHA", script.sha, 6, *keys_and_args)
+            return await call(self.redis, "EVALSHA", script.sha, 6, *keys_and_args)
 
     async def history(self, nhs: str) -> tuple[list[Record], list[tuple[str, Access]]]:
         """All the child's records (visible or not) and its last 25 accesses with their ids, newest first."""
