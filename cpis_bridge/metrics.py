@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -75,6 +76,27 @@ class Metrics:
             self.delivery_dead.labels(channel)
             for outcome in ("delivered", "retried", "dead"):
                 self.deliveries.labels(channel, outcome)
+
+        self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._access_children = {
+            (kind == "unscheduled", flagged == "true"): self.accesses.labels(kind, flagged)
+            for kind in ("unscheduled", "silent") for flagged in ("true", "false")
+        }
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and its latency; the labelled children are bound once per label set (a
+        ``.labels()`` lookup per request costs microseconds on the hot path)."""
+        key = (route, method, status)
+        children = self._http_children.get(key)
+        if children is None:
+            labels = (route, method, str(status))
+            children = (self.http_requests.labels(*labels), self.http_duration.labels(*labels))
+            self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def count_access(self, *, unscheduled: bool, flagged: bool) -> None:
+        self._access_children[(unscheduled, flagged)].inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
@@ -87,7 +88,7 @@ class Access:
     def access_id(self, child_key: str) -> str:
         """A stable id for this access (derived, so it costs no storage)."""
         seed = f"{child_key}|{self.care_setting}|{self.source_event_id}|{_ms(self.occurred_at)}"
-        return str(uuid.uuid5(NS_ACCESS, seed))
+        return _uuid5(_NS_ACCESS_BYTES, seed)
 
     def to_api(self, child_key: str, care_settings: dict[str, tuple[str, str]]) -> dict[str, Any]:
         """The ``access`` shape of API.md section 6. ``care_settings`` maps ODS -> (name, type)."""
@@ -104,4 +105,17 @@ class Access:
 
 def notification_id(access_id: str, la: str) -> str:
     """One notification per (access, LA): its id is stable across retries and processes."""
-    return str(uuid.uuid5(NS_NOTIFICATION, f"{access_id}|{la}"))
+    return _uuid5(_NS_NOTIFICATION_BYTES, f"{access_id}|{la}")
+
+
+_NS_ACCESS_BYTES: Final = NS_ACCESS.bytes
+_NS_NOTIFICATION_BYTES: Final = NS_NOTIFICATION.bytes
+
+
+def _uuid5(namespace: bytes, name: str) -> str:
+    """``str(uuid.uuid5(namespace, name))`` without building UUID objects (a hot-path cost per access)."""
+    h = bytearray(hashlib.sha1(namespace + name.encode(), usedforsecurity=False).digest()[:16])  # RFC 4122 v5
+    h[6] = (h[6] & 0x0F) | 0x50  # version 5
+    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any, Final
 
 from cpis_bridge.core.access import Access, instant
@@ -71,11 +72,21 @@ def record_key(la: str, local_id: str) -> str:
 
 
 def flag_id(record: Record) -> str:
-    return str(uuid.uuid5(NS_FLAG, record_key(record.la, record.local_id)))
+    return _flag_id(record_key(record.la, record.local_id))
 
 
 def careteam_id(record: Record) -> str:
-    return str(uuid.uuid5(NS_CARETEAM, record_key(record.la, record.local_id)))
+    return _careteam_id(record_key(record.la, record.local_id))
+
+
+@lru_cache(maxsize=65536)
+def _flag_id(key: str) -> str:
+    return str(uuid.uuid5(NS_FLAG, key))
+
+
+@lru_cache(maxsize=65536)
+def _careteam_id(key: str) -> str:
+    return str(uuid.uuid5(NS_CARETEAM, key))
 
 
 def plan_concept(plan: PlanType) -> dict[str, Any]:

@@ -43,6 +43,18 @@ class AccessService:
         self.store = store
         self.windows = windows
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
+        self._day: tuple[dt.datetime, dt.datetime, int] | None = None  # [start, end) of a UTC minute, its day
+
+    def _today_day(self, now: dt.datetime) -> int:
+        """The Europe/London day (epoch day number) at ``now``, cached per UTC minute: a day always changes on a
+        minute boundary, and the zoneinfo conversion is a measurable cost per request."""
+        cached = self._day
+        if cached is not None and cached[0] <= now < cached[1]:
+            return cached[2]
+        start = now.replace(second=0, microsecond=0)
+        day = (today_london(now) - EPOCH).days
+        self._day = (start, start + dt.timedelta(minutes=1), day)
+        return day
 
     @staticmethod
     def is_unscheduled(req: LookupRequest) -> bool:
@@ -51,7 +63,7 @@ class AccessService:
 
     async def lookup(self, ctx: AuditContext, req: LookupRequest) -> LookupOutcome:
         now = self.clock()
-        today = today_london(now)
+        today_day = self._today_day(now)
         unscheduled = self.is_unscheduled(req)
         access: Access | None = None
         if unscheduled:
@@ -64,13 +76,16 @@ class AccessService:
                 actor=Actor(user_id=p.subject, user_name=p.name, role_code=p.role_code),
             )
         action = f"lookup.{req.kind}" + ("" if unscheduled else ".silent")
+        audit_with = ctx.entry(action, req.nhs, now, unscheduled=unscheduled)
+        # the same entry as ctx.entry(action, None, now, unscheduled=..., found=False), without building it again
+        audit_without = {**audit_with, "nhsNumber": None, "detail": {"unscheduled": unscheduled, "found": False}}
         return await self.store.lookup(
             req.nhs,
-            today_day=(today - EPOCH).days,
+            today_day=today_day,
             windows=self.windows,
             record_access=access,
-            audit_with=ctx.entry(action, req.nhs, now, unscheduled=unscheduled),
-            audit_without=ctx.entry(action, None, now, unscheduled=unscheduled, found=False),
+            audit_with=audit_with,
+            audit_without=audit_without,
             encounter=req.encounter,
         )
 

@@ -274,15 +274,23 @@ class Relay:
             self.observer.count(entry.channel or "inbox", "dead")
             return
         try:
-            rendered = render(entry.la, fields)
             targets = [c for c in self.channels(entry.la) if entry.channel in (None, c.name)]
+            inbox_only_id: str | None = None
+            if not targets and entry.channel is None:
+                # Inbox only (the common case under load): the pull inbox renders the body itself; settling needs
+                # only the notification id, the same one render() derives.
+                inbox_only_id = notification_id(Access.decode(fields["acc"]).access_id(fields["tag"]), entry.la)
+            else:
+                rendered = render(entry.la, fields)
             if entry.channel is not None and entry.channel != "inbox" and not targets:
                 # The registry no longer names this channel for the LA: nothing to send it to (the pull inbox
                 # still holds the notification).
                 log.warning("relay.channel_removed", extra={"channel": entry.channel, "la": entry.la})
             if entry.channel is None:
                 self.observer.count("inbox", "delivered")
-            results = await asyncio.gather(*(self._attempt(c, entry, rendered) for c in targets))
+            results: Sequence[Plan | DeliveryResult | None] = ()
+            if inbox_only_id is None:
+                results = await asyncio.gather(*(self._attempt(c, entry, rendered) for c in targets))
         except asyncio.CancelledError:
             # Shutting down: hand the entry back, due now, for any relay to pick up.
             await asyncio.shield(self.outbox.settle(entry, notification_id=None, retries=[(entry, self._now_ms())]))
@@ -303,6 +311,9 @@ class Relay:
                 dead.append(plan.dead)
                 log.warning("relay.dead_letter", extra={"channel": channel.name, "la": entry.la,
                                                         "reason": plan.dead.reason, "status": plan.dead.status})
+        if inbox_only_id is not None:
+            await self.outbox.settle(entry, notification_id=inbox_only_id)
+            return
         await self.outbox.settle(entry, notification_id=rendered.id, retries=retries, dead=dead)
 
     async def _attempt(self, channel: Channel, entry: QueueEntry, rendered: Rendered) -> Plan | DeliveryResult | None:

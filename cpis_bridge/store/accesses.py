@@ -9,13 +9,19 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from cpis_bridge.core.access import Access
 from cpis_bridge.core.ports import LookupOutcome
 from cpis_bridge.core.records import Record, VisibilityWindows
+from cpis_bridge.store.connection import call
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import decode_field
 from cpis_bridge.store.scripts import Scripts
+
+
+def _as_dict(value: Mapping[str, Any]) -> dict[str, Any]:
+    return value if type(value) is dict else dict(value)
 
 
 class RedisAccessStore:
@@ -38,38 +44,54 @@ class RedisAccessStore:
     ) -> LookupOutcome:
         k = self.keys
         tag = k.tag(nhs)
-        access_id = record_access.access_id(tag) if record_access is not None else ""
-        out = await self.scripts.access(
-            keys=[k.records(tag), k.accesses(tag), k.audit(tag), k.notify_queue, k.care_settings,
-                  k.encounter(access_id or "none")],
-            args=[
-                today_day,
-                windows.after_end_days,
-                windows.ucpp_after_end_days,
-                "1" if record_access is not None else "0",
-                record_access.encode() if record_access is not None else "",
-                record_access.idempotency_prefix if record_access is not None else "",
-                int(time.time() * 1000),
-                orjson.dumps(dict(audit_with)),
-                orjson.dumps(dict(audit_without)),
-                k.inbox(""),
-                orjson.dumps(dict(encounter)) if encounter is not None and record_access is not None else "",
-                nhs,
-                tag,
-                self.encounter_ttl_s,
-            ],
+        # The access id (a uuid5) is needed up front only to name a retained Encounter's key; otherwise it is
+        # derived after the script, and only when an access was recorded or found.
+        keep = encounter is not None and record_access is not None
+        access_id = record_access.access_id(tag) if keep and record_access is not None else ""
+        out = await self._eval_access(
+            k.records(tag),
+            k.accesses(tag),
+            k.audit(tag),
+            k.notify_queue,
+            k.care_settings,
+            k.encounter(access_id or "none"),
+            today_day,
+            windows.after_end_days,
+            windows.ucpp_after_end_days,
+            "1" if record_access is not None else "0",
+            record_access.encode() if record_access is not None else "",
+            record_access.idempotency_prefix if record_access is not None else "",
+            int(time.time() * 1000),
+            orjson.dumps(_as_dict(audit_with)),
+            orjson.dumps(_as_dict(audit_without)),
+            k.inbox(""),
+            orjson.dumps(_as_dict(encounter)) if encounter is not None and keep else "",
+            nhs,
+            tag,
+            self.encounter_ttl_s,
         )
         status, existing = int(out[0]), out[1]
         records = [decode_field(out[i], out[i + 1]) for i in range(2, len(out), 2)]
         access: Access | None = None
-        if status == 1:
+        if status == 1 and record_access is not None:
             access = record_access
+            access_id = access_id or record_access.access_id(tag)
         elif status == 2:
             access = Access.decode(existing)
             access_id = access.access_id(tag)
         else:
             access_id = ""
         return LookupOutcome(records, status, access, access_id or None)
+
+    async def _eval_access(self, *keys_and_args: Any) -> Any:
+        """EVALSHA of access.lua straight through execute_command (redis-py's Script wrapper costs more per call
+        than the script's own work); loads the script once after NOSCRIPT, as the wrapper would."""
+        script = self.scripts.access
+        try:
+            return await call(self.redis, "EVALSHA", script.sha, 6, *keys_and_args)
+        except NoScriptError:
+            script.sha = await self.redis.script_load(script.script)
+            return await call(self.redis, "EVALSHA", script.sha, 6, *keys_and_args)
 
     async def history(self, nhs: str) -> tuple[list[Record], list[tuple[str, Access]]]:
         """All the child's records (visible or not) and its last 25 accesses with their ids, newest first."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from cpis_bridge.core.ports import ChannelStats, DeadLetter, QueueEntry
 from cpis_bridge.store.keys import Keys
@@ -149,10 +149,7 @@ class RedisOutbox:
         """Settles made within SETTLE_LINGER_S go to Redis in one pipeline: one round trip (and, with
         appendfsync always, one fsync) for many deliveries. Each script stays atomic on its own."""
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for keys, args, _ in batch:
-                    await self._settle(keys=keys, args=args, client=pipe)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._run_settles([(keys, args) for keys, args, _ in batch])
         except Exception as exc:
             for _, _, fut in batch:
                 if not fut.done():
@@ -165,6 +162,27 @@ class RedisOutbox:
                 fut.set_exception(result)
             else:
                 fut.set_result(bool(result))
+
+    async def _run_settles(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """EVALSHA each settle in one pipeline. redis-py's Script-in-pipeline costs a SCRIPT EXISTS round trip on
+        every execute; instead the script is loaded again only when Redis answers NOSCRIPT (after a restart or a
+        flush), and just the calls it refused run again (they did not run)."""
+        script = self._settle
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in (1, 2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                out = await pipe.execute(raise_on_error=False)
+            for i, result in zip(todo, out, strict=True):
+                results[i] = result
+            todo = [i for i, result in zip(todo, out, strict=True) if isinstance(result, NoScriptError)]
+            if not todo or attempt == 2:
+                break
+            script.sha = await self.redis.script_load(script.script)
+        return results
 
     async def promote(self, now_ms: int, limit: int) -> int:
         return int(await self._promote(keys=[self.keys.notify_delay, self.keys.notify_queue], args=[now_ms, limit]))

@@ -16,7 +16,7 @@ from cpis_bridge.core.errors import NotFound, UnreadableInput, UnsupportedMediaT
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
 from cpis_bridge.core.ports import LookupOutcome
 from cpis_bridge.core.principal import Role
-from cpis_bridge.core.registry import CareSetting
+from cpis_bridge.core.registry import CareSetting, LocalAuthority
 from cpis_bridge.fhir import mapping as m
 from cpis_bridge.fhir.capability import Interaction, SearchParam, capability_statement
 from cpis_bridge.fhir.encounter import parse_encounter, retained, safe_name, with_id
@@ -112,9 +112,7 @@ def calling_setting(request: web.Request) -> CareSetting:
 
 
 def count_access(request: web.Request, *, unscheduled: bool, flagged: bool) -> None:
-    request.app[METRICS].accesses.labels(
-        kind="unscheduled" if unscheduled else "silent", flagged="true" if flagged else "false"
-    ).inc()
+    request.app[METRICS].count_access(unscheduled=unscheduled, flagged=flagged)
 
 
 def fhir_base(request: web.Request) -> str:
@@ -134,6 +132,20 @@ async def lookup_for_search(request: web.Request, kind: str) -> LookupOutcome:
     out = await request.app[ACCESS].lookup(audit_context(request), req)
     count_access(request, unscheduled=AccessService.is_unscheduled(req), flagged=bool(out.records))
     return out
+
+
+_ORGS: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+
+
+def _organization(la: LocalAuthority) -> dict[str, Any]:
+    """The LA's Organization, built once per registry entry (it is constant; orjson only reads it)."""
+    key = (la.ods, la.name, la.office_hours_phone, la.emergency_duty_phone)  # what organization() reads
+    org = _ORGS.get(key)
+    if org is None:
+        if len(_ORGS) > 1024:
+            _ORGS.clear()
+        org = _ORGS[key] = m.organization(la)
+    return org
 
 
 # -- handlers -------------------------------------------------------------------------------------------------------
@@ -158,7 +170,7 @@ async def search_careteam(request: web.Request) -> web.Response:
     las = request.app[REGISTRY].local_authorities
     teams = [m.careteam(r, las.get(r.la)) for r in out.records]
     owners = list(dict.fromkeys(r.la for r in out.records))
-    orgs = [m.organization(las[la]) for la in owners if la in las]
+    orgs = [_organization(las[la]) for la in owners if la in las]
     return fhir_response(m.searchset(fhir_base(request), self_link(request), teams, orgs))
 
 

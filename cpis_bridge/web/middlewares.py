@@ -61,23 +61,81 @@ def header_text(value: str | None, limit: int) -> str | None:
     hashing refuse) become U+FFFD, control characters are dropped, and the value is cut to ``limit`` characters."""
     if not value:
         return None
+    if len(value) <= limit and value.isascii() and value.isprintable():
+        return value  # the common case, unchanged by the steps below
     text = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     text = "".join(c for c in text if c.isprintable())[:limit]
     return text or None
 
 
+async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Errors to responses around size limits, authentication and the role policy, then the handler."""
+    try:
+        return await _checked(request, handler)
+    except CpisError as exc:
+        if exc.status >= 500:
+            log.error("web.error", extra={"error": type(exc).__name__, "route": route_template(request)})
+        return error_response(
+            request, exc.status, exc.title, exc.detail, code=exc.code, errors=[e.as_dict() for e in exc.errors]
+        )
+    except RedisError:
+        log.exception("web.redis_error", extra={"route": route_template(request)})
+        return error_response(request, 503, "Service unavailable", "the data store is unavailable; retry shortly",
+                              headers={"Retry-After": "1"})
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(request, 413, "Payload too large", "the request body is too large")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        detail = {404: "no such resource", 405: "method not allowed"}.get(exc.status, exc.reason)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(request, exc.status, exc.reason, detail, headers=headers)
+    except Exception:
+        log.exception("web.unhandled", extra={"route": route_template(request)})
+        return error_response(request, 500, "Internal error", "an internal error occurred")
+
+
+async def _checked(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Size limits, then authentication and the route's role policy."""
+    length = request.content_length
+    if length is not None and length > body_limit(request):
+        raise PayloadTooLarge(f"the request body is over the {size_text(body_limit(request))} limit")
+    match_info = request.match_info
+    if match_info.route is None or match_info.http_exception is not None:
+        return await handler(request)  # unmatched: let it answer 404/405
+    policy = policy_of(match_info.handler)
+    if policy is None:
+        raise Forbidden("this route has no access policy")
+    if policy.public:
+        return await handler(request)
+    auth = request.app[AUTH]
+    if policy.cds:
+        audience = request.app[SETTINGS].base_url + request.path
+        who = await auth.verify_cds(request.headers.get("Authorization"), audience)
+    else:
+        who = await auth.verify_bearer(request.headers.get("Authorization"))
+    request[PRINCIPAL] = who
+    if who.role not in policy.roles:
+        raise Forbidden("this role may not call this endpoint")
+    return await handler(request)
+
+
 def make_middlewares() -> list[web.Middleware]:
+    """One middleware (each aiohttp middleware layer costs a wrapper call per request): request id and TraceID,
+    metrics, then errors around limits, authentication and policy."""
+
     @web.middleware
     async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
-        rid = header_text(request.headers.get("X-Request-ID"), 64) or uuid.uuid4().hex
-        trace = header_text(request.headers.get("TraceID"), 128)
+        headers = request.headers
+        rid = header_text(headers.get("X-Request-ID"), 64) or uuid.uuid4().hex
+        trace = header_text(headers.get("TraceID"), 128)
         request[REQUEST_ID] = rid
         request[TRACE_ID] = trace
         t_rid, t_trace = request_id_var.set(rid), trace_id_var.set(trace)
         started = time.perf_counter()
         status = 500
         try:
-            response = await handler(request)
+            response = await _guarded(request, handler)
             status = response.status
             response.headers["X-Request-ID"] = rid
             if trace:
@@ -90,67 +148,12 @@ def make_middlewares() -> list[web.Middleware]:
             status = CLIENT_CLOSED  # the client went away mid-request: not a server error
             raise
         finally:
-            metrics = request.app[METRICS]
-            route, method = route_template(request), request.method
-            metrics.http_requests.labels(route, method, str(status)).inc()
-            metrics.http_duration.labels(route, method, str(status)).observe(time.perf_counter() - started)
+            request.app[METRICS].observe_request(route_template(request), request.method, status,
+                                                 time.perf_counter() - started)
             request_id_var.reset(t_rid)
             trace_id_var.reset(t_trace)
 
-    @web.middleware
-    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except CpisError as exc:
-            if exc.status >= 500:
-                log.error("web.error", extra={"error": type(exc).__name__, "route": route_template(request)})
-            return error_response(
-                request, exc.status, exc.title, exc.detail, code=exc.code, errors=[e.as_dict() for e in exc.errors]
-            )
-        except RedisError:
-            log.exception("web.redis_error", extra={"route": route_template(request)})
-            return error_response(request, 503, "Service unavailable", "the data store is unavailable; retry shortly",
-                                  headers={"Retry-After": "1"})
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(request, 413, "Payload too large", "the request body is too large")
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            detail = {404: "no such resource", 405: "method not allowed"}.get(exc.status, exc.reason)
-            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-            return error_response(request, exc.status, exc.reason, detail, headers=headers)
-        except Exception:
-            log.exception("web.unhandled", extra={"route": route_template(request)})
-            return error_response(request, 500, "Internal error", "an internal error occurred")
-
-    @web.middleware
-    async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
-        length = request.content_length
-        if length is not None and length > body_limit(request):
-            raise PayloadTooLarge(f"the request body is over the {size_text(body_limit(request))} limit")
-        return await handler(request)
-
-    @web.middleware
-    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = request.match_info.route
-        if route is None or request.match_info.http_exception is not None:
-            return await handler(request)  # unmatched: let it answer 404/405
-        policy = policy_of(request.match_info.handler)
-        if policy is None:
-            raise Forbidden("this route has no access policy")
-        if policy.public:
-            return await handler(request)
-        auth = request.app[AUTH]
-        if policy.cds:
-            audience = request.app[SETTINGS].base_url + request.path
-            request[PRINCIPAL] = await auth.verify_cds(request.headers.get("Authorization"), audience)
-        else:
-            request[PRINCIPAL] = await auth.verify_bearer(request.headers.get("Authorization"))
-        if request[PRINCIPAL].role not in policy.roles:
-            raise Forbidden("this role may not call this endpoint")
-        return await handler(request)
-
-    return [context, errors, limits, authenticate]
+    return [context]
 
 
 __all__ = ["FHIR_CT", "StoreUnavailable", "error_response", "make_middlewares", "route_template"]
