@@ -90,6 +90,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     url, embedded = await asyncio.to_thread(redis_url_for, settings)
     client = make_client(url, max_connections=settings.redis_max_connections)
     supervisor: asyncio.Task[None] | None = None
+    access_store: RedisAccessStore | None = None
     try:
         await _wait_for_redis(client)
         keys = Keys(settings.key_prefix, settings.hash_key())
@@ -103,10 +104,9 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         app[RECORDS] = RecordService(
             store, audit, windows=settings.windows, test_numbers_only=settings.only_test_numbers
         )
-        app[ACCESS] = AccessService(
-            RedisAccessStore(client, keys, scripts, encounter_ttl_s=settings.retention_access_days * 86400),
-            windows=settings.windows,
-        )
+        access_store = RedisAccessStore(client, keys, scripts,
+                                        encounter_ttl_s=settings.retention_access_days * 86400)
+        app[ACCESS] = AccessService(access_store, windows=settings.windows)
         registry = app[REGISTRY]
         if registry.care_settings:
             await client.hset(
@@ -123,6 +123,8 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
             supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await supervisor
+        if access_store is not None:
+            await access_store.aclose()
         await client.aclose()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
@@ -168,6 +170,7 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
                                           care_settings=registry.care_setting_names))
     if not settings.relays:
         yield
+        await outbox.aclose()
         return
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.relay_concurrency))
     channels = build_channels(registry, session, settings.env_secret, timeout_s=settings.delivery_timeout_s)
@@ -201,6 +204,7 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(RedisError):  # a consumer left in the group is harmless; its entries stay claimable
             await outbox.forget(relay.config.consumer)
         await session.close()
+        await outbox.aclose()
 @dataclass
 class FlagSyncParts:
     queue: RedisSyncQueue

@@ -14,7 +14,7 @@ from redis.exceptions import NoScriptError
 from cpis_bridge.core.access import Access
 from cpis_bridge.core.ports import LookupOutcome
 from cpis_bridge.core.records import Record, VisibilityWindows
-from cpis_bridge.store.connection import call
+from cpis_bridge.store.connection import Lane
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import decode_field
 from cpis_bridge.store.scripts import Scripts
@@ -30,6 +30,10 @@ class RedisAccessStore:
         self.keys = keys
         self.scripts = scripts
         self.encounter_ttl_s = encounter_ttl_s
+        self.lane = Lane(redis)
+
+    async def aclose(self) -> None:
+        await self.lane.aclose()
 
     async def lookup(
         self,
@@ -84,14 +88,14 @@ class RedisAccessStore:
         return LookupOutcome(records, status, access, access_id or None)
 
     async def _eval_access(self, *keys_and_args: Any) -> Any:
-        """EVALSHA of access.lua straight through execute_command (redis-py's Script wrapper costs more per call
-        than the script's own work); loads the script once after NOSCRIPT, as the wrapper would."""
+        """EVALSHA of access.lua on the hot-path lane (redis-py's Script wrapper costs more per call than the
+        script's own work); loads the script once after NOSCRIPT, as the wrapper would."""
         script = self.scripts.access
         try:
-            return await call(self.redis, "EVALSHA", script.sha, 6, *keys_and_args)
+            return await self.lane.call("EVALSHA", script.sha, 6, *keys_and_args)
         except NoScriptError:
             script.sha = await self.redis.script_load(script.script)
-            return await call(self.redis, "EVALSHA", script.sha, 6, *keys_and_args)
+            return await self.lane.call("EVALSHA", script.sha, 6, *keys_and_args)
 
     async def history(self, nhs: str) -> tuple[list[Record], list[tuple[str, Access]]]:
         """All the child's records (visible or not) and its last 25 accesses with their ids, newest first."""

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
 
 from cpis_bridge.core.ports import ChannelStats, DeadLetter, QueueEntry
+from cpis_bridge.store.connection import Lane
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.scripts import Scripts
 
@@ -55,6 +56,7 @@ class RedisOutbox:
     def __init__(self, redis: Redis, keys: Keys, scripts: Scripts) -> None:
         self.redis = redis
         self.keys = keys
+        self.lane = Lane(redis, size=8)  # the relay's per-batch reads and settles
         self._settle = scripts.register("settle")
         self._promote = scripts.register("promote")
         self._requeue = scripts.register("requeue_dead")
@@ -104,12 +106,18 @@ class RedisOutbox:
             await self.redis.xack(self.keys.notify_queue, GROUP, *gone)
         return entries
 
+    async def aclose(self) -> None:
+        await self.lane.aclose()
+
     async def load(self, entries: Sequence[QueueEntry]) -> list[dict[str, str] | None]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for e in entries:
-                pipe.xrange(self.keys.inbox(e.la), e.ref, e.ref)
-            found = await pipe.execute()
-        return [dict(rows[0][1]) if rows else None for rows in found]
+        found = await self.lane.pipeline([("XRANGE", self.keys.inbox(e.la), e.ref, e.ref) for e in entries])
+        out: list[dict[str, str] | None] = []
+        for rows in found:
+            if isinstance(rows, Exception):
+                raise rows
+            flat = rows[0][1] if rows else None  # raw reply: [[id, [field, value, ...]]]
+            out.append(dict(zip(flat[::2], flat[1::2], strict=True)) if flat is not None else None)
+        return out
 
     async def settle(
         self,
@@ -171,11 +179,8 @@ class RedisOutbox:
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in (1, 2):
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    keys, args = calls[i]
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                out = await pipe.execute(raise_on_error=False)
+            out = await self.lane.pipeline(
+                [("EVALSHA", script.sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in todo])
             for i, result in zip(todo, out, strict=True):
                 results[i] = result
             todo = [i for i, result in zip(todo, out, strict=True) if isinstance(result, NoScriptError)]
