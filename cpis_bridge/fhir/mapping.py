@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any, Final
 
-from cpis_bridge.core.access import Access, instant
+from cpis_bridge.core.access import Access, instant, uuid4_text
 from cpis_bridge.core.records import PlanType, Record
 from cpis_bridge.core.registry import LocalAuthority
 
@@ -279,7 +279,7 @@ def searchset(
                         "search": {"mode": "include"}})
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
-        "id": str(uuid.uuid4()),
+        "id": uuid4_text(),
         "type": "searchset",
         "total": total,
         "link": [{"relation": "self", "url": self_url}],

@@ -9,7 +9,7 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -29,53 +29,36 @@ def make_client(url: str, *, max_connections: int = 64, timeout: float = 5.0) ->
 
 
 class Lane:
-    """Dedicated connections for the per-request hot path (one EVALSHA per look-up). Against the shared pool's path
-    it saves, per call, the pool's lock and timeout, redis-py's Python command packing (hiredis packs in C) and the
-    task that ``wait_for`` creates around each socket write: a quarter of a look-up's CPU, measured. One
-    ``asyncio.timeout`` bounds each command instead. At most ``size`` connections, opened on first use; callers
-    beyond that wait. Like the client's default retry, a connection error or timeout is retried once on a fresh
-    connection; errors from Redis are raised as they are."""
+    """Dedicated connections for the per-request hot path (one EVALSHA per look-up) and the relay's batches. Against
+    the shared pool's path it saves, per call, the pool's lock and timeout, redis-py's Python command packing
+    (hiredis packs in C) and the task that ``wait_for`` creates around each socket write: a third of a look-up's
+    CPU, measured. One ``asyncio.timeout`` bounds each round trip instead. At most ``size`` connections, opened on
+    first use; callers beyond that wait. Replies are raw (no redis-py response callbacks). Like the client's
+    default retry, a connection error or timeout is retried once on a fresh connection."""
 
     def __init__(self, redis: Redis, *, size: int = 32, timeout: float = 10.0) -> None:
         pool = redis.connection_pool
-        kwargs = dict(pool.connection_kwargs, socket_timeout=None)  # the lane's own timeout bounds each command
-        self._new = lambda: pool.connection_class(**kwargs)
-        self._idle: list[Connection] = []
+        self._class: type[AbstractConnection] = pool.connection_class
+        self._kwargs = dict(pool.connection_kwargs, socket_timeout=None)  # the lane's own timeout bounds each trip
+        self._idle: list[AbstractConnection] = []
+        self._open: set[AbstractConnection] = set()
         self._slots = asyncio.Semaphore(size)
         self._timeout = timeout
-        self._open: set[Connection] = set()
 
     async def call(self, *args: Any) -> Any:
-        packed = hiredis.pack_command(args)
-        async with self._slots:
-            for attempt in (1, 2):
-                conn = self._idle.pop() if self._idle else self._connection()
-                try:
-                    async with asyncio.timeout(self._timeout):
-                        await conn.send_packed_command(packed)
-                        response = await conn.read_response()
-                except ResponseError:
-                    self._idle.append(conn)  # a whole error reply was read: the connection stays usable
-                    raise
-                except (ConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
-                    await self._drop(conn)
-                    if attempt == 2:
-                        if isinstance(exc, RedisError):
-                            raise
-                        raise RedisTimeoutError("Redis did not answer in time") from exc
-                    continue
-                except BaseException:
-                    await self._drop(conn)  # cancelled or failed mid-command: never reuse a half-read connection
-                    raise
-                self._idle.append(conn)
-                return response
-        raise AssertionError("unreachable")  # pragma: no cover
+        """One command; an error reply is raised as redis-py raises it (NoScriptError, ResponseError, ...)."""
+        [reply] = await self._round_trip([hiredis.pack_command(args)])
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
 
     async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Several commands in one round trip, raw replies in order; an error reply is returned in its place (as
-        redis-py's ``execute(raise_on_error=False)``). Retried once, whole, on a connection error or timeout: for
-        commands whose repetition is harmless (reads, and scripts that settle idempotently)."""
-        packed = [hiredis.pack_command(tuple(c)) for c in commands]
+        """Several commands in one round trip, replies in order; an error reply is returned in its place (as
+        redis-py's ``execute(raise_on_error=False)``). For commands whose repetition after a lost connection is
+        harmless: reads, and scripts that settle idempotently."""
+        return await self._round_trip([hiredis.pack_command(tuple(c)) for c in commands])
+
+    async def _round_trip(self, packed: list[bytes]) -> list[Any]:
         async with self._slots:
             for attempt in (1, 2):
                 conn = self._idle.pop() if self._idle else self._connection()
@@ -86,7 +69,7 @@ class Lane:
                         for _ in packed:
                             try:
                                 out.append(await conn.read_response())
-                            except ResponseError as exc:
+                            except ResponseError as exc:  # a whole error reply was read: the connection is fine
                                 out.append(exc)
                 except (ConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
                     await self._drop(conn)
@@ -96,18 +79,18 @@ class Lane:
                         raise RedisTimeoutError("Redis did not answer in time") from exc
                     continue
                 except BaseException:
-                    await self._drop(conn)
+                    await self._drop(conn)  # cancelled or failed mid-reply: never reuse a half-read connection
                     raise
                 self._idle.append(conn)
                 return out
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _connection(self) -> Connection:
-        conn: Connection = self._new()
+    def _connection(self) -> AbstractConnection:
+        conn = self._class(**self._kwargs)
         self._open.add(conn)
         return conn
 
-    async def _drop(self, conn: Connection) -> None:
+    async def _drop(self, conn: AbstractConnection) -> None:
         self._open.discard(conn)
         await conn.disconnect(nowait=True)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 
 import orjson
 from aiohttp import web
@@ -127,7 +127,7 @@ def make_middlewares() -> list[web.Middleware]:
     @web.middleware
     async def context(request: web.Request, handler: Handler) -> web.StreamResponse:
         headers = request.headers
-        rid = header_text(headers.get("X-Request-ID"), 64) or uuid.uuid4().hex
+        rid = header_text(headers.get("X-Request-ID"), 64) or os.urandom(16).hex()
         trace = header_text(headers.get("TraceID"), 128)
         request[REQUEST_ID] = rid
         request[TRACE_ID] = trace

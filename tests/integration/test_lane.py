@@ -1,0 +1,108 @@
+"""The hot path's dedicated Redis connections (store.connection.Lane) against a real Redis: replies, error replies,
+a connection killed under it, the size bound, a hung server's timeout, and closing."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from cpis_bridge.store.connection import Lane, make_client
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Any]:
+    client = make_client(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def test_call_and_pipeline_return_raw_replies_with_errors_in_place(redis: Any, key_prefix: str) -> None:
+    lane = Lane(redis, size=2)
+    try:
+        key = f"{key_prefix}:lane"
+        assert await lane.call("RPUSH", key, "a", b"b", 3) == 3
+        assert await lane.call("LRANGE", key, 0, -1) == ["a", "b", "3"]
+        out = await lane.pipeline([("LLEN", key), ("HGET", key, "x"), ("EVALSHA", "0" * 40, 0), ("GET", "none")])
+        assert out[0] == 3 and out[3] is None
+        assert isinstance(out[1], ResponseError) and "WRONGTYPE" in str(out[1])
+        assert isinstance(out[2], NoScriptError)
+        with pytest.raises(NoScriptError):
+            await lane.call("EVALSHA", "0" * 40, 0)
+        assert await lane.call("LLEN", key) == 3  # the connection that read the error replies is still in step
+        assert len(lane._open) == 1
+    finally:
+        await lane.aclose()
+    assert not lane._open
+
+
+async def test_a_killed_connection_is_replaced_and_the_command_retried(redis: Any, key_prefix: str) -> None:
+    lane = Lane(redis, size=1)
+    try:
+        name = f"{key_prefix}-lane"
+        assert await lane.call("CLIENT", "SETNAME", name) == "OK"
+        clients = await redis.client_list()
+        [victim] = [c for c in clients if c.get("name") == name]
+        assert await redis.client_kill_filter(_id=victim["id"]) == 1
+        assert await lane.call("INCR", f"{key_prefix}:n") == 1  # once: the dead connection failed before sending
+        assert await redis.get(f"{key_prefix}:n") == "1"
+        assert len(lane._open) == 1
+    finally:
+        await lane.aclose()
+
+
+async def test_at_most_size_connections_are_opened(redis: Any, key_prefix: str) -> None:
+    lane = Lane(redis, size=3)
+    try:
+        results = await asyncio.gather(*(lane.call("INCR", f"{key_prefix}:c") for _ in range(50)))
+        assert sorted(results) == list(range(1, 51))
+        assert 1 <= len(lane._open) <= 3
+    finally:
+        await lane.aclose()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP server that accepts and never answers: a hung Redis."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield sock.getsockname()[1]
+    stop.set()
+    t.join()
+    for s in held:
+        s.close()
+    sock.close()
+
+
+async def test_a_hung_server_times_out_as_a_redis_error(silent_server: int) -> None:
+    client = make_client(f"redis://127.0.0.1:{silent_server}/0")
+    lane = Lane(client, timeout=0.2)
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(RedisTimeoutError):
+            await lane.call("PING")
+        assert asyncio.get_running_loop().time() - started < 2.0  # two attempts of 0.2 s, not the socket timeout
+        assert not lane._open  # both timed-out connections were dropped
+    finally:
+        await lane.aclose()
+        await client.aclose()
