@@ -95,6 +95,7 @@ class QueueEntry:
     attempt: int = 0
     first_ms: int = 0  # when the notification was queued (max age counts from here)
     client_error_since_ms: int = 0  # first of an unbroken run of 4xx answers (0 = none)
+    access_id: str = ""  # the access notified ('' on entries queued before it was carried)
 
 
 @dataclass(frozen=True, slots=True)

@@ -245,14 +245,19 @@ class Relay:
             await self._dispatch(entries)
 
     async def _dispatch(self, entries: Sequence[QueueEntry]) -> None:
-        endpoints = sorted({(e.la, c.name) for e in entries for c in self.channels(e.la)})
+        # A first delivery to an LA with no push channel is the pull inbox alone: its entry carries the access id,
+        # which is all settling needs, so its body is not read.
+        inbox_only = [e.channel is None and bool(e.access_id) and not self.channels(e.la) for e in entries]
+        to_load = [e for e, skip in zip(entries, inbox_only, strict=True) if not skip]
+        endpoints = sorted({(e.la, c.name) for e in to_load for c in self.channels(e.la)})
         if endpoints:
-            loaded, self._pauses = await asyncio.gather(self.outbox.load(entries),
+            loaded, self._pauses = await asyncio.gather(self.outbox.load(to_load),
                                                         self.outbox.paused_until(endpoints))
         else:
-            loaded = await self.outbox.load(entries)
-        for entry, fields in zip(entries, loaded, strict=True):
-            task = asyncio.create_task(self._handle(entry, fields))
+            loaded = await self.outbox.load(to_load) if to_load else []
+        bodies = iter(loaded)
+        for entry, skip in zip(entries, inbox_only, strict=True):
+            task = asyncio.create_task(self._inbox_only(entry) if skip else self._handle(entry, next(bodies)))
             self._inflight.add(task)
             task.add_done_callback(self._finished)
         if len(self._inflight) >= self.config.concurrency:
@@ -266,6 +271,11 @@ class Relay:
             log.error("relay.entry_failed", exc_info=task.exception())
 
     # -- one entry --------------------------------------------------------------------------------------------------
+    async def _inbox_only(self, entry: QueueEntry) -> None:
+        """The pull inbox holds the notification already: index its id (the one render() derives) and settle."""
+        self.observer.count("inbox", "delivered")
+        await self.outbox.settle(entry, notification_id=notification_id(entry.access_id, entry.la))
+
     async def _handle(self, entry: QueueEntry, fields: Mapping[str, str] | None) -> None:
         if fields is None:
             # The inbox entry is gone (purged); nothing left to send, but never drop silently.

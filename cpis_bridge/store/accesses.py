@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -18,6 +19,10 @@ from cpis_bridge.store.connection import Lane
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import decode_field
 from cpis_bridge.store.scripts import Scripts
+
+# The look-up path decodes the same stored records again and again (a child is looked up several times per
+# attendance); a stored value changes with every write (it carries its version), so it is its own cache key.
+_decoded = lru_cache(maxsize=4096)(decode_field)
 
 
 def _as_dict(value: Mapping[str, Any]) -> dict[str, Any]:
@@ -48,10 +53,9 @@ class RedisAccessStore:
     ) -> LookupOutcome:
         k = self.keys
         tag = k.tag(nhs)
-        # The access id (a uuid5) is needed up front only to name a retained Encounter's key; otherwise it is
-        # derived after the script, and only when an access was recorded or found.
+        # The access id (a uuid5) names a retained Encounter's key and rides on the notification queue entries.
+        access_id = record_access.access_id(tag) if record_access is not None else ""
         keep = encounter is not None and record_access is not None
-        access_id = record_access.access_id(tag) if keep and record_access is not None else ""
         out = await self._eval_access(
             k.records(tag),
             k.accesses(tag),
@@ -73,13 +77,13 @@ class RedisAccessStore:
             nhs,
             tag,
             self.encounter_ttl_s,
+            access_id,
         )
         status, existing = int(out[0]), out[1]
-        records = [decode_field(out[i], out[i + 1]) for i in range(2, len(out), 2)]
+        records = [_decoded(out[i], out[i + 1]) for i in range(2, len(out), 2)]
         access: Access | None = None
         if status == 1 and record_access is not None:
             access = record_access
-            access_id = access_id or record_access.access_id(tag)
         elif status == 2:
             access = Access.decode(existing)
             access_id = access.access_id(tag)

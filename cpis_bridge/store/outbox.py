@@ -42,13 +42,14 @@ def to_entry(entry_id: str, f: Mapping[str, str]) -> QueueEntry:
         attempt=int(f.get("n") or 0),
         first_ms=int(f.get("t0") or entry_ms(entry_id)),
         client_error_since_ms=int(f.get("c4") or 0),
+        access_id=f.get("aid", ""),
     )
 
 
 def member(entry: QueueEntry) -> str:
     """A delay-zset member: the stream fields to re-add (unique per notification, channel and attempt)."""
     fields = ["la", entry.la, "ref", entry.ref, "ch", entry.channel or "", "n", str(entry.attempt),
-              "t0", str(entry.first_ms), "c4", str(entry.client_error_since_ms)]
+              "t0", str(entry.first_ms), "c4", str(entry.client_error_since_ms), "aid", entry.access_id]
     return orjson.dumps(fields).decode()
 
 

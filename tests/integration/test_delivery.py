@@ -14,12 +14,15 @@ import orjson
 import pytest
 from fhir.resources.R4B.communication import Communication
 
-from cpis_bridge.app import create_app
+from cpis_bridge.app import SCRIPTS, create_app
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.notify.fhir import NS_COMMUNICATION
+from cpis_bridge.notify.observer import MetricsObserver
 from cpis_bridge.services.access import LookupRequest
+from cpis_bridge.services.delivery import Relay, RelayConfig, RetryPolicy
+from cpis_bridge.store.outbox import RedisOutbox
 from cpis_bridge.web.state import ACCESS, KEYS, METRICS, RECORDS, REDIS, REGISTRY
 from tests.conftest import LA1, LA2, OPS, record
 from tests.receivers import Receiver, wait_for, write_registry
@@ -372,6 +375,34 @@ async def test_inbox_only_la_lists_and_acknowledges(make_client):
     audit = await app[REDIS].lrange(app[KEYS].system_audit, 0, -1)
     actions = [orjson.loads(a)["action"] for a in audit]
     assert "notifications.read" in actions and "notifications.ack" in actions and "admin.deliveries.read" in actions
+
+
+async def test_inbox_only_relay_indexes_each_notification_from_the_queue_entry(make_client):
+    """Inbox-only LAs: the queue entry carries the access id, so the relay settles without reading the body; the
+    index it writes must name the very notification the inbox serves."""
+    client = await make_client({}, relays=False)
+    app = client.app
+    redis, keys = app[REDIS], app[KEYS]
+    await flag(app)
+    outs = [await access(app, f"q{i}") for i in range(3)]
+    queued = await redis.xrange(keys.notify_queue)
+    assert [f["aid"] for _, f in queued] == [o.access_id for o in outs]
+    assert await redis.hlen(keys.inbox_index("LA001")) == 0
+    relay = Relay(RedisOutbox(redis, keys, app[SCRIPTS]), lambda la: (), policy=RetryPolicy(0.1, 1.0, 3600),
+                  config=RelayConfig(consumer="t-inbox-only"), observer=MetricsObserver(app[METRICS]))
+    await relay.start()
+    try:
+        deadline = time.monotonic() + 10
+        while await redis.xlen(keys.notify_queue):
+            assert time.monotonic() < deadline, "the relay did not settle the queue"
+            await asyncio.sleep(0.02)
+    finally:
+        await relay.stop(1.0)
+    inbox = await redis.xrange(keys.inbox("LA001"))
+    page = await (await client.get("/v1/notifications", headers=LA1)).json()
+    assert [n["access"]["id"] for n in page["notifications"]] == [o.access_id for o in outs]
+    assert await redis.hgetall(keys.inbox_index("LA001")) == {
+        n["id"]: eid for n, (eid, _) in zip(page["notifications"], inbox, strict=True)}
 
 
 async def test_child_accesses_for_an_la_holding_a_record(make_client):

@@ -6,7 +6,7 @@
 -- ARGV[1] today (epoch day), ARGV[2] window, ARGV[3] UCPP window, ARGV[4] record ('1'/'0'), ARGV[5] encoded access,
 -- ARGV[6] idempotency prefix, ARGV[7] now (epoch ms), ARGV[8] audit JSON with NHS number, ARGV[9] audit JSON
 -- without, ARGV[10] inbox key prefix, ARGV[11] encounter JSON ('' = none), ARGV[12] nhs, ARGV[13] tag,
--- ARGV[14] encounter TTL seconds
+-- ARGV[14] encounter TTL seconds, ARGV[15] the access id (queue entries carry it: an inbox-only relay needs no read)
 -- Returns {status, existing access ('' unless a repeat), field1, json1, ...} for the visible records, where status
 -- is 0 nothing recorded, 1 access recorded, 2 repeat of an access already recorded.
 local today, window, ucpp_window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -55,7 +55,7 @@ if ARGV[4] == '1' and #visible > 0 then
     for _, la in ipairs(la_order) do
       local ref = redis.call('XADD', ARGV[10] .. la, '*', 'nhs', ARGV[12], 'tag', ARGV[13], 'acc', ARGV[5],
         'recent', recent_joined, 'recs', cjson.encode(by_la[la]), 'cs', names_json, 'at', ARGV[7])
-      redis.call('XADD', KEYS[4], '*', 'la', la, 'ref', ref)
+      redis.call('XADD', KEYS[4], '*', 'la', la, 'ref', ref, 'aid', ARGV[15])
     end
     if ARGV[11] ~= '' then redis.call('SET', KEYS[6], ARGV[11], 'EX', tonumber(ARGV[14])) end
   end
