@@ -83,14 +83,17 @@ class RedisOutbox:
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[QueueEntry]:
         try:
-            out = await self.redis.xreadgroup(GROUP, consumer, {self.keys.notify_queue: ">"}, count=max(count, 1),
-                                              block=block_ms)
+            out = await self.lane.call("XREADGROUP", "GROUP", GROUP, consumer, "COUNT", max(count, 1),
+                                       "BLOCK", block_ms, "STREAMS", self.keys.notify_queue, ">")
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             await self.ensure_group()
             return []
-        return [to_entry(i, f) for i, f in _stream_entries(out)]
+        if not out:
+            return []
+        streams = out.values() if isinstance(out, dict) else [s[1] for s in out]  # RESP3 map or RESP2 list
+        return [to_entry(i, _pairs(f)) for rows in streams for i, f in rows if f]
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[QueueEntry]:
         try:
@@ -258,9 +261,10 @@ class RedisOutbox:
         if count == 0:
             return 0, None
         start = "-"
-        scanned = 0
+        scanned, step = 0, 8  # the oldest entries are usually unacknowledged: read few bodies (~2 KB each) first
         while scanned < SCAN_CAP:
-            rows = await self.redis.xrange(self.keys.inbox(la), start, "+", count=500)
+            rows = await self.redis.xrange(self.keys.inbox(la), start, "+", count=step)
+            step = min(step * 4, 500)
             if not rows:
                 break
             flags = await self.redis.smismember(self.keys.inbox_acks(la), [r[0] for r in rows])
@@ -285,16 +289,3 @@ class RedisOutbox:
 
 def _pairs(flat: Sequence[str]) -> dict[str, str]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
-
-
-def _stream_entries(out: Any) -> list[tuple[str, dict[str, str]]]:
-    """XREADGROUP replies as RESP2 lists or RESP3 dicts, flattened to (id, fields)."""
-    if not out:
-        return []
-    streams = out.items() if isinstance(out, dict) else [(s[0], s[1]) for s in out]
-    result: list[tuple[str, dict[str, str]]] = []
-    for _, entries in streams:
-        for entry in entries:
-            if isinstance(entries, list) and len(entry) == 2:
-                result.append((entry[0], dict(entry[1] or {})))
-    return result
