@@ -23,6 +23,7 @@ from cpis_bridge.core.access import SEP
 from cpis_bridge.fhir.client import AuthFailed, FhirClient, FhirUnavailable, make_auth
 from cpis_bridge.fhir.flag_server import FhirFlagServer
 from cpis_bridge.metrics import Metrics
+from cpis_bridge.notify.channels import channel_names
 from cpis_bridge.registry import load_registry
 from cpis_bridge.services.access import AccessService
 from cpis_bridge.services.records import RecordService
@@ -104,10 +105,12 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         app[RECORDS] = RecordService(
             store, audit, windows=settings.windows, test_numbers_only=settings.only_test_numbers
         )
-        access_store = RedisAccessStore(client, keys, scripts,
-                                        encounter_ttl_s=settings.retention_access_days * 86400)
-        app[ACCESS] = AccessService(access_store, windows=settings.windows)
         registry = app[REGISTRY]
+        push_las = [ods for ods, la_entry in registry.local_authorities.items() if channel_names(la_entry)]
+        access_store = RedisAccessStore(client, keys, scripts, push_las=push_las,
+                                        encounter_ttl_s=settings.retention_access_days * 86400)
+        inbox_delivered = app[METRICS].deliveries.labels("inbox", "delivered")
+        app[ACCESS] = AccessService(access_store, windows=settings.windows, on_notified=inbox_delivered.inc)
         if registry.care_settings:
             await client.hset(
                 keys.care_settings,
@@ -153,7 +156,7 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     import secrets
     import socket
 
-    from cpis_bridge.notify.channels import build_channels, channel_names
+    from cpis_bridge.notify.channels import build_channels
     from cpis_bridge.notify.observer import MetricsObserver, refresh_gauges
     from cpis_bridge.services.delivery import DeliveryAdmin, Relay, RelayConfig, RetryPolicy
     from cpis_bridge.services.inbox import InboxService

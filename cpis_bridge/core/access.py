@@ -106,11 +106,11 @@ class Access:
 
 def notification_id(access_id: str, la: str) -> str:
     """One notification per (access, LA): its id is stable across retries and processes."""
-    return _uuid5(_NS_NOTIFICATION_BYTES, f"{access_id}|{la}")
+    return _uuid5(NS_NOTIFICATION_BYTES, f"{access_id}|{la}")
 
 
 _NS_ACCESS_BYTES: Final = NS_ACCESS.bytes
-_NS_NOTIFICATION_BYTES: Final = NS_NOTIFICATION.bytes
+NS_NOTIFICATION_BYTES: Final = NS_NOTIFICATION.bytes
 
 
 def _uuid5(namespace: bytes, name: str) -> str:

@@ -39,8 +39,12 @@ class AccessService:
         *,
         windows: VisibilityWindows,
         clock: Callable[[], dt.datetime] | None = None,
+        on_notified: Callable[[int], object] | None = None,
     ) -> None:
+        """``on_notified(n)``: n LA notifications were put in their pull inboxes (one per LA holding a visible
+        record, when an access is recorded)."""
         self.store = store
+        self.on_notified = on_notified
         self.windows = windows
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
         self._day: tuple[dt.datetime, dt.datetime, int] | None = None  # [start, end) of a UTC minute, its day
@@ -79,7 +83,7 @@ class AccessService:
         audit_with = ctx.entry(action, req.nhs, now, unscheduled=unscheduled)
         # the same entry as ctx.entry(action, None, now, unscheduled=..., found=False), without building it again
         audit_without = {**audit_with, "nhsNumber": None, "detail": {"unscheduled": unscheduled, "found": False}}
-        return await self.store.lookup(
+        out = await self.store.lookup(
             req.nhs,
             today_day=today_day,
             windows=self.windows,
@@ -88,6 +92,9 @@ class AccessService:
             audit_without=audit_without,
             encounter=req.encounter,
         )
+        if out.status == 1 and self.on_notified is not None:
+            self.on_notified(len({r.la for r in out.records}))
+        return out
 
     async def history(
         self, nhs: NhsNumber, *, ctx: AuditContext | None = None, kind: str = "history"

@@ -272,8 +272,8 @@ class Relay:
 
     # -- one entry --------------------------------------------------------------------------------------------------
     async def _inbox_only(self, entry: QueueEntry) -> None:
-        """The pull inbox holds the notification already: index its id (the one render() derives) and settle."""
-        self.observer.count("inbox", "delivered")
+        """The pull inbox holds the notification already (entries queued for an LA that has since lost its push
+        channels): index its id (the one render() derives) and settle."""
         await self.outbox.settle(entry, notification_id=notification_id(entry.access_id, entry.la))
 
     async def _handle(self, entry: QueueEntry, fields: Mapping[str, str] | None) -> None:
@@ -296,8 +296,6 @@ class Relay:
                 # The registry no longer names this channel for the LA: nothing to send it to (the pull inbox
                 # still holds the notification).
                 log.warning("relay.channel_removed", extra={"channel": entry.channel, "la": entry.la})
-            if entry.channel is None:
-                self.observer.count("inbox", "delivered")
             results: Sequence[Plan | DeliveryResult | None] = ()
             if inbox_only_id is None:
                 results = await asyncio.gather(*(self._attempt(c, entry, rendered) for c in targets))

@@ -4,7 +4,7 @@ the child's last 25 accesses, retained Encounters."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -12,7 +12,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from cpis_bridge.core.access import Access
+from cpis_bridge.core.access import NS_NOTIFICATION_BYTES, Access
 from cpis_bridge.core.ports import LookupOutcome
 from cpis_bridge.core.records import Record, VisibilityWindows
 from cpis_bridge.store.connection import Lane
@@ -30,8 +30,12 @@ def _as_dict(value: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class RedisAccessStore:
-    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, *, encounter_ttl_s: int) -> None:
+    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, *, encounter_ttl_s: int,
+                 push_las: Iterable[str] = ()) -> None:
+        """``push_las``: the LAs with a webhook or FHIR channel; only their notifications go to the delivery queue
+        (every LA's goes to its pull inbox, indexed, in the same step)."""
         self.redis = redis
+        self.push_las = "," + ",".join(sorted(push_las)) + ","
         self.keys = keys
         self.scripts = scripts
         self.encounter_ttl_s = encounter_ttl_s
@@ -78,6 +82,8 @@ class RedisAccessStore:
             tag,
             self.encounter_ttl_s,
             access_id,
+            self.push_las,
+            NS_NOTIFICATION_BYTES,
         )
         status, existing = int(out[0]), out[1]
         records = [_decoded(out[i], out[i + 1]) for i in range(2, len(out), 2)]

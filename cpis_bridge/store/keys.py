@@ -13,8 +13,8 @@ Layout (P = settings.key_prefix, h = child tag):
   P:cs                 HASH   care-setting ODS -> "name\\x1ftype" (registry mirror read by Lua)
   P:inbox:<la>         STREAM every notification for that LA (the pull inbox), body parts fixed at queue time
   P:inbox:<la>:ack     SET    acknowledged inbox entry ids
-  P:inbox:<la>:idx     HASH   notification id -> inbox entry id (written by the relays, rebuilt on demand)
-  P:q:notify           STREAM notification delivery queue: {la, ref=<inbox entry id>} (group "relays")
+  P:inbox:<la>:idx     HASH   notification id -> inbox entry id (written by access.lua, rebuilt on demand)
+  P:q:notify           STREAM delivery queue (LAs with push channels): {la, ref=<inbox entry id>, aid} (group "relays")
   P:q:notify:delay     ZSET   delivery retries waiting for their time
   P:q:sync             STREAM flag sync queue: {la, lid[, t=tombstone JSON]} (group "relays")
   P:q:sync:delay       ZSET   sync retries waiting for their time

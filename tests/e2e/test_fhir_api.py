@@ -106,7 +106,9 @@ async def test_careteam_unscheduled_records_access_and_notifies(client):
     [note] = await inbox(client, "LA001")
     assert orjson.loads(note["recs"]) == [{"localId": "CASE-1", "planType": "CPP", "startDate": "2026-01-10",
                                            "endDate": None}]
-    assert await client.app[REDIS].xlen(client.app[KEYS].notify_queue) == 1
+    # LA001 has no push channel here: the notification is in its pull inbox, indexed, and nothing is queued
+    assert await client.app[REDIS].xlen(client.app[KEYS].notify_queue) == 0
+    assert await client.app[REDIS].hlen(client.app[KEYS].inbox_index("LA001")) == 1
     assert metric(client, "unscheduled", "true") == 1
 
 
@@ -166,7 +168,9 @@ async def test_two_las_one_notification_each_with_only_their_records(client):
     assert sorted(r["localId"] for r in orjson.loads(la1[0]["recs"])) == ["A-1", "A-2"]
     assert [r["localId"] for r in orjson.loads(la2[0]["recs"])] == ["B-1"]
     assert la1[0]["acc"] == la2[0]["acc"]
-    assert await client.app[REDIS].xlen(client.app[KEYS].notify_queue) == 2
+    assert await client.app[REDIS].xlen(client.app[KEYS].notify_queue) == 0  # both LAs are inbox-only here
+    for la in ("LA001", "LA002"):
+        assert await client.app[REDIS].hlen(client.app[KEYS].inbox_index(la)) == 1
 
 
 # -- Flag -----------------------------------------------------------------------------------------------------------
@@ -353,7 +357,7 @@ async def test_careteam_lookup_is_one_redis_round_trip_and_head_records_nothing(
     delta.pop("cmdstat_info", None)
     # commandstats also counts what the script runs inside Redis: one EVALSHA from the client, the rest the script's
     assert delta.pop("cmdstat_evalsha") == 1 and delta.pop("cmdstat_hgetall") == 1, delta
-    assert set(delta) <= {f"cmdstat_{c}" for c in ("lrange", "lpush", "ltrim", "hget", "xadd")}, delta
+    assert set(delta) <= {f"cmdstat_{c}" for c in ("lrange", "lpush", "ltrim", "hget", "hset", "xadd")}, delta
     r = await client.head(f"/fhir/CareTeam?{q()}", headers=ED)
     assert r.status == 405
     assert len(await accesses(client)) == 2

@@ -6,6 +6,7 @@ import orjson
 import pytest
 
 from cpis_bridge.app import create_app
+from cpis_bridge.core.access import notification_id
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
@@ -40,10 +41,11 @@ async def test_two_las_one_notification_each_with_own_records(app):
                                      LookupRequest(nhs=nhs, care_setting=ed, kind="careteam", source_event_id="t-1"))
     assert again.status == 2 and again.access_id == out.access_id
     redis, keys = app[REDIS], app[KEYS]
-    assert await redis.xlen(keys.notify_queue) == 2
+    assert await redis.xlen(keys.notify_queue) == 0  # neither LA has a push channel: nothing for the relays
     for la, lid in (("LA001", "A-1"), ("LA002", "B-1")):
-        [(_, fields)] = await redis.xrange(keys.inbox(la))
+        [(eid, fields)] = await redis.xrange(keys.inbox(la))
         assert [r["localId"] for r in orjson.loads(fields["recs"])] == [lid]
+        assert await redis.hgetall(keys.inbox_index(la)) == {notification_id(out.access_id, la): eid}
 
 
 async def test_silent_and_unflagged_record_nothing(app):

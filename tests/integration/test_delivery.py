@@ -14,14 +14,13 @@ import orjson
 import pytest
 from fhir.resources.R4B.communication import Communication
 
-from cpis_bridge.app import SCRIPTS, create_app
+from cpis_bridge.app import create_app
+from cpis_bridge.core.access import notification_id
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.notify.fhir import NS_COMMUNICATION
-from cpis_bridge.notify.observer import MetricsObserver
 from cpis_bridge.services.access import LookupRequest
-from cpis_bridge.services.delivery import Relay, RelayConfig, RetryPolicy
 from cpis_bridge.store.outbox import RedisOutbox
 from cpis_bridge.web.state import ACCESS, KEYS, METRICS, RECORDS, REDIS, REGISTRY
 from tests.conftest import LA1, LA2, OPS, record
@@ -320,7 +319,6 @@ async def test_relay_stopping_releases_in_flight_entries(make_client, receiver):
 
 
 async def test_entries_of_a_dead_consumer_are_reclaimed(make_client, receiver):
-    from cpis_bridge.store.outbox import RedisOutbox
 
     client = await make_client({"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret},
                                relays=False)
@@ -377,32 +375,27 @@ async def test_inbox_only_la_lists_and_acknowledges(make_client):
     assert "notifications.read" in actions and "notifications.ack" in actions and "admin.deliveries.read" in actions
 
 
-async def test_inbox_only_relay_indexes_each_notification_from_the_queue_entry(make_client):
-    """Inbox-only LAs: the queue entry carries the access id, so the relay settles without reading the body; the
-    index it writes must name the very notification the inbox serves."""
-    client = await make_client({}, relays=False)
+async def test_the_access_step_puts_every_notification_in_the_inbox_and_queues_only_push_las(make_client, receiver):
+    """One atomic step per access: each LA's notification is in its pull inbox and indexed under the id the inbox
+    serves (computed in Lua, as core.access derives it); only LAs with a push channel get a delivery-queue entry."""
+    client = await make_client({"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret}, relays=False)
     app = client.app
     redis, keys = app[REDIS], app[KEYS]
     await flag(app)
+    await flag(app, "LA002", "B-1")
     outs = [await access(app, f"q{i}") for i in range(3)]
     queued = await redis.xrange(keys.notify_queue)
-    assert [f["aid"] for _, f in queued] == [o.access_id for o in outs]
-    assert await redis.hlen(keys.inbox_index("LA001")) == 0
-    relay = Relay(RedisOutbox(redis, keys, app[SCRIPTS]), lambda la: (), policy=RetryPolicy(0.1, 1.0, 3600),
-                  config=RelayConfig(consumer="t-inbox-only"), observer=MetricsObserver(app[METRICS]))
-    await relay.start()
-    try:
-        deadline = time.monotonic() + 10
-        while await redis.xlen(keys.notify_queue):
-            assert time.monotonic() < deadline, "the relay did not settle the queue"
-            await asyncio.sleep(0.02)
-    finally:
-        await relay.stop(1.0)
-    inbox = await redis.xrange(keys.inbox("LA001"))
-    page = await (await client.get("/v1/notifications", headers=LA1)).json()
-    assert [n["access"]["id"] for n in page["notifications"]] == [o.access_id for o in outs]
-    assert await redis.hgetall(keys.inbox_index("LA001")) == {
-        n["id"]: eid for n, (eid, _) in zip(page["notifications"], inbox, strict=True)}
+    assert [(f["la"], f["aid"]) for _, f in queued] == [("LA001", o.access_id) for o in outs]
+    for la, headers in (("LA001", LA1), ("LA002", LA2)):
+        inbox = await redis.xrange(keys.inbox(la))
+        page = await (await client.get("/v1/notifications", headers=headers)).json()
+        assert [n["access"]["id"] for n in page["notifications"]] == [o.access_id for o in outs]
+        assert [n["id"] for n in page["notifications"]] == [notification_id(o.access_id, la) for o in outs]
+        assert await redis.hgetall(keys.inbox_index(la)) == {
+            n["id"]: eid for n, (eid, _) in zip(page["notifications"], inbox, strict=True)}
+    metrics = app[METRICS].exposition().decode()
+    assert 'cpis_deliveries_total{channel="inbox",outcome="delivered"} 6.0' in metrics
+    assert not receiver.accepted  # no relay ran: the webhook's notifications wait in the queue
 
 
 async def test_child_accesses_for_an_la_holding_a_record(make_client):

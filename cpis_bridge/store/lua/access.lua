@@ -6,9 +6,19 @@
 -- ARGV[1] today (epoch day), ARGV[2] window, ARGV[3] UCPP window, ARGV[4] record ('1'/'0'), ARGV[5] encoded access,
 -- ARGV[6] idempotency prefix, ARGV[7] now (epoch ms), ARGV[8] audit JSON with NHS number, ARGV[9] audit JSON
 -- without, ARGV[10] inbox key prefix, ARGV[11] encounter JSON ('' = none), ARGV[12] nhs, ARGV[13] tag,
--- ARGV[14] encounter TTL seconds, ARGV[15] the access id (queue entries carry it: an inbox-only relay needs no read)
+-- ARGV[14] encounter TTL seconds, ARGV[15] the access id, ARGV[16] ',LA1,LA2,': the LAs with a push channel (webhook
+-- or FHIR), ARGV[17] the notification id namespace (16 bytes)
+-- Every LA's notification goes into its pull inbox and the inbox index here (delivered to the pull channel at once);
+-- only LAs with a push channel get a delivery-queue entry for the relays.
 -- Returns {status, existing access ('' unless a repeat), field1, json1, ...} for the visible records, where status
 -- is 0 nothing recorded, 1 access recorded, 2 repeat of an access already recorded.
+-- uuid5 as core/access.py derives it: the notification id is the same whichever side computes it.
+local function uuid5(ns, name)
+  local h = redis.sha1hex(ns .. name)
+  local variant = string.format('%x', tonumber(string.sub(h, 17, 17), 16) % 4 + 8)
+  return string.sub(h, 1, 8) .. '-' .. string.sub(h, 9, 12) .. '-5' .. string.sub(h, 14, 16) .. '-' .. variant ..
+    string.sub(h, 18, 20) .. '-' .. string.sub(h, 21, 32)
+end
 local today, window, ucpp_window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local all = redis.call('HGETALL', KEYS[1])
 local visible = {}
@@ -55,7 +65,10 @@ if ARGV[4] == '1' and #visible > 0 then
     for _, la in ipairs(la_order) do
       local ref = redis.call('XADD', ARGV[10] .. la, '*', 'nhs', ARGV[12], 'tag', ARGV[13], 'acc', ARGV[5],
         'recent', recent_joined, 'recs', cjson.encode(by_la[la]), 'cs', names_json, 'at', ARGV[7])
-      redis.call('XADD', KEYS[4], '*', 'la', la, 'ref', ref, 'aid', ARGV[15])
+      redis.call('HSET', ARGV[10] .. la .. ':idx', uuid5(ARGV[17], ARGV[15] .. '|' .. la), ref)
+      if string.find(ARGV[16], ',' .. la .. ',', 1, true) then
+        redis.call('XADD', KEYS[4], '*', 'la', la, 'ref', ref, 'aid', ARGV[15])
+      end
     end
     if ARGV[11] ~= '' then redis.call('SET', KEYS[6], ARGV[11], 'EX', tonumber(ARGV[14])) end
   end
