@@ -383,7 +383,7 @@ async def test_the_access_step_puts_every_notification_in_the_inbox_and_queues_o
     redis, keys = app[REDIS], app[KEYS]
     await flag(app)
     await flag(app, "LA002", "B-1")
-    outs = [await access(app, f"q{i}") for i in range(3)]
+    outs = [await access(app, f"q{i}") for i in range(20)]  # 40 ids: every uuid variant nibble is exercised
     queued = await redis.xrange(keys.notify_queue)
     assert [(f["la"], f["aid"]) for _, f in queued] == [("LA001", o.access_id) for o in outs]
     for la, headers in (("LA001", LA1), ("LA002", LA2)):
@@ -394,7 +394,7 @@ async def test_the_access_step_puts_every_notification_in_the_inbox_and_queues_o
         assert await redis.hgetall(keys.inbox_index(la)) == {
             n["id"]: eid for n, (eid, _) in zip(page["notifications"], inbox, strict=True)}
     metrics = app[METRICS].exposition().decode()
-    assert 'cpis_deliveries_total{channel="inbox",outcome="delivered"} 6.0' in metrics
+    assert 'cpis_deliveries_total{channel="inbox",outcome="delivered"} 40.0' in metrics
     assert not receiver.accepted  # no relay ran: the webhook's notifications wait in the queue
 
 
