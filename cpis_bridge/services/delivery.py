@@ -245,8 +245,8 @@ class Relay:
             await self._dispatch(entries)
 
     async def _dispatch(self, entries: Sequence[QueueEntry]) -> None:
-        # A first delivery to an LA with no push channel is the pull inbox alone: its entry carries the access id,
-        # which is all settling needs, so its body is not read.
+        # A first delivery to an LA that no longer has a push channel (the registry changed after it was queued) is
+        # the pull inbox alone: its entry carries the access id, which is all settling needs, so no body is read.
         inbox_only = [e.channel is None and bool(e.access_id) and not self.channels(e.la) for e in entries]
         to_load = [e for e, skip in zip(entries, inbox_only, strict=True) if not skip]
         endpoints = sorted({(e.la, c.name) for e in to_load for c in self.channels(e.la)})

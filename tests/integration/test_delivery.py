@@ -14,13 +14,15 @@ import orjson
 import pytest
 from fhir.resources.R4B.communication import Communication
 
-from cpis_bridge.app import create_app
+from cpis_bridge.app import SCRIPTS, create_app
 from cpis_bridge.core.access import notification_id
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.notify.fhir import NS_COMMUNICATION
+from cpis_bridge.notify.observer import MetricsObserver
 from cpis_bridge.services.access import LookupRequest
+from cpis_bridge.services.delivery import Relay, RelayConfig, RetryPolicy
 from cpis_bridge.store.outbox import RedisOutbox
 from cpis_bridge.web.state import ACCESS, KEYS, METRICS, RECORDS, REDIS, REGISTRY
 from tests.conftest import LA1, LA2, OPS, record
@@ -396,6 +398,32 @@ async def test_the_access_step_puts_every_notification_in_the_inbox_and_queues_o
     metrics = app[METRICS].exposition().decode()
     assert 'cpis_deliveries_total{channel="inbox",outcome="delivered"} 40.0' in metrics
     assert not receiver.accepted  # no relay ran: the webhook's notifications wait in the queue
+
+
+async def test_entries_for_an_la_that_lost_its_webhook_settle_without_sending(make_client, receiver):
+    """Queued while LA001 had a webhook; the relay now sees no push channel for it (registry changed): the entry is
+    settled and indexed under the inbox's notification id, and nothing is sent."""
+    client = await make_client({"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret}, relays=False)
+    app = client.app
+    redis, keys = app[REDIS], app[KEYS]
+    await flag(app)
+    outs = [await access(app, f"w{i}") for i in range(3)]
+    assert await redis.xlen(keys.notify_queue) == 3
+    await redis.delete(keys.inbox_index("LA001"))  # so the relay's settle is what writes it
+    relay = Relay(RedisOutbox(redis, keys, app[SCRIPTS]), lambda la: (), policy=RetryPolicy(0.1, 1.0, 3600),
+                  config=RelayConfig(consumer="t-lost-webhook"), observer=MetricsObserver(app[METRICS]))
+    await relay.start()
+    try:
+        deadline = time.monotonic() + 10
+        while await redis.xlen(keys.notify_queue):
+            assert time.monotonic() < deadline, "the relay did not settle the queue"
+            await asyncio.sleep(0.02)
+    finally:
+        await relay.stop(1.0)
+    inbox = await redis.xrange(keys.inbox("LA001"))
+    assert await redis.hgetall(keys.inbox_index("LA001")) == {
+        notification_id(o.access_id, "LA001"): eid for o, (eid, _) in zip(outs, inbox, strict=True)}
+    assert not receiver.attempts and await redis.xlen(keys.dead_letters) == 0
 
 
 async def test_child_accesses_for_an_la_holding_a_record(make_client):
