@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from functools import lru_cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +41,7 @@ class Keys:
     # -- children -----------------------------------------------------------------------------------------------
     def tag(self, nhs: str) -> str:
         """The keyed hash standing in for an NHS number in key names, logs and no-record audit entries."""
-        return _tag(self.hash_key, nhs)
+        return hmac.digest(self.hash_key, nhs.encode(), hashlib.sha256).hex()[:20]  # one C call: same value
 
     def child(self, tag: str) -> str:
         return f"{self.prefix}:c:{{{tag}}}"
@@ -130,9 +129,3 @@ class Keys:
 
     def pattern(self, suffix: str = "*") -> str:
         return f"{self.prefix}:{suffix}"
-
-
-@lru_cache(maxsize=16384)
-def _tag(hash_key: bytes, nhs: str) -> str:
-    """HMAC-SHA256, cut to 20 hex digits; cached, as children are looked up repeatedly during an attendance."""
-    return hmac.digest(hash_key, nhs.encode(), hashlib.sha256).hex()[:20]

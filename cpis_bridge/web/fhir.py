@@ -16,7 +16,6 @@ from cpis_bridge.core.errors import NotFound, UnreadableInput, UnsupportedMediaT
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
 from cpis_bridge.core.ports import LookupOutcome
 from cpis_bridge.core.principal import Role
-from cpis_bridge.core.records import Record
 from cpis_bridge.core.registry import CareSetting, LocalAuthority
 from cpis_bridge.fhir import mapping as m
 from cpis_bridge.fhir.capability import Interaction, SearchParam, capability_statement
@@ -149,21 +148,6 @@ def _organization(la: LocalAuthority) -> dict[str, Any]:
     return org
 
 
-_TEAMS: dict[tuple[Record, str | None], dict[str, Any]] = {}
-
-
-def _careteam(record: Record, la: LocalAuthority | None) -> dict[str, Any]:
-    """A record's CareTeam, built once per (record, LA name): a pure function of both (a record changes identity
-    with every write: it carries its version). Shared and only read by orjson, like _organization's."""
-    key = (record, la.name if la is not None else None)  # careteam() reads only the LA's name
-    team = _TEAMS.get(key)
-    if team is None:
-        if len(_TEAMS) > 4096:
-            _TEAMS.clear()
-        team = _TEAMS[key] = m.careteam(record, la)
-    return team
-
-
 # -- handlers -------------------------------------------------------------------------------------------------------
 
 
@@ -184,7 +168,7 @@ async def metadata(request: web.Request) -> web.Response:
 async def search_careteam(request: web.Request) -> web.Response:
     out = await lookup_for_search(request, "careteam")
     las = request.app[REGISTRY].local_authorities
-    teams = [_careteam(r, las.get(r.la)) for r in out.records]
+    teams = [m.careteam(r, las.get(r.la)) for r in out.records]
     owners = list(dict.fromkeys(r.la for r in out.records))
     orgs = [_organization(las[la]) for la in owners if la in las]
     return fhir_response(m.searchset(fhir_base(request), self_link(request), teams, orgs))
