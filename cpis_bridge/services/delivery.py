@@ -245,19 +245,14 @@ class Relay:
             await self._dispatch(entries)
 
     async def _dispatch(self, entries: Sequence[QueueEntry]) -> None:
-        # A first delivery to an LA that no longer has a push channel (the registry changed after it was queued) is
-        # the pull inbox alone: its entry carries the access id, which is all settling needs, so no body is read.
-        inbox_only = [e.channel is None and bool(e.access_id) and not self.channels(e.la) for e in entries]
-        to_load = [e for e, skip in zip(entries, inbox_only, strict=True) if not skip]
-        endpoints = sorted({(e.la, c.name) for e in to_load for c in self.channels(e.la)})
+        endpoints = sorted({(e.la, c.name) for e in entries for c in self.channels(e.la)})
         if endpoints:
-            loaded, self._pauses = await asyncio.gather(self.outbox.load(to_load),
+            loaded, self._pauses = await asyncio.gather(self.outbox.load(entries),
                                                         self.outbox.paused_until(endpoints))
         else:
-            loaded = await self.outbox.load(to_load) if to_load else []
-        bodies = iter(loaded)
-        for entry, skip in zip(entries, inbox_only, strict=True):
-            task = asyncio.create_task(self._inbox_only(entry) if skip else self._handle(entry, next(bodies)))
+            loaded = await self.outbox.load(entries)
+        for entry, fields in zip(entries, loaded, strict=True):
+            task = asyncio.create_task(self._handle(entry, fields))
             self._inflight.add(task)
             task.add_done_callback(self._finished)
         if len(self._inflight) >= self.config.concurrency:
@@ -271,11 +266,6 @@ class Relay:
             log.error("relay.entry_failed", exc_info=task.exception())
 
     # -- one entry --------------------------------------------------------------------------------------------------
-    async def _inbox_only(self, entry: QueueEntry) -> None:
-        """The pull inbox holds the notification already (entries queued for an LA that has since lost its push
-        channels): index its id (the one render() derives) and settle."""
-        await self.outbox.settle(entry, notification_id=notification_id(entry.access_id, entry.la))
-
     async def _handle(self, entry: QueueEntry, fields: Mapping[str, str] | None) -> None:
         if fields is None:
             # The inbox entry is gone (purged); nothing left to send, but never drop silently.
@@ -287,9 +277,11 @@ class Relay:
             targets = [c for c in self.channels(entry.la) if entry.channel in (None, c.name)]
             inbox_only_id: str | None = None
             if not targets and entry.channel is None:
-                # Inbox only (the common case under load): the pull inbox renders the body itself; settling needs
-                # only the notification id, the same one render() derives.
-                inbox_only_id = notification_id(Access.decode(fields["acc"]).access_id(fields["tag"]), entry.la)
+                # Inbox only (an LA that lost its push channels after this was queued; inbox-only LAs are not
+                # queued at all): the pull inbox renders the body itself; settling needs only the notification id,
+                # the same one render() derives.
+                access_id = entry.access_id or Access.decode(fields["acc"]).access_id(fields["tag"])
+                inbox_only_id = notification_id(access_id, entry.la)
             else:
                 rendered = render(entry.la, fields)
             if entry.channel is not None and entry.channel != "inbox" and not targets:

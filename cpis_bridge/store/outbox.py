@@ -120,7 +120,7 @@ class RedisOutbox:
             if isinstance(rows, Exception):
                 raise rows
             flat = rows[0][1] if rows else None  # raw reply: [[id, [field, value, ...]]]
-            out.append(dict(zip(flat[::2], flat[1::2], strict=True)) if flat is not None else None)
+            out.append(_pairs(flat) if flat is not None else None)
         return out
 
     async def settle(
