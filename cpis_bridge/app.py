@@ -169,7 +169,7 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     channels_of = {ods: channel_names(la) for ods, la in registry.local_authorities.items()}
     admin_service = DeliveryAdmin(outbox, app[AUDIT], channels_of)
     app[admin.DELIVERIES] = admin_service
-    notifications.setup(app, InboxService(RedisInbox(client, keys), app[ACCESS].store, app[AUDIT],
+    notifications.setup(app, InboxService(RedisInbox(client, keys, app[SCRIPTS]), app[ACCESS].store, app[AUDIT],
                                           care_settings=registry.care_setting_names))
     if not settings.relays:
         yield

@@ -1,20 +1,41 @@
-"""Each LA's pull inbox in Redis: the inbox stream written by access.lua, its acknowledgements, and the index from
-notification id to inbox entry (written by the relays; rebuilt here by scanning when an id is not indexed yet)."""
+"""Each LA's pull inbox in Redis: the inbox stream written by access.lua, its acknowledgements, the index from
+notification id to inbox entry (written by access.lua; rebuilt here by scanning when an id is not indexed yet), and
+reading an entry's recent accesses from the child's access log (fill_recent)."""
 
 from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+from typing import Any
 
 from redis.asyncio import Redis
 
 from cpis_bridge.core.access import Access, notification_id
 from cpis_bridge.store.keys import Keys
+from cpis_bridge.store.scripts import Scripts
 
 SCAN_CHUNK = 500
 
 
+async def fill_recent(redis: Redis, keys: Keys, script: Any, entries: Sequence[MutableMapping[str, str]]) -> None:
+    """Give each inbox entry that refers to the child's access log (field ``n``, written by access.lua) its
+    ``recent`` field, read by inbox_recent.lua, all in one round trip. Entries that hold a copy (written before the
+    reference) keep it. ``script`` is ``Scripts.register("inbox_recent")``."""
+    todo = [f for f in entries if "recent" not in f and "n" in f]
+    if not todo:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for f in todo:
+            await script(keys=[keys.accesses(f["tag"])], args=[f["acc"], f["n"]], client=pipe)
+        joined = await pipe.execute()
+    for f, recent in zip(todo, joined, strict=True):
+        f["recent"] = recent
+
+
 class RedisInbox:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts) -> None:
         self.redis = redis
         self.keys = keys
+        self._recent = scripts.register("inbox_recent")
 
     async def page(self, la: str, after: str | None, limit: int) -> list[tuple[str, dict[str, str], bool]]:
         """Up to ``limit`` entries after the entry id ``after`` (oldest first), each with its acknowledged flag."""
@@ -22,7 +43,9 @@ class RedisInbox:
         if not rows:
             return []
         flags = await self.redis.smismember(self.keys.inbox_acks(la), [r[0] for r in rows])
-        return [(eid, dict(f), bool(flag)) for (eid, f), flag in zip(rows, flags, strict=True)]
+        out = [(eid, dict(f), bool(flag)) for (eid, f), flag in zip(rows, flags, strict=True)]
+        await fill_recent(self.redis, self.keys, self._recent, [f for _, f, _ in out])
+        return out
 
     async def find(self, la: str, nid: str) -> str | None:
         """The inbox entry id of notification ``nid`` in this LA's inbox, or None."""

@@ -3,7 +3,8 @@ share a slot and no key name contains an NHS number.
 
 Layout (P = settings.key_prefix, h = child tag):
   P:c:{h}:r            HASH   "<la>|<localId>" -> compact record JSON (core.records.Record.to_compact)
-  P:c:{h}:a            LIST   the child's last 25 unscheduled accesses, newest first (core.access.Access.encode)
+  P:c:{h}:a            LIST   the child's access log, newest first (core.access.Access.encode): every unscheduled
+                              access the retention period keeps, at most 1,000; the history shown is the newest 25
   P:c:{h}:au           LIST   the child's audit trail, newest first (append-only; only purge trims it)
   P:la:<ods>:ids       HASH   localId -> NHS number (this LA's caseload index)
   P:la:<ods>:up        HASH   upload sequence -> stored report JSON (idempotent re-sends)
@@ -11,7 +12,9 @@ Layout (P = settings.key_prefix, h = child tag):
   P:la:<ods>:lock      STRING an upload in progress
   P:enc:<id>           STRING a retained Encounter (minimal JSON)
   P:cs                 HASH   care-setting ODS -> "name\\x1ftype" (registry mirror read by Lua)
-  P:inbox:<la>         STREAM every notification for that LA (the pull inbox), body parts fixed at queue time
+  P:inbox:<la>         STREAM every notification for that LA (the pull inbox), body parts fixed at queue time:
+                              {nhs, tag, acc, n (access-log length after acc: the 25 recent are read by
+                              reference), recs, cs, at}; entries written before the reference hold recent instead
   P:inbox:<la>:ack     SET    acknowledged inbox entry ids
   P:inbox:<la>:idx     HASH   notification id -> inbox entry id (written by access.lua, rebuilt on demand)
   P:q:notify           STREAM delivery queue (LAs with push channels): {la, ref=<inbox entry id>, aid} (group "relays")

@@ -20,6 +20,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from cpis_bridge.core.ports import ChannelStats, DeadLetter, QueueEntry
 from cpis_bridge.store.connection import Lane
+from cpis_bridge.store.inbox import fill_recent
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.scripts import Scripts
 
@@ -61,6 +62,7 @@ class RedisOutbox:
         self._settle = scripts.register("settle")
         self._promote = scripts.register("promote")
         self._requeue = scripts.register("requeue_dead")
+        self._recent = scripts.register("inbox_recent")
         self._batch: list[tuple[list[str], list[Any], asyncio.Future[bool]]] = []
         self._flushing: set[asyncio.Task[None]] = set()
 
@@ -121,6 +123,7 @@ class RedisOutbox:
                 raise rows
             flat = rows[0][1] if rows else None  # raw reply: [[id, [field, value, ...]]]
             out.append(_pairs(flat) if flat is not None else None)
+        await fill_recent(self.redis, self.keys, self._recent, [f for f in out if f is not None])
         return out
 
     async def settle(

@@ -19,6 +19,7 @@ local function uuid5(ns, name)
   return string.sub(h, 1, 8) .. '-' .. string.sub(h, 9, 12) .. '-5' .. string.sub(h, 14, 16) .. '-' .. variant ..
     string.sub(h, 18, 20) .. '-' .. string.sub(h, 21, 32)
 end
+local ACCESS_LOG_MAX = 1000
 local today, window, ucpp_window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local all = redis.call('HGETALL', KEYS[1])
 local visible = {}
@@ -47,8 +48,13 @@ if ARGV[4] == '1' and #visible > 0 then
     status = 2
   else
     status = 1
-    redis.call('LPUSH', KEYS[2], ARGV[5])
-    redis.call('LTRIM', KEYS[2], 0, 24)
+    -- The access log: every access the retention period keeps, up to ACCESS_LOG_MAX; the history shown is the
+    -- newest 25. The inbox entry refers to the log (its length now) instead of copying the 25 recent accesses.
+    local logged = redis.call('LPUSH', KEYS[2], ARGV[5])
+    if logged > ACCESS_LOG_MAX then
+      redis.call('LTRIM', KEYS[2], 0, ACCESS_LOG_MAX - 1)
+      logged = ACCESS_LOG_MAX
+    end
     local recent = {ARGV[5]}
     for i = 1, math.min(#history, 24) do recent[#recent + 1] = history[i] end
     local names, seen = {}, {}
@@ -60,11 +66,10 @@ if ARGV[4] == '1' and #visible > 0 then
         if v then names[ods] = v end
       end
     end
-    local recent_joined = table.concat(recent, '\30')
     local names_json = cjson.encode(names)
     for _, la in ipairs(la_order) do
       local ref = redis.call('XADD', ARGV[10] .. la, '*', 'nhs', ARGV[12], 'tag', ARGV[13], 'acc', ARGV[5],
-        'recent', recent_joined, 'recs', cjson.encode(by_la[la]), 'cs', names_json, 'at', ARGV[7])
+        'n', logged, 'recs', cjson.encode(by_la[la]), 'cs', names_json, 'at', ARGV[7])
       redis.call('HSET', ARGV[10] .. la .. ':idx', uuid5(ARGV[17], ARGV[15] .. '|' .. la), ref)
       if string.find(ARGV[16], ',' .. la .. ',', 1, true) then
         redis.call('XADD', KEYS[4], '*', 'la', la, 'ref', ref, 'aid', ARGV[15])
