@@ -139,10 +139,11 @@ class LoadResult:
 
 async def drive_accesses(
     base_urls: list[str], nhs_numbers: list[str], total: int, *, concurrency: int = 16, deadline_s: float = 120.0,
-    pause_s: float = 0.0,
+    pause_s: float = 0.0, result: LoadResult | None = None,
 ) -> LoadResult:
-    """``total`` unscheduled CareTeam look-ups with distinct TraceIDs spread over the children and the services."""
-    result = LoadResult()
+    """``total`` unscheduled CareTeam look-ups with distinct TraceIDs spread over the children and the services.
+    ``result``, when given, is filled as answers come (so a scenario can place its fault by progress)."""
+    result = LoadResult() if result is None else result
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
@@ -177,6 +178,15 @@ async def drive_accesses(
     async with aiohttp.ClientSession(timeout=timeout) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     return result
+
+
+async def fault_point(result: LoadResult, total: int, timeout: float = 60.0) -> int:
+    """Wait until a random 10-60 % of ``total`` accesses have been answered (the moment to inject a fault, placed by
+    progress so a faster service cannot finish first); returns how many had been answered."""
+    target = random.randint(total // 10, total * 6 // 10)
+    done = await wait_for(lambda: len(result.acknowledged) + result.failed >= target, timeout, interval=0.005)
+    assert done, f"the load did not reach {target} answers within {timeout} s"
+    return len(result.acknowledged) + result.failed
 
 
 async def wait_for(predicate: Any, timeout: float, interval: float = 0.2) -> bool:

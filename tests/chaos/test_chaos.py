@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from tests.chaos.harness import (
     Receiver,
     children,
     drive_accesses,
+    fault_point,
     load_children,
     wait_for,
     webhook_secret,
@@ -101,15 +101,16 @@ async def test_kill9_service_during_accesses(tmp_path, redis_server, receiver):
     try:
         async with aiohttp.ClientSession() as s:
             await load_children(s, svc.url, nhs)
-        load = asyncio.create_task(drive_accesses([svc.url], nhs, ACCESSES, deadline_s=90))
-        await asyncio.sleep(random.uniform(0.5, 2.0))
+        result = LoadResult()
+        load = asyncio.create_task(drive_accesses([svc.url], nhs, ACCESSES, deadline_s=90, result=result))
+        at_fault = await fault_point(result, ACCESSES)
         svc.kill9()
         await asyncio.sleep(0.5)
         svc = ServiceProcess(svc.data_dir, redis_url=redis_server.url, key_prefix=PREFIX, env=svc.env,
                              port=svc.port).start()
-        result = await load
+        await load
         await assert_nothing_lost(receiver, redis_server.url, nhs, result)
-        assert len(result.acknowledged) + result.failed == ACCESSES
+        assert len(result.acknowledged) + result.failed == ACCESSES > at_fault
     finally:
         svc.stop()
 
@@ -120,16 +121,20 @@ async def test_kill9_redis_during_accesses(tmp_path, redis_server, receiver):
     try:
         async with aiohttp.ClientSession() as s:
             await load_children(s, svc.url, nhs)
-        load = asyncio.create_task(drive_accesses([svc.url], nhs, ACCESSES, deadline_s=90, pause_s=0.01))
-        await asyncio.sleep(random.uniform(0.5, 1.5))
+        result = LoadResult()
+        load = asyncio.create_task(drive_accesses([svc.url], nhs, ACCESSES, deadline_s=90, pause_s=0.01,
+                                                  result=result))
+        at_fault = await fault_point(result, ACCESSES)
         assert redis_server.process is not None
         os.kill(redis_server.process.pid, signal.SIGKILL)
         redis_server.process.wait()
         redis_server.process = None
         await asyncio.sleep(1.0)
         await asyncio.to_thread(redis_server.start)  # reloads the append-only file
-        result = await load
-        assert result.failed > 0, "the fault should have been felt"
+        await load
+        # The kill landed mid-stream; the service may ride out a short outage (the client reconnects with backoff),
+        # so failures are allowed, not required: what must hold is that nothing acknowledged was lost.
+        assert len(result.acknowledged) + result.failed == ACCESSES > at_fault
         await assert_nothing_lost(receiver, redis_server.url, nhs, result)
     finally:
         svc.stop()
@@ -184,15 +189,17 @@ async def test_sigterm_under_load(tmp_path, redis_server, receiver):
     try:
         async with aiohttp.ClientSession() as s:
             await load_children(s, svc.url, nhs)
-        load = asyncio.create_task(drive_accesses([svc.url], nhs, ACCESSES, deadline_s=60))
-        await asyncio.sleep(random.uniform(0.5, 1.5))
+        result = LoadResult()
+        load = asyncio.create_task(drive_accesses([svc.url], nhs, ACCESSES, deadline_s=60, result=result))
+        at_fault = await fault_point(result, ACCESSES)
         assert svc.proc is not None
         svc.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         assert await asyncio.to_thread(svc.status, "/readyz") == 503
         code = await asyncio.to_thread(svc.proc.wait, 30)
         assert code == 0, svc.output()[-2000:]
-        result = await load
+        await load
+        assert at_fault < ACCESSES
         svc = ServiceProcess(svc.data_dir, redis_url=redis_server.url, key_prefix=PREFIX, env=svc.env,
                              port=svc.port).start()
         await assert_nothing_lost(receiver, redis_server.url, nhs, result)
