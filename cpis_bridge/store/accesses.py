@@ -15,7 +15,7 @@ from redis.exceptions import NoScriptError
 from cpis_bridge.core.access import NS_NOTIFICATION_BYTES, Access
 from cpis_bridge.core.ports import LookupOutcome
 from cpis_bridge.core.records import Record, VisibilityWindows
-from cpis_bridge.store.connection import Lane
+from cpis_bridge.store.connection import Multiplexed
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import decode_field
 from cpis_bridge.store.scripts import Scripts
@@ -39,7 +39,7 @@ class RedisAccessStore:
         self.keys = keys
         self.scripts = scripts
         self.encounter_ttl_s = encounter_ttl_s
-        self.lane = Lane(redis)
+        self.lane = Multiplexed(redis)
 
     async def aclose(self) -> None:
         await self.lane.aclose()

@@ -1,9 +1,10 @@
-"""Opens the Redis client (external CPIS_REDIS_URL or the embedded server) with a blocking connection pool, and the
-hot path's dedicated connections (Lane)."""
+"""Opens the Redis client (external CPIS_REDIS_URL or the embedded server) with a blocking connection pool, the
+relay's dedicated connections (Lane) and the look-up's shared, auto-pipelined connection (Multiplexed)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,7 +65,7 @@ class Lane:
                 conn = self._idle.pop() if self._idle else self._connection()
                 try:
                     async with asyncio.timeout(self._timeout):
-                        await conn.send_packed_command(packed)
+                        await conn.send_packed_command(packed, check_health=False)  # the retry below is the check
                         out: list[Any] = []
                         for _ in packed:
                             try:
@@ -99,3 +100,131 @@ class Lane:
         self._open.clear()
         for conn in conns:
             await conn.disconnect(nowait=True)
+
+
+class Multiplexed:
+    """One connection shared by every caller, for short commands that never block (the look-up's EVALSHA): what
+    the callers submit within one event-loop tick goes out in one write, Redis reads, runs and answers it as a batch,
+    and replies are matched to callers in order (auto-pipelining). Against a connection per request it cuts Redis's
+    CPU per look-up (one read, one write and one AOF flush serve many commands) and the service's socket writes.
+
+    A watchdog fails the connection once the oldest command has waited ``timeout``; like Lane, a connection error
+    or timeout is retried once on a fresh connection. Never for blocking commands (XREADGROUP BLOCK would stall
+    every caller behind it). Replies are raw, as Lane's."""
+
+    def __init__(self, redis: Redis, *, timeout: float = 10.0) -> None:
+        pool = redis.connection_pool
+        self._class: type[AbstractConnection] = pool.connection_class
+        self._kwargs = dict(pool.connection_kwargs, socket_timeout=None)  # the watchdog bounds each command
+        self._timeout = timeout
+        self._conn: AbstractConnection | None = None
+        self._lock = asyncio.Lock()
+        self._outgoing: list[bytes] = []  # packed commands for the current connection, not yet written
+        self._waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()  # (submitted at, caller), written order
+        self._reader: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def call(self, *args: Any) -> Any:
+        """One command; an error reply is raised as redis-py raises it (NoScriptError, ResponseError, ...)."""
+        packed = hiredis.pack_command(args)
+        for attempt in (1, 2):
+            try:
+                reply = await self._submit(packed)
+            except (ConnectionError, RedisTimeoutError, OSError) as exc:
+                if attempt == 2:
+                    if isinstance(exc, RedisError):
+                        raise
+                    raise ConnectionError(f"Redis connection failed: {exc}") from exc
+                continue
+            if isinstance(reply, ResponseError):
+                raise reply
+            return reply
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _submit(self, packed: bytes) -> Any:
+        conn = self._conn if self._conn is not None else await self._connect()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._outgoing:
+            loop.call_soon(self._flush, conn)
+        self._outgoing.append(packed)
+        self._waiting.append((loop.time(), future))
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._timeout, self._check)
+        return await future
+
+    async def _connect(self) -> AbstractConnection:
+        async with self._lock:
+            if self._conn is None:
+                conn = self._class(**self._kwargs)
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        await conn.connect()
+                except TimeoutError as exc:
+                    await conn.disconnect(nowait=True)
+                    raise RedisTimeoutError("Redis did not answer in time") from exc
+                self._conn = conn
+                self._reader = asyncio.create_task(self._read(conn))
+            return self._conn
+
+    def _flush(self, conn: AbstractConnection) -> None:
+        if conn is not self._conn:
+            return  # that connection failed meanwhile; its callers have their error
+        out, self._outgoing = self._outgoing, []
+        try:
+            conn._writer.writelines(out)  # type: ignore[union-attr]  # no drain: callers bound what is in flight
+        except Exception as exc:  # a broken transport fails its callers
+            self._fail(conn, ConnectionError(f"Redis connection failed: {exc}"))
+
+    async def _read(self, conn: AbstractConnection) -> None:
+        try:
+            while True:
+                try:
+                    reply = await conn.read_response()
+                except ResponseError as exc:  # a whole error reply: the connection is fine
+                    reply = exc
+                if not self._waiting or conn is not self._conn:
+                    raise ConnectionError("a reply no command was waiting for")
+                _, future = self._waiting.popleft()
+                if not future.done():  # a caller that gave up (cancelled) still had its reply read
+                    future.set_result(reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # whatever broke the connection fails its callers
+            self._fail(conn, exc if isinstance(exc, RedisError) else ConnectionError(f"Redis connection failed: {exc}"))
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if not self._waiting:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._waiting[0][0] + self._timeout
+        if loop.time() >= due:
+            self._fail(self._conn, RedisTimeoutError("Redis did not answer in time"))
+        else:
+            self._watchdog = loop.call_at(due, self._check)
+
+    def _fail(self, conn: AbstractConnection | None, exc: BaseException) -> None:
+        """Drop the connection and fail every caller waiting on it (they retry once, on a fresh one)."""
+        if conn is None or conn is not self._conn:
+            return
+        self._conn, self._outgoing = None, []
+        waiting, self._waiting = self._waiting, deque()
+        for _, future in waiting:
+            if not future.done():
+                future.set_exception(exc)
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        task = asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def aclose(self) -> None:
+        self._fail(self._conn, ConnectionError("the Redis connection was closed"))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -1,5 +1,6 @@
 """The hot path's dedicated Redis connections (store.connection.Lane) against a real Redis: replies, error replies,
-a connection killed under it, the size bound, a hung server's timeout, and closing."""
+a connection killed under it, the size bound, a hung server's timeout, and closing; the same for the shared,
+auto-pipelined connection (Multiplexed), with many callers and cancelled ones."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cpis_bridge.store.connection import Lane, make_client
+from cpis_bridge.store.connection import Lane, Multiplexed, make_client
 
 
 @pytest.fixture
@@ -105,4 +106,75 @@ async def test_a_hung_server_times_out_as_a_redis_error(silent_server: int) -> N
         assert not lane._open  # both timed-out connections were dropped
     finally:
         await lane.aclose()
+        await client.aclose()
+
+
+# -- Multiplexed: one shared, auto-pipelined connection ---------------------------------------------------------------
+
+
+async def client_count(redis: Any, name: str) -> int:
+    return sum(1 for c in await redis.client_list() if c.get("name") == name)
+
+
+async def test_multiplexed_answers_many_callers_in_order_on_one_connection(redis: Any, key_prefix: str) -> None:
+    mux = Multiplexed(redis)
+    name = f"{key_prefix}-mux"
+    try:
+        assert await mux.call("CLIENT", "SETNAME", name) == "OK"
+        key = f"{key_prefix}:mux"
+        # Each caller's reply is its own: INCRBY by i answers a running total, ECHO answers its own word.
+        out = await asyncio.gather(*(mux.call("ECHO", f"w{i}") for i in range(300)),
+                                   *(mux.call("INCRBY", key, 1) for _ in range(300)))
+        assert out[:300] == [f"w{i}" for i in range(300)]
+        assert sorted(out[300:]) == list(range(1, 301))
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await mux.call("LPUSH", key, "x")
+        with pytest.raises(NoScriptError):
+            await mux.call("EVALSHA", "0" * 40, 0)
+        assert await mux.call("GET", key) == "300"  # still in step after the error replies
+        assert await client_count(redis, name) == 1
+    finally:
+        await mux.aclose()
+    assert await client_count(redis, name) == 0
+
+
+async def test_multiplexed_cancelled_callers_do_not_shift_the_replies(redis: Any, key_prefix: str) -> None:
+    mux = Multiplexed(redis)
+    try:
+        assert await mux.call("PING") in ("PONG", True)
+        first = mux._conn
+        slow = [asyncio.create_task(mux.call("ECHO", f"gone{i}")) for i in range(20)]
+        await asyncio.sleep(0)  # submitted, not yet answered
+        for t in slow:
+            t.cancel()
+        assert await asyncio.gather(*(mux.call("ECHO", f"k{i}") for i in range(50))) == [f"k{i}" for i in range(50)]
+        assert mux._conn is first  # the abandoned replies were read and dropped, the connection kept
+    finally:
+        await mux.aclose()
+
+
+async def test_multiplexed_killed_connection_fails_over_and_retries(redis: Any, key_prefix: str) -> None:
+    mux = Multiplexed(redis)
+    name = f"{key_prefix}-muxkill"
+    try:
+        assert await mux.call("CLIENT", "SETNAME", name) == "OK"
+        [victim] = [c for c in await redis.client_list() if c.get("name") == name]
+        assert await redis.client_kill_filter(_id=victim["id"]) == 1
+        out = await asyncio.gather(*(mux.call("INCR", f"{key_prefix}:m") for _ in range(20)))
+        assert sorted(out) == list(range(1, 21))  # each once: the dead connection failed before they were sent
+    finally:
+        await mux.aclose()
+
+
+async def test_multiplexed_hung_server_times_out_as_a_redis_error(silent_server: int) -> None:
+    client = make_client(f"redis://127.0.0.1:{silent_server}/0")
+    mux = Multiplexed(client, timeout=0.2)
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(RedisTimeoutError):
+            await asyncio.gather(*(mux.call("PING") for _ in range(5)))
+        assert asyncio.get_running_loop().time() - started < 2.0  # two attempts of 0.2 s
+        assert mux._conn is None and not mux._waiting
+    finally:
+        await mux.aclose()
         await client.aclose()
