@@ -152,3 +152,25 @@ async def test_inbox_recent_script_finds_the_access_wherever_removals_moved_it(a
     legacy = {"tag": "t-script", "acc": "a1", "recent": "a1\x1ea0"}
     await fill_recent(redis, keys, script, [legacy])
     assert legacy["recent"] == "a1\x1ea0"
+
+
+async def test_access_log_is_capped_at_1000_and_notifications_still_read_their_25(app):
+    nhs = NhsNumber("9990000018")
+    await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
+    ed = app[REGISTRY].care_settings["RXX01"]
+    for i in range(1010):
+        await app[ACCESS].lookup(ctx(Role.CARE_SETTING, "RXX01"),
+                                 LookupRequest(nhs=nhs, care_setting=ed, kind="careteam", source_event_id=f"e{i}"))
+    redis, keys = app[REDIS], app[KEYS]
+    log = await redis.lrange(keys.accesses(keys.tag(str(nhs))), 0, -1)
+    assert len(log) == 1000 and Access.decode(log[0]).source_event_id == "e1009"
+    assert Access.decode(log[-1]).source_event_id == "e10"
+    rows = await RedisInbox(redis, keys, app[SCRIPTS]).page("LA001", None, 2000)
+    assert len(rows) == 1010
+    bodies = {b["access"]["sourceEventId"]: b for b in (render("LA001", f).body for _, f, _ in rows)}
+    for i in (1009, 1000, 990, 500, 34):  # positions the cap moved away from their estimate
+        got = [a["sourceEventId"] for a in bodies[f"e{i}"]["recentAccesses"]]
+        assert got == [f"e{j}" for j in range(i, i - 25, -1)]
+    # e20's older accesses e9..e0 fell off the log's end: it lists the ones still held; e5 itself fell off.
+    assert [a["sourceEventId"] for a in bodies["e20"]["recentAccesses"]] == [f"e{j}" for j in range(20, 9, -1)]
+    assert [a["sourceEventId"] for a in bodies["e5"]["recentAccesses"]] == ["e5"]
