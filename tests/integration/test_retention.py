@@ -211,3 +211,23 @@ async def test_a_record_changed_after_the_scan_is_not_purged(app, settings):
     rescanned = [r async for batch in store.child_records() for r in batch]
     assert await store.delete_records(rescanned, {"action": "record.purged"}) == 1
     assert await redis.hlen(keys.records(keys.tag(CHILD_A))) == 0
+
+
+async def test_purge_of_accesses_trims_the_old_tail_and_any_old_entry_out_of_order(app, settings):
+    redis, keys = app[REDIS], app[KEYS]
+    la = ctx(Role.LOCAL_AUTHORITY, "LA001")
+    await app[RECORDS].put(la, "LA001", "NEW-1", record("NEW-1", CHILD_B, startDate="2019-01-01"))
+    await app[RECORDS].put(la, "LA001", "NEW-2", record("NEW-2", CHILD_A, startDate="2019-01-01"))
+    now = dt.datetime.now(dt.UTC)
+    old = now - dt.timedelta(days=800)
+    # CHILD_B: two old at the tail, one old between new ones (a process whose clock was behind); CHILD_A: all old.
+    for event, at in (("o1", old), ("o2", old), ("n1", now), ("o3", old), ("n2", now)):
+        await lookup(app, CHILD_B, event, clock=lambda at=at: at)
+    for event in ("a1", "a2"):
+        await lookup(app, CHILD_A, event, clock=lambda: old)
+    async with open_retention(settings) as service:
+        counts = await service.purge(OPS_CTX)
+    assert counts["accesses"] == 5
+    history = await redis.lrange(keys.accesses(keys.tag(CHILD_B)), 0, -1)
+    assert [h.split("\x1f")[1] for h in history] == ["n2", "n1"]
+    assert not await redis.exists(keys.accesses(keys.tag(CHILD_A)))
