@@ -118,7 +118,7 @@ class Multiplexed:
         self._kwargs = dict(pool.connection_kwargs, socket_timeout=None)  # the watchdog bounds each command
         self._timeout = timeout
         self._conn: AbstractConnection | None = None
-        self._lock = asyncio.Lock()
+        self._connecting: asyncio.Task[AbstractConnection] | None = None
         self._outgoing: list[bytes] = []  # packed commands for the current connection, not yet written
         self._waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()  # (submitted at, caller), written order
         self._reader: asyncio.Task[None] | None = None
@@ -155,18 +155,34 @@ class Multiplexed:
         return await future
 
     async def _connect(self) -> AbstractConnection:
-        async with self._lock:
-            if self._conn is None:
-                conn = self._class(**self._kwargs)
-                try:
-                    async with asyncio.timeout(self._timeout):
-                        await conn.connect()
-                except TimeoutError as exc:
-                    await conn.disconnect(nowait=True)
-                    raise RedisTimeoutError("Redis did not answer in time") from exc
-                self._conn = conn
-                self._reader = asyncio.create_task(self._read(conn))
-            return self._conn
+        """Every caller that finds no connection waits for the same attempt, and shares its failure (then retries
+        once): while Redis is down, callers are not queued behind one another's attempts."""
+        attempt = self._connecting
+        if attempt is None:
+            attempt = self._connecting = asyncio.get_running_loop().create_task(self._open())
+            attempt.add_done_callback(self._connected)
+        return await asyncio.shield(attempt)
+
+    def _connected(self, attempt: asyncio.Task[AbstractConnection]) -> None:
+        if self._connecting is attempt:
+            self._connecting = None
+        if not attempt.cancelled():
+            attempt.exception()  # retrieved here too: every caller may have gone
+
+    async def _open(self) -> AbstractConnection:
+        conn = self._class(**self._kwargs)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await conn.connect()
+        except TimeoutError as exc:
+            await conn.disconnect(nowait=True)
+            raise RedisTimeoutError("Redis did not answer in time") from exc
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        self._conn = conn
+        self._reader = asyncio.create_task(self._read(conn))
+        return conn
 
     def _flush(self, conn: AbstractConnection) -> None:
         if conn is not self._conn:
@@ -222,6 +238,8 @@ class Multiplexed:
         task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
         self._fail(self._conn, ConnectionError("the Redis connection was closed"))
         if self._watchdog is not None:
             self._watchdog.cancel()
