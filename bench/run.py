@@ -141,9 +141,14 @@ class Bench:
             raise BenchError(f"HTTP-case data: {report['accepted']} of {len(self.flagged)} records accepted")
 
     # -- cases -------------------------------------------------------------------------------------------------
-    def _measure(self, load: Load, label: str, baseline: Load | None = None) -> tuple[CaseResult, CaseResult | None]:
+    def _measure(self, load: Load, label: str,
+                 baseline: Load | None = None) -> tuple[CaseResult, CaseResult | None, int]:
+        """The case's result, its paired baseline's, and how many AOF rewrites fell within them."""
         a = self.args
-        return measure(load, seconds=a.seconds, warmup=a.warmup, runs=a.runs, label=label, baseline=baseline)
+        rewrites = self._aof_rewrites()
+        result, paired = measure(load, seconds=a.seconds, warmup=a.warmup, runs=a.runs, label=label,
+                                 baseline=baseline)
+        return result, paired, self._aof_rewrites() - rewrites
 
     def _fhir_probe(self, kind: str, method: str, path: str, body: bytes | None = None) -> str | None:
         """None when the endpoint is there and answers as expected; otherwise why the case is skipped."""
@@ -199,10 +204,9 @@ class Bench:
         lists = self.tmp / "lists"
         base_file = data.write_lines(lists / "baseline.txt", [f"/child/{i}" for i in range(self.args.http_children)])
         base_load = Load(self.baseline_url, base_file)
-        rewrites = self._aof_rewrites()
-        base, _ = self._measure(base_load, "baseline")
+        base, _, rewrites = self._measure(base_load, "baseline")
         self.add_case("baseline: HGETALL+LRANGE, ~2 KB JSON", base, target=None, baseline=base.rps,
-                      aof_rewrites=self._aof_rewrites() - rewrites)
+                      aof_rewrites=rewrites)
 
         ed = f"Bearer {self.ed_token}"
         flagged_ct = data.write_lines(lists / "ct_flagged.txt", [data.careteam_path(n) for n in self.flagged])
@@ -229,11 +233,9 @@ class Bench:
             if reason is not None:
                 self.add_case(name, None, target=target, baseline=base.rps, p99_max_ms=p99, skipped=reason)
                 continue
-            rewrites = self._aof_rewrites()
-            result, paired = self._measure(load, kind, baseline=base_load)
+            result, paired, rewrites = self._measure(load, kind, baseline=base_load)
             assert paired is not None
-            self.add_case(name, result, target=target, baseline=paired.rps, p99_max_ms=p99,
-                          aof_rewrites=self._aof_rewrites() - rewrites)
+            self.add_case(name, result, target=target, baseline=paired.rps, p99_max_ms=p99, aof_rewrites=rewrites)
 
     def upload_case(self) -> None:
         n = self.args.upload_records

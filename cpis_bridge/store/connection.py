@@ -29,18 +29,23 @@ def make_client(url: str, *, max_connections: int = 64, timeout: float = 5.0) ->
     return Redis(connection_pool=pool)
 
 
-class Lane:
-    """Dedicated connections for the per-request hot path (one EVALSHA per look-up) and the relay's batches. Against
-    the shared pool's path it saves, per call, the pool's lock and timeout, redis-py's Python command packing
-    (hiredis packs in C) and the task that ``wait_for`` creates around each socket write: a third of a look-up's
-    CPU, measured. One ``asyncio.timeout`` bounds each round trip instead. At most ``size`` connections, opened on
-    first use; callers beyond that wait. Replies are raw (no redis-py response callbacks). Like the client's
-    default retry, a connection error or timeout is retried once on a fresh connection."""
+def _dedicated(redis: Redis) -> tuple[type[AbstractConnection], dict[str, Any]]:
+    """How to open connections like the client's pool does, outside it; the owner's own timeout bounds each
+    command, so no socket timeout (nor its ``wait_for`` per read)."""
+    pool = redis.connection_pool
+    return pool.connection_class, dict(pool.connection_kwargs, socket_timeout=None)
 
-    def __init__(self, redis: Redis, *, size: int = 32, timeout: float = 10.0) -> None:
-        pool = redis.connection_pool
-        self._class: type[AbstractConnection] = pool.connection_class
-        self._kwargs = dict(pool.connection_kwargs, socket_timeout=None)  # the lane's own timeout bounds each trip
+
+class Lane:
+    """Dedicated connections for the relay's batches, including its blocking XREADGROUP. Against the shared pool's
+    path it saves, per call, the pool's lock and timeout, redis-py's Python command packing (hiredis packs in C) and
+    the task that ``wait_for`` creates around each socket write. One ``asyncio.timeout`` bounds each round trip
+    instead. At most ``size`` connections, opened on first use; callers beyond that wait. Replies are raw (no
+    redis-py response callbacks). Like the client's default retry, a connection error or timeout is retried once on
+    a fresh connection."""
+
+    def __init__(self, redis: Redis, *, size: int = 8, timeout: float = 10.0) -> None:
+        self._class, self._kwargs = _dedicated(redis)
         self._idle: list[AbstractConnection] = []
         self._open: set[AbstractConnection] = set()
         self._slots = asyncio.Semaphore(size)
@@ -113,9 +118,7 @@ class Multiplexed:
     every caller behind it). Replies are raw, as Lane's."""
 
     def __init__(self, redis: Redis, *, timeout: float = 10.0) -> None:
-        pool = redis.connection_pool
-        self._class: type[AbstractConnection] = pool.connection_class
-        self._kwargs = dict(pool.connection_kwargs, socket_timeout=None)  # the watchdog bounds each command
+        self._class, self._kwargs = _dedicated(redis)  # the watchdog bounds each command
         self._timeout = timeout
         self._conn: AbstractConnection | None = None
         self._connecting: asyncio.Task[AbstractConnection] | None = None

@@ -58,7 +58,7 @@ class RedisOutbox:
     def __init__(self, redis: Redis, keys: Keys, scripts: Scripts) -> None:
         self.redis = redis
         self.keys = keys
-        self.lane = Lane(redis, size=8)  # the relay's per-batch reads and settles
+        self.lane = Lane(redis)  # the relay's per-batch reads and settles
         self._settle = scripts.register("settle")
         self._promote = scripts.register("promote")
         self._requeue = scripts.register("requeue_dead")

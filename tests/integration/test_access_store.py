@@ -33,6 +33,17 @@ def ctx(role: Role, ods: str) -> AuditContext:
     return AuditContext(Principal(subject=f"u-{ods}", role=role, ods=ods, name="Test User", role_code="R0001"))
 
 
+async def flagged_child_accessed(app, count: int, nhs: str = "9990000018") -> NhsNumber:
+    """LA001 flags the child, then RXX01 looks it up ``count`` times (source events e0, e1, ...)."""
+    await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
+    ed = app[REGISTRY].care_settings["RXX01"]
+    for i in range(count):
+        await app[ACCESS].lookup(ctx(Role.CARE_SETTING, "RXX01"),
+                                 LookupRequest(nhs=NhsNumber(nhs), care_setting=ed, kind="careteam",
+                                               source_event_id=f"e{i}"))
+    return NhsNumber(nhs)
+
+
 async def test_two_las_one_notification_each_with_own_records(app):
     nhs = NhsNumber("9990000018")
     records = app[RECORDS]
@@ -71,13 +82,8 @@ async def test_silent_and_unflagged_record_nothing(app):
 
 
 async def test_history_keeps_newest_25(app):
-    await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
-    ed = app[REGISTRY].care_settings["RXX01"]
-    for i in range(30):
-        await app[ACCESS].lookup(ctx(Role.CARE_SETTING, "RXX01"),
-                                 LookupRequest(nhs=NhsNumber("9990000018"), care_setting=ed, kind="careteam",
-                                               source_event_id=f"e{i}"))
-    visible, history = await app[ACCESS].history(NhsNumber("9990000018"))
+    nhs = await flagged_child_accessed(app, 30)
+    visible, history = await app[ACCESS].history(nhs)
     assert [a.source_event_id for _, a in history] == [f"e{i}" for i in range(29, 4, -1)]
     assert visible and all(isinstance(a.occurred_at, dt.datetime) for _, a in history)
 
@@ -86,12 +92,7 @@ async def test_each_notification_keeps_its_own_25_recent_by_reference(app):
     """The inbox entry refers to the child's access log instead of copying 25 accesses: every notification still reads
     back the access and the 24 before it, fixed when queued, however many accesses came after; a purge by age leaves
     it the ones still held."""
-    nhs = NhsNumber("9990000018")
-    await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
-    ed = app[REGISTRY].care_settings["RXX01"]
-    for i in range(40):
-        await app[ACCESS].lookup(ctx(Role.CARE_SETTING, "RXX01"),
-                                 LookupRequest(nhs=nhs, care_setting=ed, kind="careteam", source_event_id=f"e{i}"))
+    nhs = await flagged_child_accessed(app, 40)
     redis, keys = app[REDIS], app[KEYS]
     stored = [f for _, f in await redis.xrange(keys.inbox("LA001"))]
     assert len(stored) == 40 and all("recent" not in f for f in stored)
@@ -155,12 +156,7 @@ async def test_inbox_recent_script_finds_the_access_wherever_removals_moved_it(a
 
 
 async def test_access_log_is_capped_at_1000_and_notifications_still_read_their_25(app):
-    nhs = NhsNumber("9990000018")
-    await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
-    ed = app[REGISTRY].care_settings["RXX01"]
-    for i in range(1010):
-        await app[ACCESS].lookup(ctx(Role.CARE_SETTING, "RXX01"),
-                                 LookupRequest(nhs=nhs, care_setting=ed, kind="careteam", source_event_id=f"e{i}"))
+    nhs = await flagged_child_accessed(app, 1010)
     redis, keys = app[REDIS], app[KEYS]
     log = await redis.lrange(keys.accesses(keys.tag(str(nhs))), 0, -1)
     assert len(log) == 1000 and Access.decode(log[0]).source_event_id == "e1009"

@@ -1,4 +1,4 @@
-"""The hot path's dedicated Redis connections (store.connection.Lane) against a real Redis: replies, error replies,
+"""The relay's dedicated Redis connections (store.connection.Lane) against a real Redis: replies, error replies,
 a connection killed under it, the size bound, a hung server's timeout, and closing; the same for the shared,
 auto-pipelined connection (Multiplexed), with many callers and cancelled ones."""
 
