@@ -17,7 +17,7 @@ from cpis_bridge.core.principal import Role
 from cpis_bridge.core.records import today_london
 from cpis_bridge.fhir import cds
 from cpis_bridge.services.access import AccessService, LookupRequest
-from cpis_bridge.web.common import allow, audit_context, json_response, principal
+from cpis_bridge.web.common import MAX_FHIR_NESTING, allow, audit_context, json_response, loads_json, principal
 from cpis_bridge.web.state import ACCESS, METRICS, REGISTRY, SETTINGS
 
 routes = web.RouteTableDef()
@@ -88,10 +88,7 @@ async def call_service(request: web.Request) -> web.Response:
         raise NotFound("no such CDS service")
     if request.content_type != "application/json":
         raise UnsupportedMediaType("the body must be application/json")
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise UnreadableInput("the body is not valid JSON") from None
+    body = loads_json(await request.read(), limit=MAX_FHIR_NESTING)
     context = _context(body, service_id)
     patient = await _patient(request, body, context["patientId"])
     settings = request.app[SETTINGS]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import mmap
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import orjson
 from aiohttp import web
 
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.errors import UnreadableInput
 from cpis_bridge.core.principal import Principal, Role
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -84,3 +87,72 @@ def problem(
     if errors:
         body["errors"] = errors
     return json_response(body, status=status, content_type="application/problem+json", headers=headers)
+
+
+# -- JSON bodies: bounded nesting ----------------------------------------------------------------------------------
+MAX_NESTING: Final = 32  # a record or upload envelope is 3 levels deep; nothing legitimate comes near
+MAX_FHIR_NESTING: Final = 64  # FHIR resources nest extensions and codings; still far from harmful
+_ESCAPE: Final = re.compile(rb"\\.", re.S)
+_DROP: Final = bytes(b for b in range(256) if b not in b'"[]{}')
+_GENERIC: Final = bytes.maketrans(b"{}", b"[]")
+_CHUNK: Final = 1 << 16
+
+
+def nesting_within(buf: bytes | mmap.mmap, limit: int, *, chunk_size: int = _CHUNK) -> bool:
+    """False when any point of the JSON text ``buf`` (bytes or an mmap) lies more than ``limit`` brackets deep, or
+    when its brackets do not balance (then it is not JSON either; a body with no more than ``limit`` openers is left
+    to the parser, which reports that itself).
+
+    A parser must never see such input: a streaming parser's memory grows with the square of the depth (a few KB of
+    ``[`` grow ijson by gigabytes before it notices the input never closes). Linear, at C speed, in memory about the
+    size of the bracket skeleton: chunk by chunk, escapes are dropped, then all but quotes and brackets, then strings
+    (a string is the text between two quotes once escapes are gone, exactly as a parser splits it). The skeleton, both
+    bracket kinds as one, then loses its innermost ``[]`` pairs once a pass: within ``limit`` passes a shallow,
+    balanced skeleton is empty, and a pass that removes nothing means it does not balance.
+    """
+    if isinstance(buf, bytes) and buf.count(b"[") + buf.count(b"{") <= limit:
+        return True  # the usual small body: nothing can be deeper than its number of openers
+    skeleton = bytearray()
+    escaped = in_string = False  # carried across chunk boundaries
+    for start in range(0, len(buf), chunk_size):
+        chunk = buf[start:start + chunk_size]
+        if escaped:
+            chunk, escaped = chunk[1:], False
+        if b"\\" in chunk:
+            chunk = _ESCAPE.sub(b"", chunk)
+            if chunk.endswith(b"\\"):  # only a final backslash can be left: it escapes the next chunk's first byte
+                chunk, escaped = chunk[:-1], True
+        chunk = chunk.translate(None, _DROP)
+        if in_string:
+            end = chunk.find(b'"')
+            if end < 0:
+                continue
+            chunk, in_string = chunk[end + 1:], False
+        if b'"' in chunk:
+            if chunk.count(b'"') % 2:  # the last string runs on into the next chunk
+                chunk, in_string = chunk[:chunk.rfind(b'"')], True
+            bare = chunk.replace(b'""', b"")  # strings rarely hold brackets: then each is "" here
+            chunk = bare if b'"' not in bare else b"".join(chunk.split(b'"')[::2])
+        skeleton += chunk
+    if in_string or escaped:
+        return False  # a string that never ends
+    text = bytes(skeleton.translate(_GENERIC))
+    del skeleton
+    for _ in range(limit):
+        if not text:
+            return True
+        reduced = text.replace(b"[]", b"")
+        if len(reduced) == len(text):
+            return False
+        text = reduced
+    return not text
+
+
+def loads_json(body: bytes, *, limit: int = MAX_NESTING) -> Any:
+    """A request body parsed by orjson, or UnreadableInput (400) when it is not JSON or nests deeper than ``limit``."""
+    if not nesting_within(body, limit):
+        raise UnreadableInput(f"the body is not valid JSON or nests deeper than {limit} levels")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise UnreadableInput("the body is not valid JSON") from None

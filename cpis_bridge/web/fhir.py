@@ -22,7 +22,7 @@ from cpis_bridge.fhir.capability import Interaction, SearchParam, capability_sta
 from cpis_bridge.fhir.encounter import parse_encounter, retained, safe_name, with_id
 from cpis_bridge.fhir.outcome import operation_outcome
 from cpis_bridge.services.access import AccessService, LookupRequest
-from cpis_bridge.web.common import TRACE_ID, Handler, allow, audit_context, principal
+from cpis_bridge.web.common import MAX_FHIR_NESTING, TRACE_ID, Handler, allow, audit_context, loads_json, principal
 from cpis_bridge.web.state import ACCESS, METRICS, REGISTRY, SETTINGS
 
 routes = web.RouteTableDef()
@@ -219,10 +219,7 @@ async def search_auditevent(request: web.Request) -> web.Response:
 async def create_encounter(request: web.Request) -> web.Response:
     if request.content_type not in (FHIR_CT, "application/json"):
         raise UnsupportedMediaType("the body must be application/fhir+json")
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError:
-        raise UnreadableInput("the body is not valid JSON") from None
+    body = loads_json(await request.read(), limit=MAX_FHIR_NESTING)
     settings = request.app[SETTINGS]
     inbound = parse_encounter(body, test_numbers_only=settings.only_test_numbers)
     setting = calling_setting(request)

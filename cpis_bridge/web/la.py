@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from cpis_bridge.core.codes import FileCode, RecordCode
 from cpis_bridge.core.errors import UnreadableInput, UnsupportedMediaType, ValidationFailed
 from cpis_bridge.core.principal import Role
 from cpis_bridge.services.records import UploadMeta
-from cpis_bridge.web.common import allow, audit_context, json_response, principal
+from cpis_bridge.web.common import allow, audit_context, json_response, loads_json, principal
 from cpis_bridge.web.state import METRICS, RECORDS, SETTINGS
 from cpis_bridge.web.uploads import content_type, meta_from_headers, reader_for, spool
 
@@ -25,11 +24,7 @@ async def read_json(request: web.Request, *, types: tuple[str, ...] = ("applicat
     """The request body as JSON: 415 for another content type, 400 for unparsable JSON."""
     if request.content_type not in types:
         raise UnsupportedMediaType(f"the body must be {' or '.join(types)}")
-    body = await request.read()
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise UnreadableInput("the body is not valid JSON") from None
+    return loads_json(await request.read())
 
 
 @routes.put(RECORD_PATH)

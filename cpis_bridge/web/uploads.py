@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import mmap
-import re
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -19,6 +18,7 @@ from cpis_bridge.core.codes import FileCode
 from cpis_bridge.core.errors import PayloadTooLarge, UnreadableInput, UnsupportedMediaType
 from cpis_bridge.core.records import READ_ONLY_FIELDS, WRITABLE_FIELDS
 from cpis_bridge.services.records import UploadMeta, parse_count, parse_mode, parse_sequence
+from cpis_bridge.web.common import MAX_NESTING, nesting_within
 from cpis_bridge.web.middlewares import size_text
 
 CONTENT_TYPES = ("application/json", "application/x-ndjson", "text/csv")
@@ -99,46 +99,14 @@ def read_json_meta(f: IO[bytes], meta: UploadMeta) -> None:
         raise _unreadable("the upload has no records array")
 
 
-MAX_NESTING = 32  # envelope -> records -> record -> value is 3 levels; nothing legitimate comes near
-_ESCAPE = re.compile(rb"\\.", re.S)
-_STRING = re.compile(rb'"[^"]*"')
-_PAIR = re.compile(rb"\[\]|\{\}")
-_KEEP = b'"[]{}'
-_DROP = bytes(b for b in range(256) if b not in _KEEP)
-
-
-def nesting_within(f: IO[bytes], limit: int = MAX_NESTING) -> bool:
-    """False when the JSON nests deeper than ``limit``. Deep nesting makes a streaming parser's memory grow with the
-    square of the depth (a few KB of brackets could exhaust the process), so it is refused before parsing. Works at
-    C speed on the bracket skeleton: escapes dropped, then all but quotes and brackets, then strings; innermost
-    bracket pairs are then peeled ``limit`` times."""
-    f.seek(0, 2)
-    if f.tell() == 0:
-        return True
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        text = _ESCAPE.sub(b"", m) if m.find(b"\\") >= 0 else m[:]  # type: ignore[call-overload]
-    quoted = text.translate(None, _DROP)
-    del text
-    # Strings hold brackets rarely: then every string is an empty pair here and removing the pairs left to right
-    # leaves no quote. A quote left over means some string held a bracket: match strings properly (slower).
-    skeleton = quoted.replace(b'""', b"")
-    if b'"' in skeleton:
-        skeleton = _STRING.sub(b"", quoted)
-    for _ in range(limit):
-        if not skeleton:
-            return True
-        reduced = _PAIR.sub(b"", skeleton)
-        if reduced == skeleton:
-            return True  # unbalanced: the parser reports it as unreadable
-        skeleton = reduced
-    return not skeleton
-
-
 def iter_json(f: IO[bytes], meta: UploadMeta) -> Iterator[object]:
     """Records from ``{"sequence", "mode", "recordCount", "records": [...]}``: the envelope first
     (:func:`read_json_meta`), then the records built by ijson's C backend, which also checks the whole file."""
-    if not nesting_within(f):
-        raise _unreadable(f"the upload nests deeper than {MAX_NESTING} levels")
+    f.seek(0, 2)
+    if f.tell():
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if not nesting_within(m, MAX_NESTING):
+                raise _unreadable(f"the upload is not valid JSON or nests deeper than {MAX_NESTING} levels")
     f.seek(0)
     try:
         read_json_meta(f, meta)
@@ -152,6 +120,8 @@ def iter_ndjson(f: IO[bytes]) -> Iterator[object]:
     for number, line in enumerate(f, start=1):
         if not line.strip():
             continue
+        if not nesting_within(line, MAX_NESTING):
+            raise _unreadable(f"line {number} is not valid JSON or nests deeper than {MAX_NESTING} levels")
         try:
             yield orjson.loads(line)
         except orjson.JSONDecodeError:
