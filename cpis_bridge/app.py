@@ -38,6 +38,7 @@ from cpis_bridge.store.records import RedisRecordStore
 from cpis_bridge.store.retention import RedisRetentionStore
 from cpis_bridge.store.scripts import Scripts
 from cpis_bridge.store.sync import RedisSyncQueue
+from cpis_bridge.store.tokens import SeenTokens
 from cpis_bridge.web import admin, cds, fhir, la, notifications, openapi, ops
 from cpis_bridge.web.middlewares import DEFAULT_LIMIT, make_middlewares
 from cpis_bridge.web.state import (
@@ -111,6 +112,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
                                         encounter_ttl_s=settings.retention_access_days * 86400)
         inbox_delivered = app[METRICS].deliveries.labels("inbox", "delivered")
         app[ACCESS] = AccessService(access_store, windows=settings.windows, on_notified=inbox_delivered.inc)
+        app[AUTH].jti_guard = SeenTokens(client, keys).first_use
         if registry.care_settings:
             await client.hset(
                 keys.care_settings,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,11 @@ JWKS_MIN_REFRESH_S = 10.0
 LEEWAY_S = 30
 VERIFIED_TTL_S = 300.0
 VERIFIED_MAX = 10_000
+CDS_MAX_LIFETIME_S = 300  # CDS Hooks: a client token lives at most 5 minutes (exp - iat)
+MAX_JTI = 256
+
+# (iss, jti, seconds to remember it) -> True the first time that pair is seen, False on a replay
+JtiGuard = Callable[[str, str, int], Awaitable[bool]]
 
 
 def dev_token(
@@ -150,6 +156,7 @@ class Authenticator:
         self.session = session
         self._cds_jwks: dict[str, JwksCache] = {}
         self._verified: dict[str, tuple[Principal, float]] = {}
+        self.jti_guard: JtiGuard | None = None  # set once the store is up; CDS client tokens need it
 
     @property
     def production(self) -> bool:
@@ -185,8 +192,9 @@ class Authenticator:
         self._verified[token] = (principal, min(float(claims["exp"]), time.time() + VERIFIED_TTL_S))
         return principal
 
-    async def verify_cds(self, header: str | None, audience: str) -> Principal:
-        """A CDS Hooks 2.0 client token (iss, aud, exp, iat, jti), or a dev care-setting token in dev mode."""
+    async def verify_cds(self, header: str | None, audience: str | Sequence[str]) -> Principal:
+        """A CDS Hooks 2.0 client token (iss, aud, exp, iat, jti; at most 5 minutes from iat to exp; each jti once per
+        issuer), or a dev care-setting token in dev mode."""
         token = _bearer(header)
         alg, kid = _header(token)
         if alg == DEV_ALG and not self.production:
@@ -206,10 +214,19 @@ class Authenticator:
         cache = self._cds_jwks.setdefault(client.iss, JwksCache(client.jwks_url, self.session))
         key: Any = await cache.get(kid, alg)
         claims = _decode(token, key, alg, issuer=client.iss, audience=audience, required=("exp", "iat", "jti"))
+        exp, iat, jti = claims["exp"], claims["iat"], claims["jti"]
+        if exp - iat > CDS_MAX_LIFETIME_S:
+            raise Unauthenticated("token lifetime is over 5 minutes")
+        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI:
+            raise Unauthenticated("token jti is invalid")
+        if self.jti_guard is None:
+            raise Unauthenticated("token replay cannot be checked")
+        if not await self.jti_guard(client.iss, jti, max(1, int(exp - time.time()) + LEEWAY_S)):
+            raise Unauthenticated("token already used")
         setting = self.registry.care_settings[client.ods]
         return Principal(
             subject=str(claims.get("sub") or client.iss), role=Role.CARE_SETTING, ods=setting.ods,
-            name=_opt_str(claims.get("name")), role_code=_opt_str(claims.get("role_code")),
+            name=_opt_str(claims.get("name")), role_code=_opt_str(claims.get("role_code")), client=client.iss,
         )
 
     def principal(self, claims: dict[str, Any]) -> Principal:
@@ -269,7 +286,7 @@ def _decode(
     alg: str,
     *,
     issuer: str | None,
-    audience: str | None,
+    audience: str | Sequence[str] | None,
     required: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     options: dict[str, Any] = {"require": ["exp", "sub", *required] if not required else ["exp", *required]}

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cpis_bridge.core.registry import CareSetting, CdsClient, FhirChannel, LocalAuthority, Registry, WebhookChannel
+from cpis_bridge.core.registry import (
+    END_OF_DAY,
+    WEEKDAYS,
+    CareSetting,
+    CdsClient,
+    FhirChannel,
+    LocalAuthority,
+    OfficeHours,
+    Origin,
+    Registry,
+    WebhookChannel,
+    origin_of,
+)
 
 _ODS = r"^[A-Z0-9]{3,10}$"
+_HHMM = r"^([01][0-9]|2[0-3]):[0-5][0-9]$|^24:00$"
 
 
 class RegistryError(ValueError):
@@ -37,12 +51,45 @@ class _Notify(_Strict):
     fhir: _Fhir | None = None
 
 
+def _clock(text: str) -> dt.time:
+    return END_OF_DAY if text == "24:00" else dt.time.fromisoformat(text)
+
+
+class _OfficeHours(_Strict):
+    """When the office-hours number is staffed (Europe/London); default Monday-Friday 09:00-17:00, closed on
+    England bank holidays."""
+
+    days: list[Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]] = Field(
+        default_factory=lambda: list(WEEKDAYS[:5]))
+    opens: str = Field(alias="open", default="09:00", pattern=_HHMM)
+    closes: str = Field(alias="close", default="17:00", pattern=_HHMM)
+    bank_holidays: Literal["closed", "open"] = Field(alias="bankHolidays", default="closed")
+
+    @model_validator(mode="after")
+    def _open_before_close(self) -> _OfficeHours:
+        if _clock(self.opens) >= _clock(self.closes):
+            raise ValueError(f"open ({self.opens}) must be before close ({self.closes})")
+        return self
+
+    def build(self) -> OfficeHours:
+        return OfficeHours(frozenset(WEEKDAYS.index(d) for d in self.days), _clock(self.opens),
+                           _clock(self.closes), self.bank_holidays == "open")
+
+
 class _LA(_Strict):
     ods: str = Field(pattern=_ODS)
     name: str = Field(min_length=1, max_length=200)
     office_hours_phone: str = Field(alias="officeHoursPhone", min_length=3, max_length=40)
     emergency_duty_phone: str = Field(alias="emergencyDutyPhone", min_length=3, max_length=40)
+    office_hours: _OfficeHours = Field(alias="officeHours", default_factory=_OfficeHours)
     notify: _Notify | None = None
+
+
+def _origins(urls: list[str]) -> list[str]:
+    for url in urls:
+        if origin_of(url) is None:
+            raise ValueError(f"{url[:100]!r} is not an http(s) URL with a host")
+    return urls
 
 
 class _CareSetting(_Strict):
@@ -50,6 +97,9 @@ class _CareSetting(_Strict):
     name: str = Field(min_length=1, max_length=200)
     type: str = Field(min_length=1, max_length=20)
     unscheduled: bool
+    fhir_servers: list[str] = Field(alias="fhirServers", default_factory=list)
+
+    _check_origins = field_validator("fhir_servers")(_origins)
 
     @field_validator("type")
     @classmethod
@@ -61,6 +111,13 @@ class _Cds(_Strict):
     iss: str = Field(min_length=1)
     jwks_url: str = Field(alias="jwksUrl", pattern=r"^https?://")
     ods: str = Field(pattern=_ODS)
+    fhir_servers: list[str] = Field(alias="fhirServers", default_factory=list)
+
+    _check_origins = field_validator("fhir_servers")(_origins)
+
+
+def _origin_set(urls: list[str]) -> frozenset[Origin]:
+    return frozenset(o for o in map(origin_of, urls) if o is not None)
 
 
 class _File(_Strict):
@@ -113,17 +170,18 @@ def load_registry(path: Path) -> Registry:
             emergency_duty_phone=la.emergency_duty_phone,
             webhook=WebhookChannel(notify.webhook.url, notify.webhook.secret_env) if notify.webhook else None,
             fhir=FhirChannel(notify.fhir.base_url, dict(notify.fhir.auth)) if notify.fhir else None,
+            office_hours=la.office_hours.build(),
         )
     settings: dict[str, CareSetting] = {}
     for i, cs in enumerate(parsed.care_settings):
         if cs.ods in settings or cs.ods in las:
             problems.append(f"care setting #{i + 1} ({cs.ods}), field ods: duplicate ODS code")
-        settings[cs.ods] = CareSetting(cs.ods, cs.name, cs.type, cs.unscheduled)
+        settings[cs.ods] = CareSetting(cs.ods, cs.name, cs.type, cs.unscheduled, _origin_set(cs.fhir_servers))
     cds: dict[str, CdsClient] = {}
     for i, c in enumerate(parsed.cds_clients):
         if c.ods not in settings:
             problems.append(f"CDS client #{i + 1} ({c.iss}), field ods: {c.ods} is not a registered care setting")
-        cds[c.iss] = CdsClient(c.iss, c.jwks_url, c.ods)
+        cds[c.iss] = CdsClient(c.iss, c.jwks_url, c.ods, _origin_set(c.fhir_servers))
     if problems:
         raise RegistryError(f"{path}: " + "; ".join(problems))
     return Registry(las, settings, cds)

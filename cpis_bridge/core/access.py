@@ -14,7 +14,7 @@ NS_ACCESS: Final = uuid.UUID("6f1c2f4e-8a55-5b7e-9d3a-2b7c0c1d4e01")
 NS_NOTIFICATION: Final = uuid.UUID("6f1c2f4e-8a55-5b7e-9d3a-2b7c0c1d4e02")
 SEP: Final = "\x1f"
 HISTORY_LENGTH: Final = 25
-_LIMITS: Final = {"user_id": 64, "user_name": 100, "role_code": 32, "source_event_id": 128}
+_LIMITS: Final = {"user_id": 100, "user_name": 100, "role_code": 32, "source_event_id": 128}
 
 
 def _clean(value: str | None, limit: int) -> str:

@@ -12,11 +12,13 @@ from cpis_bridge.core.principal import Principal
 
 @dataclass(frozen=True, slots=True)
 class AuditContext:
-    """The request-level facts every audit entry carries."""
+    """The request-level facts every audit entry carries. ``via``: the system that acted for the principal (a CDS
+    client's token subject when the principal is the clinician named by the hook call)."""
 
     principal: Principal
     trace_id: str | None = None
     request_id: str | None = None
+    via: str | None = None
 
     def entry(self, action: str, nhs: str | None, at: dt.datetime, **detail: Any) -> dict[str, Any]:
         p = self.principal
@@ -31,6 +33,8 @@ class AuditContext:
             "traceId": self.trace_id,
             "nhsNumber": nhs,
         }
+        if self.via is not None:
+            out["via"] = self.via
         if detail:
             out["detail"] = detail
         return out

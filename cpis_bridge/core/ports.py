@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cpis_bridge.core.access import Access
@@ -51,12 +51,14 @@ class AuditLog(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class LookupOutcome:
-    """What the access step found and did. ``status``: 0 nothing recorded, 1 recorded, 2 repeat of a recorded one."""
+    """What the access step found and did. ``status``: 0 nothing recorded, 1 recorded, 2 repeat of a recorded one.
+    ``recent``: the child's newest accesses (at most 25, this one included), when asked for and a record is visible."""
 
     records: list[Record]
     status: int
     access: Access | None
     access_id: str | None
+    recent: list[Access] = field(default_factory=list)
 
 
 class AccessStore(Protocol):
@@ -70,6 +72,7 @@ class AccessStore(Protocol):
         audit_with: Mapping[str, Any],
         audit_without: Mapping[str, Any],
         encounter: Mapping[str, Any] | None = None,
+        recent: bool = False,
     ) -> LookupOutcome: ...
 
     async def history(self, nhs: str) -> tuple[list[Record], list[tuple[str, Access]]]: ...

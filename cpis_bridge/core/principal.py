@@ -14,10 +14,12 @@ class Role(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """A verified caller. ``ods`` is the organisation (checked against the registry for care settings and LAs)."""
+    """A verified caller. ``ods`` is the organisation (checked against the registry for care settings and LAs);
+    ``client`` the registered CDS client (its ``iss``) whose token this was, if any."""
 
     subject: str
     role: Role
     ods: str
     name: str | None = None
     role_code: str | None = None
+    client: str | None = None

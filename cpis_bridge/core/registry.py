@@ -1,8 +1,83 @@
-"""The organisations the service knows: local authorities (with contacts and notify channels) and care settings."""
+"""The organisations the service knows: local authorities (with contacts, office hours and notify channels), care
+settings and CDS clients; and whether an LA's office is open at a given instant (which of its numbers to ring)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Final
+from urllib.parse import urlsplit
+
+import holidays
+
+from cpis_bridge.core.records import LONDON
+
+WEEKDAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+END_OF_DAY: Final = dt.time.max  # "24:00": open until midnight
+
+
+@lru_cache(maxsize=64)
+def bank_holidays(year: int) -> frozenset[dt.date]:
+    """England's bank holidays in ``year`` (the holidays package; built once per year, it is not cheap)."""
+    return frozenset(holidays.country_holidays("GB", subdiv="ENG", years=year))
+
+
+@dataclass(frozen=True, slots=True)
+class OfficeHours:
+    """When an LA's office-hours line is staffed, in Europe/London local time; outside it, ring emergency duty.
+
+    ``days`` are ISO weekday numbers less one (Monday 0). ``open_on_bank_holidays`` False closes every England bank
+    holiday. An instant is open when its local day is listed and open <= local time < close."""
+
+    days: frozenset[int] = frozenset(range(5))
+    opens: dt.time = dt.time(9, 0)
+    closes: dt.time = dt.time(17, 0)
+    open_on_bank_holidays: bool = False
+
+    def open_at(self, now: dt.datetime) -> bool:
+        local = now.astimezone(LONDON)
+        if local.weekday() not in self.days:
+            return False
+        if not self.opens <= local.time() < self.closes:
+            return False
+        return self.open_on_bank_holidays or local.date() not in bank_holidays(local.year)
+
+
+DEFAULT_OFFICE_HOURS: Final = OfficeHours()
+
+
+_OPEN_NOW: dict[OfficeHours, tuple[int, bool]] = {}
+
+
+def office_open(hours: OfficeHours, now: dt.datetime) -> bool:
+    """``hours.open_at(now)`` on the look-up path: answered once per UTC minute per set of hours (office hours start
+    and end on whole minutes), so a search costs a dict look-up, not a time-zone conversion."""
+    minute = int(now.timestamp()) // 60
+    cached = _OPEN_NOW.get(hours)
+    if cached is not None and cached[0] == minute:
+        return cached[1]
+    result = hours.open_at(now)
+    if len(_OPEN_NOW) > 1024:
+        _OPEN_NOW.clear()
+    _OPEN_NOW[hours] = (minute, result)
+    return result
+
+
+Origin = tuple[str, str, int]  # scheme, host (lower case), port
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> Origin | None:
+    """scheme://host:port of an http(s) URL (the default port filled in); None when it is not one."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username is not None:
+        return None
+    return parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +100,7 @@ class LocalAuthority:
     emergency_duty_phone: str
     webhook: WebhookChannel | None = None
     fhir: FhirChannel | None = None
+    office_hours: OfficeHours = DEFAULT_OFFICE_HOURS
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,13 +109,18 @@ class CareSetting:
     name: str
     type: str
     unscheduled: bool
+    fhir_servers: frozenset[Origin] = frozenset()  # where its own CDS calls' fhirServer may point
 
 
 @dataclass(frozen=True, slots=True)
 class CdsClient:
+    """A production CDS Hooks caller: its token issuer, keys, the care setting it speaks for, and the FHIR servers
+    (origins) its hook calls may name as fhirServer: no other is ever sent its access token."""
+
     iss: str
     jwks_url: str
     ods: str
+    fhir_servers: frozenset[Origin] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,8 @@ STATUSES: Final = frozenset(
     {"planned", "arrived", "triaged", "in-progress", "onleave", "finished", "cancelled", "entered-in-error", "unknown"}
 )
 MAX_IDENTIFIER: Final = 120
+MAX_AHEAD: Final = dt.timedelta(minutes=5)  # an arrival later than this is a wrong clock or a wrong date, not news
+AHEAD_MESSAGE: Final = "the arrival time must not be more than 5 minutes in the future"
 _FIELD_NAMES: Final = {"class_fhir": "class"}
 _SAFE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_:.\-]{0,63}")
 _DIGITS: Final = re.compile(r"\d{6,}")
@@ -70,6 +72,10 @@ _DATETIME: Final = re.compile(
 _PLAIN_KEYS: Final = frozenset({"resourceType", "status", "identifier", "class", "subject", "period"})
 
 
+def too_far_ahead(arrived: dt.datetime, now: dt.datetime | None = None) -> bool:
+    return arrived > (now or dt.datetime.now(dt.UTC)) + MAX_AHEAD
+
+
 def _plain_datetime(value: object) -> dt.datetime | None:
     if not isinstance(value, str) or not _DATETIME.fullmatch(value):
         return None
@@ -111,8 +117,8 @@ def _plain(body: dict[str, Any], test_numbers_only: bool) -> InboundEncounter | 
     if not isinstance(period, dict) or "start" not in period or not {"start", "end"}.issuperset(period):
         return None
     arrived = _plain_datetime(period["start"])
-    if arrived is None or ("end" in period and _plain_datetime(period["end"]) is None):
-        return None
+    if arrived is None or ("end" in period and _plain_datetime(period["end"]) is None) or too_far_ahead(arrived):
+        return None  # the model path refuses it with the reason
     try:
         nhs = NhsNumber.parse(sid["value"], test_range_only=test_numbers_only)
     except InvalidNhsNumber:
@@ -171,6 +177,8 @@ def parse_encounter(body: object, *, test_numbers_only: bool) -> InboundEncounte
     problems += [FieldError(f"Encounter.period.{key}", "must be a FHIR dateTime string") for key in not_text]
     if arrived is None and "start" not in not_text:
         problems.append(FieldError("Encounter.period.start", "the arrival time is required"))
+    elif arrived is not None and too_far_ahead(arrived):
+        problems.append(FieldError("Encounter.period.start", AHEAD_MESSAGE))
     if model.class_fhir is None or not model.class_fhir.code:
         problems.append(FieldError("Encounter.class", "a class code is required (e.g. v3-ActCode EMER)"))
     if problems:

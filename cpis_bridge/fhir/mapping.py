@@ -3,6 +3,7 @@ Organization, access -> AuditEvent (+ PractitionerRole), searchset Bundles. Plai
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
@@ -34,6 +35,7 @@ PROFILE_FLAG: Final = PROFILE + "CPIS-Flag"
 PROFILE_AUDITEVENT: Final = PROFILE + "CPIS-AuditEvent"
 PROFILE_ENCOUNTER: Final = PROFILE + "CPIS-Encounter"
 PROFILE_ORGANIZATION: Final = PROFILE + "CPIS-Organization"
+EXT_CONTACT_PURPOSE: Final = PROFILE + "la-contact-purpose"  # labels each LA phone number (office hours / duty)
 
 # Fixed namespaces: Flag ids are those of the Flag sync (API.md section 5), so one record is one Flag everywhere.
 NS_FLAG: Final = uuid.UUID("f7fb2f68-0e89-5007-9105-85edde449734")
@@ -123,7 +125,34 @@ def _contact(purpose: tuple[str, str], phone: str) -> dict[str, Any]:
     }
 
 
-def organization(la: LocalAuthority) -> dict[str, Any]:
+def _phone(purpose: tuple[str, str], phone: str, rank: int) -> dict[str, Any]:
+    return {"extension": [{"url": EXT_CONTACT_PURPOSE,
+                           "valueCoding": {"system": CONTACT_PURPOSE, "code": purpose[0], "display": purpose[1]}}],
+            "system": "phone", "value": phone, "use": "work", "rank": rank}
+
+
+@lru_cache(maxsize=1024)
+def _telecom(office_phone: str, emergency_phone: str, office_open: bool) -> list[dict[str, Any]]:
+    office, duty = _phone(OFFICE_HOURS, office_phone, 1), _phone(EMERGENCY_DUTY, emergency_phone, 1)
+    if office_open:
+        duty["rank"] = 2
+        return [office, duty]
+    office["rank"] = 2
+    return [duty, office]
+
+
+def la_telecom(la: LocalAuthority, office_open: bool) -> list[dict[str, Any]]:
+    """Both LA numbers, each labelled by purpose; the one to ring now (office hours while the office is open,
+    emergency duty otherwise) has rank 1 and comes first. Shared between responses: never mutate it."""
+    return _telecom(la.office_hours_phone, la.emergency_duty_phone, office_open)
+
+
+def plan_running(record: Record, today: dt.date) -> bool:
+    """A visible plan runs until its end date (inclusive, Europe/London days); after it, it has ended."""
+    return record.end_date is None or today <= record.end_date
+
+
+def organization(la: LocalAuthority, office_open: bool) -> dict[str, Any]:
     """The LA as an Organization: name, ODS identifier, office-hours and emergency-duty phones told apart."""
     return {
         "resourceType": "Organization",
@@ -134,24 +163,24 @@ def organization(la: LocalAuthority) -> dict[str, Any]:
         "type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/organization-type", "code": "govt",
                               "display": "Government"}], "text": "Local authority children's services"}],
         "name": la.name,
-        "telecom": [{"system": "phone", "value": la.office_hours_phone, "use": "work", "rank": 1}],
+        "telecom": la_telecom(la, office_open),
         "contact": [_contact(OFFICE_HOURS, la.office_hours_phone),
                     _contact(EMERGENCY_DUTY, la.emergency_duty_phone)],
     }
 
 
-def careteam(record: Record, la: LocalAuthority | None) -> dict[str, Any]:
-    """One visible record as the CareTeam responsible for the child: the LA, the plan, its dates."""
+def careteam(record: Record, la: LocalAuthority | None, *, today: dt.date, office_open: bool) -> dict[str, Any]:
+    """One visible record as the CareTeam responsible for the child: the LA (its name, both numbers with the one to
+    ring now ranked first), the plan, its dates; ``active`` while the plan runs, ``inactive`` once it has ended."""
     la_ref = _la_reference(la, record.la)
-    name = PLAN_NAMES[record.plan_type] + (f" - {la.name}" if la is not None else "")
-    return {
+    team: dict[str, Any] = {
         "resourceType": "CareTeam",
         "id": careteam_id(record),
         "meta": {"profile": [PROFILE_CARETEAM]},
         "identifier": [{"system": RECORD_ID, "value": record_key(record.la, record.local_id)}],
-        "status": "active" if record.end_date is None else "inactive",  # visible either way; ended = inactive
+        "status": "active" if plan_running(record, today) else "inactive",
         "category": [plan_concept(record.plan_type)],
-        "name": name,
+        "name": la.name if la is not None else record.la,
         "subject": {"identifier": nhs_identifier(record.nhs_number)},
         "period": _period(record),
         "participant": [{
@@ -161,6 +190,9 @@ def careteam(record: Record, la: LocalAuthority | None) -> dict[str, Any]:
         }],
         "managingOrganization": [la_ref],
     }
+    if la is not None:
+        team["telecom"] = la_telecom(la, office_open)
+    return team
 
 
 def flag(record: Record, la: LocalAuthority | None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ class LookupRequest:
     source_event_id: str | None = None
     arrived_at: dt.datetime | None = None
     encounter: Mapping[str, Any] | None = None  # minimal Encounter to retain (POST /fhir/Encounter)
+    recent: bool = False  # also return the child's newest accesses (from the same store step)
 
 
 class AccessService:
@@ -59,6 +60,10 @@ class AccessService:
         day = (today_london(now) - EPOCH).days
         self._day = (start, start + dt.timedelta(minutes=1), day)
         return day
+
+    def today(self) -> dt.date:
+        """The Europe/London day now (cached per UTC minute, as for look-ups)."""
+        return EPOCH + dt.timedelta(days=self._today_day(self.clock()))
 
     @staticmethod
     def is_unscheduled(req: LookupRequest) -> bool:
@@ -91,6 +96,7 @@ class AccessService:
             audit_with=audit_with,
             audit_without=audit_without,
             encounter=req.encounter,
+            recent=req.recent,
         )
         if out.status == 1 and self.on_notified is not None:
             self.on_notified(len({r.la for r in out.records}))

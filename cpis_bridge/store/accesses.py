@@ -54,6 +54,7 @@ class RedisAccessStore:
         audit_with: Mapping[str, Any],
         audit_without: Mapping[str, Any],
         encounter: Mapping[str, Any] | None = None,
+        recent: bool = False,
     ) -> LookupOutcome:
         k = self.keys
         tag = k.tag(nhs)
@@ -84,9 +85,10 @@ class RedisAccessStore:
             access_id,
             self.push_las,
             NS_NOTIFICATION_BYTES,
+            "1" if recent else "0",
         )
         status, existing = int(out[0]), out[1]
-        records = [_decoded(out[i], out[i + 1]) for i in range(2, len(out), 2)]
+        records = [_decoded(out[i], out[i + 1]) for i in range(3, len(out), 2)]
         access: Access | None = None
         if status == 1 and record_access is not None:
             access = record_access
@@ -95,7 +97,8 @@ class RedisAccessStore:
             access_id = access.access_id(tag)
         else:
             access_id = ""
-        return LookupOutcome(records, status, access, access_id or None)
+        return LookupOutcome(records, status, access, access_id or None,
+                             [Access.decode(a) for a in out[2]] if out[2] else [])
 
     async def _eval_access(self, *keys_and_args: Any) -> Any:
         """EVALSHA of access.lua on the hot-path lane (redis-py's Script wrapper costs more per call than the

@@ -27,6 +27,7 @@ Layout (P = settings.key_prefix, h = child tag):
   P:dead               STREAM dead letters of every channel (fields: channel, la, ref | lid[, t], reason, ...)
   P:pause:<ch>:<la>    STRING epoch ms until which that endpoint is paused (Retry-After), with a matching TTL
   P:audit:sys          LIST   audit entries that concern no NHS number (ops reads)
+  P:jti:<h>            STRING a CDS client token id already used (h = hash of iss and jti), until the token expires
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ class Keys:
     @property
     def system_audit(self) -> str:
         return f"{self.prefix}:audit:sys"
+
+    def cds_jti(self, iss: str, jti: str) -> str:
+        return f"{self.prefix}:jti:" + hashlib.sha256(f"{iss}\x1f{jti}".encode()).hexdigest()[:40]
 
     def pattern(self, suffix: str = "*") -> str:
         return f"{self.prefix}:{suffix}"

@@ -3,6 +3,7 @@ Encounter create and read. Every access goes through AccessService.lookup; JSON 
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
@@ -16,7 +17,7 @@ from cpis_bridge.core.errors import NotFound, UnreadableInput, UnsupportedMediaT
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
 from cpis_bridge.core.ports import LookupOutcome
 from cpis_bridge.core.principal import Role
-from cpis_bridge.core.registry import CareSetting, LocalAuthority
+from cpis_bridge.core.registry import CareSetting, LocalAuthority, office_open
 from cpis_bridge.fhir import mapping as m
 from cpis_bridge.fhir.capability import Interaction, SearchParam, capability_statement
 from cpis_bridge.fhir.encounter import parse_encounter, retained, safe_name, with_id
@@ -134,17 +135,17 @@ async def lookup_for_search(request: web.Request, kind: str) -> LookupOutcome:
     return out
 
 
-_ORGS: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+_ORGS: dict[tuple[str, str, str, str, bool], dict[str, Any]] = {}
 
 
-def _organization(la: LocalAuthority) -> dict[str, Any]:
-    """The LA's Organization, built once per registry entry (it is constant; orjson only reads it)."""
-    key = (la.ods, la.name, la.office_hours_phone, la.emergency_duty_phone)  # what organization() reads
+def _organization(la: LocalAuthority, office_open: bool) -> dict[str, Any]:
+    """The LA's Organization, built once per registry entry and office state (orjson only reads it)."""
+    key = (la.ods, la.name, la.office_hours_phone, la.emergency_duty_phone, office_open)  # what organization() reads
     org = _ORGS.get(key)
     if org is None:
         if len(_ORGS) > 1024:
             _ORGS.clear()
-        org = _ORGS[key] = m.organization(la)
+        org = _ORGS[key] = m.organization(la, office_open)
     return org
 
 
@@ -168,9 +169,11 @@ async def metadata(request: web.Request) -> web.Response:
 async def search_careteam(request: web.Request) -> web.Response:
     out = await lookup_for_search(request, "careteam")
     las = request.app[REGISTRY].local_authorities
-    teams = [m.careteam(r, las.get(r.la)) for r in out.records]
-    owners = list(dict.fromkeys(r.la for r in out.records))
-    orgs = [_organization(las[la]) for la in owners if la in las]
+    today, now = request.app[ACCESS].today(), dt.datetime.now(dt.UTC)
+    owners = {la: office_open(las[la].office_hours, now) for la in dict.fromkeys(r.la for r in out.records)
+              if la in las}
+    teams = [m.careteam(r, las.get(r.la), today=today, office_open=owners.get(r.la, False)) for r in out.records]
+    orgs = [_organization(las[la], is_open) for la, is_open in owners.items()]
     return fhir_response(m.searchset(fhir_base(request), self_link(request), teams, orgs))
 
 

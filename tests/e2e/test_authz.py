@@ -88,6 +88,11 @@ TABLE: dict[tuple[str, str], Row] = {
     ("GET", "/fhir/Encounter/{id}"): Row(CS_ONLY, "/fhir/Encounter/no-such-id", frozenset({404})),
     ("GET", "/cds-services"): Row(PUBLIC, "/cds-services", frozenset({200})),
     ("POST", "/cds-services/{id}"): Row(CS_ONLY, "/cds-services/cpis-patient-view", frozenset({200}), json=CDS_CALL),
+    ("POST", "/cds-services/{id}/feedback"): Row(
+        CS_ONLY, "/cds-services/cpis-patient-view/feedback", frozenset({200}),
+        json={"feedback": [{"card": "0e6a0f5c-3f1d-4a57-9a4e-6c1b5b1d2a02", "outcome": "accepted",
+                            "outcomeTimestamp": "2026-12-03T10:00:00Z"}]},
+    ),
 }
 
 def all_routes(app: web.Application) -> dict[tuple[str, str], Any]:

@@ -4,14 +4,16 @@ R4 (fhir.resources R4B) and conforms to the profiles in fhir_profiles/."""
 from __future__ import annotations
 
 import copy
+import datetime as dt
 from typing import Any
 
 import orjson
 import pytest
 
+from cpis_bridge.app import create_app
 from cpis_bridge.core.principal import Role
 from cpis_bridge.web.state import KEYS, METRICS, REDIS
-from tests.conftest import ED, GP, LA1, LA2, auth, record
+from tests.conftest import ED, GP, LA1, LA2, REGISTRY, auth, record
 from tests.e2e.test_profiles import assert_conforms, example
 
 pytestmark = pytest.mark.no_relays  # these tests inspect the notification queue
@@ -21,6 +23,7 @@ CHILD = "9990000018"
 OTHER = "9990000026"
 FHIR_CT = "application/fhir+json"
 ED2 = auth(Role.CARE_SETTING, "RXX02", name="Nurse Test Sample", role_code="R0260")
+EXT_PURPOSE = "https://cpis-bridge.example.org/fhir/StructureDefinition/la-contact-purpose"
 ASSIGNED = "AuditEvent:entity-type=http://terminology.hl7.org/CodeSystem/v3-RoleClass|ASSIGNED"
 
 
@@ -110,6 +113,50 @@ async def test_careteam_unscheduled_records_access_and_notifies(client):
     assert await client.app[REDIS].xlen(client.app[KEYS].notify_queue) == 0
     assert await client.app[REDIS].hlen(client.app[KEYS].inbox_index("LA001")) == 1
     assert metric(client, "unscheduled", "true") == 1
+
+
+ALWAYS_OPEN = ("    officeHours: {days: [Mon, Tue, Wed, Thu, Fri, Sat, Sun], open: '00:00', close: '24:00', "
+               "bankHolidays: open}\n")
+NEVER_OPEN = "    officeHours: {days: []}\n"
+
+
+@pytest.fixture
+async def office_client(aiohttp_client, make_settings, tmp_path):
+    """LA001's office is always open, LA002's never: which number to ring does not depend on the test's clock."""
+    lines = (REGISTRY.read_text()).splitlines(keepends=True)
+    out: list[str] = []
+    for line in lines:
+        out.append(line)
+        if 'emergencyDutyPhone: "0300 000 0002"' in line:
+            out.append(ALWAYS_OPEN)
+        elif 'emergencyDutyPhone: "0300 000 0012"' in line:
+            out.append(NEVER_OPEN)
+    path = tmp_path / "registry.yaml"
+    path.write_text("".join(out))
+    return await aiohttp_client(create_app(make_settings(registry=path, relays=False)))
+
+
+async def test_careteam_names_the_la_ranks_the_number_to_ring_now_and_status_follows_the_plan(office_client):
+    client = office_client
+    await put(client, "RUN-1")
+    await put(client, "END-1", headers=LA2, planType="LAC", lacLegalBasis="s31", endDate="2026-03-01")
+    body = await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=ED))
+    teams = {e["resource"]["name"]: e["resource"] for e in body["entry"] if e["search"]["mode"] == "match"}
+    orgs = {e["resource"]["id"]: e["resource"] for e in body["entry"] if e["search"]["mode"] == "include"}
+
+    def ring(telecom: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+        return [(t["extension"][0]["valueCoding"]["code"], t["value"], t["rank"]) for t in telecom]
+
+    running = teams["Example Borough Council Children's Services"]
+    ended = teams["Sample County Council Children's Social Care"]
+    assert running["status"] == "active" and "end" not in running["period"]
+    assert ended["status"] == "inactive" and ended["period"]["end"] == "2026-03-01"
+    assert ring(running["telecom"]) == [("office-hours", "0300 000 0001", 1), ("emergency-duty", "0300 000 0002", 2)]
+    assert ring(ended["telecom"]) == [("emergency-duty", "0300 000 0012", 1), ("office-hours", "0300 000 0011", 2)]
+    assert ring(orgs["LA001"]["telecom"]) == ring(running["telecom"])
+    assert ring(orgs["LA002"]["telecom"]) == ring(ended["telecom"])
+    for team in teams.values():
+        assert all(t["extension"][0]["url"] == EXT_PURPOSE for t in team["telecom"])
 
 
 async def test_same_trace_id_is_one_access_and_no_trace_id_is_a_new_access_each_time(client):
@@ -274,6 +321,13 @@ async def test_encounter_post_retains_minimal_encounter_and_repeat_is_idempotent
     await fhir_json(missing, 404)
 
 
+async def test_encounter_arriving_within_5_minutes_is_accepted(client):
+    await put(client)
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=4)).isoformat(timespec="seconds")
+    r = await client.post("/fhir/Encounter", json=encounter_body(period={"start": soon}), headers=ED)
+    assert r.status == 201, await r.text()
+
+
 async def test_encounter_without_visible_record_or_from_scheduled_setting_retains_nothing(client):
     r = await client.post("/fhir/Encounter", json=encounter_body(nhs=OTHER), headers=ED)
     outcome = await fhir_json(r, 200)
@@ -298,6 +352,10 @@ async def test_encounter_without_visible_record_or_from_scheduled_setting_retain
     (lambda b: b["subject"]["identifier"].update(system="urn:other"), "Encounter.subject.identifier"),
     (lambda b: b.update(unknownElement=1), "Encounter.unknownElement"),
     (lambda b: b.update(resourceType="Patient"), "Encounter.resourceType"),
+    (lambda b: b["period"].update(start="2030-01-01T09:00:00Z"), "Encounter.period.start"),  # ahead: the plain path
+    (lambda b: b["period"].update(start="2030-01-01"), "Encounter.period.start"),  # and the model's
+    (lambda b: b["period"].update(start=(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)).isoformat()),
+     "Encounter.period.start"),
 ])
 async def test_invalid_encounter_is_422_naming_the_field(client, mutate, field):
     body = encounter_body()

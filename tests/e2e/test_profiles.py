@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from cpis_bridge.fhir import mapping as m
 from cpis_bridge.fhir.profiles import check_differential, conformance_problems, load_definitions, validate_r4
 
 PROFILES = Path(__file__).resolve().parents[2] / "fhir_profiles"
@@ -111,3 +112,20 @@ async def test_served_capability_statement_is_the_published_one(client):
     served["implementation"].pop("url", None)
     published["implementation"].pop("url", None)
     assert served == published
+
+
+def test_checker_catches_unlabelled_or_mislabelled_la_numbers():
+    _, vs = definitions()
+    team = example("CareTeam-example")
+    sd = profile("CPIS-CareTeam")
+    assert check_differential(team, sd, vs) == []
+    bad = copy.deepcopy(team)
+    del bad["telecom"][0]["extension"]
+    assert any("CareTeam.telecom.extension:contactPurpose" in p for p in check_differential(bad, sd, vs))
+    bad = copy.deepcopy(team)
+    bad["telecom"][1]["extension"][0]["valueCoding"]["code"] = "switchboard"
+    assert any("la-contact-purpose" in p for p in check_differential(bad, sd, vs))
+    bad = copy.deepcopy(team)
+    del bad["telecom"][1]["rank"]
+    assert any("CareTeam.telecom.rank" in p for p in check_differential(bad, sd, vs))
+    assert definitions()[0][m.EXT_CONTACT_PURPOSE]["type"] == "Extension"

@@ -7,11 +7,12 @@
 -- ARGV[6] idempotency prefix, ARGV[7] now (epoch ms), ARGV[8] audit JSON with NHS number, ARGV[9] audit JSON
 -- without, ARGV[10] inbox key prefix, ARGV[11] encounter JSON ('' = none), ARGV[12] nhs, ARGV[13] tag,
 -- ARGV[14] encounter TTL seconds, ARGV[15] the access id, ARGV[16] ',LA1,LA2,': the LAs with a push channel (webhook
--- or FHIR), ARGV[17] the notification id namespace (16 bytes)
+-- or FHIR), ARGV[17] the notification id namespace (16 bytes), ARGV[18] '1' to return the child's recent accesses
 -- Every LA's notification goes into its pull inbox and the inbox index here (delivered to the pull channel at once);
 -- only LAs with a push channel get a delivery-queue entry for the relays.
--- Returns {status, existing access ('' unless a repeat), field1, json1, ...} for the visible records, where status
--- is 0 nothing recorded, 1 access recorded, 2 repeat of an access already recorded.
+-- Returns {status, existing access ('' unless a repeat), recent, field1, json1, ...} for the visible records, where
+-- status is 0 nothing recorded, 1 access recorded, 2 repeat of an access already recorded, and recent the child's
+-- newest 25 accesses (with this one) when ARGV[18] asks for them and a record is visible, else empty.
 -- uuid5 as core/access.py derives it: the notification id is the same whichever side computes it.
 local function uuid5(ns, name)
   local h = redis.sha1hex(ns .. name)
@@ -38,6 +39,8 @@ for i = 1, #all, 2 do
   end
 end
 local status, existing = 0, ''
+local want_recent = ARGV[18] == '1'
+local recent_out = {}
 if ARGV[4] == '1' and #visible > 0 then
   local prefix = ARGV[6]
   local history = redis.call('LRANGE', KEYS[2], 0, 24)
@@ -46,6 +49,7 @@ if ARGV[4] == '1' and #visible > 0 then
   end
   if existing ~= '' then
     status = 2
+    if want_recent then recent_out = history end
   else
     status = 1
     -- The access log: every access the retention period keeps, up to ACCESS_LOG_MAX; the history shown is the
@@ -57,6 +61,7 @@ if ARGV[4] == '1' and #visible > 0 then
     end
     local recent = {ARGV[5]}
     for i = 1, math.min(#history, 24) do recent[#recent + 1] = history[i] end
+    if want_recent then recent_out = recent end
     local names, seen = {}, {}
     for _, entry in ipairs(recent) do
       local ods = string.sub(entry, 1, string.find(entry, '\31', 1, true) - 1)
@@ -77,12 +82,14 @@ if ARGV[4] == '1' and #visible > 0 then
     end
     if ARGV[11] ~= '' then redis.call('SET', KEYS[6], ARGV[11], 'EX', tonumber(ARGV[14])) end
   end
+elseif want_recent and #visible > 0 then
+  recent_out = redis.call('LRANGE', KEYS[2], 0, 24)
 end
 if #visible > 0 then
   redis.call('LPUSH', KEYS[3], ARGV[8])
 else
   redis.call('LPUSH', KEYS[3], ARGV[9])
 end
-local out = {status, existing}
+local out = {status, existing, recent_out}
 for i = 1, #visible do out[#out + 1] = visible[i] end
 return out
