@@ -229,6 +229,8 @@ class Bench:
              Load(self.service_url, enc_nhs, mode="encounter", auth=ed), 0.4, None),
         ]
         for name, kind, probe_path, probe_body, load, target, p99 in cases:
+            if self.args.case and self.args.case not in name:
+                continue
             reason = self._fhir_probe(kind, "POST" if probe_body else "GET", probe_path, probe_body)
             if reason is not None:
                 self.add_case(name, None, target=target, baseline=base.rps, p99_max_ms=p99, skipped=reason)
@@ -447,6 +449,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-children", type=int, default=10_000)
     p.add_argument("--extra-timeout", type=float, default=900.0, help="bound on each other harness run")
     p.add_argument("--skip", default="", help="comma list of: http, upload, memory, notify, sync")
+    p.add_argument("--case", default="", help="run only the HTTP cases whose name contains this text (and the "
+                                               "baseline), e.g. 'CareTeam unscheduled'")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup, args.runs = 1.0, 0.0, 1
