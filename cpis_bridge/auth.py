@@ -252,7 +252,13 @@ class Authenticator:
             ods=ods_text,
             name=_opt_str(claims.get("name")),
             role_code=_opt_str(claims.get("role_code")),
+            sds_user_id=_sds_user_id(claims.get("sds_user_id")),
         )
+
+
+def _sds_user_id(value: object) -> str | None:
+    """The ``sds_user_id`` claim (the national SDS user id: digits) or None; anything else is ignored."""
+    return value if isinstance(value, str) and value.isdigit() and len(value) <= 20 else None
 
 
 def _opt_str(value: object) -> str | None:

@@ -19,6 +19,7 @@ class AuditContext:
     trace_id: str | None = None
     request_id: str | None = None
     via: str | None = None
+    session_urid: str | None = None  # NHSD-Session-URID: the user's role profile for this session, as sent
 
     def entry(self, action: str, nhs: str | None, at: dt.datetime, **detail: Any) -> dict[str, Any]:
         p = self.principal
@@ -35,6 +36,10 @@ class AuditContext:
         }
         if self.via is not None:
             out["via"] = self.via
+        if p.sds_user_id:
+            out["sdsUserId"] = p.sds_user_id
+        if self.session_urid:
+            out["sessionUrid"] = self.session_urid
         if detail:
             out["detail"] = detail
         return out

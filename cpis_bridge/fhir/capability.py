@@ -11,6 +11,7 @@ from cpis_bridge.fhir.mapping import PROFILE
 
 SOFTWARE_NAME: Final = "cpis-bridge"
 CAPABILITY_URL: Final = PROFILE.replace("StructureDefinition/", "CapabilityStatement/cpis-bridge")
+SECURITY_SERVICE: Final = "http://terminology.hl7.org/CodeSystem/restful-security-service"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,7 @@ def capability_statement(interactions: Iterable[Interaction], *, version: str, d
             res["supportedProfile"] = supported
         res["interaction"] = [{"code": i.code, **({"documentation": i.documentation} if i.documentation else {})}
                               for i in its]
-        includes = sorted({inc for i in its for inc in i.includes})
+        includes = list(dict.fromkeys(inc for i in its for inc in i.includes))  # as declared: the canonical first
         if includes:
             res["searchInclude"] = includes
         params = {p.name: p for i in its for p in i.params}
@@ -75,14 +76,24 @@ def capability_statement(interactions: Iterable[Interaction], *, version: str, d
         "software": {"name": SOFTWARE_NAME, "version": version},
         "implementation": implementation,
         "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json", "json"],
+        "format": ["application/fhir+json", "application/fhir+xml", "json", "xml"],
         "rest": [{
             "mode": "server",
             "documentation": "Strict search handling: unknown search parameters are rejected with 400. Header "
-                             "IsUnscheduledAccessEvent: true|false (omitted = true) on CareTeam and Flag searches; "
-                             "header TraceID is echoed and audited.",
-            "security": {"cors": False, "description": "Bearer JWT (care-setting role) on every interaction "
-                                                       "except metadata."},
+                             "IsUnscheduledAccessEvent (or IsUnscheduledEvent): true|false (omitted = true) on "
+                             "CareTeam and Flag searches; headers TraceID and X-Correlation-ID are echoed, TraceID "
+                             "and NHSD-Session-URID audited. _format (json, xml or a FHIR mime type) wins over "
+                             "Accept; a format not served is a 406. Errors carry the UK Core Spine error code in "
+                             "issue.details.",
+            "security": {
+                "cors": False,
+                "service": [{"coding": [{"system": SECURITY_SERVICE, "code": "SMART-on-FHIR",
+                                         "display": "SMART-on-FHIR"},
+                                        {"system": SECURITY_SERVICE, "code": "OAuth", "display": "OAuth"}]}],
+                "description": "OAuth 2.0 bearer JWT (RFC 6750; care-setting role) on every interaction except "
+                               "metadata; a 401 carries WWW-Authenticate: Bearer. Optional claims: name, role_code "
+                               "(SDS job role), sds_user_id (the national SDS user id).",
+            },
             "resource": resources,
         }],
     }

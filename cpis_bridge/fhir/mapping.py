@@ -10,6 +10,7 @@ from functools import lru_cache
 from typing import Any, Final
 
 from cpis_bridge.core.access import Access, instant, uuid4_text
+from cpis_bridge.core.principal import SDS_USER_PREFIX
 from cpis_bridge.core.records import PlanType, Record
 from cpis_bridge.core.registry import LocalAuthority
 
@@ -22,6 +23,18 @@ CPIS_CATEGORY: Final = "https://fhir.nhs.uk/England/CodeSystem/PatientFlagCatego
 UKCORE_FLAG: Final = "https://fhir.hl7.org.uk/StructureDefinition/UKCore-Flag"
 ROLE_CLASS: Final = "http://terminology.hl7.org/CodeSystem/v3-RoleClass"
 SDS_JOB_ROLE: Final = "https://fhir.nhs.uk/CodeSystem/NHSDigital-SDS-JobRoleCode"
+SDS_USER_ID: Final = "https://fhir.nhs.uk/Id/sds-user-id"
+# Displays of the national RBAC access roles that smartcard (CIS2) sessions carry; other codes go without one.
+SDS_JOB_ROLE_DISPLAY: Final = {
+    "R8000": "Clinical Practitioner Access Role", "R8001": "Nurse Access Role", "R8002": "Nurse Manager Access Role",
+    "R8003": "Health Professional Access Role", "R8004": "Healthcare Student Access Role",
+    "R8005": "Biomedical Scientist Access Role", "R8006": "Medical Secretary Access Role",
+    "R8007": "Clinical Coder Access Role", "R8008": "Admin/Clinical Support Access Role",
+    "R8009": "Receptionist Access Role", "R8010": "Clerical Access Role", "R8011": "Clerical Manager Access Role",
+    "R8012": "Information Officer Access Role", "R8013": "Health Records Manager Access Role",
+    "R8014": "Social Worker Access Role", "R8015": "Systems Support Access Role", "R8016": "Midwife Access Role",
+    "R8017": "Midwife Manager Access Role", "R8024": "Bank Access Role",
+}
 
 # Our own systems and profiles (the same base as the Flag sync's identifier system).
 OWN: Final = "https://cpis-bridge.example.org"
@@ -218,35 +231,53 @@ def practitioner_role_id(access: Access) -> str:
     return str(uuid.uuid5(NS_PRACTITIONER_ROLE, f"{access.care_setting}|{access.actor.user_id}"))
 
 
+def user_identifier(user_id: str | None) -> dict[str, str]:
+    """The national SDS user id when the token carried one (recorded as ``sds:<id>``), else our own user system."""
+    if user_id and user_id.startswith(SDS_USER_PREFIX):
+        return {"system": SDS_USER_ID, "value": user_id[len(SDS_USER_PREFIX):]}
+    return {"system": USER_ID, "value": user_id or "unknown"}
+
+
+def job_role(code: str) -> dict[str, Any]:
+    coding = {"system": SDS_JOB_ROLE, "code": code}
+    display = SDS_JOB_ROLE_DISPLAY.get(code)
+    if display:
+        coding["display"] = display
+    return {"coding": [coding]}
+
+
 def practitioner_role(access: Access, care_setting_name: str | None) -> dict[str, Any]:
     """The accessing user in their care setting (the national _include of AuditEvent's ASSIGNED entity)."""
     org: dict[str, Any] = {"identifier": ods_identifier(access.care_setting)}
     if care_setting_name:
         org["display"] = care_setting_name
-    practitioner: dict[str, Any] = {"identifier": {"system": USER_ID, "value": access.actor.user_id or "unknown"}}
+    user = user_identifier(access.actor.user_id)
+    practitioner: dict[str, Any] = {"identifier": user}
     if access.actor.user_name:
         practitioner["display"] = access.actor.user_name
     out: dict[str, Any] = {
         "resourceType": "PractitionerRole",
         "id": practitioner_role_id(access),
-        "identifier": [{"system": USER_ID, "value": access.actor.user_id or "unknown"}],
+        "identifier": [user],
         "active": True,
         "practitioner": practitioner,
         "organization": org,
     }
     if access.actor.role_code:
-        out["code"] = [{"coding": [{"system": SDS_JOB_ROLE, "code": access.actor.role_code}]}]
+        out["code"] = [job_role(access.actor.role_code)]
     return out
 
 
 def audit_event(
-    access_id: str, access: Access, nhs: str, care_settings: Mapping[str, tuple[str, str]]
+    access_id: str, access: Access, nhs: str, care_settings: Mapping[str, tuple[str, str]], viewer: str | None = None
 ) -> dict[str, Any]:
-    """One unscheduled access as an AuditEvent: when, the care setting (ODS and name), who, which child."""
+    """One unscheduled access as an AuditEvent: when, the care setting (ODS and name), who, which child.
+
+    The TraceID or attendance identifier it was recorded under is shown only to the care setting ``viewer`` that
+    sent it: other settings learn who looked and when, never another organisation's own identifiers."""
     cs_name, cs_type = care_settings.get(access.care_setting, (access.care_setting, "UNKNOWN"))
     role_ref = f"PractitionerRole/{practitioner_role_id(access)}"
-    who: dict[str, Any] = {"reference": role_ref,
-                           "identifier": {"system": USER_ID, "value": access.actor.user_id or "unknown"}}
+    who: dict[str, Any] = {"reference": role_ref, "identifier": user_identifier(access.actor.user_id)}
     if access.actor.user_name:
         who["display"] = access.actor.user_name
     agent: dict[str, Any] = {
@@ -256,7 +287,11 @@ def audit_event(
         "requestor": True,
     }
     if access.actor.role_code:
-        agent["role"] = [{"coding": [{"system": SDS_JOB_ROLE, "code": access.actor.role_code}]}]
+        agent["role"] = [job_role(access.actor.role_code)]
+    user_entity: dict[str, Any] = {"what": {"reference": role_ref},
+                                   "type": {"system": ROLE_CLASS, "code": "ASSIGNED", "display": "assigned entity"}}
+    if viewer is None or viewer == access.care_setting:
+        user_entity["detail"] = [{"type": "sourceEventId", "valueString": access.source_event_id}]
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": access_id,
@@ -283,9 +318,7 @@ def audit_event(
                       "display": "Person"},
              "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1",
                       "display": "Patient"}},
-            {"what": {"reference": role_ref},
-             "type": {"system": ROLE_CLASS, "code": "ASSIGNED", "display": "assigned entity"},
-             "detail": [{"type": "sourceEventId", "valueString": access.source_event_id}]},
+            user_entity,
         ],
     }
     if access.arrived_at is not None:

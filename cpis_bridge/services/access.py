@@ -82,7 +82,7 @@ class AccessService:
                 source_event_id=req.source_event_id or secrets.token_urlsafe(12),
                 occurred_at=now,
                 arrived_at=req.arrived_at,
-                actor=Actor(user_id=p.subject, user_name=p.name, role_code=p.role_code),
+                actor=Actor(user_id=p.user_ref, user_name=p.name, role_code=p.role_code),
             )
         action = f"lookup.{req.kind}" + ("" if unscheduled else ".silent")
         audit_with = ctx.entry(action, req.nhs, now, unscheduled=unscheduled)
@@ -119,6 +119,13 @@ class AccessService:
         if not visible:
             return [], []
         return visible, accesses[:HISTORY_LENGTH]
+
+    async def keep_practitioner_roles(self, roles: Mapping[str, bytes]) -> None:
+        await self.store.keep_practitioner_roles(roles)
+
+    async def practitioner_role(self, role_id: str) -> dict[str, Any] | None:
+        """A PractitionerRole an AuditEvent search referred to (users in their care settings; no child's data)."""
+        return await self.store.practitioner_role(role_id)
 
     async def encounter(self, encounter_id: str, *, ctx: AuditContext | None = None) -> dict[str, Any] | None:
         """A retained Encounter by id (the access id). With ``ctx``: only the care setting that sent it sees it

@@ -122,11 +122,26 @@ class RedisAccessStore:
         return records, [(a.access_id(tag), a) for a in accesses]
 
     async def encounter(self, encounter_id: str) -> dict[str, Any] | None:
-        raw = await self.redis.get(self.keys.encounter(encounter_id))
+        return await self._json(self.keys.encounter(encounter_id))
+
+    async def _json(self, key: str) -> dict[str, Any] | None:
+        raw = await self.redis.get(key)
         if raw is None:
             return None
         result: dict[str, Any] = orjson.loads(raw)
         return result
+
+    async def keep_practitioner_roles(self, roles: Mapping[str, bytes]) -> None:
+        """Refreshed on every AuditEvent search that refers to them; they expire with the accesses they describe."""
+        if not roles:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for role_id, body in roles.items():
+                pipe.set(self.keys.practitioner_role(role_id), body, ex=self.encounter_ttl_s)
+            await pipe.execute()
+
+    async def practitioner_role(self, role_id: str) -> dict[str, Any] | None:
+        return await self._json(self.keys.practitioner_role(role_id))
 
     async def append_audit(self, nhs: str, entry: Mapping[str, Any]) -> None:
         await self.redis.lpush(self.keys.audit(self.keys.tag(nhs)), orjson.dumps(dict(entry)))

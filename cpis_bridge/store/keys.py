@@ -11,6 +11,7 @@ Layout (P = settings.key_prefix, h = child tag):
   P:la:<ods>:seq       STRING last applied upload sequence
   P:la:<ods>:lock      STRING an upload in progress
   P:enc:<id>           STRING a retained Encounter (minimal JSON)
+  P:prole:<id>         STRING a PractitionerRole an AuditEvent search referred to (for its read), with the accesses' TTL
   P:cs                 HASH   care-setting ODS -> "name\\x1ftype" (registry mirror read by Lua)
   P:inbox:<la>         STREAM every notification for that LA (the pull inbox), body parts fixed at queue time:
                               {nhs, tag, acc, n (access-log length after acc: the 25 recent are read by
@@ -79,6 +80,9 @@ class Keys:
     # -- accesses, notifications, outbox ------------------------------------------------------------------------
     def encounter(self, encounter_id: str) -> str:
         return f"{self.prefix}:enc:{encounter_id}"
+
+    def practitioner_role(self, role_id: str) -> str:
+        return f"{self.prefix}:prole:{role_id}"
 
     @property
     def care_settings(self) -> str:

@@ -21,6 +21,7 @@ H = TypeVar("H", bound=Handler)
 PRINCIPAL = web.RequestKey("principal", Principal)
 TRACE_ID = web.RequestKey("trace_id", str | None)  # type: ignore[arg-type]
 REQUEST_ID = web.RequestKey("request_id", str)
+FHIR_FORMAT = web.RequestKey("fhir_format", str)  # "json" or "xml", negotiated before any /fhir handler runs
 POLICY_ATTR = "__cpis_policy__"
 
 
@@ -53,7 +54,10 @@ def principal(request: web.Request) -> Principal:
 
 
 def audit_context(request: web.Request) -> AuditContext:
-    return AuditContext(principal(request), request.get(TRACE_ID), request.get(REQUEST_ID))
+    urid = request.headers.get("NHSD-Session-URID")
+    if urid is not None and not (len(urid) <= 64 and urid.isascii() and urid.isprintable()):
+        urid = None  # recorded as sent, or not at all: never a malformed value in the audit
+    return AuditContext(principal(request), request.get(TRACE_ID), request.get(REQUEST_ID), urid or None)
 
 
 def json_response(

@@ -1,6 +1,7 @@
 """Cross-cutting request handling: ids and TraceID, metrics, size limits, authentication and role policy, errors.
 
-Errors under /fhir render as OperationOutcome (application/fhir+json); everywhere else as RFC 9457 problem+json.
+Errors under /fhir render as OperationOutcome in the negotiated FHIR format (JSON or XML, with the national error
+code); everywhere else as RFC 9457 problem+json. Every 401 carries ``WWW-Authenticate: Bearer``.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ import logging
 import os
 import time
 
-import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from cpis_bridge.core.errors import CpisError, Forbidden, PayloadTooLarge, StoreUnavailable
+from cpis_bridge.fhir.formats import CONTENT_TYPES, NotAcceptable, negotiate, render
 from cpis_bridge.fhir.outcome import operation_outcome
 from cpis_bridge.log import request_id_var, trace_id_var
-from cpis_bridge.web.common import PRINCIPAL, REQUEST_ID, TRACE_ID, Handler, policy_of, problem
+from cpis_bridge.web.common import FHIR_FORMAT, PRINCIPAL, REQUEST_ID, TRACE_ID, Handler, policy_of, problem
 from cpis_bridge.web.state import AUTH, METRICS, SETTINGS
 
 log = logging.getLogger("cpis_bridge.web")
@@ -49,10 +50,16 @@ def size_text(limit: int) -> str:
 
 def error_response(request: web.Request, status: int, title: str, detail: str, *, code: str | None = None,
                    errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    if status == 401:  # RFC 6750 section 3: a 401 names the scheme, and says why when a token was sent
+        challenge = 'Bearer error="invalid_token"' if request.headers.get("Authorization") else "Bearer"
+        headers = {**(headers or {}), "WWW-Authenticate": challenge}
     if request.path.startswith("/fhir"):
         expression = [e["field"] for e in errors or []] or None
-        body = operation_outcome(status, detail, expression=expression)
-        return web.Response(body=orjson.dumps(body), status=status, content_type=FHIR_CT, headers=headers)
+        if code is None and request.match_info.http_exception is not None:
+            code = "UNSUPPORTED_SERVICE"  # no such endpoint or method, as against no such resource
+        body = operation_outcome(status, detail, spine=code, expression=expression)
+        fmt = request.get(FHIR_FORMAT) or "json"
+        return web.Response(body=render(body, fmt), status=status, content_type=CONTENT_TYPES[fmt], headers=headers)
     return problem(status, title, detail, code=code, errors=errors, headers=headers)
 
 
@@ -71,6 +78,11 @@ def header_text(value: str | None, limit: int) -> str | None:
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Errors to responses around size limits, authentication and the role policy, then the handler."""
     try:
+        if request.path.startswith("/fhir"):  # decided first: every answer, errors too, comes in this format
+            try:
+                request[FHIR_FORMAT] = negotiate(request.query.get("_format"), request.headers.get("Accept"))
+            except NotAcceptable as exc:
+                return error_response(request, 406, "Not acceptable", str(exc))
         return await _checked(request, handler)
     except CpisError as exc:
         if exc.status >= 500:
@@ -141,6 +153,9 @@ def make_middlewares() -> list[web.Middleware]:
             response.headers["X-Request-ID"] = rid
             if trace:
                 response.headers["TraceID"] = trace
+            correlation = header_text(headers.get("X-Correlation-ID"), 128)
+            if correlation:
+                response.headers["X-Correlation-ID"] = correlation
             return response
         except web.HTTPException as exc:
             status = exc.status

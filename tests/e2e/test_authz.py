@@ -86,6 +86,8 @@ TABLE: dict[tuple[str, str], Row] = {
         headers={"Content-Type": "application/fhir+json"},
     ),
     ("GET", "/fhir/Encounter/{id}"): Row(CS_ONLY, "/fhir/Encounter/no-such-id", frozenset({404})),
+    ("GET", "/fhir/Organization/{id}"): Row(CS_ONLY, "/fhir/Organization/LA001", frozenset({200})),
+    ("GET", "/fhir/PractitionerRole/{id}"): Row(CS_ONLY, "/fhir/PractitionerRole/no-such-id", frozenset({404})),
     ("GET", "/cds-services"): Row(PUBLIC, "/cds-services", frozenset({200})),
     ("POST", "/cds-services/{id}"): Row(CS_ONLY, "/cds-services/cpis-patient-view", frozenset({200}), json=CDS_CALL),
     ("POST", "/cds-services/{id}/feedback"): Row(
