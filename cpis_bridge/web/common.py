@@ -57,7 +57,7 @@ def audit_context(request: web.Request) -> AuditContext:
     urid = request.headers.get("NHSD-Session-URID")
     if urid is not None and not (len(urid) <= 64 and urid.isascii() and urid.isprintable()):
         urid = None  # recorded as sent, or not at all: never a malformed value in the audit
-    return AuditContext(principal(request), request.get(TRACE_ID), request.get(REQUEST_ID), urid or None)
+    return AuditContext(principal(request), request.get(TRACE_ID), request.get(REQUEST_ID), session_urid=urid or None)
 
 
 def json_response(
