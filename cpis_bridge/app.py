@@ -109,7 +109,8 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         registry = app[REGISTRY]
         push_las = [ods for ods, la_entry in registry.local_authorities.items() if channel_names(la_entry)]
         access_store = RedisAccessStore(client, keys, scripts, push_las=push_las,
-                                        encounter_ttl_s=settings.retention_access_days * 86400)
+                                        encounter_ttl_s=settings.retention_access_days * 86400,
+                                        unreadable=unreadable_reporter(app[METRICS]))
         inbox_delivered = app[METRICS].deliveries.labels("inbox", "delivered")
         app[ACCESS] = AccessService(access_store, windows=settings.windows, on_notified=inbox_delivered.inc)
         app[AUTH].jti_guard = SeenTokens(client, keys).first_use
@@ -172,7 +173,8 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     admin_service = DeliveryAdmin(outbox, app[AUDIT], channels_of)
     app[admin.DELIVERIES] = admin_service
     notifications.setup(app, InboxService(RedisInbox(client, keys, app[SCRIPTS]), app[ACCESS].store, app[AUDIT],
-                                          care_settings=registry.care_setting_names))
+                                          care_settings=registry.care_setting_names,
+                                          unreadable=unreadable_reporter(app[METRICS])))
     if not settings.relays:
         yield
         await outbox.aclose()
@@ -362,6 +364,17 @@ def retention_policy(settings: Settings) -> RetentionPolicy:
     )
 
 
+def unreadable_reporter(metrics: Metrics | None) -> Callable[[str], None]:
+    """Told of each stored item a reader skips because it cannot be rendered: logged (its kind only) and counted."""
+
+    def report(item: str) -> None:
+        log.warning("read.unreadable_item_skipped", extra={"item": item})
+        if metrics is not None:
+            metrics.unreadable.labels(item).inc()
+
+    return report
+
+
 @contextlib.asynccontextmanager
 async def open_retention(settings: Settings) -> AsyncIterator[RetentionService]:
     """For the CLI: the retention service on CPIS_REDIS_URL, else the running embedded Redis (or one started here)."""
@@ -370,8 +383,9 @@ async def open_retention(settings: Settings) -> AsyncIterator[RetentionService]:
     try:
         await _wait_for_redis(client)
         keys = Keys(settings.key_prefix, settings.hash_key())
-        store = RedisRetentionStore(client, keys, Scripts(client))
-        yield RetentionService(store, policy=retention_policy(settings), windows=settings.windows)
+        report = unreadable_reporter(None)
+        store = RedisRetentionStore(client, keys, Scripts(client), unreadable=report)
+        yield RetentionService(store, policy=retention_policy(settings), windows=settings.windows, unreadable=report)
     finally:
         await client.aclose()
         if embedded is not None:

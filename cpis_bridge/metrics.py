@@ -61,6 +61,10 @@ class Metrics:
         )
         self.redis_up = Gauge("cpis_redis_up", "1 when Redis answers, else 0", registry=r)
         self.ready = Gauge("cpis_ready", "1 when the service is ready to serve, else 0", registry=r)
+        self.unreadable = Counter(
+            "cpis_unreadable_items_total", "Stored items a reader skipped because they cannot be rendered, by kind",
+            ["item"], registry=r,
+        )
         self.audit_entries = Counter("cpis_audit_entries_total", "Audit entries written", ["action"], registry=r)
         self.build = Info("cpis_build", "The running build: package version and Python version", registry=r)
         self.build.info({"version": _version(), "python": platform.python_version()})

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import os
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -102,6 +103,28 @@ class Access:
             "user": {"id": self.actor.user_id, "name": self.actor.user_name, "roleCode": self.actor.role_code},
             "sourceEventId": self.source_event_id,
         }
+
+
+# What decoding or rendering a stored item can raise when it holds a value no current writer produces (an instant
+# outside the calendar, a field missing): a reader skips that item, reports it, and goes on with the next.
+UNREADABLE: Final = (ValueError, OverflowError, KeyError, TypeError, IndexError, AttributeError)
+Unreadable = Callable[[str], None]  # told the kind of item skipped ("access", "record", "notification", ...)
+
+
+def ignore_unreadable(item: str) -> None:
+    """The default report of a skipped item (the app passes one that logs it and counts it in a metric)."""
+
+
+def readable_accesses(raws: Iterable[str], child_key: str, unreadable: Unreadable) -> list[tuple[str, Access]]:
+    """Stored accesses decoded with their ids, in order, without (but reporting) any that cannot be decoded."""
+    out: list[tuple[str, Access]] = []
+    for raw in raws:
+        try:
+            access = Access.decode(raw)
+            out.append((access.access_id(child_key), access))
+        except UNREADABLE:
+            unreadable("access")
+    return out
 
 
 def notification_id(access_id: str, la: str) -> str:

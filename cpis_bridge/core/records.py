@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, Final
 from zoneinfo import ZoneInfo
 
@@ -16,6 +18,12 @@ LONDON: Final = ZoneInfo("Europe/London")
 MAX_LOCAL_ID: Final = 64
 MAX_NAME: Final = 100
 MAX_LEGAL_BASIS: Final = 32
+# The range a date may take (a value outside it is a typing error, and one near the ends of the calendar would
+# overflow the visibility arithmetic and every reader): nothing before 1900; births and plan starts not in the
+# future; plan ends and delete dates at most PLAN_YEARS_AHEAD years ahead; an expected delivery at most a year ahead.
+EARLIEST_DATE: Final = dt.date(1900, 1, 1)
+PLAN_YEARS_AHEAD: Final = 5
+DELIVERY_YEARS_AHEAD: Final = 1
 
 # Fields a client may send; the read-only ones are accepted (a GET result can be PUT back) and ignored.
 WRITABLE_FIELDS: Final = frozenset(
@@ -74,9 +82,12 @@ class Record:
         """The last day the record is visible, or None while it stays visible indefinitely (open, no delete date)."""
         last: dt.date | None = None
         if self.end_date is not None:
-            last = self.end_date + dt.timedelta(days=windows.for_plan(self.plan_type))
+            try:
+                last = self.end_date + dt.timedelta(days=windows.for_plan(self.plan_type))
+            except OverflowError:  # validation keeps dates far from the calendar's end; never fail a reader on one
+                last = dt.date.max
         if self.delete_date is not None:
-            before_delete = self.delete_date - dt.timedelta(days=1)
+            before_delete = self.delete_date - dt.timedelta(days=1) if self.delete_date > dt.date.min else dt.date.min
             last = before_delete if last is None else min(last, before_delete)
         return last
 
@@ -174,14 +185,34 @@ def _parse_date(raw: dict[str, Any], name: str, problems: Problems, *, required:
         if required:
             problems.add(name, "is required (YYYY-MM-DD)")
         return None
-    if not isinstance(value, str) or len(value) != 10:
+    if not isinstance(value, str) or not _DATE_SHAPE.fullmatch(value):
         problems.add(name, "must be a date YYYY-MM-DD")
         return None
     try:
-        return dt.date.fromisoformat(value)
+        day = dt.date.fromisoformat(value)
     except ValueError:
         problems.add(name, "must be a real calendar date YYYY-MM-DD")
         return None
+    if day < EARLIEST_DATE:
+        problems.add(name, f"must be on or after {EARLIEST_DATE.isoformat()}")
+        return None
+    return day
+
+
+_DATE_SHAPE: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _years_after(day: dt.date, years: int) -> dt.date:
+    try:
+        return day.replace(year=day.year + years)
+    except ValueError:  # 29 February
+        return day.replace(year=day.year + years, day=28)
+
+
+@lru_cache(maxsize=4)
+def latest_dates(today: dt.date) -> tuple[dt.date, dt.date]:
+    """The latest end or delete date and the latest expected delivery date accepted on ``today``."""
+    return _years_after(today, PLAN_YEARS_AHEAD), _years_after(today, DELIVERY_YEARS_AHEAD)
 
 
 def _parse_text(raw: dict[str, Any], name: str, problems: Problems, max_len: int) -> str | None:
@@ -226,12 +257,16 @@ def _fast_date(value: object) -> dt.date | None:
     """An optional date in the accepted shape (None when absent); _NotFast when the full checks must decide."""
     if value is None or value == "":
         return None
-    if type(value) is not str or len(value) != 10:
+    # with ASCII and dashes at 4 and 7 fromisoformat accepts YYYY-MM-DD only (not week dates such as 2026-W02-6)
+    if type(value) is not str or len(value) != 10 or value[4] != "-" or value[7] != "-" or not value.isascii():
         raise _NotFast
     try:
-        return _fromisoformat(value)
+        day = _fromisoformat(value)
     except ValueError:
         raise _NotFast from None
+    if day < EARLIEST_DATE:
+        raise _NotFast
+    return day
 
 
 def _fast_text(value: object, max_len: int) -> str | None:
@@ -289,11 +324,12 @@ def parse_valid_record(
         legal = _fast_text(raw.get("lacLegalBasis"), MAX_LEGAL_BASIS)
     except _NotFast:
         return None
+    latest_plan, latest_delivery = latest_dates(today)
     if (
         dob is None or start is None or dob > today or start > today
-        or (end is not None and end < start)
-        or (delete is not None and delete < start)
-        or (edd is not None and plan is not PlanType.UCPP)
+        or (end is not None and (end < start or end > latest_plan))
+        or (delete is not None and (delete < start or delete > latest_plan))
+        or (edd is not None and (plan is not PlanType.UCPP or edd > latest_delivery))
         or (legal is not None and plan is not PlanType.LAC)
     ):
         return None
@@ -391,6 +427,14 @@ def parse_record_full(
             problems.add("endDate", "must be on or after startDate")
         if delete is not None and delete < start:
             problems.add("deleteDate", "must be on or after startDate")
+    latest_plan, latest_delivery = latest_dates(today)
+    for name, day in (("endDate", end), ("deleteDate", delete)):
+        if day is not None and day > latest_plan:
+            problems.add(name, f"must be no more than {PLAN_YEARS_AHEAD} years ahead (on or before "
+                               f"{latest_plan.isoformat()})")
+    if edd is not None and edd > latest_delivery:
+        problems.add("expectedDeliveryDate", f"must be no more than {DELIVERY_YEARS_AHEAD} year ahead (on or "
+                                             f"before {latest_delivery.isoformat()})")
     if edd is not None and plan is not None and plan is not PlanType.UCPP:
         problems.add("expectedDeliveryDate", "is only allowed on a UCPP record")
     if legal is not None and plan is not None and plan is not PlanType.LAC:

@@ -136,8 +136,59 @@ def _plain(body: dict[str, Any], test_numbers_only: bool) -> InboundEncounter | 
     return InboundEncounter(f"{system}|{value}", nhs, arrived, minimal)
 
 
-def parse_encounter(body: object, *, test_numbers_only: bool) -> InboundEncounter:
+# An attendance happens between 1900 and now (plus clock skew between the sender and us); an instant outside that is a
+# sender's error, and one near the ends of the calendar could not even be turned back into a date when read.
+EARLIEST_INSTANT: Final = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
+CLOCK_SKEW: Final = dt.timedelta(minutes=5)
+
+
+def _period_instant(value: object) -> dt.datetime | None:
+    """A period bound as sent: a dateTime with a timezone, or a whole date (the Europe/London day's start)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=LONDON) if len(value) == 10 else None
+    return parsed
+
+
+def period_problems(period: dict[str, Any], now: dt.datetime) -> list[FieldError]:
+    """What is wrong with the retained period's bounds: each within 1900..now + clock skew, end not before start."""
+    problems: list[FieldError] = []
+    bounds: dict[str, dt.datetime] = {}
+    latest = now + CLOCK_SKEW
+    for key in ("start", "end"):
+        if key not in period:
+            continue
+        field = f"Encounter.period.{key}"
+        value = _period_instant(period[key])
+        if value is None:
+            problems.append(FieldError(field, "must be a date or a dateTime with a timezone"))
+        elif value < EARLIEST_INSTANT:
+            problems.append(FieldError(field, "must be on or after 1900-01-01"))
+        elif value > latest:
+            problems.append(FieldError(field, "must not be in the future"))
+        else:
+            bounds[key] = value
+    if "start" in bounds and "end" in bounds and bounds["end"] < bounds["start"]:
+        problems.append(FieldError("Encounter.period.end", "must not be before period.start"))
+    return problems
+
+
+def parse_encounter(body: object, *, test_numbers_only: bool, now: dt.datetime | None = None) -> InboundEncounter:
     """Validate an untrusted Encounter; raises ValidationFailed naming each offending field (FHIRPath)."""
+    inbound = _parse_encounter(body, test_numbers_only)
+    problems = period_problems(inbound.minimal["period"], now or dt.datetime.now(dt.UTC))
+    if problems:
+        raise ValidationFailed("the Encounter's period is out of range: " + ", ".join(p.field for p in problems),
+                               errors=problems)
+    return inbound
+
+
+def _parse_encounter(body: object, test_numbers_only: bool) -> InboundEncounter:
     if isinstance(body, dict) and body.get("resourceType") == "Encounter":
         plain = _plain(body, test_numbers_only)
         if plain is not None:

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from cpis_bridge.core.access import SEP, Access, instant, notification_id
+from cpis_bridge.core.access import SEP, UNREADABLE, Access, instant, notification_id
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.errors import NotFound
 from cpis_bridge.core.ports import AuditLog, Channel, ChannelStats, DeadLetter, DeliveryResult, Outbox, QueueEntry
@@ -58,7 +58,7 @@ def render(la: str, fields: Mapping[str, str]) -> Rendered:
     current = _access_api(tag, fields["acc"], names)
     nid = notification_id(current["id"], la)
     recent_raw = fields.get("recent") or ""
-    recent = [_access_api(tag, raw, names) for raw in recent_raw.split(RECENT_SEP) if raw]
+    recent = _recent_api(tag, recent_raw, names)
     created = dt.datetime.fromtimestamp(int(fields["at"]) / 1000, dt.UTC)
     body = {
         "type": "cpis.access",
@@ -71,6 +71,19 @@ def render(la: str, fields: Mapping[str, str]) -> Rendered:
         "recentAccesses": recent,
     }
     return Rendered(nid, fields["nhs"], body)
+
+
+def _recent_api(tag: str, recent_raw: str, names: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    """The recent accesses, without any stored one that cannot be decoded: it must not make the notification
+    about a later, readable access unbuildable (that access's own notification is what fails)."""
+    out = []
+    for raw in recent_raw.split(RECENT_SEP):
+        if raw:
+            try:
+                out.append(_access_api(tag, raw, names))
+            except UNREADABLE:
+                continue
+    return out
 
 
 def _split(value: str) -> tuple[str, str]:

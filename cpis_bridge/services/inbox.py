@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from cpis_bridge.core.access import HISTORY_LENGTH
+from cpis_bridge.core.access import HISTORY_LENGTH, UNREADABLE, Unreadable, ignore_unreadable
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.errors import NotFound, UnreadableInput
 from cpis_bridge.core.nhs import NhsNumber
@@ -48,8 +48,10 @@ class InboxService:
         *,
         care_settings: Callable[[], dict[str, tuple[str, str]]],
         clock: Callable[[], dt.datetime] | None = None,
+        unreadable: Unreadable = ignore_unreadable,
     ) -> None:
         self.inbox = inbox
+        self.unreadable = unreadable
         self.accesses = accesses
         self.audit = audit
         self.care_settings = care_settings
@@ -60,7 +62,11 @@ class InboxService:
         rows = await self.inbox.page(la, start, min(max(limit, 1), MAX_LIMIT))
         items = []
         for _, fields, acked in rows:
-            body = render(la, fields).body
+            try:
+                body = render(la, fields).body
+            except UNREADABLE:  # a stored entry no current writer produces: skipped, and the page goes past it
+                self.unreadable("notification")
+                continue
             body["acknowledged"] = acked
             items.append(body)
         last = rows[-1][0] if rows else (start or _CURSOR_START)

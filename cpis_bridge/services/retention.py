@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cpis_bridge.core.access import SEP, Access, instant
+from cpis_bridge.core.access import SEP, UNREADABLE, Access, Unreadable, ignore_unreadable, instant
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import RetentionStore
@@ -34,8 +34,10 @@ def record_expired(record: Record, today: dt.date, windows: VisibilityWindows, k
 
 
 class RetentionService:
-    def __init__(self, store: RetentionStore, *, policy: RetentionPolicy, windows: VisibilityWindows) -> None:
+    def __init__(self, store: RetentionStore, *, policy: RetentionPolicy, windows: VisibilityWindows,
+                 unreadable: Unreadable = ignore_unreadable) -> None:
         self.store = store
+        self.unreadable = unreadable
         self.policy = policy
         self.windows = windows
 
@@ -79,17 +81,19 @@ class RetentionService:
              "encounter": data.encounters.get(aid)}
             for aid, access in data.accesses
         ]
-        inbox = [
-            {
-                "la": item.la,
-                "entryId": item.entry_id,
-                "acknowledged": item.acknowledged,
-                "queuedAt": _ms_instant(item.fields.get("at")),
-                "access": _decoded_access(item.fields.get("acc"), data.tag),
-                "records": _json_or_none(item.fields.get("recs")),
-            }
-            for item in data.inbox
-        ]
+        inbox = []
+        for item in data.inbox:
+            try:
+                inbox.append({
+                    "la": item.la,
+                    "entryId": item.entry_id,
+                    "acknowledged": item.acknowledged,
+                    "queuedAt": _ms_instant(item.fields.get("at")),
+                    "access": _decoded_access(item.fields.get("acc"), data.tag),
+                    "records": _json_or_none(item.fields.get("recs")),
+                })
+            except UNREADABLE:  # one stored entry no current writer produces must not stop the export
+                self.unreadable("notification")
         result: dict[str, Any] = {
             "nhsNumber": str(nhs),
             "exportedAt": instant(now),

@@ -12,7 +12,14 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from cpis_bridge.core.access import NS_NOTIFICATION_BYTES, Access
+from cpis_bridge.core.access import (
+    NS_NOTIFICATION_BYTES,
+    UNREADABLE,
+    Access,
+    Unreadable,
+    ignore_unreadable,
+    readable_accesses,
+)
 from cpis_bridge.core.ports import LookupOutcome
 from cpis_bridge.core.records import Record, VisibilityWindows
 from cpis_bridge.store.connection import Multiplexed
@@ -31,10 +38,12 @@ def _as_dict(value: Mapping[str, Any]) -> dict[str, Any]:
 
 class RedisAccessStore:
     def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, *, encounter_ttl_s: int,
-                 push_las: Iterable[str] = ()) -> None:
+                 push_las: Iterable[str] = (), unreadable: Unreadable = ignore_unreadable) -> None:
         """``push_las``: the LAs with a webhook or FHIR channel; only their notifications go to the delivery queue
-        (every LA's goes to its pull inbox, indexed, in the same step)."""
+        (every LA's goes to its pull inbox, indexed, in the same step). ``unreadable`` is told of each stored item a
+        read skips because it cannot be decoded."""
         self.redis = redis
+        self.unreadable = unreadable
         self.push_las = "," + ",".join(sorted(push_las)) + ","
         self.keys = keys
         self.scripts = scripts
@@ -117,9 +126,13 @@ class RedisAccessStore:
             pipe.hgetall(self.keys.records(tag))
             pipe.lrange(self.keys.accesses(tag), 0, 24)
             raw_records, raw_accesses = await pipe.execute()
-        records = [decode_field(f, v) for f, v in sorted(raw_records.items())]
-        accesses = [Access.decode(a) for a in raw_accesses]
-        return records, [(a.access_id(tag), a) for a in accesses]
+        records = []
+        for field, value in sorted(raw_records.items()):
+            try:
+                records.append(decode_field(field, value))
+            except UNREADABLE:
+                self.unreadable("record")
+        return records, readable_accesses(raw_accesses, tag, self.unreadable)
 
     async def encounter(self, encounter_id: str) -> dict[str, Any] | None:
         return await self._json(self.keys.encounter(encounter_id))

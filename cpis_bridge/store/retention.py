@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from cpis_bridge.core.access import Access
+from cpis_bridge.core.access import UNREADABLE, Unreadable, ignore_unreadable, readable_accesses
 from cpis_bridge.core.ports import InboxItem, SubjectData
 from cpis_bridge.core.records import Record
 from cpis_bridge.store.keys import Keys
@@ -22,8 +22,10 @@ READ_BATCH = 1000
 
 
 class RedisRetentionStore:
-    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts) -> None:
+    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, *,
+                 unreadable: Unreadable = ignore_unreadable) -> None:
         self.redis = redis
+        self.unreadable = unreadable
         self.keys = keys
         self._records = scripts.register("retention_records")
         self._accesses = scripts.register("retention_accesses")
@@ -129,8 +131,13 @@ class RedisRetentionStore:
             pipe.lrange(k.accesses(tag), 0, -1)
             pipe.lrange(k.audit(tag), 0, -1)
             raw_records, raw_accesses, raw_audit = await pipe.execute()
-        records = [decode_field(f, v) for f, v in sorted(raw_records.items())]
-        accesses = [(a.access_id(tag), a) for a in (Access.decode(x) for x in raw_accesses)]
+        records = []
+        for field, value in sorted(raw_records.items()):
+            try:
+                records.append(decode_field(field, value))
+            except UNREADABLE:
+                self.unreadable("record")
+        accesses = readable_accesses(raw_accesses, tag, self.unreadable)
         encounters: dict[str, dict[str, Any]] = {}
         if accesses:
             found = await self.redis.mget([k.encounter(aid) for aid, _ in accesses])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -39,7 +40,7 @@ async def put_record(request: web.Request) -> web.Response:
         request.app[METRICS].upload_records.labels(exc.code or RecordCode.VALIDATION_FAILED).inc()
         raise
     request.app[METRICS].upload_records.labels(RecordCode.UPLOADED).inc()
-    headers = {"Location": f"/v1/records/{record.local_id}", "ETag": f'W/"{record.version}"'}
+    headers = {"Location": f"/v1/records/{quote(record.local_id, safe='')}", "ETag": f'W/"{record.version}"'}
     return json_response(service.render(record), status=201 if created else 200, headers=headers)
 
 
