@@ -136,10 +136,18 @@ def _plain(body: dict[str, Any], test_numbers_only: bool) -> InboundEncounter | 
     return InboundEncounter(f"{system}|{value}", nhs, arrived, minimal)
 
 
-# An attendance happens between 1900 and now (plus clock skew between the sender and us); an instant outside that is a
-# sender's error, and one near the ends of the calendar could not even be turned back into a date when read.
+# An attendance happens between 1900 and now (plus MAX_AHEAD for clock skew); an instant outside that is a sender's
+# error, and one near the ends of the calendar could not even be turned back into a date when read.
 EARLIEST_INSTANT: Final = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
-CLOCK_SKEW: Final = dt.timedelta(minutes=5)
+
+
+def instant_problem(value: dt.datetime, now: dt.datetime | None = None) -> str | None:
+    """Why an attendance instant (timezone-aware) is out of range, or None."""
+    if value < EARLIEST_INSTANT:
+        return "must be on or after 1900-01-01"
+    if too_far_ahead(value, now):
+        return "must not be more than 5 minutes in the future"
+    return None
 
 
 def _period_instant(value: object) -> dt.datetime | None:
@@ -159,19 +167,15 @@ def period_problems(period: dict[str, Any], now: dt.datetime) -> list[FieldError
     """What is wrong with the retained period's bounds: each within 1900..now + clock skew, end not before start."""
     problems: list[FieldError] = []
     bounds: dict[str, dt.datetime] = {}
-    latest = now + CLOCK_SKEW
     for key in ("start", "end"):
         if key not in period:
             continue
         field = f"Encounter.period.{key}"
         value = _period_instant(period[key])
-        if value is None:
-            problems.append(FieldError(field, "must be a date or a dateTime with a timezone"))
-        elif value < EARLIEST_INSTANT:
-            problems.append(FieldError(field, "must be on or after 1900-01-01"))
-        elif value > latest:
-            problems.append(FieldError(field, "must not be in the future"))
-        else:
+        problem = "must be a date or a dateTime with a timezone" if value is None else instant_problem(value, now)
+        if problem is not None:
+            problems.append(FieldError(field, problem))
+        elif value is not None:
             bounds[key] = value
     if "start" in bounds and "end" in bounds and bounds["end"] < bounds["start"]:
         problems.append(FieldError("Encounter.period.end", "must not be before period.start"))

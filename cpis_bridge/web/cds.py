@@ -22,7 +22,7 @@ from cpis_bridge.core.principal import Role
 from cpis_bridge.core.records import LONDON, today_london
 from cpis_bridge.core.registry import office_open, origin_of
 from cpis_bridge.fhir import cds
-from cpis_bridge.fhir.encounter import AHEAD_MESSAGE, too_far_ahead
+from cpis_bridge.fhir.encounter import instant_problem
 from cpis_bridge.services.access import AccessService, LookupRequest
 from cpis_bridge.web.common import MAX_FHIR_NESTING, allow, audit_context, json_response, loads_json, principal
 from cpis_bridge.web.state import ACCESS, AUDIT, METRICS, REGISTRY, SETTINGS
@@ -148,8 +148,9 @@ def _arrival(body: dict[str, Any]) -> dt.datetime | None:
         raise UnreadableInput("prefetch.encounter.period.start is not a FHIR dateTime") from None
     if arrived.tzinfo is None:
         arrived = arrived.replace(tzinfo=LONDON)
-    if too_far_ahead(arrived):
-        raise UnreadableInput(f"prefetch.encounter.period.start: {AHEAD_MESSAGE}")
+    problem = instant_problem(arrived)
+    if problem is not None:
+        raise UnreadableInput(f"prefetch.encounter.period.start {problem}")
     return arrived
 
 

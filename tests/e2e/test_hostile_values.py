@@ -156,3 +156,13 @@ async def test_a_poisoned_stored_access_is_skipped_by_every_reader(client: Any, 
     assert len(data["accesses"]) == 2 and len(data["inboxNotifications"]) == 2
     skipped = app[METRICS].unreadable
     assert skipped.labels("access")._value.get() >= 2 and skipped.labels("notification")._value.get() >= 1
+
+
+@pytest.mark.parametrize("start", ["0001-01-01T00:00:00+01:00", "1899-12-31T23:59:59Z", "9999-12-31T23:59:59-01:00"])
+async def test_cds_prefetched_arrival_out_of_range_is_400(client: Any, start: str) -> None:
+    from tests.e2e.test_cds import ES, hook, patient
+
+    assert (await client.put("/v1/records/CASE-1", json=record(), headers=LA1)).status == 201
+    r = await client.post(ES, json=hook("encounter-start", prefetch={
+        "patient": patient(), "encounter": {"resourceType": "Encounter", "period": {"start": start}}}), headers=ED)
+    assert r.status == 400, await r.text()
