@@ -39,7 +39,7 @@ from cpis_bridge.store.retention import RedisRetentionStore
 from cpis_bridge.store.scripts import Scripts
 from cpis_bridge.store.sync import RedisSyncQueue
 from cpis_bridge.store.tokens import SeenTokens
-from cpis_bridge.web import admin, cds, fhir, la, notifications, openapi, ops
+from cpis_bridge.web import admin, cds, fhir, la, notifications, openapi, ops, views
 from cpis_bridge.web.middlewares import DEFAULT_LIMIT, make_middlewares
 from cpis_bridge.web.state import (
     ACCESS,
@@ -429,4 +429,5 @@ def create_app(settings: Settings | None = None, *, extra_contexts: list[Cleanup
     app.router.add_routes(ops.routes)
     app.router.add_routes(notifications.routes)
     app.router.add_routes(admin.routes)
+    views.setup(app)
     return app

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     ucpp_visible_days_after_end: int = Field(28, ge=0)
     test_numbers_only: bool | None = None  # default: true in dev mode
 
+    web_session_idle_s: int = Field(900, ge=30)  # web views: a session ends after this long without a request
+    web_signin_failures: int = Field(5, ge=1)  # failed sign-ins allowed per client address in 15 minutes
+
     shutdown_grace_s: float = Field(5.0, ge=0)
     drain_delay_s: float = Field(0.0, ge=0)
 

@@ -8,13 +8,15 @@ import binascii
 import datetime as dt
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from cpis_bridge.core.access import HISTORY_LENGTH, UNREADABLE, Unreadable, ignore_unreadable
+from cpis_bridge.core.access import HISTORY_LENGTH, SEP, UNREADABLE, Unreadable, ignore_unreadable
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.errors import NotFound, UnreadableInput
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import AccessStore, AuditLog, Inbox
+from cpis_bridge.core.records import LONDON
 from cpis_bridge.services.delivery import render
 
 DEFAULT_LIMIT = 100
@@ -37,6 +39,34 @@ def decode_cursor(cursor: str) -> str:
     if version != "n1" or not _ENTRY_ID.match(entry_id):
         raise UnreadableInput("after is not a valid cursor")
     return entry_id
+
+
+SCAN_BUDGET = 2000  # entries one filtered page reads at most before it offers the next page
+SCAN_CHUNK = 200
+
+
+@dataclass(frozen=True, slots=True)
+class InboxFilter:
+    """What a person browsing the inbox asked for. Days are Europe/London calendar days, both ends included."""
+
+    since: dt.date | None = None
+    until: dt.date | None = None
+    care_setting: str | None = None
+    acknowledged: bool | None = None
+
+    @property
+    def scans(self) -> bool:
+        """True when entries in the date range may be skipped (so a page can take more than one read)."""
+        return self.care_setting is not None or self.acknowledged is not None
+
+
+def _day_start_ms(day: dt.date) -> int:
+    return int(dt.datetime.combine(day, dt.time(), LONDON).timestamp() * 1000)
+
+
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class InboxService:
@@ -74,13 +104,81 @@ class InboxService:
                                                 ids=[i["id"] for i in items]))
         return {"notifications": items, "next": encode_cursor(last)}
 
+    async def browse(self, ctx: AuditContext, la: str, flt: InboxFilter, before: str | None,
+                     size: int) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of notifications, newest first, matching ``flt``, older than the cursor ``before``; with the
+        cursor of the next page (None on the last). Items carry no recent accesses. Audited like the pull inbox."""
+        start = decode_cursor(before) if before else None
+        if flt.until is not None:
+            end = f"{_day_start_ms(flt.until + dt.timedelta(days=1))}-0"
+            if start is None or _entry_key(end) < _entry_key(start):
+                start = end
+        oldest = f"{_day_start_ms(flt.since)}-0" if flt.since is not None else None
+        chunk = SCAN_CHUNK if flt.scans else size + 1
+        items: list[dict[str, Any]] = []
+        scanned, more = 0, False
+        while not more:
+            rows = await self.inbox.newest(la, start, oldest, chunk)
+            for eid, fields, acked in rows:
+                if len(items) == size:
+                    more = True
+                    break
+                scanned += 1
+                start = eid
+                if flt.acknowledged is not None and acked != flt.acknowledged:
+                    continue
+                if flt.care_setting is not None and fields.get("acc", "").partition(SEP)[0] != flt.care_setting:
+                    continue
+                try:
+                    body = render(la, fields).body
+                except UNREADABLE:
+                    self.unreadable("notification")
+                    continue
+                body["acknowledged"] = acked
+                items.append(body)
+            if len(rows) < chunk:
+                break
+            if scanned >= SCAN_BUDGET:
+                more = True
+        await self.audit.append(None, ctx.entry("notifications.read", None, self.clock(), count=len(items),
+                                                ids=[i["id"] for i in items]))
+        return items, encode_cursor(start) if more and start else None
+
+    async def notification(self, ctx: AuditContext, la: str, notification_id: str) -> dict[str, Any]:
+        """One notification of this LA with its recent accesses and who acknowledged it when; NotFound for any
+        other id (another LA's looks absent). Audited on the child's trail."""
+        ref = await self.inbox.find(la, notification_id) if _uuid_like(notification_id) else None
+        found = await self.inbox.entry(la, ref) if ref is not None else None
+        if found is None:
+            await self.audit.append(None, ctx.entry("notification.read", None, self.clock(),
+                                                    notification=notification_id, found=False))
+            raise NotFound("no such notification")
+        fields, by = found
+        try:
+            body = render(la, fields).body
+        except UNREADABLE:
+            self.unreadable("notification")
+            raise NotFound("no such notification") from None
+        body["acknowledged"] = by is not None
+        if by:
+            at, _, rest = by.partition(SEP)
+            subject, _, name = rest.partition(SEP)
+            body["acknowledgedBy"] = {"at": dt.datetime.fromtimestamp(int(at) / 1000, dt.UTC), "id": subject,
+                                      "name": name or None}
+        nhs = body["subject"]["nhsNumber"]
+        await self.audit.append(nhs, ctx.entry("notification.read", nhs, self.clock(), notification=notification_id))
+        return body
+
     async def acknowledge(self, ctx: AuditContext, la: str, notification_id: str) -> None:
         ref = await self.inbox.find(la, notification_id) if _uuid_like(notification_id) else None
-        await self.audit.append(None, ctx.entry("notifications.ack", None, self.clock(), notification=notification_id,
+        now = self.clock()
+        await self.audit.append(None, ctx.entry("notifications.ack", None, now, notification=notification_id,
                                                 found=ref is not None))
         if ref is None:
             raise NotFound("no such notification")
-        await self.inbox.ack(la, ref)
+        p = ctx.principal
+        by = SEP.join((str(int(now.timestamp() * 1000)), p.subject.replace(SEP, " "), (p.name or "").replace(SEP, " ")))
+        await self.inbox.ack(la, ref, by)
 
     async def child_accesses(self, ctx: AuditContext, la: str, nhs: NhsNumber) -> list[dict[str, Any]]:
         """The last 25 accesses, newest first, when this LA holds a record (visible or not) on the number."""

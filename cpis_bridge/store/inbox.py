@@ -67,5 +67,36 @@ class RedisInbox:
                     return str(eid)
             end = "(" + rows[-1][0]
 
-    async def ack(self, la: str, ref: str) -> None:
-        await self.redis.sadd(self.keys.inbox_acks(la), ref)
+    async def newest(self, la: str, before: str | None, oldest: str | None,
+                     count: int) -> list[tuple[str, dict[str, str], bool]]:
+        """Up to ``count`` entries, newest first, older than the entry id ``before`` (None: from the newest) and not
+        older than the id ``oldest``, each with its acknowledged flag; without their recent accesses (a list needs
+        none of them)."""
+        rows = await self.redis.xrevrange(self.keys.inbox(la), "(" + before if before else "+", oldest or "-",
+                                          count=count)
+        if not rows:
+            return []
+        flags = await self.redis.smismember(self.keys.inbox_acks(la), [r[0] for r in rows])
+        return [(eid, dict(f), bool(flag)) for (eid, f), flag in zip(rows, flags, strict=True)]
+
+    async def entry(self, la: str, ref: str) -> tuple[dict[str, str], str | None] | None:
+        """One entry with its recent accesses, and who acknowledged it when (``"<ms>\x1f<subject>\x1f<name>"``;
+        ``""`` for an acknowledgement that recorded nobody, None when not acknowledged)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xrange(self.keys.inbox(la), ref, ref)
+            pipe.sismember(self.keys.inbox_acks(la), ref)
+            pipe.hget(self.keys.inbox_acks_by(la), ref)
+            rows, acked, by = await pipe.execute()
+        if not rows:
+            return None
+        fields = dict(rows[0][1])
+        await fill_recent(self.redis, self.keys, self._recent, [fields])
+        return fields, (by or "") if acked else None
+
+    async def ack(self, la: str, ref: str, by: str = "") -> None:
+        """Mark the entry acknowledged; ``by`` (who and when) is kept beside it unless it was acknowledged before."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(self.keys.inbox_acks(la), ref)
+            if by:
+                pipe.hsetnx(self.keys.inbox_acks_by(la), ref, by)
+            await pipe.execute()

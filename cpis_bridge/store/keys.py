@@ -17,6 +17,7 @@ Layout (P = settings.key_prefix, h = child tag):
                               {nhs, tag, acc, n (access-log length after acc: the 25 recent are read by
                               reference), recs, cs, at}; entries written before the reference hold recent instead
   P:inbox:<la>:ack     SET    acknowledged inbox entry ids
+  P:inbox:<la>:ackby   HASH   inbox entry id -> "<ms>\x1f<subject>\x1f<name>" of the acknowledgement (web views)
   P:inbox:<la>:idx     HASH   notification id -> inbox entry id (written by access.lua, rebuilt on demand)
   P:q:notify           STREAM delivery queue (LAs with push channels): {la, ref=<inbox entry id>, aid} (group "relays")
   P:q:notify:delay     ZSET   delivery retries waiting for their time
@@ -93,6 +94,9 @@ class Keys:
 
     def inbox_acks(self, la: str) -> str:
         return f"{self.prefix}:inbox:{la}:ack"
+
+    def inbox_acks_by(self, la: str) -> str:
+        return f"{self.prefix}:inbox:{la}:ackby"
 
     def inbox_index(self, la: str) -> str:
         return f"{self.prefix}:inbox:{la}:idx"

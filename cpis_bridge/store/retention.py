@@ -90,7 +90,7 @@ class RedisRetentionStore:
                 async for ids in self._sscan(ack_key):
                     old = [i for i in ids if _stream_ms(i) < before_ms]
                     if old:
-                        removed += int(await self._inbox(keys=[stream, ack_key], args=old))
+                        removed += int(await self._inbox(keys=[stream, ack_key, stream + ":ackby"], args=old))
         return removed
 
     async def _sscan(self, key: str) -> AsyncIterator[list[str]]:

@@ -95,6 +95,20 @@ TABLE: dict[tuple[str, str], Row] = {
         json={"feedback": [{"card": "0e6a0f5c-3f1d-4a57-9a4e-6c1b5b1d2a02", "outcome": "accepted",
                             "outcomeTimestamp": "2026-12-03T10:00:00Z"}]},
     ),
+    # web views: public to the bearer check; each page checks its own session (no session: to the sign-in page,
+    # which the client follows), and every form its CSRF token (none here: 400)
+    ("GET", "/la/"): Row(PUBLIC, "/la/", frozenset({200})),
+    ("GET", "/la/sign-in"): Row(PUBLIC, "/la/sign-in", frozenset({200})),
+    ("POST", "/la/sign-in"): Row(PUBLIC, "/la/sign-in", frozenset({400}), data=b"ods=LA001&name=x",
+                                 headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    ("POST", "/la/sign-out"): Row(PUBLIC, "/la/sign-out", frozenset({200})),
+    ("GET", "/la/signed-out"): Row(PUBLIC, "/la/signed-out", frozenset({200})),
+    ("GET", "/la/notifications"): Row(PUBLIC, "/la/notifications", frozenset({200})),
+    ("GET", "/la/notifications/{id}"): Row(PUBLIC, "/la/notifications/no-such-id", frozenset({200})),
+    ("POST", "/la/notifications/{id}/acknowledge"): Row(PUBLIC, "/la/notifications/x/acknowledge", frozenset({200})),
+    ("GET", "/la/children"): Row(PUBLIC, "/la/children", frozenset({200})),
+    ("POST", "/la/children"): Row(PUBLIC, "/la/children", frozenset({200})),
+    ("GET", "/la/assets/{path}"): Row(PUBLIC, "/la/assets/la.js", frozenset({200})),
 }
 
 def all_routes(app: web.Application) -> dict[tuple[str, str], Any]:

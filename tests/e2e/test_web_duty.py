@@ -1,0 +1,142 @@
+"""The duty-team web view in process: sessions in Redis (idle timeout renewed by each request, a new id at
+sign-in, sign-out ends it), sign-in failures rate limited and audited, the notification list's filters and
+paging. The browser tests (tests/browser) cover the pages as people use them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aredis
+
+from cpis_bridge.config import Settings
+from tests.conftest import ED, LA1, auth, record
+
+COOKIE = "__Host-cpis-la"
+UTC_ED = auth("care-setting", "RXX02", name="Nurse Ava Example")
+
+
+class Browser:
+    """Just enough of a browser: keeps the session cookie (aiohttp's jar keeps Secure cookies for https only)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.cookie: str | None = None
+
+    async def request(self, method: str, path: str, **kw: Any) -> Any:
+        headers = kw.pop("headers", {})
+        if self.cookie:
+            headers["Cookie"] = f"{COOKIE}={self.cookie}"
+        r = await self.client.request(method, path, headers=headers, allow_redirects=False, **kw)
+        if COOKIE in r.cookies:
+            self.cookie = r.cookies[COOKIE].value or None
+        return r
+
+    async def csrf(self, path: str = "/la/sign-in") -> str:
+        html = await (await self.request("GET", path)).text()
+        m = re.search(r'name="csrf_token" value="([^"]+)"', html)
+        assert m, html[:500]
+        return m.group(1)
+
+    async def sign_in(self, ods: str = "LA001", name: str = "Sam Duty") -> Any:
+        token = await self.csrf()
+        return await self.request("POST", "/la/sign-in", data={"csrf_token": token, "ods": ods, "name": name})
+
+
+@pytest.fixture
+async def web(aiohttp_client: Any, make_settings: Any) -> Any:
+    from cpis_bridge.app import create_app
+
+    settings: Settings = make_settings(web_session_idle_s=30, web_signin_failures=3)
+    client = await aiohttp_client(create_app(settings))
+    r = aredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    yield client, r, settings.key_prefix
+    await r.aclose()
+
+
+async def test_session_lives_in_redis_renewed_by_each_request_and_ends_on_sign_out(web: Any) -> None:
+    client, r, prefix = web
+    b = Browser(client)
+    await b.csrf()
+    before = b.cookie
+    answer = await b.sign_in()
+    assert answer.status == 303 and answer.headers["Location"] == "/la/notifications"
+    assert b.cookie and b.cookie != before  # a new session id at sign-in
+    assert await r.exists(f"{prefix}:web:s:{before}") == 0
+    key = f"{prefix}:web:s:{b.cookie}"
+    assert 0 < await r.ttl(key) <= 30
+    assert "Sam Duty" in (await r.get(key))
+    await r.expire(key, 5)
+    assert (await b.request("GET", "/la/notifications")).status == 200
+    assert await r.ttl(key) > 5  # the request started the idle timeout again
+    await r.delete(key)  # what the idle timeout does when it runs out
+    gone = await b.request("GET", "/la/notifications")
+    assert gone.status == 303 and gone.headers["Location"] == "/la/sign-in"
+
+    await b.sign_in()
+    key = f"{prefix}:web:s:{b.cookie}"
+    token = await b.csrf("/la/notifications")
+    out = await b.request("POST", "/la/sign-out", data={"csrf_token": token})
+    assert out.status == 303 and await r.exists(key) == 0 and b.cookie is None
+
+
+async def test_sign_in_failures_are_rate_limited_and_audited(web: Any) -> None:
+    client, r, prefix = web
+    b = Browser(client)
+    for form in ({"ods": "LA999", "name": "Sam"}, {"ods": "LA001", "name": " "}, {"ods": "", "name": ""}):
+        token = await b.csrf()
+        assert (await b.request("POST", "/la/sign-in", data={"csrf_token": token, **form})).status == 400
+    refused = await b.sign_in()  # even a good sign-in waits now
+    assert refused.status == 429 and "Too many attempts" in await refused.text()
+    audit = [orjson.loads(e) for e in await r.lrange(f"{prefix}:audit:sys", 0, -1)]
+    actions = [e["action"] for e in audit]
+    assert actions.count("web.signin.failed") == 3 and actions.count("web.signin.refused") == 1
+    assert "web.signin" not in actions
+    assert all("Sam" not in orjson.dumps(e).decode() for e in audit)
+
+
+async def _notifications(client: Any, n: int, nhs: str = "9990000018", headers: dict[str, str] = ED) -> None:
+    for _ in range(n):
+        r = await client.get("/fhir/CareTeam", params={"patient:identifier": f"https://fhir.nhs.uk/Id/nhs-number|{nhs}"},
+                             headers=headers)
+        assert r.status == 200
+
+
+def _rows(html: str) -> list[str]:
+    return re.findall(r'href="/la/notifications/([0-9a-f-]{36})"', html)
+
+
+async def test_list_filters_and_pages(web: Any) -> None:
+    client, _, _ = web
+    assert (await client.put("/v1/records/CASE-1", json=record(), headers=LA1)).status == 201
+    await _notifications(client, 27)
+    await _notifications(client, 3, headers=UTC_ED)
+    b = Browser(client)
+    await b.sign_in()
+    first = await (await b.request("GET", "/la/notifications")).text()
+    ids = _rows(first)
+    assert len(ids) == 25 and "Example Urgent Treatment Centre" in first.split("</tr>")[1]  # newest first
+    older = re.search(r'href="/la/notifications\?(before=[^"]+)" rel="next"', first)
+    assert older
+    second = await (await b.request("GET", "/la/notifications?" + older.group(1).replace("&amp;", "&"))).text()
+    assert len(_rows(second)) == 5 and not set(_rows(second)) & set(ids) and 'rel="next"' not in second
+
+    only = await (await b.request("GET", "/la/notifications?setting=RXX02")).text()
+    assert len(_rows(only)) == 3
+    nid = ids[0]
+    assert (await client.post(f"/v1/notifications/{nid}/ack", headers=LA1)).status == 204
+    acked = await (await b.request("GET", "/la/notifications?status=acknowledged")).text()
+    assert _rows(acked) == [nid]
+    new = await (await b.request("GET", "/la/notifications?status=new")).text()
+    assert nid not in _rows(new) and len(_rows(new)) == 25
+    today = dt.datetime.now(dt.UTC).date()
+    day = dt.timedelta(days=1)
+    assert _rows(await (await b.request("GET", f"/la/notifications?from={today + day}")).text()) == []
+    assert _rows(await (await b.request("GET", f"/la/notifications?to={today - day}")).text()) == []
+    both = await (await b.request("GET", f"/la/notifications?from={today - day}&to={today + day}")).text()
+    assert len(_rows(both)) == 25
+    bad = await b.request("GET", "/la/notifications?from=31-02-2026")
+    assert bad.status == 200 and "Enter a real date" in await bad.text()
