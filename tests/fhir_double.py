@@ -1,9 +1,13 @@
 """A real aiohttp FHIR R4 server double for the Flag sync tests: Flag read/update(-create)/conditional update,
-batch Bundles, search by identifier with paging, an OAuth2 token endpoint, and faults injected on purpose."""
+batch Bundles, search by identifier with paging, an OAuth2 token endpoint, and the ways real servers misbehave:
+faults injected on purpose, an empty 200 for `Prefer: return=minimal` Bundles, 409 when too many conditional writes
+overlap, bare 412s, a rate limit told only by `RateLimit` headers, a write pace, and outages (connections refused)."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import math
 import time
 import uuid
 from collections import deque
@@ -48,6 +52,19 @@ class FhirDouble:
         self.requests: list[tuple[float, str, str, int]] = []  # (arrival monotonic, method, path, status)
         self.answered: list[float] = []  # when each of those was answered
         self.reject: dict[str, tuple[int, dict[str, Any]]] = {}  # identifier value -> (status, body) always
+        self.declared_update_create: bool | None = None  # what the CapabilityStatement says, when not the truth
+        self.blank_batch_answers = 0  # the next this many Bundles are applied but answered 200 with no body
+        self.honour_minimal = True  # a Bundle with Prefer return=minimal gets 200 and no body (as HAPI answers)
+        self.bare_412 = False  # 412s come with no body at all
+        self.conflict_above: int | None = None  # more conditional writes than this in flight: 409 to the extras
+        self.conditional_in_flight = 0
+        self.pace: float | None = None  # writes per second the "database" takes, one at a time (None: instant)
+        self.busy_s = 0.0  # time the database spent writing
+        self.db_free = 0.0  # when the database can start its next write
+        self.db = asyncio.Lock()
+        self.rate_limit: tuple[int, float] | None = None  # (requests, window seconds), fixed windows
+        self.rate_style = "structured"  # or "draft" (limit=, remaining=, reset=), "split" (RateLimit-*), "x"
+        self.window: tuple[float, int] = (0.0, 0)  # (window start, requests counted)
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_route("*", "/fhir{tail:.*}", self.handle)
         self.app.router.add_post("/token", self.token_endpoint)
@@ -68,6 +85,35 @@ class FhirDouble:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+
+    async def go_down(self) -> None:
+        """An outage: stop listening and drop every open connection (clients get connection refused/reset)."""
+        assert self.runner is not None
+        self.port = int(self.root.rsplit(":", 1)[1])
+        for site in list(self.runner.sites):
+            await site.stop()
+        server = self.runner.server
+        for proto in list(getattr(server, "connections", [])):
+            proto.force_close()
+
+    async def come_back(self) -> None:
+        assert self.runner is not None
+        await web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True).start()
+
+    def add_duplicate(self, value: str, *, id_: str | None = None) -> str:
+        """A second Flag with the identifier ``value`` (a copy of the first, newer), as another writer may leave."""
+        first = self.by_identifier(value)[0]
+        fid = id_ or str(uuid.uuid4())
+        self.flags[fid] = dict(first, id=fid, meta={"versionId": "1", "lastUpdated": self._now()})
+        return fid
+
+    def writes_time(self, n: int) -> float:
+        """The server's own time for ``n`` writes at its pace."""
+        return 0.0 if self.pace is None else n / self.pace
+
+    @staticmethod
+    def _now() -> str:
+        return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def by_identifier(self, value: str) -> list[dict[str, Any]]:
@@ -122,12 +168,51 @@ class FhirDouble:
                 return self._json(fault.status, fault.body, fault.headers)
         if tail == "metadata":
             return self._json(200, self.capability())
+        limit_headers = self._count_request()
+        if limit_headers is not None and limit_headers[0]:
+            return self._json(429, outcome("throttled", "rate limit"), limit_headers[1])
+        resp = await self._route(request, tail)
+        if limit_headers is not None:
+            resp.headers.update(limit_headers[1])
+        return resp
+
+    def _count_request(self) -> tuple[bool, dict[str, str]] | None:
+        """The rate limit: (refused?, the RateLimit headers to send), never a Retry-After."""
+        if self.rate_limit is None:
+            return None
+        quota, window = self.rate_limit
+        now = time.monotonic()
+        start, used = self.window
+        if now - start >= window:
+            start, used = now, 0
+        refused = used >= quota
+        used += 0 if refused else 1
+        self.window = (start, used)
+        left, reset = quota - used, max(0, math.ceil(start + window - now))
+        headers = {
+            "structured": {"RateLimit-Policy": f'"default";q={quota};w={int(window)}',
+                           "RateLimit": f'"default";r={left};t={reset}'},
+            "draft": {"RateLimit": f"limit={quota}, remaining={left}, reset={reset}"},
+            "split": {"RateLimit-Limit": str(quota), "RateLimit-Remaining": str(left), "RateLimit-Reset": str(reset)},
+            "x": {"X-RateLimit-Limit": str(quota), "X-RateLimit-Remaining": str(left),
+                  "X-RateLimit-Reset": str(int(time.time()) + reset)},
+        }[self.rate_style]
+        return refused, headers
+
+    async def _route(self, request: web.Request, tail: str) -> web.Response:
+        minimal = "return=minimal" in request.headers.get("Prefer", "")
         if tail == "" and request.method == "POST":
-            return await self._bundle(await request.read())
+            resp = await self._bundle(await request.read())
+            if resp.status == 200 and ((minimal and self.honour_minimal) or self.blank_batch_answers > 0):
+                self.blank_batch_answers = max(0, self.blank_batch_answers - 1)
+                return self._json(200, None)  # applied, but nothing says how each entry went
+            return resp
         if tail == "Flag" and request.method == "GET":
             return self._search(request)
         if request.method == "PUT" and tail.startswith("Flag"):
             status, body = await self._put(tail, request.query_string, orjson.loads(await request.read()))
+            if status == 412 and self.bare_412:
+                body = None
             return self._json(status, body)
         if request.method == "PUT" and tail.startswith("Communication/"):
             self.communications[tail.partition("/")[2]] = orjson.loads(await request.read())
@@ -146,7 +231,9 @@ class FhirDouble:
                 "interaction": [{"code": "batch"}] if self.batch else [],
                 "resource": [{"type": "Flag", "interaction": [{"code": "read"}, {"code": "update"},
                                                               {"code": "search-type"}],
-                              "updateCreate": self.update_create, "conditionalUpdate": self.conditional_update}],
+                              "updateCreate": self.update_create if self.declared_update_create is None
+                              else self.declared_update_create,
+                              "conditionalUpdate": self.conditional_update}],
             }],
         }
 
@@ -156,8 +243,33 @@ class FhirDouble:
             return self.reject[value]
         if flag.get("resourceType") != "Flag" or flag.get("status") not in ("active", "inactive", "entered-in-error"):
             return 422, outcome("invalid", "Flag.status is invalid")
+        conditional = not tail.startswith("Flag/")
+        if conditional and self.conflict_above is not None:
+            if self.conditional_in_flight >= self.conflict_above:  # a serialisation failure in the database
+                return 409, outcome("conflict", "could not serialize access due to concurrent update")
+            self.conditional_in_flight += 1
+            try:
+                return await self._put_now(tail, query, flag, conditional)
+            finally:
+                self.conditional_in_flight -= 1
+        return await self._put_now(tail, query, flag, conditional)
+
+    async def _paced(self) -> None:
+        """One write of the database, one at a time, each 1/pace s; a late wake-up is caught up by the next write,
+        so n back-to-back writes take n/pace s (the server's own time for them)."""
+        if self.pace is not None:
+            async with self.db:
+                now = time.monotonic()
+                self.db_free = max(self.db_free, now) + 1 / self.pace
+                self.busy_s += 1 / self.pace
+                if self.db_free > now:
+                    await asyncio.sleep(self.db_free - now)
+
+    async def _put_now(self, tail: str, query: str, flag: dict[str, Any],
+                       conditional: bool) -> tuple[int, dict[str, Any] | None]:
+        await self._paced()
         racy_matches = None
-        if self.racy and not tail.startswith("Flag/"):  # like common servers: search, then write, not atomic
+        if self.racy and conditional:  # like common servers: search, then write, not atomic
             wanted = unquote(query.partition("identifier=")[2]).partition("|")[2]
             racy_matches = self.by_identifier(wanted)
             await asyncio.sleep(0.15)
@@ -179,7 +291,7 @@ class FhirDouble:
                 flag = dict(flag, id=fid)
             created = fid not in self.flags
             version = 1 if created else int(self.flags[fid]["meta"]["versionId"]) + 1
-            flag = dict(flag, meta=dict(flag.get("meta", {}), versionId=str(version)))
+            flag = dict(flag, meta=dict(flag.get("meta", {}), versionId=str(version), lastUpdated=self._now()))
             self.flags[fid] = flag
         return (201 if created and not self.always_200 else 200), None
 
@@ -201,11 +313,12 @@ class FhirDouble:
 
     def _search(self, request: web.Request) -> web.Response:
         ident = request.query.get("identifier", "")
-        system = ident.partition("|")[0]
+        system, _, value = ident.partition("|")
         count = int(request.query.get("_count", "50"))
         offset = int(request.query.get("_offset", "0"))
         hits = [f for f in sorted(self.flags.values(), key=lambda f: f["id"])
-                if any(i.get("system") == system for i in f.get("identifier", []))]
+                if any(i.get("system") == system and (not value or i.get("value") == value)
+                       for i in f.get("identifier", []))]
         page = hits[offset : offset + count]
         links = [{"relation": "self", "url": str(request.url)}]
         if offset + count < len(hits):

@@ -26,6 +26,7 @@ log = logging.getLogger("cpis_bridge.fhir.client")
 
 FHIR_JSON = "application/fhir+json"
 TRANSIENT = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+OVERLOAD = frozenset({409, 429, 503})  # answers that halve the concurrency limit (as timeouts do)
 
 
 class FhirUnavailable(RuntimeError):
@@ -180,7 +181,8 @@ def make_auth(mode: str, *, token: str | None = None, token_url: str | None = No
 
 # -- throttling headers ---------------------------------------------------------------------------------------
 
-_T_PARAM = re.compile(r"(?:^|[;,\s])(?:t|reset)\s*=\s*(\d+(?:\.\d+)?)")
+_PARAM = re.compile(r"(?:^|[;,\s])(r|t|remaining|reset)\s*=\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
+_EPOCH_FLOOR = 1_000_000_000  # an X-RateLimit-Reset this large is a Unix time, not a delta
 
 
 def retry_after_s(value: str | None, now: float | None = None) -> float | None:
@@ -199,49 +201,151 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def ratelimit_reset_s(headers: Mapping[str, str]) -> float | None:
-    """The reset time (seconds) of an IETF RateLimit header (``t=``; older drafts ``reset=``/RateLimit-Reset)."""
-    for name in ("RateLimit", "RateLimit-Reset"):
-        value = headers.get(name)
-        if not value:
-            continue
-        if name == "RateLimit-Reset":
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """What a server's rate-limit headers say: requests left in the window and seconds until it resets."""
+
+    remaining: int | None
+    reset_s: float | None
+
+
+def rate_limit(headers: Mapping[str, str], now: float | None = None) -> RateLimit | None:
+    """The IETF RateLimit headers in each shape servers send: the structured field (``"default";r=0;t=30``, with
+    several policies the tightest), the combined draft (``limit=100, remaining=0, reset=30``), the split draft
+    (``RateLimit-Remaining``/``RateLimit-Reset``) and the de-facto ``X-RateLimit-*`` (reset as delta or Unix time)."""
+    remaining: list[int] = []
+    reset: list[float] = []
+    value = headers.get("RateLimit")
+    if value:
+        for name, number in _PARAM.findall(value):
+            if name.lower() in ("r", "remaining"):
+                remaining.append(int(float(number)))
+            else:
+                reset.append(float(number))
+    for prefix in ("RateLimit-", "X-RateLimit-"):
+        for name, into in (("Remaining", remaining), ("Reset", reset)):
+            raw = headers.get(prefix + name)
+            if not raw:
+                continue
             try:
-                return max(0.0, float(value))
+                number = float(raw.split(",")[0].strip())
             except ValueError:
                 continue
-        match = _T_PARAM.search(value)
-        if match:
-            return float(match.group(1))
-    return None
+            if name == "Reset" and number >= _EPOCH_FLOOR:
+                number -= time.time() if now is None else now
+            into.append(int(number) if name == "Remaining" else number)  # type: ignore[arg-type]
+    if not remaining and not reset:
+        return None
+    return RateLimit(min(remaining) if remaining else None, max(0.0, max(reset)) if reset else None)
+
+
+def ratelimit_reset_s(headers: Mapping[str, str]) -> float | None:
+    """The reset time (seconds) of the rate-limit headers, if any."""
+    limit = rate_limit(headers)
+    return None if limit is None else limit.reset_s
+
+
+# -- pacing -----------------------------------------------------------------------------------------------------
+
+
+class AdaptiveLimit:
+    """How many requests may be in flight to one server: additive increase (about +1 per window of successes),
+    multiplicative decrease (halved) on conflict, throttling or timeout. Only answers to requests sent after the
+    last decrease can decrease it again, so one burst of failures halves it once."""
+
+    def __init__(self, initial: int, *, minimum: int = 1, maximum: int = 32) -> None:
+        self.limit = float(max(minimum, min(initial, maximum)))
+        self.minimum = minimum
+        self.maximum = maximum
+        self.in_flight = 0
+        self.decreased_at = 0.0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self) -> float:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.in_flight < int(self.limit))
+            self.in_flight += 1
+        return time.monotonic()
+
+    async def release(self, sent_at: float, signal: str) -> None:
+        """``signal``: "ok" (grow), "overload" (shrink), anything else leaves the limit."""
+        if signal == "ok":
+            self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+        elif signal == "overload" and sent_at > self.decreased_at:
+            self.limit = max(float(self.minimum), self.limit / 2)
+            self.decreased_at = time.monotonic()
+        async with self._cond:
+            self.in_flight -= 1
+            self._cond.notify(max(1, int(self.limit) - self.in_flight))  # wake only those who can go
+
+
+@dataclass
+class Budget:
+    """Requests the server still allows in its current rate-limit window (None: not told, or a new window)."""
+
+    remaining: int | None = None
+    window_end: float = 0.0  # time.monotonic()
+
+    def take(self, now: float) -> float:
+        """Spend one request; returns how long to wait first (until the window resets) when none is left."""
+        if self.remaining is None:
+            return 0.0
+        if now >= self.window_end:
+            self.remaining = None  # the window has reset: the next answer tells us the new count
+            return 0.0
+        if self.remaining <= 0:
+            return self.window_end - now
+        self.remaining -= 1
+        return 0.0
+
+    def note(self, limit: RateLimit, now: float, others_in_flight: int, throttled: bool) -> None:
+        if limit.reset_s is None:
+            return
+        end = now + limit.reset_s
+        left = 0 if throttled else limit.remaining
+        if left is None:
+            return
+        left -= others_in_flight  # sent after this one was counted, or about to be: the server will count them
+        same_window = self.remaining is not None and now < self.window_end and end <= self.window_end + 1.0
+        self.remaining = min(self.remaining, left) if same_window and self.remaining is not None else left
+        self.window_end = end if not same_window else max(self.window_end, end)
 
 
 # -- the client -----------------------------------------------------------------------------------------------
 
 
 class FhirClient:
-    """One FHIR server. Every request first waits for the server's pause gate; a 429/503 with Retry-After closes
-    the gate for every request to this server until it has passed."""
+    """One FHIR server. Every request waits for the server's pause gate (closed by 429/503 with Retry-After or a
+    rate-limit reset, and by the sync relay while the server is unreachable), for the rate-limit budget the
+    server announced (``RateLimit`` remaining/reset), and for a slot under the adaptive concurrency limit."""
 
     def __init__(self, base_url: str, session: aiohttp.ClientSession, auth: Auth | None = None, *,
-                 timeout_s: float = 15.0, transient_attempts: int = 3) -> None:
+                 timeout_s: float = 15.0, transient_attempts: int = 3, concurrency: int = 8,
+                 max_concurrency: int = 32) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session
         self.auth = auth or NoAuth()
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(5.0, timeout_s))
         self.transient_attempts = transient_attempts
+        self.limit = AdaptiveLimit(concurrency, maximum=max(concurrency, max_concurrency))
+        self.budget = Budget()
+        self.sent = 0
+        self.reachable = True  # False after transport failures: requests fail fast until a probe gets through
         self._paused_until = 0.0  # time.monotonic()
 
     # -- the gate ---------------------------------------------------------------------------------------------
     def pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
+    def resume(self) -> None:
+        self._paused_until = 0.0
+
     def paused_for(self) -> float:
         return max(0.0, self._paused_until - time.monotonic())
 
     async def _wait_gate(self) -> None:
         for _ in range(1000):  # the gate can be pushed further while we wait; bounded all the same
-            delay = self.paused_for()
+            delay = max(self.paused_for(), self.budget.take(time.monotonic()))
             if delay <= 0:
                 return
             await asyncio.sleep(delay)
@@ -251,8 +355,11 @@ class FhirClient:
         return path if path.startswith(("http://", "https://")) else f"{self.base_url}/{path.lstrip('/')}"
 
     async def request(self, method: str, path: str, body: Mapping[str, Any] | None = None,
-                      headers: Mapping[str, str] | None = None) -> FhirResponse:
-        """Send one request; transport errors and timeouts are retried briefly, then raise FhirUnavailable."""
+                      headers: Mapping[str, str] | None = None, *, probe: bool = False) -> FhirResponse:
+        """Send one request; transport errors and timeouts are retried briefly, then raise FhirUnavailable and mark
+        the server unreachable: until a ``probe`` request gets an answer, others fail at once without sending."""
+        if not self.reachable and not probe:
+            raise FhirUnavailable(f"{method} not sent: the server is unreachable")
         data = None if body is None else orjson.dumps(body)
         try:
             async for attempt in AsyncRetrying(
@@ -260,10 +367,27 @@ class FhirClient:
                 retry=retry_if_exception_type(TRANSIENT), reraise=True,
             ):
                 with attempt:
-                    return await self._once(method, path, data, headers)
+                    resp = await self._limited(method, path, data, headers)
+                    self.reachable = True
+                    return resp
         except TRANSIENT as exc:
+            self.reachable = False
             raise FhirUnavailable(f"{method} {type(exc).__name__}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _limited(self, method: str, path: str, data: bytes | None,
+                       extra: Mapping[str, str] | None) -> FhirResponse:
+        sent_at = await self.limit.acquire()
+        signal = "none"
+        try:
+            resp = await self._once(method, path, data, extra)
+            signal = "ok" if resp.ok else "overload" if resp.status in OVERLOAD else "none"
+            return resp
+        except TimeoutError:
+            signal = "overload"
+            raise
+        finally:
+            await self.limit.release(sent_at, signal)
 
     async def _once(self, method: str, path: str, data: bytes | None,
                     extra: Mapping[str, str] | None) -> FhirResponse:
@@ -276,6 +400,7 @@ class FhirClient:
             auth = await self.auth.header(self.session)
             if auth:
                 headers["Authorization"] = auth
+            self.sent += 1
             async with self.session.request(method, self.url(path), data=data, headers=headers,
                                             timeout=self.timeout) as resp:
                 raw = await resp.read()
@@ -296,14 +421,20 @@ class FhirClient:
         return FhirResponse(status, resp_headers, body)
 
     def _note_throttle(self, status: int, headers: Mapping[str, str]) -> None:
+        now = time.monotonic()
+        limit = rate_limit(headers)
+        if limit is not None:
+            self.budget.note(limit, now, max(0, self.limit.in_flight - 1), status == 429)
         if status in (429, 503):
             wait = retry_after_s(headers.get("Retry-After"))
+            if wait is None and status == 429 and limit is not None:
+                wait = limit.reset_s  # the budget holds requests until then; the gate says so to every caller
             if wait is not None:
                 self.pause(wait)
                 log.warning("fhir.paused", extra={"status": status, "seconds": round(wait, 3)})
 
     async def capabilities(self) -> dict[str, Any]:
-        resp = await self.request("GET", "metadata")
+        resp = await self.request("GET", "metadata", probe=True)
         if not resp.ok or not resp.body or resp.body.get("resourceType") != "CapabilityStatement":
             raise FhirUnavailable(f"metadata answered {resp.status}")
         return resp.body

@@ -1,10 +1,12 @@
-"""The sync server as core.ports.FlagServer: CapabilityStatement check, write mode (id / conditional / auto),
-single PUTs or `batch` Bundles, and each answer classified as ok / retry / conflict / dead."""
+"""The sync server as core.ports.FlagServer: CapabilityStatement check, write mode (id / conditional / auto, with a
+probe), single PUTs or `batch` Bundles, and each answer settled as ok / retry / conflict / dead (an unknown outcome
+verified by reading, an uninformative 412 resolved by a search on the identifier)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +17,21 @@ from cpis_bridge.core.ports import FlagWrite, WriteResult
 from cpis_bridge.fhir.client import (
     AuthFailed,
     FhirClient,
-    FhirResponse,
     FhirUnavailable,
     ratelimit_reset_s,
     retry_after_s,
 )
-from cpis_bridge.fhir.flag_sync import conditional_url, record_flag
+from cpis_bridge.fhir.flag_sync import (
+    ENTERED_IN_ERROR,
+    conditional_url,
+    flag_id,
+    keep_flag,
+    our_key,
+    record_flag,
+    record_key,
+    summary,
+)
+from cpis_bridge.fhir.outcome import operation_outcome
 
 log = logging.getLogger("cpis_bridge.fhir.sync")
 
@@ -67,7 +78,7 @@ def _multiple_matches(body: Mapping[str, Any] | None) -> bool:
 
 
 def classify(status: int, body: Mapping[str, Any] | None, headers: Mapping[str, str] | None = None) -> WriteResult:
-    """API.md section 5: 2xx ok; 408/429/5xx retry (Retry-After or RateLimit t=); 409 and version 412 conflict;
+    """2xx ok; 408/429/5xx retry (Retry-After, or the rate-limit reset on a 429); 409 and a version 412 conflict;
     412 multiple-matches and every other 4xx dead, with the OperationOutcome kept."""
     outcome = _outcome_json(body)
     if 200 <= status < 300:
@@ -95,23 +106,57 @@ def _entry_status(entry: Mapping[str, Any]) -> tuple[int, Mapping[str, Any] | No
     return status, response.get("outcome")
 
 
+def _unavailable(exc: Exception) -> WriteResult:
+    return WriteResult("retry", 0, str(exc))
+
+
+#: After a server refuses a batch Bundle (4xx), single requests for this long, then batches are tried again.
+BATCH_RETRY_S = 300.0
+
+
 class FhirFlagServer:
-    """Writes Flags to one server. ``mode`` is id, conditional or auto (decided by :meth:`prepare`)."""
+    """Writes Flags to one server. ``mode`` is id, conditional or auto: with auto, the CapabilityStatement's
+    ``updateCreate`` means id; without it, one ``PUT Flag/{uuid}`` is tried and id kept if it is accepted (so the
+    server's ids equal the ED API's wherever the server allows it), else conditional."""
 
     def __init__(self, client: FhirClient, *, mode: str = "auto", batch_above: int = 4, bundle_size: int = 100,
-                 concurrency: int = 8, bundles_in_flight: int = 2) -> None:
+                 bundles_in_flight: int = 2) -> None:
         self.client = client
         self.setting = mode
         self.mode: str | None = None if mode == "auto" else mode
         self.capabilities: Capabilities | None = None
         self.batch_above = batch_above
         self.bundle_size = bundle_size
-        self.concurrency = concurrency
-        self.bundles_in_flight = bundles_in_flight
-        self.use_batch = False
+        self.bundles = asyncio.Semaphore(bundles_in_flight)
+        self.batch_off_until = 0.0  # time.monotonic()
 
     def pause(self, seconds: float) -> None:
         self.client.pause(seconds)
+
+    def resume(self) -> None:
+        self.client.resume()
+
+    def paused_for(self) -> float:
+        return self.client.paused_for()
+
+    @property
+    def reachable(self) -> bool:
+        return self.client.reachable
+
+    async def probe(self) -> bool:
+        """Whether the server answers at all (its CapabilityStatement), for a relay waiting out an outage."""
+        try:
+            if self.capabilities is None:
+                await self.prepare()
+            else:
+                await self.client.capabilities()
+        except (FhirUnavailable, AuthFailed):
+            return False
+        return True
+
+    @property
+    def use_batch(self) -> bool:
+        return bool(self.capabilities and self.capabilities.batch) and time.monotonic() >= self.batch_off_until
 
     @property
     def serialised(self) -> bool:
@@ -119,22 +164,23 @@ class FhirFlagServer:
         return self.mode != "id"
 
     async def prepare(self) -> Capabilities:
-        """Read the CapabilityStatement, log what it means, pick the write mode when auto. Raises FhirUnavailable."""
+        """Read the CapabilityStatement, log what it means, pick the write mode when auto (or leave it to the first
+        write's probe). Raises FhirUnavailable."""
         caps = read_capabilities(await self.client.capabilities())
         self.capabilities = caps
-        self.use_batch = caps.batch
-        if self.setting == "auto":
-            self.mode = "id" if caps.update_create or not caps.conditional_update else "conditional"
+        if self.setting == "auto" and self.mode is None:
+            if caps.update_create or not caps.conditional_update:
+                self.mode = "id"
         problems = []
         if not caps.r4:
             problems.append(f"fhirVersion {caps.fhir_version or 'missing'} is not 4.0.x")
         if not caps.update:
             problems.append("Flag update is not declared")
-        if self.mode == "id" and not caps.update_create:
+        if self.setting == "id" and not caps.update_create:
             problems.append("updateCreate is not declared (PUT Flag/{id} may be refused)")
         if self.mode == "conditional" and not caps.conditional_update:
             problems.append("conditionalUpdate is not declared")
-        extra = {"fhirVersion": caps.fhir_version, "mode": self.mode, "batch": caps.batch,
+        extra = {"fhirVersion": caps.fhir_version, "mode": self.mode or "probe", "batch": caps.batch,
                  "updateCreate": caps.update_create, "conditionalUpdate": caps.conditional_update}
         if problems:
             log.warning("fhir.capabilities.mismatch: " + "; ".join(problems), extra=extra)
@@ -143,73 +189,155 @@ class FhirFlagServer:
         return caps
 
     # -- writing ----------------------------------------------------------------------------------------------
-    def _target(self, write: FlagWrite) -> tuple[str, dict[str, Any]]:
+    def _target(self, write: FlagWrite, fid: str | None = None) -> tuple[str, dict[str, Any]]:
         flag = record_flag(write.record, write.status)
-        if self.mode == "conditional":
+        if fid is not None:
+            flag["id"] = fid
+        elif self.mode == "conditional":
             flag.pop("id")
             return conditional_url(write.record.la, write.record.local_id), flag
         return f"Flag/{flag['id']}", flag
 
-    async def write(self, writes: Sequence[FlagWrite]) -> list[WriteResult]:
+    async def write(self, writes: Sequence[FlagWrite], ids: Sequence[str | None] | None = None) -> list[WriteResult]:
+        """Write each Flag (to ``ids[i]`` when given: an existing Flag's server id) and settle each answer."""
         if not writes:
             return []
-        if self.mode is None or self.capabilities is None:
+        targets = list(ids) if ids is not None else [None] * len(writes)
+        if self.capabilities is None:
             try:
                 await self.prepare()
             except (FhirUnavailable, AuthFailed) as exc:
                 if self.mode is None:  # auto mode cannot choose without the CapabilityStatement
                     log.warning("fhir.capabilities.unavailable", extra={"error": str(exc)})
-                    return [WriteResult("retry", 0, "capabilities unavailable")] * len(writes)
+                    return [_unavailable(exc)] * len(writes)
+        head: list[WriteResult] = []
+        if self.mode is None:
+            first = await self._probe(writes[0])
+            if self.mode is None:
+                return [first] * len(writes)
+            if first.outcome == "ok":
+                head, writes, targets = [first], writes[1:], targets[1:]
         if self.use_batch and len(writes) > self.batch_above:
-            gate = asyncio.Semaphore(self.bundles_in_flight)
+            chunks = [(writes[i : i + self.bundle_size], targets[i : i + self.bundle_size])
+                      for i in range(0, len(writes), self.bundle_size)]
+            parts = await asyncio.gather(*(self._bundle(w, t) for w, t in chunks))
+            return head + [r for part in parts for r in part]
+        return head + await self._singles(writes, targets)
 
-            async def bundle(chunk: Sequence[FlagWrite]) -> list[WriteResult]:
-                async with gate:
-                    return await self._bundle(chunk)
+    async def _probe(self, write: FlagWrite) -> WriteResult:
+        """auto without updateCreate: does ``PUT Flag/{uuid}`` create? Decides the mode unless the answer is
+        transient (then the next write asks again)."""
+        url, flag = f"Flag/{flag_id(write.record.la, write.record.local_id)}", record_flag(write.record, write.status)
+        try:
+            resp = await self.client.request("PUT", url, flag, {"Prefer": "return=minimal"})
+        except (FhirUnavailable, AuthFailed) as exc:
+            return _unavailable(exc)
+        result = classify(resp.status, resp.body, resp.headers)
+        if result.outcome == "retry" or resp.status in (401, 403):
+            return result
+        self.mode = "id" if result.outcome == "ok" else "conditional"
+        log.info("fhir.write_mode.chosen", extra={"mode": self.mode, "probeStatus": resp.status})
+        return result
 
-            chunks = [writes[i : i + self.bundle_size] for i in range(0, len(writes), self.bundle_size)]
-            return [r for part in await asyncio.gather(*(bundle(c) for c in chunks)) for r in part]
-        return await self._singles(writes)
+    async def _singles(self, writes: Sequence[FlagWrite], targets: Sequence[str | None]) -> list[WriteResult]:
+        return list(await asyncio.gather(*(self._single(w, t) for w, t in zip(writes, targets, strict=True))))
 
-    async def _singles(self, writes: Sequence[FlagWrite]) -> list[WriteResult]:
-        gate = asyncio.Semaphore(self.concurrency)
+    async def _single(self, write: FlagWrite, fid: str | None, resolve: bool = True) -> WriteResult:
+        url, flag = self._target(write, fid)
+        try:
+            resp = await self.client.request("PUT", url, flag, {"Prefer": "return=minimal"})
+        except (FhirUnavailable, AuthFailed) as exc:
+            return _unavailable(exc)
+        return await self._settle(write, resp.status, resp.body, resp.headers, resolve)
 
-        async def one(write: FlagWrite) -> WriteResult:
-            url, flag = self._target(write)
-            async with gate:
-                try:
-                    resp = await self.client.request("PUT", url, flag, {"Prefer": "return=minimal"})
-                except (FhirUnavailable, AuthFailed) as exc:
-                    return WriteResult("retry", 0, str(exc))
-            return classify(resp.status, resp.body, resp.headers)
+    async def _settle(self, write: FlagWrite, status: int, body: Mapping[str, Any] | None,
+                      headers: Mapping[str, str] | None, resolve: bool = True) -> WriteResult:
+        result = classify(status, body, headers)
+        if status == 412 and resolve and (_outcome_json(body) is None or _multiple_matches(body)):
+            return await self._resolve_412(write, result)
+        return result
 
-        return list(await asyncio.gather(*(one(w) for w in writes)))
+    async def matches(self, write: FlagWrite) -> list[dict[str, Any]] | None:
+        """The server's Flags carrying this record's identifier (None when the search fails)."""
+        key = record_key(write.record.la, write.record.local_id)
+        try:
+            resp = await self.client.request("GET", conditional_url(write.record.la, write.record.local_id))
+        except (FhirUnavailable, AuthFailed):
+            return None
+        if not resp.ok or not resp.body or resp.body.get("resourceType") != "Bundle":
+            return None
+        flags = [(e.get("resource") or {}) for e in resp.body.get("entry") or []]
+        return [f for f in flags if f.get("resourceType") == "Flag" and our_key(f) == key]
 
-    async def _bundle(self, writes: Sequence[FlagWrite]) -> list[WriteResult]:
+    async def _resolve_412(self, write: FlagWrite, first: WriteResult) -> WriteResult:
+        """A 412 says too little (often nothing): search the identifier. One Flag or none: a version conflict, to
+        retry. Several, of which at most one is live (the others entered-in-error, as reconcile leaves them): write
+        to the live one by id. Several live: dead-letter as multiple-matches (``reconcile`` repairs duplicates)."""
+        found = await self.matches(write)
+        if found is None:
+            return WriteResult("retry", first.status, "412, identifier search failed", first.operation_outcome)
+        live = [f for f in found if f.get("status") != ENTERED_IN_ERROR]
+        if len(found) <= 1:
+            return WriteResult("conflict", 412, "version-conflict", first.operation_outcome)
+        if len(live) > 1:
+            text = f"{len(live)} live Flags carry this identifier; cpis-bridge reconcile repairs duplicates"
+            told = first.operation_outcome or orjson.dumps(operation_outcome(412, text, code="multiple-matches"))
+            return WriteResult("dead", 412, "multiple-matches", told if isinstance(told, str) else told.decode())
+        keep = live[0] if live else keep_flag(found, flag_id(write.record.la, write.record.local_id))
+        return await self._single(write, str(keep["id"]), resolve=False)
+
+    async def _verify(self, writes: Sequence[FlagWrite], targets: Sequence[str | None]) -> list[WriteResult]:
+        """The outcome of these writes is unknown (an empty or unusable 2xx answer): read what the server holds;
+        what already matches is done, the rest is sent again singly."""
+
+        async def one(write: FlagWrite, fid: str | None) -> WriteResult:
+            found = await self.matches(write)
+            if found is None:
+                return WriteResult("retry", 0, "outcome unknown, verification search failed")
+            want = summary(record_flag(write.record, write.status))
+            live = [f for f in found if f.get("status") != ENTERED_IN_ERROR]
+            if len(live) <= 1 and any(summary(f) == want for f in found):
+                return WriteResult("ok", 200, "verified")
+            return await self._single(write, fid)
+
+        return list(await asyncio.gather(*(one(w, t) for w, t in zip(writes, targets, strict=True))))
+
+    async def _bundle(self, writes: Sequence[FlagWrite], targets: Sequence[str | None]) -> list[WriteResult]:
         entries = []
-        for write in writes:
-            url, flag = self._target(write)
+        for write, fid in zip(writes, targets, strict=True):
+            url, flag = self._target(write, fid)
             entries.append({"resource": flag, "request": {"method": "PUT", "url": url}})
         bundle = {"resourceType": "Bundle", "type": "batch", "entry": entries}
-        try:
-            resp = await self.client.request("POST", "", bundle, {"Prefer": "return=minimal"})
-        except (FhirUnavailable, AuthFailed) as exc:
-            return [WriteResult("retry", 0, str(exc))] * len(writes)
-        return await self._bundle_results(resp, writes)
-
-    async def _bundle_results(self, resp: FhirResponse, writes: Sequence[FlagWrite]) -> list[WriteResult]:
+        async with self.bundles:
+            try:
+                # no Prefer return=minimal: servers then answer an empty 200 instead of the batch-response
+                resp = await self.client.request("POST", "", bundle)
+            except (FhirUnavailable, AuthFailed) as exc:
+                return [_unavailable(exc)] * len(writes)
         whole = classify(resp.status, resp.body, resp.headers)
         if whole.outcome == "retry":
             return [whole] * len(writes)
+        if not resp.ok:  # the server refused the batch itself: single requests for a while, then batches again
+            log.warning("fhir.batch.refused", extra={"status": resp.status, "retryBatchInS": BATCH_RETRY_S})
+            self.batch_off_until = time.monotonic() + BATCH_RETRY_S
+            return await self._singles(writes, targets)
         body = resp.body or {}
-        entries = body.get("entry") or []
-        if whole.outcome != "ok" or body.get("resourceType") != "Bundle" or len(entries) != len(writes):
-            # the server refused the batch itself (unsupported, malformed answer): fall back to single requests
-            log.warning("fhir.batch.refused", extra={"status": resp.status})
-            self.use_batch = False
-            return await self._singles(writes)
-        results = []
-        for entry in entries:
-            status, outcome = _entry_status(entry)
-            results.append(classify(status, outcome, None))
-        return results
+        answers = body.get("entry") or []
+        if body.get("resourceType") != "Bundle" or len(answers) != len(writes):
+            log.warning("fhir.batch.unknown", extra={"status": resp.status, "entries": len(writes)})
+            return await self._verify(writes, targets)
+        statuses = [_entry_status(a) for a in answers]
+        unknown = [i for i, (status, _) in enumerate(statuses) if status == 0]
+        settled = await asyncio.gather(*(
+            self._settle(w, status, body, None) for w, (status, body) in zip(writes, statuses, strict=True)
+            if status != 0))
+        results: list[WriteResult | None] = [None] * len(writes)
+        it = iter(settled)
+        for i, (status, _) in enumerate(statuses):
+            if status != 0:
+                results[i] = next(it)
+        if unknown:
+            for i, r in zip(unknown, await self._verify([writes[i] for i in unknown], [targets[i] for i in unknown]),
+                            strict=True):
+                results[i] = r
+        return [r for r in results if r is not None]

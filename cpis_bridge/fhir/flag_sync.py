@@ -1,5 +1,5 @@
-"""The Flag a record is mirrored as on the sync server (API.md section 5): ids, identifier, status, and the pure
-record -> Flag mapping. No I/O here."""
+"""The Flag a record is mirrored as on the sync server: ids, identifier, status, which of several to keep, and
+the pure record -> Flag mapping. No I/O here."""
 
 from __future__ import annotations
 
@@ -61,3 +61,22 @@ def our_key(flag: dict[str, Any]) -> str | None:
         if ident.get("system") == IDENTIFIER_SYSTEM and isinstance(ident.get("value"), str):
             return str(ident["value"])
     return None
+
+
+def _newness(flag: dict[str, Any]) -> tuple[str, int]:
+    meta = flag.get("meta") or {}
+    try:
+        version = int(meta.get("versionId") or 0)
+    except (TypeError, ValueError):
+        version = 0
+    return (str(meta.get("lastUpdated") or ""), version)
+
+
+def keep_flag(flags: list[dict[str, Any]], uuid_id: str) -> dict[str, Any]:
+    """Of several server Flags for one record, the one to keep: the one with our UUIDv5 id if present, else the
+    newest live one (meta.lastUpdated, then versionId), else the newest."""
+    for flag in flags:
+        if flag.get("id") == uuid_id:
+            return flag
+    live = [f for f in flags if f.get("status") != ENTERED_IN_ERROR]
+    return max(live or flags, key=_newness)

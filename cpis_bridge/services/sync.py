@@ -8,15 +8,16 @@ import datetime as dt
 import logging
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-from cpis_bridge.core.ports import FlagServer, FlagWrite, SyncItem, SyncQueue
+from cpis_bridge.core.ports import FlagServer, FlagWrite, SyncItem, SyncQueue, WriteResult
 from cpis_bridge.core.records import Record, VisibilityWindows, today_london
 
 log = logging.getLogger("cpis_bridge.sync")
 
 ACTIVE, INACTIVE, ENTERED_IN_ERROR = "active", "inactive", "entered-in-error"
 EPOCH = dt.date(1970, 1, 1)
-LOCK_TTL_MS = 60_000  # one conditional write per identifier at a time (API.md section 5)
+LOCK_TTL_MS = 60_000  # one conditional write per identifier at a time
 BUSY_RETRY_MS = 500
 
 Clock = Callable[[], dt.datetime]
@@ -49,13 +50,27 @@ class Backoff:
         self.failures = 0
         self.rng = rng or random.Random()
 
-    def next(self) -> float:
-        ceiling = min(self.max_s, self.first_s * float(2 ** min(self.failures, 30)))
-        self.failures += 1
+    def delay(self, failures: int) -> float:
+        """The wait after ``failures`` failures in a row (the first: about ``first_s``)."""
+        ceiling = min(self.max_s, self.first_s * float(2 ** min(max(0, failures - 1), 30)))
         return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+
+    def next(self) -> float:
+        self.failures += 1
+        return self.delay(self.failures)
 
     def reset(self) -> None:
         self.failures = 0
+
+
+#: Answers about the server as a whole (unreachable, throttled, unavailable): they pause every request to it.
+#: Every other failure is the record's own and backs off that record alone.
+SERVER_WIDE = frozenset({0, 429, 503})
+#: A version conflict (412 on one Flag, not several matching) is retried this many times in all, then dead-lettered.
+MAX_VERSION_CONFLICTS = 5
+#: While the server is unreachable it is probed (GET metadata) at least this often, so sync resumes within about
+#: this long of its return, however long the outage was.
+PROBE_MAX_S = 0.5
 
 
 class FlagSyncRelay:
@@ -87,7 +102,9 @@ class FlagSyncRelay:
         self.clock = clock
         self.observe = observe or (lambda outcome, n: None)
         self.observe_latency = observe_latency or (lambda seconds: None)
-        self.backoff = Backoff(first_retry_s, max_backoff_s)
+        self.backoff = Backoff(first_retry_s, max_backoff_s)  # per record, by its attempts
+        self.server_backoff = Backoff(first_retry_s, max_backoff_s)  # 429/503 with no timing: the whole server
+        self.probe_backoff = Backoff(first_retry_s, min(max_backoff_s, PROBE_MAX_S))
 
     async def run_once(self) -> int:
         """Move due retries back, read one batch, send it. Returns how many records were handled."""
@@ -97,10 +114,25 @@ class FlagSyncRelay:
             self.server.pause(paused / 1000)
             await asyncio.sleep(min(paused, self.block_ms) / 1000)
             return 0
+        if not self.server.reachable and not await self._probe():
+            return 0
         await self.queue.move_due(now)
         items = await self.queue.read(self.consumer, self.batch, self.block_ms)
         await self.send(items)
         return len(items)
+
+    async def _probe(self) -> bool:
+        """The server was unreachable: wait out the gate, then ask it for its CapabilityStatement."""
+        wait = self.server.paused_for()
+        if wait > 0:
+            await asyncio.sleep(min(wait, self.block_ms / 1000))
+            return False
+        if await self.server.probe():
+            self.probe_backoff.reset()
+            log.info("sync.server.reachable")
+            return True
+        self.server.pause(self.probe_backoff.next())
+        return False
 
     async def send(self, items: Sequence[SyncItem]) -> None:
         """Send a read batch; with conditional writes, only the identifiers this relay could lock."""
@@ -122,8 +154,7 @@ class FlagSyncRelay:
     async def process(self, items: Sequence[SyncItem]) -> None:
         day = today_london(self.clock())
         pending = list(items)
-        retry: list[SyncItem] = []
-        retry_after: float | None = None
+        later: list[tuple[SyncItem, WriteResult]] = []
         delivered = 0
         for attempt in range(self.conflict_retries + 1):
             if not pending:
@@ -139,44 +170,72 @@ class FlagSyncRelay:
                     sendable.append((item, write))
             await self.queue.done(unknown)
             results = await self.server.write([w for _, w in sendable])
-            conflicts: list[SyncItem] = []
+            conflicts: list[tuple[SyncItem, WriteResult]] = []
             ok: list[SyncItem] = []
             for (item, _), result in zip(sendable, results, strict=True):
                 if result.outcome == "ok":
                     ok.append(item)
                 elif result.outcome == "conflict":
-                    conflicts.append(item)
+                    conflicts.append((item, result))
                 elif result.outcome == "dead":
-                    log.warning("sync.dead", extra={"la": item.la, "status": result.status, "reason": result.reason})
-                    await self.queue.dead(item, result)
-                    self.observe("dead", 1)
+                    await self._dead(item, result)
                 else:
-                    retry.append(item)
-                    if result.retry_after_s is not None:
-                        retry_after = max(retry_after or 0.0, result.retry_after_s)
+                    later.append((item, result))
             await self.queue.done(ok)
             delivered += len(ok)
             now_ms = epoch_ms(self.clock())
             for item in ok:
                 self.observe_latency(max(0.0, (now_ms - item.queued_ms) / 1000))
-            pending = conflicts
+            pending = [item for item, _ in conflicts]
             if conflicts and attempt < self.conflict_retries:
                 await asyncio.sleep(0.05 * (attempt + 1))
-        retry.extend(pending)  # conflicts that kept conflicting wait like transient failures
+            else:
+                later.extend(conflicts)  # conflicts that kept conflicting back off like other failures of one record
         if delivered:
             self.observe("delivered", delivered)
-        if retry:
-            delay = retry_after if retry_after is not None else self.backoff.next()
-            if retry_after is None:
-                self.server.pause(delay)  # the server is struggling: every request waits, not only these
+            self.server_backoff.reset()
+        if later:
+            await self._later(later)
+
+    async def _dead(self, item: SyncItem, result: WriteResult) -> None:
+        log.warning("sync.dead", extra={"la": item.la, "status": result.status, "reason": result.reason})
+        await self.queue.dead(item, result)
+        self.observe("dead", 1)
+
+    async def _later(self, failed: Sequence[tuple[SyncItem, WriteResult]]) -> None:
+        """Park what failed: a server-wide failure pauses the server (every process, when it said how long) and its
+        records wait for it without counting an attempt; any other failure backs off that record alone."""
+        now = epoch_ms(self.clock())
+        server_wait: float | None = None
+        told: float | None = None
+        items: list[SyncItem] = []
+        dues: list[int] = []
+        for item, result in failed:
+            if result.status == 412 and item.attempts + 1 >= MAX_VERSION_CONFLICTS:
+                await self._dead(item, WriteResult("dead", 412, "version-conflict", result.operation_outcome))
+                continue
+            if result.status in SERVER_WIDE:
+                if result.retry_after_s is not None:
+                    told = max(told or 0.0, result.retry_after_s)
+                    wait = result.retry_after_s
+                elif result.status == 0 and not self.server.reachable:
+                    wait = 0.0  # unreachable: the relay probes it and reads these as soon as it answers
+                else:
+                    server_wait = server_wait if server_wait is not None else self.server_backoff.next()
+                    wait = server_wait
+                items.append(item)
             else:
-                now = epoch_ms(self.clock())
-                await self.queue.pause_until(now + int(retry_after * 1000), now)
-            await self.queue.defer(retry, epoch_ms(self.clock()) + int(delay * 1000))
-            self.observe("retried", len(retry))
-            log.info("sync.deferred", extra={"count": len(retry), "delayS": round(delay, 3)})
-        elif delivered:
-            self.backoff.reset()
+                wait = self.backoff.delay(item.attempts + 1)
+                items.append(replace(item, attempts=item.attempts + 1))
+            dues.append(now + int(wait * 1000))
+        if told is not None:
+            await self.queue.pause_until(now + int(told * 1000), now)
+        if server_wait is not None:
+            self.server.pause(server_wait)
+        if items:
+            await self.queue.defer(items, dues)
+            self.observe("retried", len(items))
+            log.info("sync.deferred", extra={"count": len(items), "maxDelayS": round((max(dues) - now) / 1000, 3)})
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until ``stop`` is set: relay batches; errors (Redis down, bugs) are logged and retried with backoff."""

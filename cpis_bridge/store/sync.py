@@ -36,9 +36,11 @@ def coalesce(entries: Sequence[tuple[str, dict[str, str]]]) -> tuple[list[SyncIt
             malformed.append(entry_id)
             continue
         queued = int(fields["q"]) if fields.get("q") else _id_key(entry_id)[0]
-        group = groups.setdefault((la, lid), {"ids": [], "q": queued, "t": None})
+        group = groups.setdefault((la, lid), {"ids": [], "q": queued, "t": None, "n": 0})
         group["ids"].append(entry_id)
         group["q"] = min(group["q"], queued)
+        if fields.get("n"):
+            group["n"] = max(group["n"], int(fields["n"]))
         if fields.get("t"):
             group["t"] = fields["t"]
     items = []
@@ -49,7 +51,7 @@ def coalesce(entries: Sequence[tuple[str, dict[str, str]]]) -> tuple[list[SyncIt
                 tomb = Record.from_compact(la, lid, orjson.loads(g["t"]))
             except (ValueError, KeyError, TypeError):
                 tomb = None
-        items.append(SyncItem(la, lid, tuple(g["ids"]), g["q"], tomb))
+        items.append(SyncItem(la, lid, tuple(g["ids"]), g["q"], tomb, g["n"]))
     return items, malformed
 
 
@@ -142,12 +144,14 @@ class RedisSyncQueue:
     async def done(self, items: Sequence[SyncItem]) -> None:
         await self._ack([i for item in items for i in item.entry_ids])
 
-    async def defer(self, items: Sequence[SyncItem], due_ms: int) -> None:
-        """Park the items in the retry zset and acknowledge their entries, in one MULTI (nothing lost)."""
+    async def defer(self, items: Sequence[SyncItem], due_ms: int | Sequence[int]) -> None:
+        """Park the items in the retry zset (one due time, or one each) and acknowledge their entries, in one MULTI
+        (nothing lost)."""
         if not items:
             return
         ids = [i for item in items for i in item.entry_ids]
-        mapping = {self.delay_member(item): due_ms for item in items}
+        dues = [due_ms] * len(items) if isinstance(due_ms, int) else list(due_ms)
+        mapping = {self.delay_member(item): due for item, due in zip(items, dues, strict=True)}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zadd(self.keys.sync_delay, mapping)
             pipe.xack(self.keys.sync_queue, GROUP, *ids)
@@ -157,7 +161,7 @@ class RedisSyncQueue:
     @staticmethod
     def delay_member(item: SyncItem) -> str:
         tomb = "" if item.tombstone is None else orjson.dumps(item.tombstone.to_compact()).decode()
-        return SEP.join((item.la, item.local_id, str(item.queued_ms), tomb))
+        return SEP.join((item.la, item.local_id, str(item.queued_ms), str(item.attempts), tomb))
 
     async def dead(self, item: SyncItem, result: WriteResult) -> None:
         """Dead letter {channel, la, lid, reason, at, outcome} and acknowledge, in one MULTI."""

@@ -1,5 +1,5 @@
 """Flag sync through the real entry points: the app's own relay (cleanup_ctx) mirrors API writes and counts them
-in /metrics; `cpis-bridge reconcile` (a subprocess) reports and repairs drift and exits 0 when in sync."""
+in /metrics; `cpis-bridge reconcile` (a subprocess) reports and repairs drift (duplicates too) and exits 0 when in sync."""
 
 from __future__ import annotations
 
@@ -75,11 +75,15 @@ async def test_reconcile_repairs_drift(aiohttp_client, make_settings, double):
     double.flags["stray"] = {"resourceType": "Flag", "id": "stray", "status": "active", "meta": {"versionId": "1"},
                              "identifier": [{"system": IDENTIFIER_SYSTEM, "value": "LA001|NO-SUCH"}],
                              "subject": {"identifier": {"value": "9990000026"}}}  # ours, but no record
+    other = double.add_duplicate("LA001|RC-3")  # a second Flag with our identifier, newer than ours
     code, report = await _reconcile(settings, "--dry-run")
-    assert code == 1 and report["drift"] == {"missing": 1, "wrong": 2, "extra": 1, "failed": 0}
+    assert code == 1 and report["drift"] == {"missing": 1, "wrong": 2, "extra": 1, "duplicates": 1, "failed": 0}
+    assert double.flags[other]["status"] == "active", "a dry run changes nothing"
     code, report = await _reconcile(settings)
-    assert code == 0 and report["inSync"] is True and report["repaired"] == 4
+    assert code == 0 and report["inSync"] is True and report["repaired"] == 5
     assert double.flags["stray"]["status"] == "entered-in-error"
+    assert double.flags[other]["status"] == "entered-in-error", "the copy goes, the Flag with our id stays"
+    assert double.flags[flag_id("LA001", "RC-3")]["status"] == "active"
     assert double.flags[flag_id("LA001", "RC-0")]["status"] == "active"
     assert double.flags[flag_id("LA001", "RC-2")]["period"] == {"start": "2026-01-10"}
-    assert report["after"] == {"missing": 0, "wrong": 0, "extra": 0, "failed": 0}
+    assert report["after"] == {"missing": 0, "wrong": 0, "extra": 0, "duplicates": 0, "failed": 0}

@@ -152,6 +152,7 @@ async def test_version_conflict_412_is_reread_and_retried(env, double):
 
 
 async def test_412_multiple_matches_is_dead_at_once(aiohttp_client, make_settings, double):
+    """Two live Flags behind the identifier: dead-lettered after one write and one search, never retried."""
     settings = make_settings(fhir_base_url=double.base_url, relays=False, fhir_write_mode="conditional")
     env = await make_env(aiohttp_client, settings, timeout_s=2.0)
     try:
@@ -162,7 +163,7 @@ async def test_412_multiple_matches_is_dead_at_once(aiohttp_client, make_setting
         await env.drain()
         dead = await env.dead()
         assert [d["reason"] for d in dead] == ["multiple-matches"]
-        assert len([r for r in puts(double) if r[1] == "PUT"]) == 1
+        assert [r[1] for r in puts(double)] == ["PUT", "GET"]
     finally:
         await env.session.close()
 
@@ -178,7 +179,9 @@ async def test_auto_mode_picks_conditional_when_no_update_create(aiohttp_client,
         await env.drain()
         assert env.parts.server.mode == "conditional"
         assert double.state() == await env.expected()
-        assert all(p.startswith("Flag?identifier=") for _t, _m, p, _s in puts(double))
+        probe, *rest = puts(double)  # one PUT Flag/{uuid} tried first: refused, so conditional writes
+        assert probe[2].startswith("Flag/") and probe[3] == 405
+        assert rest and all(p.startswith("Flag?identifier=") for _t, _m, p, _s in rest)
         await env.put("K-0", record("K-0", endDate="2026-02-01"))
         await env.drain()
         assert double.state() == await env.expected() and len(double.flags) == 6

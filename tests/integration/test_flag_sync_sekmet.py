@@ -4,6 +4,7 @@ validation) started as a subprocess on a free loopback port: the server's final 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import shutil
 import socket
@@ -81,7 +82,8 @@ async def _server_state(env) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("mode", ["auto", "conditional"])
-async def test_sekmet_ends_equal_to_the_store(aiohttp_client, make_settings, sekmet, mode):
+async def test_sekmet_ends_equal_to_the_store(aiohttp_client, make_settings, sekmet, mode, caplog):
+    caplog.set_level(logging.INFO, logger="cpis_bridge.fhir.sync")
     settings = make_settings(fhir_base_url=sekmet, relays=False, fhir_write_mode=mode)
     env = await make_env(aiohttp_client, settings, timeout_s=10.0)
     p = f"{mode[:4]}-"
@@ -94,6 +96,9 @@ async def test_sekmet_ends_equal_to_the_store(aiohttp_client, make_settings, sek
         await env.put(f"{p}gone", record(f"{p}gone"))
         await env.drain()
         assert env.parts.server.mode == ("id" if mode == "auto" else "conditional")
+        # the backlog went as batch Bundles answered entry by entry: no fallback, nothing verified or resent
+        assert not [r.getMessage() for r in caplog.records if r.getMessage().startswith("fhir.batch")]
+        assert env.parts.server.client.sent <= 4, "metadata, then one Bundle for the 13 records"
         await env.put(f"{p}1", record(f"{p}1", nhs=numbers[1], planType="LAC", endDate="2026-02-10"))  # a single
         await env.erase(f"{p}gone")
         await env.drain()
