@@ -1,5 +1,5 @@
 """Flag sync through the real entry points: the app's own relay (cleanup_ctx) mirrors API writes and counts them
-in /metrics; `cpis-bridge reconcile` (a subprocess) reports and repairs drift (duplicates too) and exits 0 when in sync."""
+in /metrics; `cpis-bridge reconcile` (a subprocess) reports and repairs drift (duplicates too), exit 0 when in sync."""
 
 from __future__ import annotations
 
