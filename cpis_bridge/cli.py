@@ -114,7 +114,7 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
     print(
         dev_token(
             settings.dev_secret(), role=Role(args.role), ods=args.ods, name=args.name, role_code=args.role_code,
-            ttl_s=args.ttl,
+            ttl_s=args.ttl, extra={"sds_user_id": args.sds_user_id} if args.sds_user_id else None,
         )
     )
     return 0
@@ -389,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--ods", required=True)
     tok.add_argument("--name")
     tok.add_argument("--role-code")
+    tok.add_argument("--sds-user-id", help="the national SDS user id (digits) a smartcard session would carry")
     tok.add_argument("--ttl", type=int, default=3600)
     up = sub.add_parser("upload", help="upload a batch file (JSON, NDJSON or CSV) to a running service")
     up.add_argument("file")
