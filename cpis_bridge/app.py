@@ -190,6 +190,9 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
         config=RelayConfig(
             consumer=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}",
             concurrency=settings.relay_concurrency,
+            endpoint_concurrency=settings.delivery_endpoint_concurrency,
+            breaker_failures=settings.delivery_breaker_failures,
+            breaker_cooldown_s=settings.delivery_breaker_cooldown_s,
             claim_idle_ms=int(settings.relay_claim_idle_s * 1000),
             reclaim_interval_s=settings.relay_reclaim_interval_s,
             promote_interval_s=min(0.25, settings.delivery_first_retry_s / 2),

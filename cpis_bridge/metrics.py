@@ -59,6 +59,16 @@ class Metrics:
             "cpis_delivery_latency_seconds", "Time from queueing to successful delivery, by channel",
             ["channel"], buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.delivery_breaker_open = Gauge(
+            "cpis_delivery_breaker_open",
+            "1 while this process's circuit breaker for an LA endpoint is open or half-open (its entries are held "
+            "aside), else 0; by channel and LA ODS code", ["channel", "la"], registry=r,
+        )
+        self.delivery_breaker_transitions = Counter(
+            "cpis_delivery_breaker_transitions_total",
+            "Circuit breaker transitions of an LA endpoint in this process, by channel, LA ODS code and new state "
+            "(open, half-open, closed)", ["channel", "la", "state"], registry=r,
+        )
         self.redis_up = Gauge("cpis_redis_up", "1 when Redis answers, else 0", registry=r)
         self.ready = Gauge("cpis_ready", "1 when the service is ready to serve, else 0", registry=r)
         self.unreadable = Counter(

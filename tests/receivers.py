@@ -1,6 +1,6 @@
 """Real HTTP receivers for delivery tests: an LA webhook (Standard Webhooks verified with the `standardwebhooks`
 library) and an LA FHIR server, both on 127.0.0.1, able to misbehave on purpose (5xx, slow, 429 + Retry-After,
-410, 4xx, down = connection refused)."""
+410, 4xx, down = connection refused, hung = accepts and never answers until ``recover()``)."""
 
 from __future__ import annotations
 
@@ -30,18 +30,24 @@ class Attempt:
 @dataclass
 class Receiver:
     """Answers per ``behaviour(attempt_number, request) -> status`` (default 200); records every attempt and the
-    notifications accepted with a 2xx. ``slow_s`` > 0 makes the answer come late (beyond the client's timeout)."""
+    notifications accepted with a 2xx. ``slow_s`` > 0 makes the answer come late (beyond the client's timeout);
+    ``hung`` holds every request unanswered until ``recover()``. ``max_in_flight`` is the most requests it ever
+    held at once."""
 
     secret: str = field(default_factory=lambda: NEW_SECRET)
     behaviour: Callable[[int, web.Request], int] | None = None
     retry_after: str | None = None
     slow_s: float = 0.0
+    hung: bool = False
+    in_flight: int = 0
+    max_in_flight: int = 0
     attempts: list[Attempt] = field(default_factory=list)
     accepted: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     bad_signatures: int = 0
     port: int = 0
     on_accept: Callable[[dict[str, Any]], Awaitable[None] | None] | None = None
     _runner: web.AppRunner | None = None
+    _recovered: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def url(self) -> str:
@@ -71,7 +77,24 @@ class Receiver:
         resource["_notification"] = inner
         return await self._answer(request, resource, inner["id"])
 
+    def recover(self) -> None:
+        """Stop hanging: requests held so far are answered 503 (their senders have given up on them anyway)."""
+        self.hung = False
+        self._recovered.set()
+
     async def _answer(self, request: web.Request, body: dict[str, Any], nid: str) -> web.Response:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.hung:
+                self.attempts.append(Attempt(time.monotonic(), None, nid))
+                await self._recovered.wait()
+                return web.Response(status=503)
+            return await self._respond(request, body, nid)
+        finally:
+            self.in_flight -= 1
+
+    async def _respond(self, request: web.Request, body: dict[str, Any], nid: str) -> web.Response:
         n = len(self.attempts) + 1
         status = self.behaviour(n, request) if self.behaviour else 200
         if self.slow_s:
@@ -94,7 +117,8 @@ class Receiver:
         app = web.Application()
         app.router.add_post("/cpis", self._webhook)
         app.router.add_put("/fhir/Communication/{id}", self._fhir)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        # A request the sender gave up on (timeout) is cancelled here too, so in_flight counts what is really open.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
         await site.start()

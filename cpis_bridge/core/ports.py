@@ -105,6 +105,7 @@ class QueueEntry:
     first_ms: int = 0  # when the notification was queued (max age counts from here)
     client_error_since_ms: int = 0  # first of an unbroken run of 4xx answers (0 = none)
     access_id: str = ""  # the access notified ('' on entries queued before it was carried)
+    problem: str = ""  # why the stored entry could not be read ('' = it could): dead-lettered on sight
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,7 @@ class DeadLetter:
     channel: str
     reason: str
     status: int | None = None
+    detail: str = ""  # e.g. which step failed and the exception type (never a value from the data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +158,10 @@ class Outbox(Protocol):
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[QueueEntry]: ...
 
-    async def load(self, entries: Sequence[QueueEntry]) -> list[dict[str, str] | None]: ...
+    async def load(self, entries: Sequence[QueueEntry]) -> list[dict[str, str] | Exception | None]:
+        """Each entry's inbox fields (with its recent accesses); None when the inbox entry is gone; the exception
+        when it could not be read (one bad entry never fails the others)."""
+        ...
 
     async def settle(
         self,
@@ -165,9 +170,20 @@ class Outbox(Protocol):
         notification_id: str | None,
         retries: Sequence[tuple[QueueEntry, int]] = (),
         dead: Sequence[DeadLetter] = (),
+        holds: Sequence[QueueEntry] = (),
     ) -> bool:
-        """Atomically: acknowledge and drop ``entry``, schedule ``retries`` (entry, due epoch ms), write ``dead``.
+        """Atomically: acknowledge and drop ``entry``, schedule ``retries`` (entry, due epoch ms), write ``dead``,
+        and set ``holds`` (entries with their channel) aside for their endpoint until it can take them (release).
         False (and nothing written) when another consumer settled the entry first."""
+        ...
+
+    async def held_endpoints(self) -> list[tuple[str, str]]:
+        """(la, channel) of every endpoint with entries set aside."""
+        ...
+
+    async def release(self, la: str, channel: str, count: int, expired_before_ms: int) -> int:
+        """Put back on the queue the ``count`` oldest entries held for the endpoint and every one first queued at or
+        before ``expired_before_ms`` (so the maximum age still applies); returns how many are still held."""
         ...
 
     async def promote(self, now_ms: int, limit: int) -> int: ...

@@ -30,6 +30,10 @@ class MetricsObserver:
     def latency(self, channel: str, seconds: float) -> None:
         self._latency[channel].observe(seconds)
 
+    def breaker(self, channel: str, la: str, state: str) -> None:
+        self.metrics.delivery_breaker_open.labels(channel, la).set(0 if state == "closed" else 1)
+        self.metrics.delivery_breaker_transitions.labels(channel, la, state).inc()
+
     def gauges(self, stats: Mapping[str, ChannelStats]) -> None:
         for ch, s in stats.items():
             self.metrics.delivery_pending.labels(ch).set(s.pending + s.retrying)

@@ -1,15 +1,18 @@
 """Notification delivery: the body rendered from its inbox entry (API.md section 6), the retry policy, and the relay
-that drains the outbox into each LA's channels (at least once; backoff, Retry-After pauses, dead letters)."""
+that drains the outbox into each LA's channels (at least once; backoff, Retry-After pauses, dead letters), each
+endpoint isolated from the others (a concurrency cap and a circuit breaker per endpoint)."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import orjson
@@ -113,6 +116,8 @@ class DeliveryObserver(Protocol):
 
     def latency(self, channel: str, seconds: float) -> None: ...
 
+    def breaker(self, channel: str, la: str, state: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Plan:
@@ -147,12 +152,106 @@ def decide(policy: RetryPolicy, entry: QueueEntry, channel: str, result: Deliver
     return Plan(retry=retry, due_ms=due)
 
 
+# -- endpoint isolation -----------------------------------------------------------------------------------------
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half-open"
+HORIZON_S = 1.0  # a working endpoint may have about this much of its recent throughput waiting in this process
+RELEASE_ALL = 500
+
+
+@dataclass(slots=True)
+class Breaker:
+    """One endpoint's circuit breaker in one process: opens after ``threshold`` consecutive transient failures
+    (timeouts, refused or reset connections, 5xx, 408/425/429), lets one probe through once ``cooldown_s`` has
+    passed (half-open), closes when an attempt gets any other answer, and opens again when the probe fails."""
+
+    threshold: int
+    cooldown_s: float
+    state: str = CLOSED
+    failures: int = 0
+    opened_at: float = 0.0
+
+    def advance(self, now: float) -> str | None:
+        """Open -> half-open once the cool-down is over; returns the new state when it changed."""
+        if self.state == OPEN and now - self.opened_at >= self.cooldown_s:
+            self.state = HALF_OPEN
+            return HALF_OPEN
+        return None
+
+    def record(self, ok: bool, now: float) -> str | None:
+        """Count one attempt's outcome; returns the new state when it changed."""
+        if ok:
+            self.failures = 0
+            if self.state == CLOSED:
+                return None
+            self.state = CLOSED
+            return CLOSED
+        self.failures += 1
+        if self.state == HALF_OPEN or (self.state == CLOSED and self.failures >= self.threshold):
+            self.state = OPEN
+            self.opened_at = now
+            return OPEN
+        return None
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    """One queue entry in this relay: its body (built once for all its channels) and what each channel came to,
+    settled in one atomic step when the last of them is decided."""
+
+    entry: QueueEntry
+    open: int = 0
+    rendered: Rendered | None = None
+    body: bytes = b""
+    nid: str | None = None
+    retries: list[tuple[QueueEntry, int]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+    holds: list[QueueEntry] = field(default_factory=list)
+
+
+@dataclass(eq=False, slots=True)
+class _Waiting:
+    job: _Job
+    since: float
+
+
+class _Endpoint:
+    """One LA channel as this relay sees it: deliveries running, entries read and waiting for a turn, recent
+    completions (its throughput), and its breaker."""
+
+    __slots__ = ("breaker", "channel", "done", "incoming", "la", "probe_at", "running", "waiting")
+
+    def __init__(self, la: str, channel: Channel, breaker: Breaker) -> None:
+        self.la = la
+        self.channel = channel
+        self.breaker = breaker
+        self.running = 0
+        self.incoming = 0  # routed here, body still loading
+        self.waiting: deque[_Waiting] = deque()
+        self.done: deque[float] = deque(maxlen=64)
+        self.probe_at = 0.0
+
+    def taken(self) -> int:
+        return self.running + len(self.waiting) + self.incoming
+
+    def allowance(self, now: float, cap: int, ceiling: int) -> int:
+        """How many entries this process takes on for the endpoint: about HORIZON_S of its recent throughput, and
+        at least twice its cap, which is all a hung endpoint (no recent completion) gets."""
+        floor = 2 * cap
+        if len(self.done) < 2 or now <= self.done[0]:
+            return floor
+        rate = len(self.done) / (now - self.done[0])
+        return max(floor, min(int(rate * HORIZON_S), ceiling))
+
+
 # -- the relay ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class RelayConfig:
     consumer: str
     batch: int = 200
     concurrency: int = 64
+    endpoint_concurrency: int = 8
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
     block_ms: int = 500
     claim_idle_ms: int = 60_000
     reclaim_interval_s: float = 5.0
@@ -161,7 +260,13 @@ class RelayConfig:
 
 class Relay:
     """Reads the notification queue as one consumer of the "relays" group and delivers each entry to the LA's
-    channels. Many relays (in one process or several) share the work; entries of a dead consumer are reclaimed."""
+    channels. Many relays (in one process or several) share the work; entries of a dead consumer are reclaimed.
+
+    Endpoints (LA + channel) are isolated: at most ``endpoint_concurrency`` deliveries run per endpoint, and an entry
+    is read only when the relay can take it on. An entry for an endpoint that cannot take it now (breaker open,
+    or already given all this process allows it) is set aside in Redis for that endpoint in the step that
+    acknowledges it, without an attempt, and put back on the queue when the endpoint can take it (half-open probe,
+    free room): a hung endpoint holds a few slots and nothing else, however much is queued for it."""
 
     def __init__(
         self,
@@ -184,7 +289,15 @@ class Relay:
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._running = 0  # deliveries in flight: the relay's slots
+        self._waiting = 0  # entries read and waiting for their endpoint, all endpoints
+        self._buffer = max(config.concurrency, config.batch)
+        self._hold_after_s = max(1.0, config.claim_idle_ms / 4000)  # well before another relay would reclaim it
+        self._max_age_ms = int(policy.max_age_s * 1000)
+        self._endpoints: dict[tuple[str, str], _Endpoint] = {}
+        self._starved: set[_Endpoint] = set()  # waiting for a free slot
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Task[None]] = set()
         self._pauses: dict[tuple[str, str], int] = {}
         self._loops: list[asyncio.Task[None]] = []
 
@@ -197,6 +310,7 @@ class Relay:
         self._loops = [
             asyncio.create_task(self._read_loop(), name="relay-read"),
             asyncio.create_task(self._every(self.config.promote_interval_s, self._promote), name="relay-promote"),
+            asyncio.create_task(self._every(self.config.promote_interval_s, self._tend), name="relay-tend"),
             asyncio.create_task(self._every(self.config.reclaim_interval_s, self._reclaim), name="relay-reclaim"),
         ]
 
@@ -208,12 +322,19 @@ class Relay:
             task.cancel()
         if self._loops:
             await asyncio.wait(self._loops, timeout=2)
-        if self._inflight:
-            _, pending = await asyncio.wait(set(self._inflight), timeout=grace_s)
+        now_ms = self._now_ms()
+        for ep in self._endpoints.values():  # not started: back to the queue, due now, for any relay
+            while ep.waiting:
+                job = self._unwait(ep).job
+                self._decided(job, retry=(replace(job.entry, channel=ep.channel.name), now_ms))
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2)
+        if self._settling:
+            await asyncio.wait(set(self._settling), timeout=5)
         self._loops = []
 
     async def _every(self, interval_s: float, step: Callable[[], Any]) -> None:
@@ -226,14 +347,26 @@ class Relay:
                 log.exception("relay.step_failed")
             await asyncio.sleep(interval_s)
 
+    def _free(self) -> int:
+        """How many entries the relay can take on now."""
+        return min(self.config.batch, self.config.concurrency - self._running, self._buffer - self._waiting)
+
+    def _update_room(self) -> None:
+        if self._free() > 0:
+            self._room.set()
+        else:
+            self._room.clear()
+
     async def _read_loop(self) -> None:
         errors = 0
         while not self._stopping.is_set():
             await self._room.wait()
+            free = self._free()
+            if free <= 0:
+                self._room.clear()
+                continue
             try:
-                free = self.config.concurrency - len(self._inflight)
-                entries = await self.outbox.read(self.config.consumer, min(free, self.config.batch),
-                                                 self.config.block_ms)
+                entries = await self.outbox.read(self.config.consumer, free, self.config.block_ms)
                 errors = 0
                 if entries:
                     await self._dispatch(entries)
@@ -249,7 +382,7 @@ class Relay:
             pass
 
     async def _reclaim(self) -> None:
-        free = self.config.concurrency - len(self._inflight)
+        free = self._free()
         if free <= 0:
             return
         entries = await self.outbox.reclaim(self.config.consumer, self.config.claim_idle_ms, free)
@@ -257,99 +390,278 @@ class Relay:
             log.info("relay.reclaimed", extra={"count": len(entries)})
             await self._dispatch(entries)
 
+    async def _tend(self) -> None:
+        """Entries waiting here too long (a slow endpoint) are set aside; held entries go back on the queue as
+        their endpoint can take them (room when closed, one probe when half-open) or once past the maximum age."""
+        now, now_ms = self.clock(), self._now_ms()
+        for ep in list(self._endpoints.values()):
+            self._state(ep, now)
+            while ep.waiting and now - ep.waiting[0].since > self._hold_after_s:
+                self._set_aside(self._unwait(ep).job, ep, now_ms)
+        self._update_room()
+        for la, name in await self.outbox.held_endpoints():
+            if self._stopping.is_set():
+                return
+            named = self._endpoint_named(la, name)
+            await self.outbox.release(la, name, self._releasable(named, now), now_ms - self._max_age_ms)
+
+    def _releasable(self, ep: _Endpoint | None, now: float) -> int:
+        if ep is None:
+            return RELEASE_ALL  # the LA no longer has this channel: the relay settles them without sending
+        state = self._state(ep, now)
+        if state == CLOSED:
+            return max(self._allowance(ep, now) - ep.taken(), 0)
+        if state == HALF_OPEN and ep.taken() == 0 and now - ep.probe_at >= 1.0:
+            ep.probe_at = now
+            return 1
+        return 0
+
+    # -- routing ----------------------------------------------------------------------------------------------------
+    def _endpoint(self, la: str, channel: Channel) -> _Endpoint:
+        ep = self._endpoints.get((la, channel.name))
+        if ep is None or ep.channel is not channel:
+            breaker = Breaker(self.config.breaker_failures, self.config.breaker_cooldown_s)
+            ep = self._endpoints[(la, channel.name)] = _Endpoint(la, channel, breaker)
+        return ep
+
+    def _endpoint_named(self, la: str, name: str) -> _Endpoint | None:
+        for channel in self.channels(la):
+            if channel.name == name:
+                return self._endpoint(la, channel)
+        return None
+
+    def _allowance(self, ep: _Endpoint, now: float) -> int:
+        return ep.allowance(now, self.config.endpoint_concurrency, self._buffer)
+
+    def _state(self, ep: _Endpoint, now: float) -> str:
+        changed = ep.breaker.advance(now)
+        if changed is not None:
+            self._transition(ep, changed)
+        return ep.breaker.state
+
+    def _transition(self, ep: _Endpoint, state: str) -> None:
+        extra = {"la": ep.la, "channel": ep.channel.name}
+        self.observer.breaker(ep.channel.name, ep.la, state)
+        if state == OPEN:
+            log.warning("delivery.breaker_open", extra={**extra, "failures": ep.breaker.failures,
+                                                        "cooldown_s": ep.breaker.cooldown_s})
+            now_ms = self._now_ms()
+            while ep.waiting:
+                self._set_aside(self._unwait(ep).job, ep, now_ms)
+        elif state == HALF_OPEN:
+            log.info("delivery.breaker_half_open", extra=extra)
+        else:
+            log.info("delivery.breaker_closed", extra=extra)
+
+    def _can_take(self, ep: _Endpoint, now: float) -> bool:
+        state = self._state(ep, now)
+        if state == CLOSED:
+            return ep.taken() < self._allowance(ep, now)
+        return state == HALF_OPEN and ep.taken() == 0  # the one probe
+
+    def _set_aside(self, job: _Job, ep: _Endpoint, now_ms: int) -> None:
+        """Not now: held for the endpoint (no attempt counted), or dead-lettered when past the maximum age."""
+        if now_ms >= job.entry.first_ms + self._max_age_ms:
+            self._decided(job, dead=DeadLetter(ep.channel.name, "max-age"))
+        else:
+            self._decided(job, hold=replace(job.entry, channel=ep.channel.name))
+
+    def _unwait(self, ep: _Endpoint) -> _Waiting:
+        self._waiting -= 1
+        return ep.waiting.popleft()
+
     async def _dispatch(self, entries: Sequence[QueueEntry]) -> None:
         endpoints = sorted({(e.la, c.name) for e in entries for c in self.channels(e.la)})
         if endpoints:
-            loaded, self._pauses = await asyncio.gather(self.outbox.load(entries),
-                                                        self.outbox.paused_until(endpoints))
-        else:
-            loaded = await self.outbox.load(entries)
-        for entry, fields in zip(entries, loaded, strict=True):
-            task = asyncio.create_task(self._handle(entry, fields))
-            self._inflight.add(task)
-            task.add_done_callback(self._finished)
-        if len(self._inflight) >= self.config.concurrency:
-            self._room.clear()
+            paused = await self.outbox.paused_until(endpoints)
+            for key in endpoints:
+                self._pauses.pop(key, None)
+            self._pauses.update(paused)
+        now, now_ms = self.clock(), self._now_ms()
+        to_load: list[tuple[_Job, list[_Endpoint], list[Channel]]] = []
+        for entry in entries:
+            job = _Job(entry)
+            targets = [c for c in self.channels(entry.la) if entry.channel in (None, c.name)]
+            if entry.problem:
+                self._give_up(job, targets, "unbuildable", entry.problem)
+                continue
+            local: list[_Endpoint] = []
+            for channel in targets:
+                ep = self._endpoint(entry.la, channel)
+                paused_until = self._pauses.get((entry.la, channel.name), 0)
+                if paused_until > now_ms:  # Retry-After: wait it out, no attempt counted
+                    job.retries.append((replace(entry, channel=channel.name), paused_until))
+                elif self._can_take(ep, now):
+                    ep.incoming += 1
+                    local.append(ep)
+                elif now_ms >= entry.first_ms + self._max_age_ms:
+                    job.dead.append(DeadLetter(channel.name, "max-age"))
+                else:
+                    job.holds.append(replace(entry, channel=channel.name))
+            if local or not targets:
+                to_load.append((job, local, targets))
+            else:
+                self._settle_later(job)
+        if to_load:
+            try:
+                loaded = await self.outbox.load([job.entry for job, _, _ in to_load])
+            finally:
+                for _, local, _ in to_load:
+                    for ep in local:
+                        ep.incoming -= 1
+            now = self.clock()
+            for (job, local, targets), fields in zip(to_load, loaded, strict=True):
+                self._admit(job, local, targets, fields, now)
+        self._update_room()
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        if len(self._inflight) < self.config.concurrency:
-            self._room.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("relay.entry_failed", exc_info=task.exception())
-
-    # -- one entry --------------------------------------------------------------------------------------------------
-    async def _handle(self, entry: QueueEntry, fields: Mapping[str, str] | None) -> None:
+    def _admit(self, job: _Job, local: list[_Endpoint], targets: list[Channel],
+               fields: Mapping[str, str] | Exception | None, now: float) -> None:
+        """Build the body once, then queue the entry at each of its endpoints (or settle it: nothing to send, or a
+        body that cannot be built, which is dead-lettered at once: retrying cannot fix stored data)."""
+        entry = job.entry
         if fields is None:
             # The inbox entry is gone (purged); nothing left to send, but never drop silently.
-            await self.outbox.settle(entry, notification_id=None,
-                                     dead=[DeadLetter(entry.channel or "inbox", "inbox-entry-missing")])
-            self.observer.count(entry.channel or "inbox", "dead")
+            self._give_up(job, targets, "inbox-entry-missing")
             return
         try:
-            targets = [c for c in self.channels(entry.la) if entry.channel in (None, c.name)]
-            inbox_only_id: str | None = None
-            if not targets and entry.channel is None:
+            if isinstance(fields, Exception):
+                raise fields
+            if not targets:
                 # Inbox only (an LA that lost its push channels after this was queued; inbox-only LAs are not
-                # queued at all): the pull inbox renders the body itself; settling needs only the notification id,
-                # the same one render() derives.
+                # queued at all), or a channel the registry no longer names for the LA (the pull inbox still holds
+                # the notification): settling needs only the notification id, the one render() derives.
+                if entry.channel not in (None, "inbox"):
+                    log.warning("relay.channel_removed", extra={"channel": entry.channel, "la": entry.la})
                 access_id = entry.access_id or Access.decode(fields["acc"]).access_id(fields["tag"])
-                inbox_only_id = notification_id(access_id, entry.la)
-            else:
-                rendered = render(entry.la, fields)
-            if entry.channel is not None and entry.channel != "inbox" and not targets:
-                # The registry no longer names this channel for the LA: nothing to send it to (the pull inbox
-                # still holds the notification).
-                log.warning("relay.channel_removed", extra={"channel": entry.channel, "la": entry.la})
-            results: Sequence[Plan | DeliveryResult | None] = ()
-            if inbox_only_id is None:
-                results = await asyncio.gather(*(self._attempt(c, entry, rendered) for c in targets))
-        except asyncio.CancelledError:
-            # Shutting down: hand the entry back, due now, for any relay to pick up.
-            await asyncio.shield(self.outbox.settle(entry, notification_id=None, retries=[(entry, self._now_ms())]))
-            raise
-        retries: list[tuple[QueueEntry, int]] = []
-        dead: list[DeadLetter] = []
-        now_ms = self._now_ms()
-        for channel, result in zip(targets, results, strict=True):
-            if result is None:
-                continue
-            if isinstance(result, Plan):
-                plan = result
-            else:
-                plan = decide(self.policy, entry, channel.name, result, now_ms, self.rnd())
-            if plan.retry is not None:
-                retries.append((plan.retry, plan.due_ms))
-            if plan.dead is not None:
-                dead.append(plan.dead)
-                log.warning("relay.dead_letter", extra={"channel": channel.name, "la": entry.la,
-                                                        "reason": plan.dead.reason, "status": plan.dead.status})
-        if inbox_only_id is not None:
-            await self.outbox.settle(entry, notification_id=inbox_only_id)
+                job.nid = notification_id(access_id, entry.la)
+                self._settle_later(job)
+                return
+            job.rendered = render(entry.la, fields)
+            job.body = job.rendered.encode()
+            job.nid = job.rendered.id
+        except Exception as exc:
+            detail = f"{'load' if isinstance(fields, Exception) else 'render'}: {type(exc).__name__}"
+            log.warning("relay.unbuildable", extra={"la": entry.la, "detail": detail})
+            self._give_up(job, targets, "unbuildable", detail)
             return
-        await self.outbox.settle(entry, notification_id=rendered.id, retries=retries, dead=dead)
+        job.open = len(local)
+        for ep in local:
+            ep.waiting.append(_Waiting(job, now))
+            self._waiting += 1
+        for ep in local:
+            self._pump(ep)
 
-    async def _attempt(self, channel: Channel, entry: QueueEntry, rendered: Rendered) -> Plan | DeliveryResult | None:
-        """None when delivered; a Plan when the endpoint is paused (no attempt made); else the failed result."""
-        now_ms = self._now_ms()
-        paused = self._pauses.get((entry.la, channel.name), 0)
-        if paused > now_ms:
-            return Plan(retry=replace(entry, channel=channel.name), due_ms=paused)
-        result = await channel.deliver(entry.la, rendered.id, rendered.nhs, rendered.encode())
+    def _give_up(self, job: _Job, targets: Sequence[Channel], reason: str, detail: str = "") -> None:
+        """Dead-letter every channel of the entry (its own channel, or "inbox" when it has none to send to)."""
+        names = [c.name for c in targets] or [job.entry.channel or "inbox"]
+        job.retries.clear()
+        job.holds.clear()
+        job.dead = [DeadLetter(name, reason, detail=detail) for name in names]
+        self._settle_later(job)
+
+    def _pump(self, ep: _Endpoint) -> None:
+        """Start what the endpoint can take now: up to its cap when closed, the one probe when half-open."""
+        now = self.clock()
+        state = self._state(ep, now)  # an endpoint opening sets its waiting entries aside
+        limit = self.config.endpoint_concurrency if state == CLOSED else (1 if state == HALF_OPEN else 0)
+        now_ms = int(now * 1000)
+        while ep.waiting and ep.running < limit:
+            if self._running >= self.config.concurrency:
+                self._starved.add(ep)
+                break
+            job = self._unwait(ep).job
+            paused_until = self._pauses.get((ep.la, ep.channel.name), 0)
+            if paused_until > now_ms:
+                self._decided(job, retry=(replace(job.entry, channel=ep.channel.name), paused_until))
+                continue
+            ep.running += 1
+            self._running += 1
+            task = asyncio.create_task(self._deliver(ep, job))
+            self._tasks.add(task)
+            task.add_done_callback(functools.partial(self._finished, ep))
+
+    def _finished(self, ep: _Endpoint, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("relay.entry_failed", exc_info=task.exception())
+        if not self._stopping.is_set():
+            self._pump(ep)
+            for other in list(self._starved):
+                if self._running >= self.config.concurrency:
+                    break
+                self._starved.discard(other)
+                self._pump(other)
+        self._update_room()
+
+    # -- one delivery -----------------------------------------------------------------------------------------------
+    async def _deliver(self, ep: _Endpoint, job: _Job) -> None:
+        entry, channel = job.entry, ep.channel
+        assert job.rendered is not None and job.nid is not None
+        try:
+            result = await channel.deliver(entry.la, job.nid, job.rendered.nhs, job.body)
+        except asyncio.CancelledError:
+            # Shutting down: hand the channel back, due now, for any relay to pick up.
+            self._decided(job, retry=(replace(entry, channel=channel.name), self._now_ms()))
+            raise
+        except Exception as exc:
+            # The channel could not make a request of this body: retrying cannot fix stored data.
+            detail = f"{channel.name}: {type(exc).__name__}"
+            log.warning("relay.unbuildable", extra={"la": entry.la, "detail": detail})
+            self._decided(job, dead=DeadLetter(channel.name, "unbuildable", detail=detail))
+            return
+        finally:
+            ep.running -= 1
+            self._running -= 1
+            ep.done.append(self.clock())
+        changed = ep.breaker.record(result.outcome != "transient", self.clock())
+        if changed is not None:
+            self._transition(ep, changed)
         if result.outcome == "delivered":
             self.observer.count(channel.name, "delivered")
             self.observer.latency(channel.name, max(self.clock() - entry.first_ms / 1000, 0.0))
-            return None
+            self._decided(job)
+            return
         if result.retry_after_s is not None:
             until = self._now_ms() + int(result.retry_after_s * 1000)
             self._pauses[(entry.la, channel.name)] = until
             await self.outbox.pause(entry.la, channel.name, until)
-        outcome = "dead" if result.outcome == "gone" else "retried"
-        self.observer.count(channel.name, outcome)
+        plan = decide(self.policy, entry, channel.name, result, self._now_ms(), self.rnd())
+        if plan.retry is not None:
+            self.observer.count(channel.name, "retried")
         log.info("relay.attempt_failed", extra={"channel": channel.name, "la": entry.la, "outcome": result.outcome,
                                                 "status": result.status, "attempt": entry.attempt + 1,
                                                 "detail": result.detail})
-        return result
+        self._decided(job, retry=(plan.retry, plan.due_ms) if plan.retry is not None else None, dead=plan.dead)
+
+    def _decided(self, job: _Job, *, retry: tuple[QueueEntry, int] | None = None, dead: DeadLetter | None = None,
+                 hold: QueueEntry | None = None) -> None:
+        """One channel of the job is decided (delivered when nothing is given); the last one settles the entry."""
+        if retry is not None:
+            job.retries.append(retry)
+        if dead is not None:
+            job.dead.append(dead)
+        if hold is not None:
+            job.holds.append(hold)
+        job.open -= 1
+        if job.open == 0:
+            self._settle_later(job)
+
+    def _settle_later(self, job: _Job) -> None:
+        task = asyncio.create_task(self._settle(job))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, job: _Job) -> None:
+        entry = job.entry
+        for dead in job.dead:
+            self.observer.count(dead.channel, "dead")
+            log.warning("relay.dead_letter", extra={"channel": dead.channel, "la": entry.la, "reason": dead.reason,
+                                                    "status": dead.status, "detail": dead.detail})
+        try:
+            await self.outbox.settle(entry, notification_id=job.nid, retries=job.retries, dead=job.dead,
+                                     holds=job.holds)
+        except Exception:
+            log.exception("relay.settle_failed")  # still pending in the group: reclaimed and handled again
 
 
 # -- operations -----------------------------------------------------------------------------------------------------

@@ -113,6 +113,15 @@ class Keys:
         return f"{self.prefix}:q:notify:delay"
 
     @property
+    def notify_held_index(self) -> str:
+        """The set of endpoints ("<channel>:<la>") with entries held aside (see notify_held)."""
+        return f"{self.prefix}:q:notify:held"
+
+    def notify_held(self, la: str, channel: str) -> str:
+        """Entries set aside for one endpoint (open breaker or saturated), scored by when first queued."""
+        return f"{self.prefix}:q:notify:held:{channel}:{la}"
+
+    @property
     def sync_queue(self) -> str:
         return f"{self.prefix}:q:sync"
 

@@ -1,10 +1,12 @@
 """The notification outbox in Redis: the delivery queue stream read through the "relays" consumer group, reclaim
-of abandoned entries (XAUTOCLAIM), the delay zset of retries (settle.lua / promote.lua), dead letters, pauses.
+of abandoned entries (XAUTOCLAIM), the delay zset of retries (settle.lua / promote.lua), entries held aside per
+endpoint while it cannot take them (settle.lua / release.lua), dead letters, pauses.
 
 Queue entry fields: la, ref (inbox entry id); retries add ch (the one channel still owed), n (failed attempts),
 t0 (epoch ms first queued) and c4 (epoch ms of the first of an unbroken run of 4xx, 0 if none).
 Dead-letter entry fields (keys.dead_letters, shared with the Flag sync): channel (webhook | fhir | inbox |
-flag-sync), la, reason, status, at (epoch ms), attempts, and ref + t0 for notifications or lid [+ t] for sync.
+flag-sync), la, reason, status, at (epoch ms), attempts, and ref + t0 [+ detail] for notifications or lid [+ t]
+for sync.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from cpis_bridge.core.ports import ChannelStats, DeadLetter, QueueEntry
 from cpis_bridge.store.connection import Lane
-from cpis_bridge.store.inbox import fill_recent
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.scripts import Scripts
 
@@ -35,16 +36,22 @@ def entry_ms(entry_id: str) -> int:
 
 
 def to_entry(entry_id: str, f: Mapping[str, str]) -> QueueEntry:
-    return QueueEntry(
-        id=entry_id,
-        la=f.get("la", ""),
-        ref=f.get("ref", ""),
-        channel=f.get("ch") or None,
-        attempt=int(f.get("n") or 0),
-        first_ms=int(f.get("t0") or entry_ms(entry_id)),
-        client_error_since_ms=int(f.get("c4") or 0),
-        access_id=f.get("aid", ""),
-    )
+    """The queue entry; one whose stored fields cannot be read comes back with ``problem`` set, so that the relay
+    dead-letters it instead of failing the whole read (and every entry read with it) again and again."""
+    try:
+        return QueueEntry(
+            id=entry_id,
+            la=f.get("la", ""),
+            ref=f.get("ref", ""),
+            channel=f.get("ch") or None,
+            attempt=int(f.get("n") or 0),
+            first_ms=int(f.get("t0") or entry_ms(entry_id)),
+            client_error_since_ms=int(f.get("c4") or 0),
+            access_id=f.get("aid", ""),
+        )
+    except ValueError:
+        return QueueEntry(id=entry_id, la=f.get("la", ""), ref=f.get("ref", ""), channel=f.get("ch") or None,
+                          first_ms=entry_ms(entry_id), problem="queue entry: unreadable field")
 
 
 def member(entry: QueueEntry) -> str:
@@ -62,6 +69,7 @@ class RedisOutbox:
         self._settle = scripts.register("settle")
         self._promote = scripts.register("promote")
         self._requeue = scripts.register("requeue_dead")
+        self._release = scripts.register("release")
         self._recent = scripts.register("inbox_recent")
         self._batch: list[tuple[list[str], list[Any], asyncio.Future[bool]]] = []
         self._flushing: set[asyncio.Task[None]] = set()
@@ -115,16 +123,42 @@ class RedisOutbox:
     async def aclose(self) -> None:
         await self.lane.aclose()
 
-    async def load(self, entries: Sequence[QueueEntry]) -> list[dict[str, str] | None]:
+    async def load(self, entries: Sequence[QueueEntry]) -> list[dict[str, str] | Exception | None]:
         found = await self.lane.pipeline([("XRANGE", self.keys.inbox(e.la), e.ref, e.ref) for e in entries])
-        out: list[dict[str, str] | None] = []
+        out: list[dict[str, str] | Exception | None] = []
         for rows in found:
             if isinstance(rows, Exception):
-                raise rows
+                out.append(rows)
+                continue
             flat = rows[0][1] if rows else None  # raw reply: [[id, [field, value, ...]]]
             out.append(_pairs(flat) if flat is not None else None)
-        await fill_recent(self.redis, self.keys, self._recent, [f for f in out if f is not None])
+        await self._fill_recent(out)
         return out
+
+    async def _fill_recent(self, loaded: list[dict[str, str] | Exception | None]) -> None:
+        """Each entry's recent accesses (inbox_recent.lua) in one round trip, as store.inbox.fill_recent does, but
+        an entry whose read fails gets its exception in its place instead of failing the batch."""
+        todo = [i for i, f in enumerate(loaded) if isinstance(f, dict) and "recent" not in f and "n" in f]
+        if not todo:
+            return
+        sent: list[int] = []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for i in todo:
+                f = loaded[i]
+                assert isinstance(f, dict)
+                try:
+                    await self._recent(keys=[self.keys.accesses(f["tag"])], args=[f["acc"], f["n"]], client=pipe)
+                except KeyError as exc:
+                    loaded[i] = exc
+                    continue
+                sent.append(i)
+            results = await pipe.execute(raise_on_error=False) if sent else []
+        for i, recent in zip(sent, results, strict=True):
+            f = loaded[i]
+            if isinstance(recent, Exception):
+                loaded[i] = recent
+            elif isinstance(f, dict):
+                f["recent"] = recent
 
     async def settle(
         self,
@@ -133,6 +167,7 @@ class RedisOutbox:
         notification_id: str | None,
         retries: Sequence[tuple[QueueEntry, int]] = (),
         dead: Sequence[DeadLetter] = (),
+        holds: Sequence[QueueEntry] = (),
     ) -> bool:
         k = self.keys
         args: list[Any] = [GROUP, entry.id, notification_id or "", entry.ref, len(retries)]
@@ -144,8 +179,15 @@ class RedisOutbox:
             fields = ["channel", d.channel, "la", entry.la, "ref", entry.ref, "reason", d.reason,
                       "status", "" if d.status is None else str(d.status), "at", str(now),
                       "attempts", str(entry.attempt + 1), "t0", str(entry.first_ms)]
+            if d.detail:
+                fields += ["detail", d.detail]
             args += [len(fields) // 2, *fields]
-        keys = [k.notify_queue, k.notify_delay, k.dead_letters, k.inbox_index(entry.la)]
+        keys = [k.notify_queue, k.notify_delay, k.dead_letters, k.inbox_index(entry.la), k.notify_held_index]
+        args.append(len(holds))
+        for held in holds:
+            channel = held.channel or ""
+            keys.append(k.notify_held(held.la, channel))
+            args += [held.first_ms, member(held), f"{channel}:{held.la}"]
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._batch.append((keys, args, fut))
         if len(self._batch) == 1:
@@ -199,6 +241,19 @@ class RedisOutbox:
     async def promote(self, now_ms: int, limit: int) -> int:
         return int(await self._promote(keys=[self.keys.notify_delay, self.keys.notify_queue], args=[now_ms, limit]))
 
+    async def held_endpoints(self) -> list[tuple[str, str]]:
+        names = await self.redis.smembers(self.keys.notify_held_index)
+        out = []
+        for name in sorted(names):
+            channel, _, la = name.partition(":")
+            out.append((la, channel))
+        return out
+
+    async def release(self, la: str, channel: str, count: int, expired_before_ms: int) -> int:
+        k = self.keys
+        return int(await self._release(keys=[k.notify_held(la, channel), k.notify_queue, k.notify_held_index],
+                                       args=[max(count, 0), expired_before_ms, f"{channel}:{la}", 500]))
+
     async def pause(self, la: str, channel: str, until_ms: int) -> None:
         ttl = max(until_ms - int(time.time() * 1000), 1)
         await self.redis.set(self.keys.delivery_pause(la, channel), until_ms, px=ttl)
@@ -235,6 +290,12 @@ class RedisOutbox:
             ch = f.get("ch") or "webhook"
             retrying[ch] = retrying.get(ch, 0) + 1
             seen(ch, int(f.get("t0") or now_ms))
+        for la, ch in await self.held_endpoints():  # waiting for their endpoint: counted as retrying
+            key = k.notify_held(la, ch)
+            retrying[ch] = retrying.get(ch, 0) + int(await self.redis.zcard(key))
+            first = await self.redis.zrange(key, 0, 0, withscores=True)
+            if first:
+                seen(ch, int(first[0][1]))
         for _, f in await self._scan_stream(k.dead_letters):
             ch = f.get("channel", "webhook")
             dead[ch] = dead.get(ch, 0) + 1

@@ -8,45 +8,21 @@ import base64
 import itertools
 import time
 import uuid
-from typing import Any
 
 import orjson
 import pytest
 from fhir.resources.R4B.communication import Communication
 
-from cpis_bridge.app import SCRIPTS, create_app
+from cpis_bridge.app import SCRIPTS
 from cpis_bridge.core.access import notification_id
-from cpis_bridge.core.audit import AuditContext
-from cpis_bridge.core.nhs import NhsNumber
-from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.notify.fhir import NS_COMMUNICATION
 from cpis_bridge.notify.observer import MetricsObserver
-from cpis_bridge.services.access import LookupRequest
 from cpis_bridge.services.delivery import Relay, RelayConfig, RetryPolicy
 from cpis_bridge.store.outbox import RedisOutbox
-from cpis_bridge.web.state import ACCESS, KEYS, METRICS, RECORDS, REDIS, REGISTRY
-from tests.conftest import LA1, LA2, OPS, record
-from tests.receivers import Receiver, wait_for, write_registry
-
-NHS = "9990000018"
-
-
-def ctx(role: Role, ods: str) -> AuditContext:
-    return AuditContext(Principal(subject=f"u-{ods}", role=role, ods=ods, name="Test User", role_code="R0001"))
-
-
-async def flag(app: Any, la: str = "LA001", lid: str = "A-1", nhs: str = NHS, **kw: Any) -> None:
-    await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, la), la, lid, record(lid, nhs, **kw))
-
-
-async def access(app: Any, event: str, nhs: str = NHS, cs: str = "RXX01") -> Any:
-    out = await app[ACCESS].lookup(
-        ctx(Role.CARE_SETTING, cs),
-        LookupRequest(nhs=NhsNumber(nhs), care_setting=app[REGISTRY].care_settings[cs], kind="careteam",
-                      source_event_id=event),
-    )
-    assert out.status == 1
-    return out
+from cpis_bridge.web.state import KEYS, METRICS, REDIS
+from tests.conftest import LA1, LA2, OPS
+from tests.delivery_support import NHS, access, client_factory, flag, webhook
+from tests.receivers import Receiver, wait_for
 
 
 @pytest.fixture
@@ -58,23 +34,7 @@ async def receiver():
 
 @pytest.fixture
 def make_client(make_settings, aiohttp_client, tmp_path, monkeypatch):
-    count = 0
-
-    async def make(las: dict[str, dict[str, Any]], secrets: dict[str, str] | None = None, **overrides: Any):
-        nonlocal count
-        count += 1
-        for name, value in (secrets or {}).items():
-            monkeypatch.setenv(name, value)
-        values = {"delivery_timeout_s": 0.3, "relay_claim_idle_s": 2.0, "relay_reclaim_interval_s": 0.2}
-        values.update(overrides)
-        settings = make_settings(registry=write_registry(tmp_path / f"registry{count}.yaml", las), **values)
-        return await aiohttp_client(create_app(settings))
-
-    return make
-
-
-def webhook(r: Receiver, env: str = "LA001_WEBHOOK_SECRET") -> dict[str, Any]:
-    return {"webhook": {"url": r.url, "secretEnv": env}}
+    return client_factory(make_settings, aiohttp_client, tmp_path, monkeypatch)
 
 
 async def test_two_las_each_get_their_own_signed_notification(make_client):
@@ -169,7 +129,8 @@ async def test_receiver_down_then_back_gets_everything(make_client):
     await flag(client.app)
     results = await asyncio.gather(*(access(client.app, f"e{i}") for i in range(60)))
     await asyncio.sleep(1.5)
-    assert (await client.app[REDIS].zcard(client.app[KEYS].notify_delay)) > 0
+    redis, keys = client.app[REDIS], client.app[KEYS]  # waiting: retries, or held while the breaker is open
+    assert await redis.zcard(keys.notify_delay) + await redis.zcard(keys.notify_held("LA001", "webhook")) > 0
     receiver.port = port
     await receiver.start()
     try:
