@@ -182,6 +182,7 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.relay_concurrency))
     channels = build_channels(registry, session, settings.env_secret, timeout_s=settings.delivery_timeout_s)
     observer = MetricsObserver(app[METRICS])
+    observer.endpoints((c.name, la_ods) for la_ods, chans in channels.items() for c in chans)
     relay = Relay(
         outbox,
         lambda la_ods: channels.get(la_ods, ()),

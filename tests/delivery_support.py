@@ -44,7 +44,8 @@ def webhook(r: Receiver, env: str = "LA001_WEBHOOK_SECRET") -> dict[str, Any]:
 
 def client_factory(make_settings: Any, aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """``await make(las, secrets, **settings)``: a served app whose registry gives LA001/LA002 the ``notify`` blocks
-    in ``las``, with short delivery timeouts and breaker cool-down; several apps made in one test share the Redis key prefix."""
+    in ``las``, with a short delivery timeout and breaker cool-down; several apps made in one test share the Redis
+    key prefix."""
     count = 0
 
     async def make(las: dict[str, dict[str, Any]], secrets: dict[str, str] | None = None, **overrides: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from prometheus_client import Counter, Histogram
 
@@ -29,6 +29,13 @@ class MetricsObserver:
 
     def latency(self, channel: str, seconds: float) -> None:
         self._latency[channel].observe(seconds)
+
+    def endpoints(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Expose every (channel, LA) endpoint's breaker as closed from the start, so dashboards see it."""
+        for channel, la in pairs:
+            self.metrics.delivery_breaker_open.labels(channel, la).set(0)
+            for state in ("open", "half-open", "closed"):
+                self.metrics.delivery_breaker_transitions.labels(channel, la, state)
 
     def breaker(self, channel: str, la: str, state: str) -> None:
         self.metrics.delivery_breaker_open.labels(channel, la).set(0 if state == "closed" else 1)
