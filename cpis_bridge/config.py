@@ -45,6 +45,7 @@ class Settings(BaseSettings):
 
     public_base_url: str | None = None
     upload_max_bytes: int = Field(128 * 1024 * 1024, ge=1)  # POST /v1/uploads body limit (API.md: 128 MiB)
+    upload_max_end_fraction: float = Field(0.25, ge=0, le=1)  # a full upload ending more needs Upload-Confirm-End
 
     delivery_first_retry_s: float = Field(1.0, gt=0, lt=2)  # API.md section 6: first retry within 2 s
     delivery_max_backoff_s: float = Field(60.0, gt=0)

@@ -41,6 +41,12 @@ class Metrics:
             "cpis_upload_records_total", "Uploaded records by result code", ["code"], registry=r
         )
         self.uploads = Counter("cpis_uploads_total", "Upload files by file code", ["code"], registry=r)
+        self.upload_mass_end_refused = Counter(
+            "cpis_upload_mass_end_refused_total", "Full uploads refused for ending too much of a caseload", registry=r
+        )
+        self.uploads_resumed = Counter(
+            "cpis_uploads_resumed_total", "Interrupted uploads completed from their journal", registry=r
+        )
         self.deliveries = Counter(
             "cpis_deliveries_total", "Delivery attempts by channel and outcome (delivered/retried/dead)",
             ["channel", "outcome"], registry=r,

@@ -4,6 +4,7 @@ CpisError
  +-- ValidationFailed      input broke a rule (with a CPR/CPF code and field errors)      -> 422
  +-- UnreadableInput       a body could not be parsed at all          -> 400 (422 CPF01 on uploads)
  +-- NotFound              absent, or owned by someone else (the two look the same)          -> 404
+ |   +-- MassEndRefused    a full upload would end too much of a caseload without confirming it -> 422
  +-- Conflict              the request contradicts stored state (e.g. a stale upload sequence) -> 409
  +-- Unauthenticated       no token, or a token that does not verify                          -> 401
  +-- Forbidden             a valid token without the right role or organisation                -> 403
@@ -11,6 +12,7 @@ CpisError
  +-- UnsupportedMediaType  a body in a content type the endpoint does not take                 -> 415
  +-- PreconditionFailed    a required precondition (e.g. CDS prefetch) is missing             -> 412
  +-- StoreUnavailable      Redis cannot be reached                                             -> 503
+ +-- UploadInterrupted     an upload stopped (shutdown, lease lost) before its answer          -> 503
 
 Messages never contain an NHS number or a name.
 """
@@ -54,6 +56,14 @@ class UnreadableInput(CpisError):
     title = "Unreadable input"
 
 
+class MassEndRefused(ValidationFailed):
+    """A full upload would end more of the LA's records than it may without ``Upload-Confirm-End``."""
+
+    def __init__(self, detail: str, *, would_end: int) -> None:
+        super().__init__(detail, code="mass-end-refused")
+        self.would_end = would_end
+
+
 class NotFound(CpisError):
     status = 404
     title = "Not found"
@@ -92,6 +102,18 @@ class PreconditionFailed(CpisError):
 class StoreUnavailable(CpisError):
     status = 503
     title = "Service unavailable"
+
+
+class UploadInterrupted(CpisError):
+    """An upload answered before it finished: the process is stopping, or it lost its lease to another process.
+    ``applied`` says whether any of it may already be applied (then the service completes it)."""
+
+    status = 503
+    title = "Service unavailable"
+
+    def __init__(self, detail: str, *, applied: bool) -> None:
+        super().__init__(detail)
+        self.applied = applied
 
 
 @dataclass(slots=True)

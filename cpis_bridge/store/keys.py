@@ -78,6 +78,12 @@ class Keys:
     def la_lock(self, la: str) -> str:
         return f"{self.prefix}:la:{la}:lock"
 
+    def la_journal(self, la: str) -> str:
+        return f"{self.prefix}:la:{la}:journal"
+
+    def la_journal_body(self, la: str) -> str:
+        return f"{self.prefix}:la:{la}:journal:body"
+
     # -- accesses, notifications, outbox ------------------------------------------------------------------------
     def encounter(self, encounter_id: str) -> str:
         return f"{self.prefix}:enc:{encounter_id}"

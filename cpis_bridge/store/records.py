@@ -1,4 +1,4 @@
-"""Record storage: one LA's records by local id, a child's records by NHS number, uploads' bookkeeping."""
+"""Record storage: one LA's records by local id, a child's records by NHS number (uploads' bookkeeping: uploads.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from cpis_bridge.core.access import instant
+from cpis_bridge.core.errors import UploadInterrupted
 from cpis_bridge.core.ports import Change
 from cpis_bridge.core.records import Record
 from cpis_bridge.store.keys import Keys
@@ -71,6 +73,22 @@ class RedisRecordStore:
         raw = await self.redis.hgetall(self.keys.records(self.keys.tag(nhs)))
         return [decode_field(f, v) for f, v in sorted(raw.items())]
 
+    async def get_many(self, la: str, local_ids: Sequence[str]) -> list[Record | None]:
+        """Several records of one LA in two round trips (the index, then each child's field)."""
+        if not local_ids:
+            return []
+        numbers = await self.redis.hmget(self.keys.la_ids(la), list(local_ids))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for lid, nhs in zip(local_ids, numbers, strict=True):
+                if nhs is not None:
+                    pipe.hget(self.keys.records(self._tag(nhs)), Keys.record_field(la, lid))
+            raw = iter(await pipe.execute())
+        out: list[Record | None] = []
+        for lid, nhs in zip(local_ids, numbers, strict=True):
+            value = next(raw) if nhs is not None else None
+            out.append(None if value is None else Record.from_compact(la, lid, orjson.loads(value)))
+        return out
+
     async def index(self, la: str) -> dict[str, str]:
         result: dict[str, str] = await self.redis.hgetall(self.keys.la_ids(la))
         return result
@@ -78,8 +96,9 @@ class RedisRecordStore:
     async def count(self, la: str) -> int:
         return int(await self.redis.hlen(self.keys.la_ids(la)))
 
-    async def apply(self, la: str, changes: Sequence[Change]) -> list[tuple[str, int]]:
-        """Write the changes atomically per call; retries records whose index moved under a concurrent write.
+    async def apply(self, la: str, changes: Sequence[Change], *, lease: str | None = None) -> list[tuple[str, int]]:
+        """Write the changes atomically per call; retries records whose index moved under a concurrent write. With
+        ``lease`` (an upload's token) each call first checks that the token still holds the LA's upload lease.
 
         The first attempt assumes each record is new or keeps its NHS number (the script checks that, answering
         R otherwise), which saves reading the index first; a retry reads the current number and sends the old
@@ -118,10 +137,16 @@ class RedisRecordStore:
                     old_hash,
                     k.audit(new_tag),
                 )
-            out = await self.scripts.apply_records(
-                keys=[ids_key, k.sync_queue, k.sync_schedule],
-                args=[la, instant(_now()), "1" if self.sync_enabled else "0", len(pending), _FS.join(parts)],
-            )
+            try:
+                out = await self.scripts.apply_records(
+                    keys=[ids_key, k.sync_queue, k.sync_schedule, k.la_lock(la)],
+                    args=[la, instant(_now()), "1" if self.sync_enabled else "0", len(pending), _FS.join(parts),
+                          lease or ""],
+                )
+            except ResponseError as exc:
+                if str(exc).startswith("LEASE"):
+                    raise UploadInterrupted("another process took over this upload", applied=True) from None
+                raise
             retry = []
             for j, i in enumerate(pending):
                 code, version = out[2 * j], int(out[2 * j + 1])
@@ -147,30 +172,6 @@ class RedisRecordStore:
             if int(done) >= 0:
                 return int(done) == 1
         raise RecordIndexMoved("record kept changing NHS number during erasure")
-
-    # -- uploads ------------------------------------------------------------------------------------------------
-    async def upload_report(self, la: str, sequence: int) -> bytes | None:
-        raw = await self.redis.hget(self.keys.la_uploads(la), str(sequence))
-        return None if raw is None else raw.encode()
-
-    async def last_sequence(self, la: str) -> int | None:
-        raw = await self.redis.get(self.keys.la_sequence(la))
-        return None if raw is None else int(raw)
-
-    async def save_upload(self, la: str, sequence: int, report: bytes) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.la_uploads(la), str(sequence), report)
-            last = await self.last_sequence(la)
-            if last is None or sequence > last:
-                pipe.set(self.keys.la_sequence(la), sequence)
-            await pipe.execute()
-
-    async def lock_uploads(self, la: str, token: str, ttl_s: int) -> bool:
-        return bool(await self.redis.set(self.keys.la_lock(la), token, nx=True, ex=ttl_s))
-
-    async def unlock_uploads(self, la: str, token: str) -> None:
-        if await self.redis.get(self.keys.la_lock(la)) == token:
-            await self.redis.delete(self.keys.la_lock(la))
 
 
 def _stored_fields(rec: Record) -> dict[str, Any]:

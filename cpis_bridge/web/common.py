@@ -79,6 +79,7 @@ def problem(
     code: str | None = None,
     errors: list[dict[str, str]] | None = None,
     headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> web.Response:
     body: dict[str, Any] = {
         "type": PROBLEM_TYPE_BASE + title.lower().replace(" ", "-"),
@@ -90,6 +91,8 @@ def problem(
         body["code"] = code
     if errors:
         body["errors"] = errors
+    if extra:
+        body.update(extra)
     return json_response(body, status=status, content_type="application/problem+json", headers=headers)
 
 

@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
 from cpis_bridge.core.codes import FileCode, RecordCode
-from cpis_bridge.core.errors import UnreadableInput, UnsupportedMediaType, ValidationFailed
+from cpis_bridge.core.errors import (
+    MassEndRefused,
+    UnreadableInput,
+    UnsupportedMediaType,
+    UploadInterrupted,
+    ValidationFailed,
+)
 from cpis_bridge.core.principal import Role
-from cpis_bridge.services.records import UploadMeta
-from cpis_bridge.web.common import allow, audit_context, json_response, loads_json, principal
-from cpis_bridge.web.state import METRICS, RECORDS, SETTINGS
+from cpis_bridge.services.uploads import LEASE_MS, UploadControl, UploadMeta, UploadService
+from cpis_bridge.store.uploads import RedisUploadStore
+from cpis_bridge.web.common import allow, audit_context, json_response, loads_json, principal, problem
+from cpis_bridge.web.state import KEYS, LIFECYCLE, METRICS, RECORDS, REDIS, REGISTRY, SETTINGS
 from cpis_bridge.web.uploads import content_type, meta_from_headers, reader_for, spool
 
 routes = web.RouteTableDef()
 LA = Role.LOCAL_AUTHORITY
 # Any printable localId (braces included: aiohttp's default segment pattern refuses them); "/" arrives as %2F.
 RECORD_PATH = "/v1/records/{localId:[^/]+}"
+UPLOADS = web.AppKey("uploads", UploadService)
+UPLOAD_TASKS = web.AppKey("upload_tasks", set[asyncio.Future[Any]])
+RESUME_INTERVAL_S = 5.0
+ANSWER_MARGIN_S = 0.5  # an interrupted upload is answered this long before the server's grace period ends
 
 
 async def read_json(request: web.Request, *, types: tuple[str, ...] = ("application/json",)) -> Any:
@@ -73,28 +88,25 @@ async def delete_record(request: web.Request) -> web.Response:
 @routes.post("/v1/uploads")
 @allow(LA)
 async def post_upload(request: web.Request) -> web.Response:
-    service = request.app[RECORDS]
+    uploads = request.app[UPLOADS]
     metrics = request.app[METRICS]
     la = principal(request).ods
     ct = content_type(request)
     try:
-        meta = meta_from_headers(request) if ct != "application/json" else None
-        if meta is not None and meta.sequence is not None:
-            stored = await service.check_sequence(la, meta.sequence)
-            if stored is not None:
-                return json_response(stored, headers={"Upload-Replayed": "true"})
-        spooled = await spool(request, request.app[SETTINGS].upload_max_bytes)
-        try:
-            meta = meta or UploadMeta()
-            file_meta = meta
-            report, replayed = await service.apply_upload(
-                audit_context(request), la, file_meta, lambda: reader_for(ct, spooled, file_meta)
-            )
-        finally:
-            spooled.close()
+        meta = meta_from_headers(request) if ct != "application/json" else UploadMeta()
+        if meta.sequence is not None and (stored := await uploads.check_sequence(la, meta.sequence)) is not None:
+            return json_response(stored, headers={"Upload-Replayed": "true"})
+        life = request.app[LIFECYCLE]
+        control = UploadControl(stopping=lambda: life.draining)
+        task = asyncio.ensure_future(_upload(request, la, meta, ct, control))
+        report, replayed = await _answer_before_shutdown(request, task, control)
     except UnreadableInput as exc:
         metrics.uploads.labels(FileCode.UNREADABLE).inc()
         raise ValidationFailed(exc.detail, code=FileCode.UNREADABLE) from None
+    except MassEndRefused as exc:
+        return problem(422, exc.title, exc.detail, code=exc.code, extra={"wouldEnd": exc.would_end})
+    except UploadInterrupted as exc:
+        return problem(503, exc.title, exc.detail, headers={"Retry-After": str(LEASE_MS // 1000)})
     if not replayed:
         metrics.uploads.labels(report["fileCode"]).inc()
         metrics.upload_records.labels(RecordCode.UPLOADED).inc(report["accepted"])
@@ -103,5 +115,89 @@ async def post_upload(request: web.Request) -> web.Response:
     return json_response(report, headers={"Upload-Replayed": "true"} if replayed else None)
 
 
+def _confirm_end(request: web.Request) -> int | None:
+    """``Upload-Confirm-End``: the number of records the sender knows a full upload ends (anything else: none)."""
+    value = request.headers.get("Upload-Confirm-End", "").strip()
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 9 else None
+
+
+async def _upload(
+    request: web.Request, la: str, meta: UploadMeta, ct: str, control: UploadControl
+) -> tuple[dict[str, Any], bool]:
+    spooled = await spool(request, request.app[SETTINGS].upload_max_bytes)
+    try:
+        return await request.app[UPLOADS].apply_upload(
+            audit_context(request), la, meta, ct, spooled, confirm_end=_confirm_end(request), control=control
+        )
+    finally:
+        spooled.close()
+
+
+async def _answer_before_shutdown(
+    request: web.Request, task: asyncio.Future[tuple[dict[str, Any], bool]], control: UploadControl
+) -> tuple[dict[str, Any], bool]:
+    """The upload's result; or, once the process is stopping, an answer before the server's grace period ends: an
+    upload still reading its body stops at once (nothing applied); one being applied is answered 503 just before
+    the grace period ends (it is journalled: this process or the next completes it, and a re-send of its sequence
+    answers the report)."""
+    life, settings = request.app[LIFECYCLE], request.app[SETTINGS]
+    answer_by: float | None = None
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.05)
+        if done:
+            return task.result()
+        if not life.draining:
+            continue
+        if control.phase == "reading":
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise UploadInterrupted("the service is stopping; nothing of this upload was applied: send it again",
+                                    applied=False)
+        if answer_by is None:
+            answer_by = time.monotonic() + settings.drain_delay_s + settings.shutdown_grace_s - ANSWER_MARGIN_S
+        if time.monotonic() >= answer_by and control.committed:
+            request.app[UPLOAD_TASKS].add(task)  # cancelled at cleanup; the journal outlives it
+            task.add_done_callback(_forget(request.app))
+            raise UploadInterrupted(
+                "the service is stopping while this upload is applied; the service completes it: send the same "
+                "sequence again for its report", applied=True,
+            )
+
+
+def _forget(app: web.Application) -> Callable[[asyncio.Future[Any]], None]:
+    def done(task: asyncio.Future[Any]) -> None:
+        app[UPLOAD_TASKS].discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an interrupted upload's error is the journal's to resolve
+
+    return done
+
+
+async def uploads_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The upload use-case, and the task that completes uploads whose process died (at start-up, then every few
+    seconds, for every LA in the registry)."""
+    settings, metrics = app[SETTINGS], app[METRICS]
+    service = UploadService(
+        app[RECORDS], RedisUploadStore(app[REDIS], app[KEYS]), reader_for,
+        max_end_fraction=settings.upload_max_end_fraction,
+        on_mass_end_refused=metrics.upload_mass_end_refused.inc, on_resumed=metrics.uploads_resumed.inc,
+    )
+    app[UPLOADS] = service
+    app[UPLOAD_TASKS] = set()
+    stop = asyncio.Event()
+    resumer = asyncio.create_task(
+        service.run_resumer(list(app[REGISTRY].local_authorities), stop, RESUME_INTERVAL_S), name="upload-resumer"
+    )
+    yield
+    stop.set()
+    for task in (resumer, *app[UPLOAD_TASKS]):
+        task.cancel()
+    for task in (resumer, *app[UPLOAD_TASKS]):
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
 def setup(app: web.Application) -> None:
     app.router.add_routes(routes)
+    app.cleanup_ctx.append(uploads_ctx)

@@ -17,7 +17,7 @@ from aiohttp import web
 from cpis_bridge.core.codes import FileCode
 from cpis_bridge.core.errors import PayloadTooLarge, UnreadableInput, UnsupportedMediaType
 from cpis_bridge.core.records import READ_ONLY_FIELDS, WRITABLE_FIELDS
-from cpis_bridge.services.records import UploadMeta, parse_count, parse_mode, parse_sequence
+from cpis_bridge.services.uploads import UploadMeta, parse_count, parse_mode, parse_sequence
 from cpis_bridge.web.common import MAX_NESTING, nesting_within
 from cpis_bridge.web.middlewares import size_text
 

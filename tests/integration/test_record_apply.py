@@ -1,6 +1,8 @@
 """apply_records.lua against real Redis: versions, unchanged records, records stored in another layout, audit, and
 uploads that span many batches (validated and applied batch by batch)."""
 
+import tempfile
+
 import orjson
 import pytest
 
@@ -8,11 +10,13 @@ from cpis_bridge.app import create_app
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import iter_test_numbers
 from cpis_bridge.core.principal import Principal, Role
-from cpis_bridge.services.records import BATCH, UploadMeta, UploadMode
+from cpis_bridge.services.uploads import BATCH, UploadMeta, UploadMode
+from cpis_bridge.web.la import UPLOADS
 from cpis_bridge.web.state import KEYS, RECORDS, REDIS
 from tests.conftest import record
 
 LA = "LA001"
+NDJSON = "application/x-ndjson"
 
 
 @pytest.fixture
@@ -57,8 +61,15 @@ async def test_record_stored_in_another_layout_is_compared_field_by_field(app):
     assert rec.version == 8 and rec.plan_type.value == "LAC"
 
 
+def ndjson(items: list[dict]):
+    f = tempfile.TemporaryFile()
+    f.write(b"\n".join(orjson.dumps(x) for x in items))
+    f.seek(0)
+    return f
+
+
 async def test_upload_over_many_batches_then_full_reupload(app):
-    svc = app[RECORDS]
+    svc, uploads = app[RECORDS], app[UPLOADS]
     numbers = [str(n) for _, n in zip(range(BATCH * 2 + 7), iter_test_numbers(), strict=False)]
     items = [record(f"L{i}", nhs) for i, nhs in enumerate(numbers)]
     items.insert(3, record("BAD", nhsNumber="123"))
@@ -67,7 +78,7 @@ async def test_upload_over_many_batches_then_full_reupload(app):
     def meta(seq: int, mode: UploadMode) -> UploadMeta:
         return UploadMeta(sequence=seq, mode=mode, record_count=len(items))
 
-    report, replayed = await svc.apply_upload(ctx(), LA, meta(1, UploadMode.DELTA), lambda: iter(items))
+    report, replayed = await uploads.apply_upload(ctx(), LA, meta(1, UploadMode.DELTA), NDJSON, ndjson(items))
     assert not replayed and report["fileCode"] == "CPF03"
     assert report["received"] == len(items) and report["accepted"] == len(numbers)
     assert [(r["index"], r["localId"]) for r in report["rejections"]] == [(3, "BAD"), (len(items) - 1, "L0")]
@@ -75,7 +86,8 @@ async def test_upload_over_many_batches_then_full_reupload(app):
     assert (await stored(app, numbers[-1], f"L{len(numbers) - 1}"))["v"] == 1
     # The same caseload again, minus two records, in full mode: nothing re-versioned, the two missing ones ended.
     again = [x for x in items if x["localId"] not in ("L5", "L600")]
-    report, _ = await svc.apply_upload(ctx(), LA, UploadMeta(2, UploadMode.FULL, len(again)), lambda: iter(again))
+    report, _ = await uploads.apply_upload(ctx(), LA, UploadMeta(2, UploadMode.FULL, len(again)), NDJSON,
+                                           ndjson(again))
     assert report["accepted"] == len(numbers) - 2 and report["endedLocalIds"] == ["L5", "L600"]
     assert (await stored(app, numbers[7], "L7"))["v"] == 1
     ended = await stored(app, numbers[5], "L5")

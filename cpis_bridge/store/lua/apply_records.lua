@@ -1,17 +1,21 @@
 -- Create, replace or end a batch of one LA's records, each with its sync-queue entry, its schedule entry and its
 -- audit entry, in one atomic step. A record identical to the stored one is left alone (no version, no sync).
--- KEYS[1] LA ids hash, KEYS[2] sync queue, KEYS[3] sync schedule.
+-- KEYS[1] LA ids hash, KEYS[2] sync queue, KEYS[3] sync schedule, KEYS[4] the LA's upload lease.
 -- ARGV[1] la, ARGV[2] now (ISO instant), ARGV[3] sync on ('1'/'0'), ARGV[4] n, ARGV[5] the records: 9 fields per
 --   record, all joined by \x1f: localId, nhs, expected current nhs ('' = none, '*' = none or this nhs), record
 --   JSON (no v/u), schedule day ('' = none), audit JSON, new child records hash, old child records hash (same as new
 --   when the NHS number is unchanged), audit list. (The per-child keys travel in the payload: a batch spans many
 --   children and so many slots, and thousands of separate arguments cost the client more than the script costs.)
+-- ARGV[6] an upload's lease token ('' = none): the batch is refused (error LEASE) unless that token holds the lease.
 -- Returns a flat array: per record a code (C created, M modified, U unchanged, R retry: the index moved) and
 -- the resulting version.
 -- Stored form: the record JSON as sent with ',"v":<version>,"u":"<now>"' appended inside the braces, so the hot
 -- path needs no JSON decoding: a record is unchanged when the stored text up to that suffix equals the new JSON.
 -- Records stored in any other layout (e.g. re-encoded elsewhere) fall back to a field-by-field comparison.
 local la, now, sync_on, n = ARGV[1], ARGV[2], ARGV[3] == '1', tonumber(ARGV[4])
+if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then
+  return redis.error_reply('LEASE the upload lease is no longer held')
+end
 local compared = {'p', 'n', 'b', 's', 'g', 'f', 'e', 'd', 'x', 'l'}
 local out = {}
 local payload, pos = ARGV[5], 1
