@@ -41,6 +41,7 @@ LEASE_MS = 10_000  # a dead holder's lease lapses this long after its last renew
 RENEW_S = 2.0
 SAME_SEQUENCE_WAIT_S = 60.0  # a re-send waits this long for the attempt it repeats (or its lease) to end
 MASS_END_MIN = 10  # ending this many records or fewer never needs confirming
+SURE_RATE = 5_000  # records/s an upload is sure to be applied at, even on a busy machine (it does 20,000+)
 
 
 class UploadMode(StrEnum):
@@ -69,11 +70,12 @@ class ValidatedUpload:
 
 @dataclass(slots=True)
 class UploadControl:
-    """Between the web edge and one upload: ``stopping`` says the process is shutting down (an upload not yet
-    committed then stops, having applied nothing); ``phase`` is reading (the body, the checks), journalling, then
-    applying: from then on the upload is completed whatever happens to this process."""
+    """Between the web edge and one upload. ``answer_by``: once the process is stopping, the monotonic time by which
+    the upload must be answered (None until then); an upload that could not be applied by then stops before it
+    commits, having applied nothing. ``phase``: reading (the body, the checks), journalling, then applying: from
+    then on the upload is completed whatever happens to this process."""
 
-    stopping: Callable[[], bool] = lambda: False
+    answer_by: Callable[[], float | None] = lambda: None
     phase: str = "reading"
 
     @property
@@ -234,7 +236,7 @@ class UploadService:
             )
         if (stored := await self.check_sequence(la, meta.sequence)) is not None:  # JSON states its sequence inside
             return stored, True
-        _check_stopping(control)
+        _check_stopping(control, 0.0)
         if scanned.received == 0:  # nothing to apply, and never a caseload of nothing: CPF04, the sequence unused
             return _report(meta.sequence, meta.mode, FileCode.NONE_UPLOADED, ValidatedUpload(), 0, []), False
         async with self._lease(la, meta.sequence, control) as lease:
@@ -250,7 +252,7 @@ class UploadService:
                 meta.sequence, meta.mode, content_type, now.isoformat(),
                 {action: ctx.entry(action, None, now) for action in ("upload.record", "upload.end")}, to_end,
             )
-            await self._journal(la, lease, journal, body, control)
+            await self._journal(la, lease, journal, body, control, scanned.received / SURE_RATE)
             body.seek(0)
             return await self._run(la, lease, journal, self.read_items(content_type, body, UploadMeta())), False
 
@@ -265,7 +267,8 @@ class UploadService:
                 continue
             journal = Journal.loads(raw)
             try:
-                async with self._lease(la, journal.sequence, UploadControl(stopping), wait_s=0) as lease:
+                control = UploadControl(lambda: 0.0 if stopping() else None)
+                async with self._lease(la, journal.sequence, control, wait_s=0) as lease:
                     if await self._complete_journal(la, lease):
                         done += 1
             except Conflict:
@@ -295,7 +298,7 @@ class UploadService:
         while (holder := await self.store.acquire(la, token, LEASE_MS)) is not None:
             if not holder.startswith(f"{sequence}.") or time.monotonic() >= deadline:
                 raise Conflict("another upload for this local authority is in progress; retry when it has finished")
-            _check_stopping(control)
+            _check_stopping(control, 0.0)
             await asyncio.sleep(0.1)
         lease = _Lease(token)
         renewer = asyncio.create_task(self._renew(la, lease), name="upload-lease")
@@ -331,8 +334,11 @@ class UploadService:
         log.info("upload.completed_from_journal", extra={"la": la, "sequence": journal.sequence})
         return True
 
-    async def _journal(self, la: str, lease: _Lease, journal: Journal, body: IO[bytes], control: UploadControl) -> None:
-        """Store the body, then commit the journal entry: from then on the upload is completed whatever happens."""
+    async def _journal(
+        self, la: str, lease: _Lease, journal: Journal, body: IO[bytes], control: UploadControl, work_s: float
+    ) -> None:
+        """Store the body, then commit the journal entry: from then on the upload is completed whatever happens. A
+        stopping process commits only an upload it can apply (``work_s``) before it must answer."""
         control.phase = "journalling"
         body.seek(0)
         first = True
@@ -340,8 +346,8 @@ class UploadService:
             if not await self.store.push_body(la, lease.token, chunk, first=first):
                 raise UploadInterrupted("another process took over this upload", applied=False)
             first = False
-            _check_stopping(control)
-        _check_stopping(control)
+            _check_stopping(control, work_s)
+        _check_stopping(control, work_s)
         if not await self.store.commit(la, lease.token, journal.dumps()):
             raise UploadInterrupted("another process took over this upload", applied=False)
         control.phase = "applying"
@@ -498,8 +504,9 @@ class UploadService:
                 await self.records.store.apply(la, changes, lease=lease.token)
 
 
-def _check_stopping(control: UploadControl) -> None:
-    if control.stopping():
+def _check_stopping(control: UploadControl, work_s: float) -> None:
+    answer_by = control.answer_by()
+    if answer_by is not None and time.monotonic() + work_s >= answer_by:
         raise UploadInterrupted("the service is stopping; nothing of this upload was applied: send it again",
                                 applied=False)
 

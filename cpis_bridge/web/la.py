@@ -96,8 +96,7 @@ async def post_upload(request: web.Request) -> web.Response:
         meta = meta_from_headers(request) if ct != "application/json" else UploadMeta()
         if meta.sequence is not None and (stored := await uploads.check_sequence(la, meta.sequence)) is not None:
             return json_response(stored, headers={"Upload-Replayed": "true"})
-        life = request.app[LIFECYCLE]
-        control = UploadControl(stopping=lambda: life.draining)
+        control = UploadControl()
         task = asyncio.ensure_future(_upload(request, la, meta, ct, control))
         report, replayed = await _answer_before_shutdown(request, task, control)
     except UnreadableInput as exc:
@@ -136,33 +135,34 @@ async def _upload(
 async def _answer_before_shutdown(
     request: web.Request, task: asyncio.Future[tuple[dict[str, Any], bool]], control: UploadControl
 ) -> tuple[dict[str, Any], bool]:
-    """The upload's result; or, once the process is stopping, an answer before the server's grace period ends: an
-    upload still reading its body stops at once (nothing applied); one being applied is answered 503 just before
-    the grace period ends (it is journalled: this process or the next completes it, and a re-send of its sequence
-    answers the report)."""
+    """The upload's result; or, once the process is stopping, an answer just before the server's grace period ends.
+    An upload that has not committed by then stops, having applied nothing; a committed one (journalled: this
+    process or the next completes it, and a re-send of its sequence answers its report) is answered 503."""
     life, settings = request.app[LIFECYCLE], request.app[SETTINGS]
     answer_by: float | None = None
+    control.answer_by = lambda: answer_by
     while True:
         done, _ = await asyncio.wait({task}, timeout=0.05)
         if done:
             return task.result()
         if not life.draining:
             continue
-        if control.phase == "reading":
+        if answer_by is None:
+            answer_by = time.monotonic() + settings.drain_delay_s + settings.shutdown_grace_s - ANSWER_MARGIN_S
+        if time.monotonic() < answer_by:
+            continue
+        if not control.committed:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
             raise UploadInterrupted("the service is stopping; nothing of this upload was applied: send it again",
                                     applied=False)
-        if answer_by is None:
-            answer_by = time.monotonic() + settings.drain_delay_s + settings.shutdown_grace_s - ANSWER_MARGIN_S
-        if time.monotonic() >= answer_by and control.committed:
-            request.app[UPLOAD_TASKS].add(task)  # cancelled at cleanup; the journal outlives it
-            task.add_done_callback(_forget(request.app))
-            raise UploadInterrupted(
-                "the service is stopping while this upload is applied; the service completes it: send the same "
-                "sequence again for its report", applied=True,
-            )
+        request.app[UPLOAD_TASKS].add(task)  # cancelled at cleanup; the journal outlives it
+        task.add_done_callback(_forget(request.app))
+        raise UploadInterrupted(
+            "the service is stopping while this upload is applied; the service completes it: send the same "
+            "sequence again for its report", applied=True,
+        )
 
 
 def _forget(app: web.Application) -> Callable[[asyncio.Future[Any]], None]:

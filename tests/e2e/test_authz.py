@@ -228,10 +228,11 @@ async def test_other_las_records_look_absent(client: Any) -> None:
     r = await client.get(f"/v1/records?nhsNumber={NHS}", headers=LA2)
     assert r.status == 200 and await r.json() == {"records": []}
 
-    # LA2 using the same localId makes its own record; a full upload of an empty caseload ends only its own.
+    # LA2 using the same localId makes its own record; a full upload without it ends only LA2's own.
     r = await client.put("/v1/records/CASE-X", json=record("CASE-X", NHS_OTHER), headers=LA2)
     assert r.status == 201
-    r = await client.post("/v1/uploads", json={"sequence": 1, "mode": "full", "records": []}, headers=LA2)
+    r = await client.post("/v1/uploads", json={"sequence": 1, "mode": "full", "records": [record("CASE-Y", NHS_OTHER)]},
+                          headers=LA2)
     assert r.status == 200, await r.text()
     assert (await r.json())["ended"] == 1
 

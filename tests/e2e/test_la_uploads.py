@@ -146,3 +146,68 @@ async def test_upload_needs_la_role(client):
 
     r = await client.post("/v1/uploads", json=envelope(1, [record("A")]), headers=ED)
     assert r.status == 403
+
+
+async def test_empty_full_upload_is_cpf04_and_ends_nothing(client):
+    await upload(client, envelope(1, [record("A"), record("B")]))
+    status, rep = await upload(client, envelope(2, [], mode="full"))
+    assert status == 200 and rep["fileCode"] == "CPF04" and rep["ended"] == 0 and rep["received"] == 0
+    full = {**LA1, "Upload-Sequence": "2", "Upload-Mode": "full"}
+    r = await client.post("/v1/uploads", data=b"", headers={**full, "Content-Type": "application/x-ndjson"})
+    assert r.status == 200 and (await r.json())["fileCode"] == "CPF04"
+    r = await client.post("/v1/uploads", data=b"localId,planType\n",
+                          headers={**full, "Content-Type": "text/csv", "Upload-Record-Count": "0"})
+    assert r.status == 200 and (await r.json())["fileCode"] == "CPF04"
+    got = await ids(client)
+    assert got["A"]["endDate"] is None and got["B"]["endDate"] is None
+    status, rep = await upload(client, envelope(2, [record("A")]))  # CPF04 did not use the sequence up
+    assert status == 200 and rep["fileCode"] == "CPF02"
+
+
+def caseload(n, nhs="9990000018"):
+    return [record(f"K{i}", nhs) for i in range(n)]
+
+
+async def test_full_upload_ending_much_of_a_caseload_needs_the_count_confirmed(client):
+    from tests.e2e.test_openapi_contract import conforms
+
+    await upload(client, envelope(1, caseload(40)))
+    kept = caseload(20)
+    kept[0]["endDate"] = "2026-02-01"  # a change that must not be applied while the file is refused
+    r = await client.post("/v1/uploads", json=envelope(2, kept, mode="full"), headers=LA1)
+    body = await conforms(r, "/v1/uploads")
+    assert r.status == 422 and body["code"] == "mass-end-refused" and body["wouldEnd"] == 20
+    got = await ids(client)
+    assert all(x["endDate"] is None for x in got.values()) and len(got) == 40  # nothing applied, nothing ended
+    for wrong in ("19", "21", "twenty", ""):
+        r = await client.post("/v1/uploads", json=envelope(2, kept, mode="full"),
+                              headers={**LA1, "Upload-Confirm-End": wrong})
+        assert r.status == 422 and (await r.json())["wouldEnd"] == 20
+    metrics = await (await client.get("/metrics")).text()
+    assert "cpis_upload_mass_end_refused_total 5.0" in metrics
+    # The same sequence, confirmed with the right number: applied (the refusals did not use the sequence up).
+    r = await client.post("/v1/uploads", json=envelope(2, kept, mode="full"),
+                          headers={**LA1, "Upload-Confirm-End": "20"})
+    rep = await r.json()
+    assert r.status == 200 and rep["fileCode"] == "CPF02" and rep["ended"] == 20
+    got = await ids(client)
+    assert got["K0"]["endDate"] == "2026-02-01" and got["K39"]["endDate"] is not None
+
+
+async def test_mass_end_limits(client):
+    await upload(client, envelope(1, caseload(12)))
+    # Ending 10 records never needs confirming, whatever the fraction.
+    status, rep = await upload(client, envelope(2, caseload(2), mode="full"))
+    assert status == 200 and rep["ended"] == 10
+    # Already-ended records are not visible-and-open: re-sending the two is no mass end.
+    status, rep = await upload(client, envelope(3, caseload(2), mode="full"))
+    assert status == 200 and rep["ended"] == 0
+    # A file that accepts nothing ends nothing, so it is never refused.
+    await upload(client, envelope(4, [record(f"M{i}", "9990000026") for i in range(30)]))
+    status, rep = await upload(client, envelope(5, [record("BAD", nhsNumber="1")], mode="full"))
+    assert status == 200 and rep["fileCode"] == "CPF04" and rep["ended"] == 0
+    # Under the fraction: 11 of 50 open records (more than 10, less than a quarter).
+    await upload(client, envelope(6, [record(f"M{i}", "9990000026") for i in range(50)]))
+    keep = [record(f"M{i}", "9990000026") for i in range(39)] + caseload(2)
+    status, rep = await upload(client, envelope(7, keep, mode="full"))
+    assert status == 200 and rep["ended"] == 11, rep

@@ -122,7 +122,7 @@ def test_schemas_match_the_domain() -> None:
     upload = documented(document())[("POST", "/v1/uploads")]
     assert set(upload["requestBody"]["content"]) == {"application/json", "application/x-ndjson", "text/csv"}
     headers = {p["name"] for p in upload["parameters"] if p["in"] == "header"}
-    assert headers == {"Upload-Sequence", "Upload-Mode", "Upload-Record-Count"}
+    assert headers == {"Upload-Sequence", "Upload-Mode", "Upload-Record-Count", "Upload-Confirm-End"}
     report = schemas["UploadReport"]
     assert set(report["required"]) >= {"sequence", "fileCode", "received", "accepted", "rejected", "ended",
                                        "rejections"}
