@@ -28,7 +28,7 @@ SHAPES: dict[str, tuple[bytes, bytes, bytes]] = {
 PROBE = r"""
 import json, os, resource, sys, tempfile, time
 from cpis_bridge.core.errors import UnreadableInput
-from cpis_bridge.services.records import UploadMeta
+from cpis_bridge.services.uploads import UploadMeta
 from cpis_bridge.web.common import MAX_FHIR_NESTING, loads_json
 from cpis_bridge.web.uploads import reader_for
 
