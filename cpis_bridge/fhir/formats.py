@@ -3,6 +3,7 @@ XML rendered from the JSON dicts with fhir.resources R4B. JSON stays dict + orjs
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final, Literal
 
 import orjson
@@ -68,11 +69,25 @@ def negotiate(format_param: str | None, accept: str | None) -> Format:
     return best[2]
 
 
+# Characters XML 1.0 cannot carry at all (JSON can): a token's name claim or an echoed element name may hold them.
+_NOT_XML: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_safe(value: Any) -> Any:
+    if isinstance(value, str):
+        return _NOT_XML.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {k: _xml_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_xml_safe(v) for v in value]
+    return value
+
+
 def render(body: dict[str, Any], fmt: str) -> bytes:
     """The resource as bytes in ``fmt``. XML goes through the R4B model, so what is sent is valid FHIR XML."""
     if fmt == "json":
         return orjson.dumps(body)
-    model = get_fhir_model_class(body["resourceType"]).model_validate(body)
+    model = get_fhir_model_class(body["resourceType"]).model_validate(_xml_safe(body))
     xml: str | bytes = model.model_dump_xml(xml_declaration=True)
     return xml if isinstance(xml, bytes) else xml.encode()
 

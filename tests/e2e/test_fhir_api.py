@@ -711,3 +711,13 @@ async def test_session_urid_is_recorded_in_the_audit(client):
     entries = [orjson.loads(e) for e in await client.app[REDIS].lrange(keys.audit(keys.tag(CHILD)), 0, -1)]
     lookups = [e for e in entries if e["action"] == "lookup.careteam"]
     assert [e.get("sessionUrid") for e in lookups] == [None, "555254240100"]  # newest first
+
+
+async def test_xml_answers_survive_characters_xml_cannot_carry(client):
+    await put(client)
+    odd = auth(Role.CARE_SETTING, "RXX02", name="Dr \x01Odd\x0bName")
+    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=odd))
+    r = await client.get(f"/fhir/AuditEvent?{q()}&_include=PractitionerRole&_format=xml", headers=ED)
+    assert r.status == 200, await r.text()
+    body = from_xml(await r.text())
+    assert body["entry"][0]["resource"]["agent"][0]["who"]["display"] == "Dr \ufffdOdd\ufffdName"
