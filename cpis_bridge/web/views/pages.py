@@ -113,8 +113,12 @@ def assets_handler(root: Path) -> Handler:
 
     @allow(public=True)
     async def assets(request: web.Request) -> web.StreamResponse:
-        path = (base / request.match_info["path"]).resolve()
-        if not path.is_relative_to(base) or not path.is_file():
+        try:
+            path = (base / request.match_info["path"]).resolve()
+            found = path.is_relative_to(base) and path.is_file()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte: no such file either
+            found = False
+        if not found:
             raise web.HTTPNotFound()
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         if path.suffix == ".js":
