@@ -209,6 +209,17 @@ def _years_after(day: dt.date, years: int) -> dt.date:
         return day.replace(year=day.year + years, day=28)
 
 
+def parse_day(value: str, today: dt.date) -> dt.date:
+    """A day given by a person or a query (a search filter): YYYY-MM-DD, from 1900 to PLAN_YEARS_AHEAD years ahead;
+    ValueError otherwise (so the day arithmetic that follows cannot overflow)."""
+    if not _DATE_SHAPE.fullmatch(value):
+        raise ValueError("not YYYY-MM-DD")
+    day = dt.date.fromisoformat(value)
+    if not EARLIEST_DATE <= day <= latest_dates(today)[0]:
+        raise ValueError("out of range")
+    return day
+
+
 @lru_cache(maxsize=4)
 def latest_dates(today: dt.date) -> tuple[dt.date, dt.date]:
     """The latest end or delete date and the latest expected delivery date accepted on ``today``."""

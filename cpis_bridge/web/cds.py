@@ -219,6 +219,10 @@ def _feedback_entry(item: Any, index: int) -> dict[str, Any]:
         when = dt.datetime.fromisoformat(at)
     except ValueError:
         raise UnreadableInput(f"{where}.outcomeTimestamp must be an instant") from None
+    when = when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    problem = instant_problem(when)
+    if problem is not None:
+        raise UnreadableInput(f"{where}.outcomeTimestamp {problem}")
     entry: dict[str, Any] = {"card": card_id, "outcome": outcome,
                              "outcomeTimestamp": (when if when.tzinfo else when.replace(tzinfo=dt.UTC))
                              .astimezone(dt.UTC).isoformat().replace("+00:00", "Z")}

@@ -166,3 +166,23 @@ async def test_cds_prefetched_arrival_out_of_range_is_400(client: Any, start: st
     r = await client.post(ES, json=hook("encounter-start", prefetch={
         "patient": patient(), "encounter": {"resourceType": "Encounter", "period": {"start": start}}}), headers=ED)
     assert r.status == 400, await r.text()
+
+
+@pytest.mark.parametrize("at", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "1899-12-31T00:00:00Z"])
+async def test_cds_feedback_timestamp_out_of_range_is_400(client: Any, at: str) -> None:
+    body = {"feedback": [{"card": "0e6a0f5c-3f1d-4a57-9a4e-6c1b5b1d2a02", "outcome": "accepted",
+                          "outcomeTimestamp": at}]}
+    r = await client.post("/cds-services/cpis-patient-view/feedback", json=body, headers=ED)
+    assert r.status == 400, await r.text()
+
+
+@pytest.mark.parametrize("query", ["from=0001-01-01", "to=9999-12-31", "from=2026-W02-6", "to=1899-12-31"])
+async def test_duty_view_date_filters_out_of_range_ask_again(aiohttp_client: Any, make_settings: Any,
+                                                             query: str) -> None:
+    from cpis_bridge.app import create_app
+    from tests.e2e.test_web_duty import Browser
+
+    browser = Browser(await aiohttp_client(create_app(make_settings())))
+    assert (await browser.sign_in()).status in (302, 303)
+    r = await browser.request("GET", f"/la/notifications?{query}")
+    assert r.status == 200 and "Enter a real date" in await r.text()

@@ -14,6 +14,7 @@ from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.errors import NotFound, ValidationFailed
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
+from cpis_bridge.core.records import parse_day, today_london
 from cpis_bridge.services.inbox import InboxFilter
 from cpis_bridge.store.web import SignInLimiter
 from cpis_bridge.web.common import REQUEST_ID, allow, audit_context
@@ -121,7 +122,7 @@ def _date(raw: str | None) -> dt.date | None:
     if not raw:
         return None
     try:
-        return dt.date.fromisoformat(raw)
+        return parse_day(raw, today_london())
     except ValueError:
         raise ValueError(raw) from None
 
