@@ -481,9 +481,10 @@ def main(argv: list[str] | None = None) -> int:
             bench.upload_case()
         if "notify" not in skip:  # QUALITY.md notification delivery cases (another engineer's harness)
             bench.extra_case("notify", "notify_latency", ["--quick"] if args.quick else [])
-        if "sync" not in skip:  # extra, labelled: initial Flag sync throughput
+        if "sync" not in skip:  # extra, labelled: Flag sync throughput, recovery after an outage, rate-limited
             bench.extra_case("sync", "sync_throughput",
-                             ["--records", "300", "--singles", "50"] if args.quick else [])
+                             ["--records", "300", "--singles", "50", "--pending", "300", "--outage", "3",
+                              "--limited", "30", "--quota", "6", "--window", "3"] if args.quick else [])
         for name, proc in (("service", bench.service),):
             if proc.process is None or proc.process.poll() is not None:
                 raise BenchError(f"the {name} process died during the run; log:\n{proc.tail()}")

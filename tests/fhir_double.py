@@ -30,6 +30,37 @@ class Fault:
     path: str = ""
 
 
+class Flags(dict[str, dict[str, Any]]):
+    """The server's Flags by id, indexed by identifier value (as a database would): lookups do not slow down as the
+    server fills up, so the write pace is the server's only limit. Tests may add, replace and delete Flags freely."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_value: dict[str, set[str]] = {}
+
+    @staticmethod
+    def _values(flag: dict[str, Any]) -> list[str]:
+        return [str(i.get("value")) for i in flag.get("identifier", []) if i.get("value") is not None]
+
+    def __setitem__(self, fid: str, flag: dict[str, Any]) -> None:
+        if fid in self:
+            self._unindex(fid)
+        super().__setitem__(fid, flag)
+        for value in self._values(flag):
+            self.by_value.setdefault(value, set()).add(fid)
+
+    def __delitem__(self, fid: str) -> None:
+        self._unindex(fid)
+        super().__delitem__(fid)
+
+    def _unindex(self, fid: str) -> None:
+        for value in self._values(self[fid]):
+            self.by_value.get(value, set()).discard(fid)
+
+    def with_value(self, value: str) -> list[dict[str, Any]]:
+        return [self[fid] for fid in sorted(self.by_value.get(value, ())) if fid in self]
+
+
 def outcome(code: str, text: str) -> dict[str, Any]:
     return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
 
@@ -37,7 +68,7 @@ def outcome(code: str, text: str) -> dict[str, Any]:
 class FhirDouble:
     def __init__(self, *, update_create: bool = True, conditional_update: bool = True, batch: bool = True,
                  always_200: bool = False, fhir_version: str = "4.0.1", token: str | None = None) -> None:
-        self.flags: dict[str, dict[str, Any]] = {}
+        self.flags = Flags()
         self.faults: deque[Fault] = deque()
         self.update_create = update_create
         self.conditional_update = conditional_update
@@ -107,9 +138,20 @@ class FhirDouble:
         self.flags[fid] = dict(first, id=fid, meta={"versionId": "1", "lastUpdated": self._now()})
         return fid
 
-    def writes_time(self, n: int) -> float:
-        """The server's own time for ``n`` writes at its pace."""
-        return 0.0 if self.pace is None else n / self.pace
+    async def own_time(self, n: int, system: str) -> float:
+        """The server's own time for ``n`` conditional Flag writes made directly (no client, no HTTP), two at a
+        time, on the same machine under the same load as the test; the Flags are removed again."""
+        async def one(i: int) -> None:
+            flag = {"resourceType": "Flag", "status": "active", "identifier": [{"system": system, "value": f"OWN|{i}"}]}
+            await self._put("Flag", f"identifier={system}|OWN|{i}", flag)
+
+        t0 = time.monotonic()
+        for i in range(0, n, 2):
+            await asyncio.gather(*(one(j) for j in range(i, min(n, i + 2))))
+        seconds = time.monotonic() - t0
+        for fid in [f["id"] for f in self.flags.values() if f["identifier"][0]["value"].startswith("OWN|")]:
+            del self.flags[fid]
+        return seconds
 
     @staticmethod
     def _now() -> str:
@@ -117,7 +159,7 @@ class FhirDouble:
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def by_identifier(self, value: str) -> list[dict[str, Any]]:
-        return [f for f in self.flags.values() if any(i.get("value") == value for i in f.get("identifier", []))]
+        return self.flags.with_value(value)
 
     def state(self) -> dict[str, tuple[Any, ...]]:
         """identifier value -> (status, start, end, nhs): what the tests compare with the store."""
@@ -316,9 +358,9 @@ class FhirDouble:
         system, _, value = ident.partition("|")
         count = int(request.query.get("_count", "50"))
         offset = int(request.query.get("_offset", "0"))
-        hits = [f for f in sorted(self.flags.values(), key=lambda f: f["id"])
-                if any(i.get("system") == system and (not value or i.get("value") == value)
-                       for i in f.get("identifier", []))]
+        pool = self.flags.with_value(value) if value else sorted(self.flags.values(), key=lambda f: f["id"])
+        hits = [f for f in pool if any(i.get("system") == system and (not value or i.get("value") == value)
+                                       for i in f.get("identifier", []))]
         page = hits[offset : offset + count]
         links = [{"relation": "self", "url": str(request.url)}]
         if offset + count < len(hits):

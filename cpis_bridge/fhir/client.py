@@ -1,5 +1,7 @@
 """A small FHIR R4 REST client (aiohttp): authentication (bearer, OAuth2 client credentials with a client secret or
-a private_key_jwt assertion), one pause gate per server honouring Retry-After, short transient retries."""
+a private_key_jwt assertion), and per server: a pause gate (Retry-After, rate-limit resets, unreachable until a
+probe answers), the rate-limit budget its RateLimit headers announce, an adaptive (AIMD) concurrency limit, short
+transient retries."""
 
 from __future__ import annotations
 
@@ -345,9 +347,11 @@ class FhirClient:
 
     async def _wait_gate(self) -> None:
         for _ in range(1000):  # the gate can be pushed further while we wait; bounded all the same
-            delay = max(self.paused_for(), self.budget.take(time.monotonic()))
+            delay = self.paused_for()
             if delay <= 0:
-                return
+                delay = self.budget.take(time.monotonic())  # spends one request only when it may go now
+                if delay <= 0:
+                    return
             await asyncio.sleep(delay)
 
     # -- requests ---------------------------------------------------------------------------------------------
