@@ -1,9 +1,12 @@
-"""Notification delivery benchmark (QUALITY.md): access-to-receipt p50/p99 at a steady 200 accesses/s to a local
-webhook receiver, and notifications/s delivered by one relay process when backlogged. Prints one JSON line.
+"""Notification delivery benchmark: access-to-receipt p50/p99 at a steady 200 accesses/s to a local webhook
+receiver; notifications/s delivered by one relay process when backlogged; and ("isolated") the same steady
+access-to-receipt for one LA while another LA's webhook hangs (accepts, never answers) with thousands of
+notifications queued for it. Prints one JSON line.
 
 Relays run in a real `cpis-bridge serve` subprocess; accesses are recorded in this process through the access
 use-case against the same Redis (the embedded server with the shipped persistence, or CPIS_REDIS_URL).
 Usage: python -m bench.notify_latency [--rate 200] [--seconds 10] [--backlog 10000] [--children 1000]
+       [--hung-backlog 3000] [--only steady,backlog,isolated] [--quick]
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ REGISTRY_YAML = """localAuthorities:
     officeHoursPhone: "0300 000 0001"
     emergencyDutyPhone: "0300 000 0002"
     notify: {{webhook: {{url: "{url}", secretEnv: BENCH_WEBHOOK_SECRET}}}}
+  - ods: LA002
+    name: Bench Council With A Hung Webhook
+    officeHoursPhone: "0300 000 0001"
+    emergencyDutyPhone: "0300 000 0002"
+    notify: {{webhook: {{url: "{hung_url}", secretEnv: BENCH_WEBHOOK_SECRET}}}}
 careSettings:
   - {{ods: RXX01, name: Bench Emergency Department, type: ED, unscheduled: true}}
 """
@@ -62,6 +70,7 @@ class Receiver:
         self.latencies: list[float] = []
         self.arrivals: list[float] = []
         self.ids: set[str] = set()
+        self.hung_attempts = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
@@ -72,6 +81,12 @@ class Receiver:
             self.latencies.append(now - occurred.timestamp())
             self.arrivals.append(now)
         return web.Response(status=204)
+
+    async def hang(self, request: web.Request) -> web.Response:
+        """The other LA's webhook: accepts the request and never answers (the relay's timeout ends each attempt)."""
+        self.hung_attempts += 1
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
 
 async def wait_until(cond: Any, timeout: float) -> bool:
@@ -112,12 +127,12 @@ class Bench:
         return runner, app
 
     @staticmethod
-    async def flag_children(app: web.Application, count: int) -> list[str]:
-        numbers = [str(n) for n, _ in zip(iter_test_numbers(), range(count), strict=False)]
-        la = AuditContext(Principal("bench-la", Role.LOCAL_AUTHORITY, "LA001"))
+    async def flag_children(app: web.Application, count: int, ods: str = "LA001", start: int = 0) -> list[str]:
+        numbers = [str(n) for n, _ in zip(iter_test_numbers(start), range(count), strict=False)]
+        la = AuditContext(Principal("bench-la", Role.LOCAL_AUTHORITY, ods))
         for first in range(0, count, 100):
             await asyncio.gather(*(
-                app[RECORDS].put(la, "LA001", f"B-{i}", {
+                app[RECORDS].put(la, ods, f"B-{i}", {
                     "localId": f"B-{i}", "planType": "CPP", "nhsNumber": numbers[i], "dateOfBirth": "2016-04-02",
                     "startDate": "2026-01-10", "endDate": None})
                 for i in range(first, min(first + 100, count))))
@@ -132,33 +147,62 @@ class Bench:
         assert out.status == 1
 
 
+async def measure(bench: Bench, app: web.Application, receiver: Receiver, numbers: list[str], rate: float,
+                  seconds: float, prefix: str) -> dict[str, Any]:
+    """Warm up (the relay is up once a first notification arrives), then accesses at a steady ``rate`` for
+    ``seconds``; the access-to-receipt percentiles of their notifications."""
+    before = len(receiver.ids)
+    await bench.access(app, numbers[0], f"{prefix}-warm-up")
+    if not await wait_until(lambda: len(receiver.ids) > before, 30):
+        raise SystemExit("the relay process did not deliver (see its log)")
+    receiver.latencies.clear()
+    total = int(rate * seconds)
+    started = time.monotonic()
+    tasks = []
+    for i in range(total):
+        delay = started + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(bench.access(app, numbers[i % len(numbers)], f"{prefix}-{i}")))
+    await asyncio.gather(*tasks)
+    achieved = total / (time.monotonic() - started)
+    await wait_until(lambda: len(receiver.latencies) >= total, 60)
+    lat = sorted(receiver.latencies)
+    return {"accesses": total, "rate_per_s": round(achieved, 1), "received": len(lat),
+            "p50_ms": round(statistics.median(lat) * 1000, 1),
+            "p99_ms": round(lat[min(int(len(lat) * 0.99), len(lat) - 1)] * 1000, 1),
+            "max_ms": round(lat[-1] * 1000, 1)}
+
+
 async def steady(bench: Bench, receiver: Receiver, rate: float, seconds: float, children: int) -> dict[str, Any]:
     runner, app = await bench.local_app("bn1")
     numbers = await bench.flag_children(app, children)
     proc = bench.service("bn1")
     try:
         await asyncio.sleep(0.5)
-        # warm-up: the relay is up once a first notification arrives
-        await bench.access(app, numbers[0], "warm-up")
-        if not await wait_until(lambda: len(receiver.ids) >= 1, 30):
-            raise SystemExit("the relay process did not deliver (see its log)")
-        receiver.latencies.clear()
-        total = int(rate * seconds)
-        started = time.monotonic()
-        tasks = []
-        for i in range(total):
-            delay = started + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(bench.access(app, numbers[i % children], f"s-{i}")))
-        await asyncio.gather(*tasks)
-        achieved = total / (time.monotonic() - started)
-        await wait_until(lambda: len(receiver.latencies) >= total, 60)
-        lat = sorted(receiver.latencies)
-        return {"accesses": total, "rate_per_s": round(achieved, 1), "received": len(lat),
-                "p50_ms": round(statistics.median(lat) * 1000, 1),
-                "p99_ms": round(lat[min(int(len(lat) * 0.99), len(lat) - 1)] * 1000, 1),
-                "max_ms": round(lat[-1] * 1000, 1)}
+        return await measure(bench, app, receiver, numbers, rate, seconds, "s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        await runner.cleanup()
+
+
+async def isolated(bench: Bench, receiver: Receiver, rate: float, seconds: float, children: int,
+                   hung_backlog: int) -> dict[str, Any]:
+    """``steady`` for LA001 while LA002's webhook hangs with ``hung_backlog`` notifications queued for it (queued
+    before the relay starts, so it meets them first)."""
+    runner, app = await bench.local_app("bn3")
+    numbers = await bench.flag_children(app, children)
+    hung = await bench.flag_children(app, min(children, 200), "LA002", start=50_000)
+    for first in range(0, hung_backlog, 200):
+        await asyncio.gather(*(bench.access(app, hung[i % len(hung)], f"h-{i}")
+                               for i in range(first, min(first + 200, hung_backlog))))
+    attempts = receiver.hung_attempts
+    proc = bench.service("bn3")
+    try:
+        await asyncio.sleep(0.5)
+        result = await measure(bench, app, receiver, numbers, rate, seconds, "i")
+        return {**result, "hung_backlog": hung_backlog, "hung_attempts": receiver.hung_attempts - attempts}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -192,18 +236,27 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--backlog", type=int, default=10000)
     parser.add_argument("--children", type=int, default=1000)
+    parser.add_argument("--hung-backlog", type=int, default=3000)
+    parser.add_argument("--only", default="steady,backlog,isolated", help="comma list of: steady, backlog, isolated")
+    parser.add_argument("--quick", action="store_true", help="smoke mode: 1 s, small backlogs (not a measurement)")
     args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.backlog, args.children, args.hung_backlog = 1.0, 500, 100, 300
+    only = {c.strip() for c in args.only.split(",") if c.strip()}
     receiver = Receiver()
     app = web.Application()
     app.router.add_post("/hook", receiver.handle)
-    runner = web.AppRunner(app, access_log=None)
+    app.router.add_post("/hang", receiver.hang)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    result: dict[str, Any] = {"name": "notify_latency"}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         registry = tmp / "registry.yaml"
-        registry.write_text(REGISTRY_YAML.format(url=f"http://127.0.0.1:{port}/hook"))
+        registry.write_text(REGISTRY_YAML.format(url=f"http://127.0.0.1:{port}/hook",
+                                                 hung_url=f"http://127.0.0.1:{port}/hang"))
         embedded = None
         redis_url = os.environ.get("CPIS_REDIS_URL")
         if not redis_url:
@@ -212,14 +265,18 @@ async def main() -> None:
             redis_url = embedded.url
         try:
             bench = Bench(redis_url, registry, tmp)
-            steady_result = await steady(bench, receiver, args.rate, args.seconds, args.children)
-            backlog_result = await backlog(bench, receiver, args.backlog, args.children)
+            if "steady" in only:
+                result["steady"] = await steady(bench, receiver, args.rate, args.seconds, args.children)
+            if "backlog" in only:
+                result["backlogged"] = await backlog(bench, receiver, args.backlog, args.children)
+            if "isolated" in only:
+                result["isolated"] = await isolated(bench, receiver, args.rate, args.seconds, args.children,
+                                                    args.hung_backlog)
         finally:
             if embedded is not None:
                 embedded.stop()
     await runner.cleanup()
-    result = {"name": "notify_latency", "steady": steady_result, "backlogged": backlog_result,
-              "targets": {"p99_ms": 250, "per_s": 1000}}
+    result["targets"] = {"p99_ms": 250, "per_s": 1000, "isolated_p99_ms": 250}
     print(orjson.dumps(result).decode())
 
 

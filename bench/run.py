@@ -430,10 +430,30 @@ def render_table(doc: dict[str, Any]) -> str:
                      "<= 4,096 B", ("PASS" if mem["pass"] else "FAIL")
                      + f" (audit {mem['audit_bytes_per_child']:,} B, notifications "
                      f"{mem['notifications_bytes_per_child']:,} B apart)"])
+    rows += notify_rows(doc.get("notify"))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(str(v).ljust(widths[i]) for i, v in enumerate(r)).rstrip() for r in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def notify_rows(n: dict[str, Any] | None) -> list[list[str]]:
+    """The notification delivery cases (bench/notify_latency.py) as table rows, each against its target."""
+    if not isinstance(n, dict):
+        return []
+    rows = []
+    for key, label in (("steady", "notification delivery at 200 accesses/s"),
+                       ("isolated", "one LA's delivery at 200/s, another LA's webhook hung")):
+        r = n.get(key)
+        if isinstance(r, dict) and "p99_ms" in r:
+            extra = f" ({r['hung_backlog']:,} queued for the hung LA)" if key == "isolated" else ""
+            rows.append([label + extra, f"{r['rate_per_s']:,}/s", _fmt(r["p50_ms"], ".1f"), _fmt(r["p99_ms"], ".1f"),
+                         "", "", "p99 <= 250 ms", "PASS" if r["p99_ms"] <= 250 else "FAIL"])
+    r = n.get("backlogged")
+    if isinstance(r, dict) and "per_s" in r:
+        rows.append([f"relay draining a {r['backlog']:,}-notification backlog, one process", f"{r['per_s']:,}/s",
+                     "", "", "", "", ">= 1,000/s", "PASS" if r["per_s"] >= 1000 and r.get("complete") else "FAIL"])
+    return rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

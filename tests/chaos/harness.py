@@ -122,11 +122,12 @@ def children(n: int, start: int = 0) -> list[str]:
     return [str(x) for x in itertools.islice(iter_test_numbers(start), n)]
 
 
-async def load_children(session: aiohttp.ClientSession, base: str, nhs_numbers: list[str], sequence: int = 1) -> None:
+async def load_children(session: aiohttp.ClientSession, base: str, nhs_numbers: list[str], sequence: int = 1,
+                        la_headers: dict[str, str] = LA1) -> None:
     records = [record(f"K{i}", nhs) for i, nhs in enumerate(nhs_numbers)]
     body = orjson.dumps({"sequence": sequence, "mode": "delta", "recordCount": len(records), "records": records})
     async with session.post(f"{base}/v1/uploads", data=body,
-                            headers={**LA1, "Content-Type": "application/json"}) as r:
+                            headers={**la_headers, "Content-Type": "application/json"}) as r:
         assert r.status == 200, await r.text()
         assert (await r.json())["accepted"] == len(records)
 
