@@ -241,6 +241,14 @@ class Inbox(Protocol):
 
     async def ack(self, la: str, ref: str, by: str = "") -> None: ...
 
+    async def heads(self, las: Sequence[str]) -> dict[str, str]:
+        """The newest entry id of each LA's inbox ("0-0" when empty): where a tail starts."""
+        ...
+
+    async def tail(self, after: Mapping[str, str], block_ms: int) -> list[tuple[str, str, dict[str, str]]]:
+        """(la, entry id, fields) of entries newer than ``after[la]``, waiting up to ``block_ms`` for one."""
+        ...
+
 # -- Flag sync (services/sync.py; adapters store/sync.py and fhir/flag_sync.py) ---------------------------------
 
 

@@ -3,10 +3,14 @@ last 25 accesses for an LA holding a record on that number. Every read is audite
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import datetime as dt
+import logging
 import re
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +23,7 @@ from cpis_bridge.core.ports import AccessStore, AuditLog, Inbox
 from cpis_bridge.core.records import LONDON
 from cpis_bridge.services.delivery import render
 
+log = logging.getLogger("cpis_bridge.inbox")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 _ENTRY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
@@ -67,6 +72,15 @@ def _day_start_ms(day: dt.date) -> int:
 def _entry_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def readable_body(la: str, fields: dict[str, str], unreadable: Unreadable) -> dict[str, Any] | None:
+    """The notification body of an inbox entry, or None (reported) for one no current writer produces."""
+    try:
+        return render(la, fields).body
+    except UNREADABLE:
+        unreadable("notification")
+        return None
 
 
 class InboxService:
@@ -129,10 +143,8 @@ class InboxService:
                     continue
                 if flt.care_setting is not None and fields.get("acc", "").partition(SEP)[0] != flt.care_setting:
                     continue
-                try:
-                    body = render(la, fields).body
-                except UNREADABLE:
-                    self.unreadable("notification")
+                body = readable_body(la, fields, self.unreadable)
+                if body is None:
                     continue
                 body["acknowledged"] = acked
                 items.append(body)
@@ -200,3 +212,60 @@ class InboxService:
 
 def _uuid_like(value: str) -> bool:
     return re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", value) is not None
+
+
+class InboxFeed:
+    """New notifications pushed to the people watching their LA's inbox (the web view's live updates). One tail of
+    every LA's inbox per process, however many watch; each watcher has a bounded queue, and one that falls behind
+    loses updates rather than holding memory (its page still lists everything on reload)."""
+
+    QUEUE = 100
+
+    def __init__(self, inbox: Inbox, las: list[str], *, block_ms: int = 5000,
+                 unreadable: Unreadable = ignore_unreadable) -> None:
+        self.inbox = inbox
+        self.las = las
+        self.block_ms = block_ms
+        self.unreadable = unreadable
+        self.watchers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = defaultdict(set)
+        self.started = asyncio.Event()
+
+    def watch(self, la: str) -> asyncio.Queue[dict[str, Any] | None]:
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self.QUEUE)
+        self.watchers[la].add(queue)
+        return queue
+
+    def unwatch(self, la: str, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
+        self.watchers[la].discard(queue)
+
+    def close(self) -> None:
+        """Every watcher gets None: its stream ends (on shutdown)."""
+        for queues in self.watchers.values():
+            for queue in queues:
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(None)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        after: dict[str, str] | None = None
+        while not stop.is_set():
+            try:
+                if after is None:
+                    after = await self.inbox.heads(self.las)
+                    self.started.set()
+                rows = await self.inbox.tail(after, self.block_ms)
+            except Exception:  # the store is away: try again shortly, never end the feed
+                log.warning("inbox_feed.read_failed", exc_info=True)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                continue
+            for la, eid, fields in rows:
+                after[la] = eid
+                queues = self.watchers.get(la)
+                if not queues:
+                    continue
+                body = readable_body(la, fields, self.unreadable)
+                if body is None:
+                    continue
+                for queue in queues:
+                    with contextlib.suppress(asyncio.QueueFull):
+                        queue.put_nowait(body)

@@ -4,7 +4,7 @@ reading an entry's recent accesses from the child's access log (fill_recent)."""
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -92,6 +92,20 @@ class RedisInbox:
         fields = dict(rows[0][1])
         await fill_recent(self.redis, self.keys, self._recent, [fields])
         return fields, (by or "") if acked else None
+
+    async def heads(self, las: Sequence[str]) -> dict[str, str]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for la in las:
+                pipe.xrevrange(self.keys.inbox(la), count=1)
+            tops = await pipe.execute()
+        return {la: top[0][0] if top else "0-0" for la, top in zip(las, tops, strict=True)}
+
+    async def tail(self, after: Mapping[str, str], block_ms: int) -> list[tuple[str, str, dict[str, str]]]:
+        """One XREAD over every LA's inbox (a single connection serves every watcher of the process)."""
+        prefix = self.keys.inbox("")
+        got = await self.redis.xread({self.keys.inbox(la): eid for la, eid in after.items()}, count=500,
+                                     block=block_ms)
+        return [(stream.removeprefix(prefix), eid, dict(f)) for stream, rows in got or [] for eid, f in rows]
 
     async def ack(self, la: str, ref: str, by: str = "") -> None:
         """Mark the entry acknowledged; ``by`` (who and when) is kept beside it unless it was acknowledged before."""

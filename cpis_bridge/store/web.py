@@ -61,6 +61,11 @@ class RedisSessionStorage(AbstractStorage):
         await redis.set(self._key(str(sid)), orjson.dumps(data), ex=self.idle_s)
 
 
+    async def alive(self, sid: str) -> bool:
+        """Whether the session still exists (a long-lived stream checks now and then that it has not ended)."""
+        return bool(await self._client()[0].exists(self._key(sid)))
+
+
 class SignInLimiter:
     """Failed sign-ins per client address: at most ``limit`` in ``window_s`` seconds."""
 

@@ -50,16 +50,21 @@ def browser(playwright: Playwright) -> Iterator[Browser]:
 
 @pytest.fixture
 def new_page(browser: Browser) -> Iterator[Callable[..., Page]]:
+    """Pages in fresh browser contexts; a script error on any of them (a missing or broken asset) fails the test."""
     contexts = []
+    errors: list[str] = []
 
     def make(**options: Any) -> Page:
         ctx = browser.new_context(**options)
         contexts.append(ctx)
-        return ctx.new_page()
+        page = ctx.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        return page
 
     yield make
     for ctx in contexts:
         ctx.close()
+    assert errors == [], "script errors in the page"
 
 
 def assert_accessible(page: Page, state: str) -> None:
@@ -117,5 +122,7 @@ def tab_to(page: Page, matches: Callable[[Page], bool], limit: int = 60) -> None
 
 
 def focused(page: Page, text: str) -> bool:
-    return bool(page.evaluate("t => (document.activeElement?.innerText || document.activeElement?.value || '')"
-                              ".includes(t)", text))
+    """The keyboard focus is on a control (link, button, field) whose text includes ``text``."""
+    return bool(page.evaluate("t => { const e = document.activeElement;"
+                              " return !!e && e.matches('a, button, input, select, textarea')"
+                              " && (e.innerText || e.value || '').includes(t) }", text))

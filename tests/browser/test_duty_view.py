@@ -66,6 +66,24 @@ def test_keyboard_walk_sign_in_read_acknowledge_sign_out(service: ServiceProcess
     expect(page).to_have_url(re.compile(r"/la/sign-in$"))
 
 
+def test_new_notifications_appear_without_a_reload(service: ServiceProcess,
+                                                   new_page: Callable[..., Page]) -> None:
+    put_record(service, "LA002", "LIVE-1", "9990000093")
+    page = new_page()
+    sign_in(page, service, LA2, name="Robin Live")
+    page.wait_for_timeout(300)  # the page's event stream opens
+    before = page.locator("#notifications tbody tr").count()
+    ed_lookup(service, "9990000093", ods="RXX02", name="Nurse Ava Example")
+    expect(page.locator("#notifications tbody tr")).to_have_count(before + 1, timeout=15000)
+    row = page.locator("#notifications tbody tr").first
+    expect(row).to_contain_text("999 000 0093")
+    expect(row).to_contain_text("Example Urgent Treatment Centre")
+    expect(page.locator("#live")).to_contain_text("New notification: a child seen at Example Urgent Treatment Centre")
+    assert_accessible(page, "a notification arrived live")
+    row.get_by_role("link").click()
+    expect(page.locator("#visits tbody tr").first).to_contain_text("Nurse Ava Example")
+
+
 def test_child_look_up_posts_the_number(service: ServiceProcess, new_page: Callable[..., Page]) -> None:
     put_record(service, "LA001", "LOOK-1", "9990000026", plan="LAC")
     ed_lookup(service, "9990000026", ods="RXX02", name="Nurse Ava Example")

@@ -107,6 +107,7 @@ TABLE: dict[tuple[str, str], Row] = {
     ("GET", "/la/notifications/{id}"): Row(PUBLIC, "/la/notifications/no-such-id", frozenset({200})),
     ("POST", "/la/notifications/{id}/acknowledge"): Row(PUBLIC, "/la/notifications/x/acknowledge", frozenset({200})),
     ("GET", "/la/children"): Row(PUBLIC, "/la/children", frozenset({200})),
+    ("GET", "/la/events"): Row(PUBLIC, "/la/events", frozenset({200})),
     ("POST", "/la/children"): Row(PUBLIC, "/la/children", frozenset({200})),
     ("GET", "/la/assets/{path}"): Row(PUBLIC, "/la/assets/la.js", frozenset({200})),
 }

@@ -4,16 +4,18 @@ paging. The browser tests (tests/browser) cover the pages as people use them."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aredis
 
 from cpis_bridge.config import Settings
-from tests.conftest import ED, LA1, auth, record
+from tests.conftest import ED, LA1, LA2, auth, record
 
 COOKIE = "__Host-cpis-la"
 UTC_ED = auth("care-setting", "RXX02", name="Nurse Ava Example")
@@ -140,3 +142,55 @@ async def test_list_filters_and_pages(web: Any) -> None:
     assert len(_rows(both)) == 25
     bad = await b.request("GET", "/la/notifications?from=31-02-2026")
     assert bad.status == 200 and "Enter a real date" in await bad.text()
+
+
+async def test_500_live_streams_on_one_process_each_get_the_new_notification(web: Any) -> None:
+    client, _, _ = web
+    from cpis_bridge.web.views.duty import FEED
+
+    assert (await client.put("/v1/records/CASE-1", json=record(), headers=LA1)).status == 201
+    assert (await client.put("/v1/records/CASE-2", json=record("CASE-2", "9990000026"), headers=LA2)).status == 201
+    b, other = Browser(client), Browser(client)
+    await b.sign_in()
+    await other.sign_in("LA002", "Alex Other")
+    feed = next(sub[FEED] for sub in _subapps(client.app) if FEED in sub)
+    await asyncio.wait_for(feed.started.wait(), 10)
+    n = 500
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        streams = [await http.get(client.make_url("/la/events"), headers={"Cookie": f"{COOKIE}={b.cookie}"})
+                   for _ in range(n)]
+        theirs = await http.get(client.make_url("/la/events"), headers={"Cookie": f"{COOKIE}={other.cookie}"})
+        streams_all = [*streams, theirs]
+        try:
+            assert all(s.status == 200 and s.content_type == "text/event-stream" for s in streams)
+            assert len(feed.watchers["LA001"]) == n
+            await _notifications(client, 1)
+
+            async def first_event(s: aiohttp.ClientResponse) -> dict[str, Any]:
+                event = None
+                async for line in s.content:
+                    text = line.decode().strip()
+                    if text.startswith("event:"):
+                        event = text.split(":", 1)[1].strip()
+                    elif text.startswith("data:") and event == "notification":
+                        return dict(orjson.loads(text.split(":", 1)[1]))
+                raise AssertionError("stream ended")
+
+            got = await asyncio.wait_for(asyncio.gather(*(first_event(s) for s in streams)), 30)
+            assert {g["nhs"] for g in got} == {"999 000 0018"} and len(got) == n
+            assert got[0]["href"].startswith("/la/notifications/") and "9990000018" not in got[0]["href"]
+            await _notifications(client, 1, nhs="9990000026")
+            # the other council's stream skipped LA001's notification: its first event is its own
+            assert (await asyncio.wait_for(first_event(theirs), 10))["nhs"] == "999 000 0026"
+        finally:
+            for s in streams_all:
+                s.close()
+    for _ in range(50):
+        if not feed.watchers["LA001"]:
+            break
+        await asyncio.sleep(0.1)
+    assert not feed.watchers["LA001"]  # closed streams stop watching
+
+
+def _subapps(app: Any) -> list[Any]:
+    return [r._app for r in app.router.resources() if hasattr(r, "_app")]

@@ -3,31 +3,38 @@ filters and paging, one notification, acknowledge), child look-up by NHS number,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 from typing import Any
 
 import jinja2
+import orjson
 from aiohttp import web
 from aiohttp_session import Session, get_session, new_session
+from aiohttp_sse import sse_response
 
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.errors import NotFound, ValidationFailed
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.core.records import parse_day, today_london
-from cpis_bridge.services.inbox import InboxFilter
+from cpis_bridge.services.inbox import InboxFeed, InboxFilter
 from cpis_bridge.store.web import SignInLimiter
-from cpis_bridge.web.common import REQUEST_ID, allow, audit_context
+from cpis_bridge.web.common import PRINCIPAL, REQUEST_ID, allow, audit_context
 from cpis_bridge.web.notifications import INBOX
 from cpis_bridge.web.state import AUDIT, KEYS, RECORDS, REDIS, REGISTRY, SETTINGS
 from cpis_bridge.web.views.pages import (
     HERE,
+    SESSIONS,
     SIGNED_IN,
     STATIC,
     assets_handler,
     checked_form,
     csrf_token,
+    london,
     make_subapp,
+    nhs_spaced,
     render,
     signed_in,
 )
@@ -37,6 +44,8 @@ PREFIX = "/la"
 SIGN_IN = f"{PREFIX}/sign-in"
 PAGE_SIZE = 25
 LIMITER = web.AppKey("signin_limiter", SignInLimiter)
+FEED = web.AppKey("inbox_feed", InboxFeed)
+SESSION_CHECK_S = 30.0  # how often a live stream checks that its session has not ended
 
 routes = web.RouteTableDef()
 page = signed_in(LA, SIGN_IN)
@@ -174,6 +183,50 @@ async def acknowledge(request: web.Request, session: Session) -> web.StreamRespo
     raise web.HTTPSeeOther(f"{PREFIX}/notifications/{request.match_info['id']}")
 
 
+@routes.get("/events")
+@page
+async def events(request: web.Request, session: Session) -> web.StreamResponse:
+    """Live updates (Server-Sent Events) for the notifications page: each new notification of this LA, as the few
+    fields a new table row shows. The stream ends with the session, or when the service shuts down."""
+    la = request[PRINCIPAL].ods
+    feed, sessions = request.app[FEED], request.app[SESSIONS]
+    queue = feed.watch(la)
+    try:
+        async with sse_response(request, headers={"X-Content-Type-Options": "nosniff",
+                                                  "Cache-Control": "no-store"}) as stream:
+            while True:
+                try:
+                    body = await asyncio.wait_for(queue.get(), SESSION_CHECK_S)
+                except TimeoutError:
+                    if not await sessions.alive(str(session.identity)):
+                        break
+                    continue
+                if body is None:
+                    break
+                await stream.send(orjson.dumps(_live_row(body)).decode(), event="notification")
+    finally:
+        feed.unwatch(la, queue)
+    return stream
+
+
+def _live_row(body: dict[str, Any]) -> dict[str, Any]:
+    return {"href": f"{PREFIX}/notifications/{body['id']}", "seen": london(body["access"]["occurredAt"]),
+            "nhs": nhs_spaced(body["subject"]["nhsNumber"]), "where": body["access"]["careSetting"]["name"],
+            "plans": ", ".join(r["planType"] for r in body["records"])}
+
+
+FEED_TASK = web.AppKey("inbox_feed_task", asyncio.Task[None])
+
+
+async def end_streams(app: web.Application) -> None:
+    """On shutdown, before Redis closes: the tail stops and every open stream ends."""
+    app[FEED].close()
+    task = app[FEED_TASK]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 # -- child look-up --------------------------------------------------------------------------------------------------
 @routes.get("/children")
 @page
@@ -219,4 +272,13 @@ def make_app(parent: web.Application) -> web.Application:
     app[LIMITER] = SignInLimiter(lambda: (parent[REDIS], parent[KEYS]), limit=settings.web_signin_failures)
     app.router.add_routes(routes)
     app.router.add_get("/assets/{path:.+}", assets_handler(STATIC))
+
+    async def start_feed(sub: web.Application) -> None:
+        inbox = parent[INBOX]  # built when the parent's Redis started, before this runs
+        sub[FEED] = feed = InboxFeed(inbox.inbox, sorted(parent[REGISTRY].local_authorities),
+                                     unreadable=inbox.unreadable)
+        sub[FEED_TASK] = asyncio.create_task(feed.run(asyncio.Event()), name="inbox-feed")
+
+    app.on_startup.append(start_feed)
+    app.on_shutdown.append(end_streams)
     return app

@@ -25,6 +25,7 @@ from cpis_bridge.web.state import KEYS, REDIS, SETTINGS
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
+SESSIONS = web.AppKey("sessions", RedisSessionStorage)
 CSRF_FIELD = "csrf_token"
 SIGNED_IN = "who"  # the session's identity: {"ods", "sub", "name"}
 ViewHandler = Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
@@ -69,6 +70,8 @@ def make_subapp(parent: web.Application, *, templates: list[jinja2.BaseLoader], 
     async def headers(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             response = await handler(request)
+            if response.prepared:  # a stream (live updates) set its own headers before it started
+                return response
         except web.HTTPException as exc:
             if exc.status < 400:
                 response = exc
@@ -93,6 +96,7 @@ def make_subapp(parent: web.Application, *, templates: list[jinja2.BaseLoader], 
         return response
 
     app = web.Application(middlewares=[headers, session_middleware(storage)])
+    app[SESSIONS] = storage
     env = aiohttp_jinja2.setup(app, loader=jinja2.ChoiceLoader(templates), autoescape=True,
                                undefined=jinja2.ChainableUndefined)
     env.filters.update(london=london, day=day, nhs=nhs_spaced)

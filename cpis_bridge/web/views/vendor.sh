@@ -15,12 +15,12 @@ g=g/package/dist/govuk n=n/package/dist/nhsuk
 out="$here/static"
 rm -rf "$out/govuk" "$out/nhsuk"
 mkdir -p "$out/govuk/fonts" "$out/govuk/images" "$out/nhsuk/images"
-sed 's#url(/assets/#url(#g; /sourceMappingURL/d' "$g/govuk-frontend.min.css" > "$out/govuk/govuk-frontend.min.css"
-sed '/sourceMappingURL/d' "$g/govuk-frontend.min.js" > "$out/govuk/govuk-frontend.min.js"
+sed -e 's|url(/assets/|url(|g' -e 's|/\*# sourceMappingURL=[^*]*\*/||' "$g/govuk-frontend.min.css" > "$out/govuk/govuk-frontend.min.css"
+sed 's|//# sourceMappingURL=.*$||' "$g/govuk-frontend.min.js" > "$out/govuk/govuk-frontend.min.js"
 cp "$g"/assets/fonts/*.woff2 "$out/govuk/fonts/"
 cp "$g/assets/images/govuk-crest.svg" "$g/assets/images/favicon.ico" "$out/govuk/images/"
-sed 's#url(/assets/#url(#g; /sourceMappingURL/d' "$n/nhsuk-frontend.min.css" > "$out/nhsuk/nhsuk-frontend.min.css"
-sed '/sourceMappingURL/d' "$n/nhsuk-frontend.min.js" > "$out/nhsuk/nhsuk-frontend.min.js"
+sed -e 's|url(/assets/|url(|g' -e 's|/\*# sourceMappingURL=[^*]*\*/||' "$n/nhsuk-frontend.min.css" > "$out/nhsuk/nhsuk-frontend.min.css"
+sed 's|//# sourceMappingURL=.*$||' "$n/nhsuk-frontend.min.js" > "$out/nhsuk/nhsuk-frontend.min.js"
 cp "$n"/assets/images/*.svg "$out/nhsuk/images/" 2>/dev/null || true
 cp "$n/assets/favicon.ico" "$out/nhsuk/images/" 2>/dev/null || true
 printf 'govuk-frontend %s\nnhsuk-frontend %s\n' "$GOVUK" "$NHSUK" > "$out/VERSIONS"
