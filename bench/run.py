@@ -468,7 +468,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--upload-records", type=int, default=250_000)
     p.add_argument("--memory-children", type=int, default=10_000)
     p.add_argument("--extra-timeout", type=float, default=900.0, help="bound on each other harness run")
-    p.add_argument("--skip", default="", help="comma list of: http, upload, memory, notify, sync")
+    p.add_argument("--skip", default="", help="comma list of: http, upload, memory, notify, sync, web")
     p.add_argument("--case", default="", help="run only the HTTP cases whose name contains this text (and the "
                                                "baseline), e.g. 'CareTeam unscheduled'")
     args = p.parse_args(argv)
@@ -505,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.extra_case("sync", "sync_throughput",
                              ["--records", "300", "--singles", "50", "--pending", "300", "--outage", "3",
                               "--limited", "30", "--quota", "6", "--window", "3"] if args.quick else [])
+        if "web" not in skip:  # the duty-team notifications page of an LA holding 10,000 notifications
+            bench.extra_case("web", "web_views", ["--quick"] if args.quick else [])
         for name, proc in (("service", bench.service),):
             if proc.process is None or proc.process.poll() is not None:
                 raise BenchError(f"the {name} process died during the run; log:\n{proc.tail()}")

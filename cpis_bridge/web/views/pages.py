@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp_jinja2
 import jinja2
+import markupsafe
 from aiohttp import web
 from aiohttp_session import SESSION_KEY, Session, get_session, session_middleware
 
@@ -97,10 +98,29 @@ def make_subapp(parent: web.Application, *, templates: list[jinja2.BaseLoader], 
 
     app = web.Application(middlewares=[headers, session_middleware(storage)])
     app[SESSIONS] = storage
+    # auto_reload off: the templates are package files, and checking each one's mtime on every render and macro
+    # import was most of a page's time
     env = aiohttp_jinja2.setup(app, loader=jinja2.ChoiceLoader(templates), autoescape=True,
-                               undefined=jinja2.ChainableUndefined)
+                               undefined=jinja2.ChainableUndefined, auto_reload=False)
     env.filters.update(london=london, day=day, nhs=nhs_spaced)
+    env.globals["fixed"] = _fixed_parts(env)
     return app
+
+
+def _fixed_parts(env: jinja2.Environment) -> Callable[..., markupsafe.Markup]:
+    """``fixed(template, **args)``: a page part that depends only on its few arguments (header, navigation,
+    footer), rendered once per distinct arguments. GOV.UK Frontend's macros are most of a page's render time."""
+    cache: dict[tuple[Any, ...], markupsafe.Markup] = {}
+
+    def fixed(template: str, **args: Any) -> markupsafe.Markup:
+        key = (template, *sorted(args.items()))
+        hit = cache.get(key)
+        if hit is None:
+            # the output of an autoescaped template, so already safe markup
+            hit = cache[key] = markupsafe.Markup(env.get_template(template).render(**args))  # noqa: S704
+        return hit
+
+    return fixed
 
 
 def error_page(request: web.Request, status: int, title: str) -> web.Response:
