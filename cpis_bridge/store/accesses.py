@@ -14,7 +14,6 @@ from redis.exceptions import NoScriptError
 
 from cpis_bridge.core.access import (
     NS_NOTIFICATION_BYTES,
-    UNREADABLE,
     Access,
     Unreadable,
     ignore_unreadable,
@@ -24,7 +23,7 @@ from cpis_bridge.core.ports import LookupOutcome
 from cpis_bridge.core.records import Record, VisibilityWindows
 from cpis_bridge.store.connection import Multiplexed
 from cpis_bridge.store.keys import Keys
-from cpis_bridge.store.records import decode_field
+from cpis_bridge.store.records import decode_field, decode_fields
 from cpis_bridge.store.scripts import Scripts
 
 # The look-up path decodes the same stored records again and again (a child is looked up several times per
@@ -126,12 +125,7 @@ class RedisAccessStore:
             pipe.hgetall(self.keys.records(tag))
             pipe.lrange(self.keys.accesses(tag), 0, 24)
             raw_records, raw_accesses = await pipe.execute()
-        records = []
-        for field, value in sorted(raw_records.items()):
-            try:
-                records.append(decode_field(field, value))
-            except UNREADABLE:
-                self.unreadable("record")
+        records = decode_fields(raw_records, self.unreadable)
         return records, readable_accesses(raw_accesses, tag, self.unreadable)
 
     async def encounter(self, encounter_id: str) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from cpis_bridge.core.access import instant
+from cpis_bridge.core.access import UNREADABLE, Unreadable, instant
 from cpis_bridge.core.errors import UploadInterrupted
 from cpis_bridge.core.ports import Change
 from cpis_bridge.core.records import Record
@@ -201,6 +201,17 @@ def _stored_fields(rec: Record) -> dict[str, Any]:
 def decode_field(field: str, value: str) -> Record:
     la, _, local_id = field.partition("|")
     return Record.from_compact(la, local_id, orjson.loads(value))
+
+
+def decode_fields(raw: Mapping[str, str], unreadable: Unreadable) -> list[Record]:
+    """A child's stored records in field order, without (but reporting) any that cannot be decoded."""
+    records = []
+    for field, value in sorted(raw.items()):
+        try:
+            records.append(decode_field(field, value))
+        except UNREADABLE:
+            unreadable("record")
+    return records
 
 
 def _now() -> dt.datetime:

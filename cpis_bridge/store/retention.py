@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from cpis_bridge.core.access import UNREADABLE, Unreadable, ignore_unreadable, readable_accesses
+from cpis_bridge.core.access import Unreadable, ignore_unreadable, readable_accesses
 from cpis_bridge.core.ports import InboxItem, SubjectData
 from cpis_bridge.core.records import Record
 from cpis_bridge.store.keys import Keys
-from cpis_bridge.store.records import decode_field
+from cpis_bridge.store.records import decode_field, decode_fields
 from cpis_bridge.store.scripts import Scripts
 
 SCAN_COUNT = 1000
@@ -131,12 +131,7 @@ class RedisRetentionStore:
             pipe.lrange(k.accesses(tag), 0, -1)
             pipe.lrange(k.audit(tag), 0, -1)
             raw_records, raw_accesses, raw_audit = await pipe.execute()
-        records = []
-        for field, value in sorted(raw_records.items()):
-            try:
-                records.append(decode_field(field, value))
-            except UNREADABLE:
-                self.unreadable("record")
+        records = decode_fields(raw_records, self.unreadable)
         accesses = readable_accesses(raw_accesses, tag, self.unreadable)
         encounters: dict[str, dict[str, Any]] = {}
         if accesses:
