@@ -28,6 +28,7 @@ from cpis_bridge.store.scripts import Scripts
 GROUP = "relays"
 SETTLE_LINGER_S = 0.003
 SCAN_CAP = 50_000  # stats read at most this many entries per structure (bounded cost on a huge backlog)
+PAGE = 1000
 CHANNELS = ("webhook", "fhir", "inbox", "flag-sync")
 
 
@@ -280,23 +281,32 @@ class RedisOutbox:
             if ch not in oldest or t0 < oldest[ch]:
                 oldest[ch] = t0
 
-        for eid, f in await self._scan_stream(k.notify_queue):
+        held = await self.held_endpoints()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            # One snapshot of the first page of every structure an entry moves between (queue, retries, held, dead
+            # letters), so that a small backlog is counted exactly; a larger one is paged on after it.
+            pipe.xrange(k.notify_queue, "-", "+", count=PAGE)
+            pipe.zrange(k.notify_delay, 0, SCAN_CAP - 1)
+            pipe.xrange(k.dead_letters, "-", "+", count=PAGE)
+            for la, ch in held:
+                pipe.zcard(k.notify_held(la, ch))
+                pipe.zrange(k.notify_held(la, ch), 0, 0, withscores=True)
+            queued, delayed, letters, *held_parts = await pipe.execute()
+        for eid, f in await self._more(k.notify_queue, queued):
             e = to_entry(eid, f)
             for ch in [e.channel] if e.channel else channels_of.get(e.la, ()):
                 pending[ch] += 1
                 seen(ch, e.first_ms)
-        for raw in await self.redis.zrange(k.notify_delay, 0, SCAN_CAP - 1):
+        for raw in delayed:
             f = _pairs(orjson.loads(raw))
             ch = f.get("ch") or "webhook"
             retrying[ch] = retrying.get(ch, 0) + 1
             seen(ch, int(f.get("t0") or now_ms))
-        for la, ch in await self.held_endpoints():  # waiting for their endpoint: counted as retrying
-            key = k.notify_held(la, ch)
-            retrying[ch] = retrying.get(ch, 0) + int(await self.redis.zcard(key))
-            first = await self.redis.zrange(key, 0, 0, withscores=True)
+        for (_, ch), count, first in zip(held, held_parts[::2], held_parts[1::2], strict=True):
+            retrying[ch] = retrying.get(ch, 0) + int(count)  # waiting for their endpoint: counted as retrying
             if first:
                 seen(ch, int(first[0][1]))
-        for _, f in await self._scan_stream(k.dead_letters):
+        for _, f in await self._more(k.dead_letters, letters):
             ch = f.get("channel", "webhook")
             dead[ch] = dead.get(ch, 0) + 1
         # Flag sync (its relay is built elsewhere): queue length, delay zset size, oldest queued entry.
@@ -339,15 +349,13 @@ class RedisOutbox:
             start = "(" + rows[-1][0]
         return count, None
 
-    async def _scan_stream(self, key: str) -> list[tuple[str, dict[str, str]]]:
-        out: list[tuple[str, dict[str, str]]] = []
-        start = "-"
-        while len(out) < SCAN_CAP:
-            rows = await self.redis.xrange(key, start, "+", count=1000)
-            if not rows:
-                break
+    async def _more(self, key: str, first: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:
+        """A stream's entries: the first page already read, then the rest page by page (up to SCAN_CAP)."""
+        out = [(i, dict(f)) for i, f in first]
+        rows = first
+        while len(rows) == PAGE and len(out) < SCAN_CAP:
+            rows = await self.redis.xrange(key, "(" + out[-1][0], "+", count=PAGE)
             out += [(i, dict(f)) for i, f in rows]
-            start = "(" + rows[-1][0]
         return out
 
 
