@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime as dt
 from typing import Any
+from urllib.parse import quote
 
 import jinja2
 import orjson
@@ -180,7 +181,7 @@ async def acknowledge(request: web.Request, session: Session) -> web.StreamRespo
     await checked_form(request, session)
     who = audit_context(request)
     await request.config_dict[INBOX].acknowledge(who, who.principal.ods, request.match_info["id"])
-    raise web.HTTPSeeOther(f"{PREFIX}/notifications/{request.match_info['id']}")
+    raise web.HTTPSeeOther(f"{PREFIX}/notifications/{quote(request.match_info['id'], safe='')}")
 
 
 @routes.get("/events")
