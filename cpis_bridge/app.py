@@ -41,6 +41,7 @@ from cpis_bridge.store.sync import RedisSyncQueue
 from cpis_bridge.store.tokens import SeenTokens
 from cpis_bridge.web import admin, cds, fhir, la, notifications, openapi, ops, views
 from cpis_bridge.web.middlewares import DEFAULT_LIMIT, make_middlewares
+from cpis_bridge.web.server import HANDLER_ARGS
 from cpis_bridge.web.state import (
     ACCESS,
     AUDIT,
@@ -110,7 +111,8 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         push_las = [ods for ods, la_entry in registry.local_authorities.items() if channel_names(la_entry)]
         access_store = RedisAccessStore(client, keys, scripts, push_las=push_las,
                                         encounter_ttl_s=settings.retention_access_days * 86400,
-                                        unreadable=unreadable_reporter(app[METRICS]))
+                                        unreadable=unreadable_reporter(app[METRICS]),
+                                        timeout=settings.redis_timeout_s)
         inbox_delivered = app[METRICS].deliveries.labels("inbox", "delivered")
         app[ACCESS] = AccessService(access_store, windows=settings.windows, on_notified=inbox_delivered.inc)
         app[AUTH].jti_guard = SeenTokens(client, keys).first_use
@@ -411,7 +413,7 @@ def create_app(settings: Settings | None = None, *, extra_contexts: list[Cleanup
             "production auth is configured but CPIS_REDIS_URL is not: set it, or CPIS_ALLOW_EMBEDDED_REDIS=true"
         )
     registry = load_registry(settings.registry)
-    app = web.Application(middlewares=make_middlewares(), client_max_size=DEFAULT_LIMIT)
+    app = web.Application(middlewares=make_middlewares(), client_max_size=DEFAULT_LIMIT, handler_args=HANDLER_ARGS)
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[METRICS] = Metrics()

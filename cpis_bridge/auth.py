@@ -34,6 +34,9 @@ MAX_JTI = 256
 
 # (iss, jti, seconds to remember it) -> True the first time that pair is seen, False on a replay
 JtiGuard = Callable[[str, str, int], Awaitable[bool]]
+# Real tokens are well under 4 KiB; longer ones are refused before any decoding (the server reads headers up to
+# web.server.MAX_FIELD_SIZE so that this, not the HTTP parser, answers them).
+MAX_TOKEN_CHARS = 16 * 1024
 
 
 def dev_token(
@@ -230,8 +233,12 @@ class Authenticator:
         )
 
     def principal(self, claims: dict[str, Any]) -> Principal:
+        """Missing claims make the token unusable (401); a role or organisation that is not allowed, 403."""
+        raw_role = claims.get("cpis_role")
+        if not isinstance(raw_role, str) or not raw_role:
+            raise Unauthenticated("token has no cpis_role claim")
         try:
-            role = Role(claims.get("cpis_role"))
+            role = Role(raw_role)
         except ValueError:
             raise Forbidden("token has no valid cpis_role claim") from None
         ods = claims.get("ods")
@@ -239,7 +246,7 @@ class Authenticator:
             ods_text = ods if isinstance(ods, str) else ""
         else:
             if not isinstance(ods, str) or not ods:
-                raise Forbidden("token has no ods claim")
+                raise Unauthenticated("token has no ods claim")
             known = (
                 self.registry.care_settings if role is Role.CARE_SETTING else self.registry.local_authorities
             )
@@ -268,6 +275,8 @@ def _opt_str(value: object) -> str | None:
 def _bearer(header: str | None) -> str:
     if not header:
         raise Unauthenticated("missing bearer token")
+    if len(header) > MAX_TOKEN_CHARS:
+        raise Unauthenticated("bearer token too long")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("missing bearer token")

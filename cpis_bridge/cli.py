@@ -16,36 +16,12 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from cpis_bridge import log as logmod
 from cpis_bridge.config import Settings
 from cpis_bridge.core.principal import Role
 
 log = logging.getLogger("cpis_bridge.cli")
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line per request with the route template, never the raw path or query (they can hold NHS numbers)."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        from cpis_bridge.web.common import REQUEST_ID, TRACE_ID
-        from cpis_bridge.web.middlewares import route_template
-
-        route = route_template(request) if isinstance(request, web.Request) else "unmatched"
-        extra: dict[str, Any] = {"method": request.method, "route": route, "status": response.status,
-                                 "durationMs": round(time * 1000, 2), "remote": request.remote}
-        # The access log runs after the request context is gone: take its ids from the request itself.
-        if isinstance(request, web.Request):
-            if request.get(REQUEST_ID):
-                extra["requestId"] = request[REQUEST_ID]
-            if request.get(TRACE_ID):
-                extra["traceId"] = request[TRACE_ID]
-        self.logger.info("http.request", extra=extra)
-
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
 
 
 GC_YOUNG_THRESHOLD = 10_000
@@ -69,6 +45,7 @@ def settle_heap() -> None:
 
 async def serve(settings: Settings) -> int:
     from cpis_bridge.app import create_app
+    from cpis_bridge.web.server import AccessLogger, Runner
     from cpis_bridge.web.state import LIFECYCLE
 
     app = create_app(settings)
@@ -78,7 +55,7 @@ async def serve(settings: Settings) -> int:
                "flagSync": bool(settings.fhir_base_url), "drainDelayS": settings.drain_delay_s,
                "shutdownGraceS": settings.shutdown_grace_s, "logLevel": settings.log_level},
     )
-    runner = web.AppRunner(
+    runner = Runner(
         app,
         access_log_class=AccessLogger,
         access_log=logging.getLogger("cpis_bridge.access"),
@@ -419,8 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pydantic import ValidationError
+
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        print(f"cpis-bridge: configuration error: {problems}", file=sys.stderr)
+        return 2
     logmod.configure(settings.log_level, settings.log_format, settings.hash_key())
     if args.command == "serve":
         return run(serve(settings))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 from typing import Literal
@@ -78,10 +79,23 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(5.0, ge=0)
     drain_delay_s: float = Field(0.0, ge=0)
 
+    request_deadline_s: float = Field(2.5, gt=0)  # /fhir and /cds-services: 503 + Retry-After past it
+    api_request_deadline_s: float = Field(30.0, gt=0)  # every other route but /v1/uploads (exempt)
+    redis_timeout_s: float = Field(2.0, gt=0)  # a look-up's wait for Redis; inside request_deadline_s
+
     @model_validator(mode="after")
     def _production_needs_issuer(self) -> Settings:
         if self.auth_jwks_url and not self.auth_issuer:
             raise ValueError("CPIS_AUTH_ISSUER is required when CPIS_AUTH_JWKS_URL is set")
+        if self.auth_jwks_url and not self.auth_audience:
+            raise ValueError("CPIS_AUTH_AUDIENCE is required when CPIS_AUTH_JWKS_URL is set: without it a token "
+                             "issued for any other service would be accepted")
+        return self
+
+    @model_validator(mode="after")
+    def _store_waits_fit_the_deadline(self) -> Settings:
+        if self.redis_timeout_s >= self.request_deadline_s:
+            raise ValueError("CPIS_REDIS_TIMEOUT_S must be shorter than CPIS_REQUEST_DEADLINE_S")
         return self
 
     # -- derived --------------------------------------------------------------------------------------------
@@ -106,23 +120,25 @@ class Settings(BaseSettings):
         return self.data_dir.resolve() / "redis.sock"
 
     def _secret_file(self, name: str, nbytes: int) -> str:
-        """Read a generated secret from the data dir, creating it (mode 0600) on first use."""
+        """Read a generated secret from the data dir, creating it (mode 0600, in a 0700 directory) on first use."""
         path = self.data_dir / name
         if path.exists():
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)  # written by an earlier release with the default mode
             return path.read_text().strip()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         value = secrets.token_urlsafe(nbytes)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(value)
-        tmp.chmod(0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(value)
         tmp.replace(path)
         return value
 
     @staticmethod
     def env_secret(name: str) -> str | None:
         """A secret the registry names by environment variable (webhook secrets, FHIR tokens)."""
-        import os
-
         return os.environ.get(name) or None
 
     def dev_secret(self) -> str:

@@ -9,6 +9,7 @@ import datetime as dt
 import functools
 import logging
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,15 @@ from cpis_bridge.core.ports import AuditLog, Channel, ChannelStats, DeadLetter, 
 log = logging.getLogger("cpis_bridge.delivery")
 RECENT_SEP = "\x1e"
 CLIENT_ERROR_WINDOW_S = 3600.0
+_ENTRY_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+MAX_ENTRY_PART = 2**64 - 1
+
+
+def is_entry_id(text: str) -> bool:
+    """A queue or inbox entry id as the store makes them (``<ms>-<seq>``, each at most 2^64 - 1): anything else
+    (a longer number, a trailing newline) is refused before it reaches the store, which would call it an error."""
+    m = _ENTRY_ID.fullmatch(text)
+    return m is not None and int(m[1]) <= MAX_ENTRY_PART and int(m[2]) <= MAX_ENTRY_PART
 
 
 # -- the body -------------------------------------------------------------------------------------------------------
@@ -684,7 +694,7 @@ class DeliveryAdmin:
         return {"channels": {name: s.to_api() for name, s in stats.items()}}
 
     async def retry_dead_letter(self, ctx: AuditContext, dead_id: str) -> None:
-        ok = await self.outbox.requeue_dead(dead_id, int(self.clock() * 1000))
+        ok = is_entry_id(dead_id) and await self.outbox.requeue_dead(dead_id, int(self.clock() * 1000))
         await self.audit.append(None, ctx.entry("admin.dead-letter.retry", None, self._now(), deadLetter=dead_id,
                                                 found=ok))
         if not ok:

@@ -21,12 +21,11 @@ from cpis_bridge.core.errors import NotFound, UnreadableInput
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import AccessStore, AuditLog, Inbox
 from cpis_bridge.core.records import LONDON
-from cpis_bridge.services.delivery import render
+from cpis_bridge.services.delivery import is_entry_id, render
 
 log = logging.getLogger("cpis_bridge.inbox")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-_ENTRY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 _CURSOR_START = "0-0"
 
 
@@ -41,7 +40,7 @@ def decode_cursor(cursor: str) -> str:
     except (binascii.Error, ValueError):
         raise UnreadableInput("after is not a valid cursor") from None
     version, _, entry_id = raw.partition(":")
-    if version != "n1" or not _ENTRY_ID.match(entry_id):
+    if version != "n1" or not is_entry_id(entry_id):
         raise UnreadableInput("after is not a valid cursor")
     return entry_id
 

@@ -37,17 +37,19 @@ def _as_dict(value: Mapping[str, Any]) -> dict[str, Any]:
 
 class RedisAccessStore:
     def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, *, encounter_ttl_s: int,
-                 push_las: Iterable[str] = (), unreadable: Unreadable = ignore_unreadable) -> None:
+                 push_las: Iterable[str] = (), unreadable: Unreadable = ignore_unreadable,
+                 timeout: float = 10.0) -> None:
         """``push_las``: the LAs with a webhook or FHIR channel; only their notifications go to the delivery queue
         (every LA's goes to its pull inbox, indexed, in the same step). ``unreadable`` is told of each stored item a
-        read skips because it cannot be decoded."""
+        read skips because it cannot be decoded. ``timeout``: how long a look-up waits for Redis (inside the
+        request's deadline)."""
         self.redis = redis
         self.unreadable = unreadable
         self.push_las = "," + ",".join(sorted(push_las)) + ","
         self.keys = keys
         self.scripts = scripts
         self.encounter_ttl_s = encounter_ttl_s
-        self.lane = Multiplexed(redis)
+        self.lane = Multiplexed(redis, timeout=timeout)
 
     async def aclose(self) -> None:
         await self.lane.aclose()

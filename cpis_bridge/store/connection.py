@@ -1,32 +1,81 @@
 """Opens the Redis client (external CPIS_REDIS_URL or the embedded server) with a blocking connection pool, the
-relay's dedicated connections (Lane) and the look-up's shared, auto-pipelined connection (Multiplexed)."""
+relay's dedicated connections (Lane) and the look-up's shared, auto-pipelined connection (Multiplexed). Every one of
+them raises core's StoreUnavailable when Redis cannot be reached or does not answer in time; any other Redis error
+(a ResponseError: our command was wrong) stays what it is."""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cpis_bridge.core.errors import StoreUnavailable
 
-def make_client(url: str, *, max_connections: int = 64, timeout: float = 5.0) -> Redis:
-    """A client whose pool waits for a free connection instead of failing under load (ARCHITECTURE.md)."""
+# Also redis-py's own classes, so that code catching RedisError (relays, start-up retries) still catches them.
+
+
+class StoreDown(StoreUnavailable, ConnectionError):
+    """Redis cannot be reached (refused, reset, no free connection)."""
+
+
+class StoreTimeout(StoreUnavailable, RedisTimeoutError):
+    """Redis did not answer in time."""
+
+
+UNREACHABLE = (ConnectionError, RedisTimeoutError, TimeoutError, OSError)
+
+
+def unavailable(exc: BaseException) -> NoReturn:
+    """Raise the StoreUnavailable for a driver failure (the driver's message says how; it never holds data)."""
+    if isinstance(exc, StoreUnavailable):
+        raise exc
+    timed_out = isinstance(exc, RedisTimeoutError | TimeoutError)
+    cls = StoreTimeout if timed_out else StoreDown
+    raise cls("Redis did not answer in time" if timed_out else "Redis cannot be reached") from exc
+
+
+class StorePipeline(Pipeline):
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        try:
+            return await super().execute(raise_on_error)
+        except UNREACHABLE as exc:
+            unavailable(exc)
+
+
+class StoreClient(Redis):
+    """redis-py's client, raising StoreUnavailable for connection failures and timeouts (also from pipelines)."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **options)
+        except UNREACHABLE as exc:
+            unavailable(exc)
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> StorePipeline:
+        return StorePipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+def make_client(url: str, *, max_connections: int = 64, timeout: float = 5.0, command_timeout: float = 10.0) -> Redis:
+    """A client whose pool waits up to ``timeout`` for a free connection instead of failing under load
+    (ARCHITECTURE.md). ``command_timeout`` bounds each socket read; requests are bounded by their own deadline."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=timeout,
         decode_responses=True,
-        socket_timeout=10.0,
-        socket_connect_timeout=5.0,
+        socket_timeout=command_timeout,
+        socket_connect_timeout=min(5.0, command_timeout),
         health_check_interval=30,
     )
-    return Redis(connection_pool=pool)
+    return StoreClient(connection_pool=pool)
 
 
 def _dedicated(redis: Redis) -> tuple[type[AbstractConnection], dict[str, Any]]:
@@ -77,12 +126,10 @@ class Lane:
                                 out.append(await conn.read_response())
                             except ResponseError as exc:  # a whole error reply was read: the connection is fine
                                 out.append(exc)
-                except (ConnectionError, RedisTimeoutError, TimeoutError, OSError) as exc:
+                except UNREACHABLE as exc:
                     await self._drop(conn)
                     if attempt == 2:
-                        if isinstance(exc, RedisError):
-                            raise
-                        raise RedisTimeoutError("Redis did not answer in time") from exc
+                        unavailable(exc)
                     continue
                 except BaseException:
                     await self._drop(conn)  # cancelled or failed mid-reply: never reuse a half-read connection
@@ -113,9 +160,9 @@ class Multiplexed:
     and replies are matched to callers in order (auto-pipelining). Against a connection per request it cuts Redis's
     CPU per look-up (one read, one write and one AOF flush serve many commands) and the service's socket writes.
 
-    A watchdog fails the connection once the oldest command has waited ``timeout``; like Lane, a connection error
-    or timeout is retried once on a fresh connection. Never for blocking commands (XREADGROUP BLOCK would stall
-    every caller behind it). Replies are raw, as Lane's."""
+    A watchdog fails the connection once the oldest command has waited ``timeout`` (it fits inside a request's
+    deadline); a connection error is retried once on a fresh connection, a timeout is not. Never for blocking
+    commands (XREADGROUP BLOCK would stall every caller behind it). Replies are raw, as Lane's."""
 
     def __init__(self, redis: Redis, *, timeout: float = 10.0) -> None:
         self._class, self._kwargs = _dedicated(redis)  # the watchdog bounds each command
@@ -134,11 +181,13 @@ class Multiplexed:
         for attempt in (1, 2):
             try:
                 reply = await self._submit(packed)
-            except (ConnectionError, RedisTimeoutError, OSError) as exc:
+            except RedisTimeoutError as exc:
+                # Redis is stalled, not gone: another attempt would wait as long again (past the request's
+                # deadline), and the command sent may still run once Redis resumes.
+                unavailable(exc)
+            except UNREACHABLE as exc:
                 if attempt == 2:
-                    if isinstance(exc, RedisError):
-                        raise
-                    raise ConnectionError(f"Redis connection failed: {exc}") from exc
+                    unavailable(exc)
                 continue
             if isinstance(reply, ResponseError):
                 raise reply

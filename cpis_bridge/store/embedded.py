@@ -26,8 +26,25 @@ _PR_SET_PDEATHSIG = 1
 AOF_REWRITE_MIN_SIZE = "1gb"
 
 
+PRIVATE_UMASK = 0o077
+
+
 class EmbeddedRedisError(RuntimeError):
     pass
+
+
+def private_dir(path: Path) -> None:
+    """Create ``path`` as a directory only its owner can enter (0700), and make what it already holds the owner's
+    only (directories 0700, files 0600): data directories from earlier releases were created 0755 with 0644 files."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            (Path(root) / name).chmod(0o700)
+        for name in files:
+            file = Path(root) / name
+            if not file.is_symlink() and (file.is_file() or file.is_socket()):
+                file.chmod(0o600)
 
 
 def find_server_binary() -> str:
@@ -83,7 +100,7 @@ class EmbeddedRedis:
         return f"unix://{self.socket_path}"
 
     def start(self, timeout: float = 10.0) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         if socket_answers(self.socket_path):
             raise EmbeddedRedisError(f"a Redis server already answers on {self.socket_path}")
         with contextlib.suppress(FileNotFoundError):
@@ -92,7 +109,7 @@ class EmbeddedRedis:
             find_server_binary(),
             "--port", "0",
             "--unixsocket", str(self.socket_path),
-            "--unixsocketperm", "700",
+            "--unixsocketperm", "600",
             "--dir", str(self.data_dir),
             "--appendonly", "yes",
             "--appendfsync", "always",
@@ -113,6 +130,7 @@ class EmbeddedRedis:
             stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent if self.die_with_parent else None,
             start_new_session=True,
+            umask=PRIVATE_UMASK,  # the AOF holds NHS numbers and names: what the server creates is the owner's only
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -14,6 +14,7 @@ from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.scripts import Scripts
 
 SCAN_CHUNK = 500
+LAST_ENTRY_ID = f"{2**64 - 1}-{2**64 - 1}"
 
 
 async def fill_recent(redis: Redis, keys: Keys, script: Any, entries: Sequence[MutableMapping[str, str]]) -> None:
@@ -39,6 +40,8 @@ class RedisInbox:
 
     async def page(self, la: str, after: str | None, limit: int) -> list[tuple[str, dict[str, str], bool]]:
         """Up to ``limit`` entries after the entry id ``after`` (oldest first), each with its acknowledged flag."""
+        if after == LAST_ENTRY_ID:
+            return []  # nothing can follow it, and Redis refuses an exclusive range from it
         rows = await self.redis.xrange(self.keys.inbox(la), "(" + after if after else "-", "+", count=limit)
         if not rows:
             return []

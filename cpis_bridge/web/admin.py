@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import re
-
 from aiohttp import web
 
-from cpis_bridge.core.errors import NotFound, UnreadableInput
+from cpis_bridge.core.errors import UnreadableInput
 from cpis_bridge.core.principal import Role
 from cpis_bridge.services.delivery import DeliveryAdmin
 from cpis_bridge.web.common import allow, audit_context, json_response
 
 routes = web.RouteTableDef()
 DELIVERIES = web.AppKey("deliveries", DeliveryAdmin)
-_DEAD_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 
 
 @routes.get("/v1/admin/deliveries")
@@ -27,8 +24,5 @@ async def deliveries(request: web.Request) -> web.Response:
 @routes.post("/v1/admin/dead-letters/{id}/retry")
 @allow(Role.OPS)
 async def retry_dead_letter(request: web.Request) -> web.Response:
-    dead_id = request.match_info["id"]
-    if not _DEAD_ID.match(dead_id):
-        raise NotFound("no such dead letter")
-    await request.app[DELIVERIES].retry_dead_letter(audit_context(request), dead_id)
+    await request.app[DELIVERIES].retry_dead_letter(audit_context(request), request.match_info["id"])
     return web.Response(status=204)

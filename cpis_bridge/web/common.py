@@ -22,6 +22,7 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 TRACE_ID = web.RequestKey("trace_id", str | None)  # type: ignore[arg-type]
 REQUEST_ID = web.RequestKey("request_id", str)
 FHIR_FORMAT = web.RequestKey("fhir_format", str)  # "json" or "xml", negotiated before any /fhir handler runs
+ROUTE = web.RequestKey("route", str)  # the route template, for the access log
 POLICY_ATTR = "__cpis_policy__"
 
 

@@ -1,7 +1,11 @@
-"""Cross-cutting request handling: ids and TraceID, metrics, size limits, authentication and role policy, errors.
+"""Cross-cutting request handling: ids and TraceID, metrics, the deadline, size limits, authentication and role
+policy, errors.
 
 Errors under /fhir render as OperationOutcome in the negotiated FHIR format (JSON or XML, with the national error
 code); everywhere else as RFC 9457 problem+json. Every 401 carries ``WWW-Authenticate: Bearer``.
+A request still running at its deadline (CPIS_REQUEST_DEADLINE_S for /fhir and /cds-services, whose callers give up
+after a few seconds; CPIS_API_REQUEST_DEADLINE_S for the rest; none for uploads, which stream for minutes) is
+cancelled and answered 503 with Retry-After, as is a store that cannot be reached.
 """
 
 from __future__ import annotations
@@ -12,13 +16,14 @@ import os
 import time
 
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cpis_bridge.core.errors import CpisError, Forbidden, PayloadTooLarge, StoreUnavailable
 from cpis_bridge.fhir.formats import CONTENT_TYPES, NotAcceptable, negotiate, render
 from cpis_bridge.fhir.outcome import operation_outcome
 from cpis_bridge.log import request_id_var, trace_id_var
-from cpis_bridge.web.common import FHIR_FORMAT, PRINCIPAL, REQUEST_ID, TRACE_ID, Handler, policy_of, problem
+from cpis_bridge.web.common import FHIR_FORMAT, PRINCIPAL, REQUEST_ID, ROUTE, TRACE_ID, Handler, policy_of, problem
 from cpis_bridge.web.state import AUTH, METRICS, SETTINGS
 
 log = logging.getLogger("cpis_bridge.web")
@@ -28,6 +33,9 @@ UPLOAD_LIMIT = 128 * MiB
 DEFAULT_LIMIT = 1 * MiB
 FHIR_CT = "application/fhir+json"
 CLIENT_CLOSED = 499  # metric status of a request whose client disconnected before the answer (as nginx logs it)
+RETRY_AFTER = {"Retry-After": "1"}
+SHORT_DEADLINE_PREFIXES = ("/fhir", "/cds-services")
+UPLOADS = "/v1/uploads"
 
 
 def route_template(request: web.Request) -> str:
@@ -75,6 +83,19 @@ def header_text(value: str | None, limit: int) -> str | None:
     return text or None
 
 
+def store_unavailable(request: web.Request) -> web.Response:
+    return error_response(request, 503, "Service unavailable", "the data store is unavailable; retry shortly",
+                          headers=RETRY_AFTER)
+
+
+def deadline_of(request: web.Request) -> float | None:
+    settings = request.app[SETTINGS]
+    path = request.path
+    if path.startswith(SHORT_DEADLINE_PREFIXES):
+        return settings.request_deadline_s
+    return None if path == UPLOADS else settings.api_request_deadline_s
+
+
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Errors to responses around size limits, authentication and the role policy, then the handler."""
     try:
@@ -84,16 +105,18 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
             except NotAcceptable as exc:
                 return error_response(request, 406, "Not acceptable", str(exc))
         return await _checked(request, handler)
+    except StoreUnavailable as exc:
+        log.error("web.store_unavailable", extra={"error": type(exc).__name__, "route": route_template(request)})
+        return store_unavailable(request)
     except CpisError as exc:
         if exc.status >= 500:
             log.error("web.error", extra={"error": type(exc).__name__, "route": route_template(request)})
         return error_response(
             request, exc.status, exc.title, exc.detail, code=exc.code, errors=[e.as_dict() for e in exc.errors]
         )
-    except RedisError:
-        log.exception("web.redis_error", extra={"route": route_template(request)})
-        return error_response(request, 503, "Service unavailable", "the data store is unavailable; retry shortly",
-                              headers={"Retry-After": "1"})
+    except (RedisConnectionError, RedisTimeoutError) as exc:  # a driver error the store did not translate
+        log.error("web.store_unavailable", extra={"error": type(exc).__name__, "route": route_template(request)})
+        return store_unavailable(request)
     except web.HTTPRequestEntityTooLarge:
         return error_response(request, 413, "Payload too large", "the request body is too large")
     except web.HTTPException as exc:
@@ -148,7 +171,19 @@ def make_middlewares() -> list[web.Middleware]:
         started = time.perf_counter()
         status = 500
         try:
-            response = await _guarded(request, handler)
+            deadline = deadline_of(request)
+            if deadline is None:
+                response = await _guarded(request, handler)
+            else:
+                try:
+                    # asyncio.timeout is one timer handle, not the task wait_for would create per request.
+                    async with asyncio.timeout(deadline):
+                        response = await _guarded(request, handler)
+                except TimeoutError:  # only the deadline: _guarded turns every error inside into a response
+                    log.warning("web.deadline", extra={"route": route_template(request), "deadlineS": deadline})
+                    response = error_response(request, 503, "Service unavailable",
+                                              "the request did not complete in time; retry shortly",
+                                              headers=RETRY_AFTER)
             status = response.status
             response.headers["X-Request-ID"] = rid
             if trace:
@@ -164,8 +199,8 @@ def make_middlewares() -> list[web.Middleware]:
             status = CLIENT_CLOSED  # the client went away mid-request: not a server error
             raise
         finally:
-            request.app[METRICS].observe_request(route_template(request), request.method, status,
-                                                 time.perf_counter() - started)
+            route = request[ROUTE] = route_template(request)
+            request.app[METRICS].observe_request(route, request.method, status, time.perf_counter() - started)
             request_id_var.reset(t_rid)
             trace_id_var.reset(t_trace)
 

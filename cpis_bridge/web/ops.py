@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -13,6 +15,7 @@ from cpis_bridge.web.common import allow, audit_context, json_response
 from cpis_bridge.web.state import AUDIT, LIFECYCLE, METRICS, REDIS
 
 routes = web.RouteTableDef()
+READY_PROBE_S = 1.0
 
 
 @routes.get("/healthz")
@@ -29,7 +32,10 @@ async def readyz(request: web.Request) -> web.Response:
     redis_ok = False
     if life.started and not life.draining:
         try:
-            redis_ok = bool(await request.app[REDIS].ping())
+            # A stalled Redis (frozen, or swapping) accepts connections and never answers: only a short probe
+            # tells it from a healthy one.
+            async with asyncio.timeout(READY_PROBE_S):
+                redis_ok = bool(await request.app[REDIS].ping())
         except Exception:
             redis_ok = False
     metrics.redis_up.set(1 if redis_ok else 0)

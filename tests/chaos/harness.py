@@ -136,6 +136,7 @@ async def load_children(session: aiohttp.ClientSession, base: str, nhs_numbers: 
 class LoadResult:
     acknowledged: dict[str, str] = field(default_factory=dict)  # TraceID -> NHS number
     failed: int = 0
+    answers: list[tuple[int, float]] = field(default_factory=list)  # (status, seconds) of each answer; 0: no answer
 
 
 async def drive_accesses(
@@ -160,6 +161,7 @@ async def drive_accesses(
             nhs = nhs_numbers[i % len(nhs_numbers)]
             trace = f"chaos-{i}-{secrets.token_hex(4)}"
             base = base_urls[i % len(base_urls)]
+            started = time.monotonic()
             try:
                 async with session.get(
                     f"{base}/fhir/CareTeam",
@@ -167,11 +169,13 @@ async def drive_accesses(
                     headers={**ED, "TraceID": trace, "IsUnscheduledAccessEvent": "true"},
                 ) as r:
                     await r.read()
+                    result.answers.append((r.status, time.monotonic() - started))
                     if 200 <= r.status < 300:
                         result.acknowledged[trace] = nhs
                     else:
                         result.failed += 1
             except (aiohttp.ClientError, TimeoutError):
+                result.answers.append((0, time.monotonic() - started))
                 result.failed += 1
             if pause_s:
                 await asyncio.sleep(pause_s * random.random())

@@ -416,7 +416,7 @@ async def production(aiohttp_server, aiohttp_client, make_settings, rsa_key, tmp
           f'fhirServers: ["{ehrs[0].url.removesuffix("/r4")}"]}}\n'
     )
     settings = make_settings(registry=registry, auth_jwks_url=jwks_url, auth_issuer="https://idp.example.test",
-                             public_base_url=PUBLIC)
+                             auth_audience="cpis-bridge-test", public_base_url=PUBLIC)
     assert not settings.dev_mode
     client = await aiohttp_client(create_app(settings))
     la_ctx = AuditContext(Principal("la-user", Role.LOCAL_AUTHORITY, "LA001"))

@@ -110,11 +110,33 @@ async def test_missing_bearer(client: Any, headers: dict[str, str]) -> None:
 
 @pytest.mark.parametrize(
     "over",
-    [{"ods": "LA999"}, {"ods": None}, {"ods": ""}, {"ods": ["LA001"]}, {"cpis_role": "ops"},
-     {"cpis_role": "care-setting", "ods": "RXX01"}, {"cpis_role": None}, {"cpis_role": "admin"}],
+    [{"ods": "LA999"}, {"cpis_role": "ops"}, {"cpis_role": "care-setting", "ods": "RXX01"}, {"cpis_role": "admin"}],
 )
 async def test_valid_token_wrong_role_or_organisation(client: Any, over: dict[str, Any]) -> None:
     await expect(client, bearer(jwt.encode(claims(**over), DEV_SECRET, algorithm="HS256")), 403)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [{"ods": None}, {"ods": ""}, {"ods": ["LA001"]}, {"cpis_role": None}, {"cpis_role": ""}, {"cpis_role": 7},
+     {"cpis_role": "care-setting", "ods": None}],
+)
+async def test_token_missing_role_or_organisation_claim_is_unauthenticated(client: Any, over: dict[str, Any]) -> None:
+    await expect(client, bearer(jwt.encode(claims(**over), DEV_SECRET, algorithm="HS256")), 401)
+
+
+@pytest.mark.parametrize("path", [PATH, "/fhir/CareTeam?patient:identifier=https://fhir.nhs.uk/Id/nhs-number|"
+                                        "9990000018"])
+async def test_a_100_kb_token_is_refused_as_401_without_echo(client: Any, path: str) -> None:
+    """Read in full by the server (not cut off by the HTTP parser's 400) and refused before decoding."""
+    token = jwt.encode(claims(padding="9990000018" * 7_600), DEV_SECRET, algorithm="HS256")
+    assert 100_000 < len(token) < 110_000
+    r = await client.get(path, headers=bearer(token))
+    text = await r.text()
+    assert r.status == 401, text[:300]
+    assert r.content_type in ("application/problem+json", "application/fhir+json")
+    assert "9990000018" not in text and token[:40] not in text and len(text) < 2000
+
 
 
 async def test_dev_mode_checks_issuer_and_audience_when_configured(
@@ -241,9 +263,31 @@ def _relabelled(token: str, alg: str) -> str:
     return f"{b64(json.dumps(decoded).encode())}.{payload}.{sig}"
 
 
+def test_production_without_audience_refuses_to_start(make_settings: Callable[..., Settings]) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="CPIS_AUTH_AUDIENCE is required"):
+        make_settings(auth_jwks_url="https://idp.test.example/jwks.json", auth_issuer=ISSUER)
+
+
+def test_serve_without_audience_exits_with_a_configuration_error(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CPIS_")}
+    env.update({"CPIS_AUTH_JWKS_URL": "https://idp.test.example/jwks.json", "CPIS_AUTH_ISSUER": ISSUER,
+                "CPIS_REDIS_URL": "redis://127.0.0.1:9/0", "CPIS_DATA_DIR": str(tmp_path)})
+    out = subprocess.run([sys.executable, "-m", "cpis_bridge", "serve"], env=env, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 2
+    assert "CPIS_AUTH_AUDIENCE is required" in out.stderr and "Traceback" not in out.stderr
+
+
 async def test_production_refuses_embedded_redis_without_opt_in(make_settings: Callable[..., Settings]) -> None:
     from cpis_bridge.app import ConfigurationError
 
-    settings = make_settings(redis_url=None, auth_jwks_url="http://127.0.0.1:9/jwks.json", auth_issuer=ISSUER)
+    settings = make_settings(redis_url=None, auth_jwks_url="http://127.0.0.1:9/jwks.json", auth_issuer=ISSUER,
+                             auth_audience=AUDIENCE)
     with pytest.raises(ConfigurationError):
         create_app(settings)
