@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     relay_concurrency: int = Field(256, ge=1, le=4096)  # deliveries in flight per process
     relay_claim_idle_s: float = Field(60.0, gt=0)  # reclaim entries a consumer has held this long (> timeout)
     relay_reclaim_interval_s: float = Field(5.0, gt=0)
-    delivery_endpoint_concurrency: int = Field(8, ge=1, le=1024)  # deliveries in flight per LA endpoint, per process
+    delivery_endpoint_concurrency: int = Field(32, ge=1, le=1024)  # deliveries in flight per LA endpoint, per process
     delivery_breaker_failures: int = Field(5, ge=1)  # consecutive failures or timeouts that open an endpoint's breaker
     delivery_breaker_cooldown_s: float = Field(30.0, gt=0)  # open this long before one probe is let through
 

@@ -259,7 +259,7 @@ class RelayConfig:
     consumer: str
     batch: int = 200
     concurrency: int = 64
-    endpoint_concurrency: int = 8
+    endpoint_concurrency: int = 32
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     block_ms: int = 500

@@ -127,7 +127,7 @@ async def test_one_la_endpoint_hung_while_another_las_latency_is_measured(tmp_pa
     registry = write_registry(tmp_path / "registry.yaml", {"LA001": healthy.url, "LA002": hung.url})
     svc = ServiceProcess(tmp_path / "svc", redis_url=redis_server.url, key_prefix=PREFIX, env={
         "CPIS_REGISTRY": str(registry), "LA001_WEBHOOK_SECRET": healthy.secret, "LA002_WEBHOOK_SECRET": hung.secret,
-        "CPIS_LOG_LEVEL": "WARNING", "CPIS_DELIVERY_BREAKER_COOLDOWN_S": "5",  # default timeout (10 s) and cap (8)
+        "CPIS_LOG_LEVEL": "WARNING", "CPIS_DELIVERY_BREAKER_COOLDOWN_S": "5",  # default timeout (10 s) and cap (32)
     }).start()
     try:
         la1, la2 = children(1000), children(200, start=5000)  # apart from LA001's

@@ -90,6 +90,7 @@ async def test_a_broken_endpoint_with_hundreds_queued_does_not_delay_another_la(
         {"LA001": webhook(healthy), "LA002": webhook(broken, SECRET_2)},
         {"LA001_WEBHOOK_SECRET": healthy.secret, SECRET_2: broken.secret},
         delivery_timeout_s=10.0, shutdown_grace_s=0.1, delivery_breaker_cooldown_s=30.0,
+        delivery_endpoint_concurrency=8,
     )
     app = client.app
     await flag(app, "LA001", "A-1", CHILD_A)
@@ -104,7 +105,7 @@ async def test_a_broken_endpoint_with_hundreds_queued_does_not_delay_another_la(
         await asyncio.sleep(0.02)
     delays = await arrivals_within(sent, healthy, 5.0)
     assert max(delays) < 1.5, sorted(delays)[-3:]
-    assert broken.max_in_flight <= 8  # CPIS_DELIVERY_ENDPOINT_CONCURRENCY's default
+    assert broken.max_in_flight <= 8  # CPIS_DELIVERY_ENDPOINT_CONCURRENCY
     assert await owed(app, "LA002") == 500  # nothing of LA002's lost or dead-lettered: all still owed
 
 
