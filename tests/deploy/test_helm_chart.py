@@ -35,6 +35,13 @@ def test_default_values_demand_an_external_redis_and_a_shared_hash_key():
         render({"redis": MINIMAL["redis"]})
 
 
+def test_production_auth_demands_an_audience():
+    """The service refuses to start with a JWKS URL and no audience (any token for any service would pass)."""
+    auth = {"jwksUrl": "https://login.example.invalid/.well-known/jwks.json", "issuer": "https://login.example.invalid/"}
+    with pytest.raises(helm.HelmError, match=r"auth\.audience is required"):
+        render({**MINIMAL, "auth": auth})
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_lint_is_clean(case):
     report = helm.lint(str(CHART), CASES[case], strict=True, namespace="cpis", kube_version="v1.30.0")

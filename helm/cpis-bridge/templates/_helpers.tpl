@@ -66,10 +66,8 @@ app.kubernetes.io/part-of: cpis-bridge
   value: {{ . | quote }}
 - name: CPIS_AUTH_ISSUER
   value: {{ required "auth.issuer is required with auth.jwksUrl" $.Values.auth.issuer | quote }}
-{{- with $.Values.auth.audience }}
 - name: CPIS_AUTH_AUDIENCE
-  value: {{ . | quote }}
-{{- end }}
+  value: {{ required "auth.audience is required with auth.jwksUrl (the service refuses to start without it)" $.Values.auth.audience | quote }}
 {{- end }}
 {{- with .Values.publicBaseUrl }}
 - name: CPIS_PUBLIC_BASE_URL
