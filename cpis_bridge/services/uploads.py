@@ -324,12 +324,19 @@ class UploadService:
         raw = await self.store.journal(la)
         if raw is None:
             return False
-        journal = Journal.loads(raw)
-        with tempfile.TemporaryFile() as f:
-            async for chunk in self.store.read_body(la):
-                f.write(chunk)
-            f.seek(0)
-            await self._run(la, lease, journal, self.read_items(journal.content_type, f, UploadMeta()))
+        try:
+            journal = Journal.loads(raw)
+            with tempfile.TemporaryFile() as f:
+                async for chunk in self.store.read_body(la):
+                    f.write(chunk)
+                f.seek(0)
+                await self._run(la, lease, journal, self.read_items(journal.content_type, f, UploadMeta()))
+        except (UnreadableInput, ValueError, KeyError, TypeError):
+            # A journal that cannot be read back (the store lost part of it) would block the LA's uploads for good:
+            # it is dropped, its sequence unused, and the LA's next upload (or a re-send) applies the file.
+            log.error("upload.journal_unreadable", extra={"la": la})
+            await self.store.finish(la, lease.token, 0, None)
+            return False
         self.on_resumed()
         log.info("upload.completed_from_journal", extra={"la": la, "sequence": journal.sequence})
         return True

@@ -156,3 +156,18 @@ async def test_a_holder_that_lost_its_lease_writes_nothing(client):
     assert await redis.hlen(keys.la_ids(LA)) == 0 and not await redis.exists(keys.la_journal_body(LA))
     await app[RECORDS].store.apply(LA, [change], lease="9.other")
     assert await redis.hlen(keys.la_ids(LA)) == 1
+
+
+async def test_a_journal_that_cannot_be_read_back_is_dropped_not_left_to_block_the_la(client):
+    app = client.server.app
+    redis, keys = app[REDIS], app[KEYS]
+    items = caseload(N, prefix="J")
+    await interrupted_mid_apply(app, items, 3, UploadMode.DELTA)
+    await redis.ltrim(keys.la_journal_body(LA), 0, 0)  # the store lost most of the body
+    await redis.lset(keys.la_journal_body(LA), 0, b"{broken")
+    r = await client.post("/v1/uploads", data=b"\n".join(orjson.dumps(x) for x in items),
+                          headers={**LA1, "Content-Type": NDJSON, "Upload-Sequence": "3", "Upload-Mode": "delta"})
+    rep = await r.json()
+    assert r.status == 200 and rep["accepted"] == N and "Upload-Replayed" not in r.headers
+    assert_state_is(await state(app), items, set())
+    assert not await redis.exists(keys.la_journal(LA))
