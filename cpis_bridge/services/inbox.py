@@ -255,8 +255,9 @@ class InboxFeed:
                 rows = await self.inbox.tail(after, self.block_ms)
             except Exception:  # the store is away: try again shortly, never end the feed
                 log.warning("inbox_feed.read_failed", exc_info=True)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+                with contextlib.suppress(TimeoutError):  # not wait_for: on 3.11 it can swallow a cancel
+                    async with asyncio.timeout(1.0):
+                        await stop.wait()
                 continue
             for la, eid, fields in rows:
                 after[la] = eid

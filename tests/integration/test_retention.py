@@ -51,6 +51,7 @@ async def test_purge_removes_only_what_is_past_retention(app, settings):
     acked_old = await redis.xadd(keys.inbox("LA001"), {"tag": "x", "at": str(old_ms)}, id=f"{old_ms}-0")
     unacked_old = await redis.xadd(keys.inbox("LA001"), {"tag": "x", "at": str(old_ms)}, id=f"{old_ms}-1")
     await redis.sadd(keys.inbox_acks("LA001"), acked_old)
+    await redis.hset(keys.inbox_acks_by("LA001"), acked_old, f"{old_ms}\x1fdev:Sam Duty\x1fSam Duty")
 
     # Ended in 2020: visibility ended 2020-12-31 (364 days), long past the 90 days kept. Another, still visible.
     await records.put(la, "LA001", "OLD-1", record("OLD-1", CHILD_A, startDate="2019-01-01", endDate="2020-01-02"))
@@ -86,6 +87,7 @@ async def test_purge_removes_only_what_is_past_retention(app, settings):
     remaining = [eid for eid, _ in await redis.xrange(keys.inbox("LA001"))]
     assert acked_old not in remaining and unacked_old in remaining and len(remaining) == 3
     assert not await redis.sismember(keys.inbox_acks("LA001"), acked_old)
+    assert not await redis.hexists(keys.inbox_acks_by("LA001"), acked_old)  # who acknowledged goes with it
     child_audit = [orjson.loads(x) for x in await redis.lrange(keys.audit(keys.tag(CHILD_B)), 0, -1)]
     assert len(child_audit) == child_audit_before - 1
     purged = [orjson.loads(x) for x in await redis.lrange(keys.audit(keys.tag(CHILD_A)), 0, -1)]

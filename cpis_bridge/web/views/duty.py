@@ -4,7 +4,6 @@ filters and paging, one notification, acknowledge), child look-up by NHS number,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 from typing import Any
 from urllib.parse import quote
@@ -217,15 +216,17 @@ def _live_row(body: dict[str, Any]) -> dict[str, Any]:
 
 
 FEED_TASK = web.AppKey("inbox_feed_task", asyncio.Task[None])
+FEED_STOP = web.AppKey("inbox_feed_stop", asyncio.Event)
 
 
 async def end_streams(app: web.Application) -> None:
-    """On shutdown, before Redis closes: the tail stops and every open stream ends."""
+    """On shutdown, before Redis closes: the tail stops and every open stream ends. Never waits long for the
+    tail (a blocked read may take a moment to notice its cancellation)."""
     app[FEED].close()
+    app[FEED_STOP].set()
     task = app[FEED_TASK]
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await asyncio.wait({task}, timeout=5.0)
 
 
 # -- child look-up --------------------------------------------------------------------------------------------------
@@ -278,7 +279,8 @@ def make_app(parent: web.Application) -> web.Application:
         inbox = parent[INBOX]  # built when the parent's Redis started, before this runs
         sub[FEED] = feed = InboxFeed(inbox.inbox, sorted(parent[REGISTRY].local_authorities),
                                      unreadable=inbox.unreadable)
-        sub[FEED_TASK] = asyncio.create_task(feed.run(asyncio.Event()), name="inbox-feed")
+        sub[FEED_STOP] = stop = asyncio.Event()
+        sub[FEED_TASK] = asyncio.create_task(feed.run(stop), name="inbox-feed")
 
     app.on_startup.append(start_feed)
     app.on_shutdown.append(end_streams)
