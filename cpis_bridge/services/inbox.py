@@ -216,8 +216,9 @@ def _uuid_like(value: str) -> bool:
 
 class InboxFeed:
     """New notifications pushed to the people watching their LA's inbox (the web view's live updates). One tail of
-    every LA's inbox per process, however many watch; each watcher has a bounded queue, and one that falls behind
-    loses updates rather than holding memory (its page still lists everything on reload)."""
+    every LA's inbox per process, however many watch, and none while nobody does; each watcher has a bounded queue,
+    and one that falls behind loses updates rather than holding memory (its page still lists everything on
+    reload)."""
 
     QUEUE = 100
 
@@ -228,15 +229,19 @@ class InboxFeed:
         self.block_ms = block_ms
         self.unreadable = unreadable
         self.watchers: dict[str, set[asyncio.Queue[dict[str, Any] | None]]] = defaultdict(set)
-        self.started = asyncio.Event()
+        self.started = asyncio.Event()  # set once the tail reads (someone watches)
+        self._wanted = asyncio.Event()
 
     def watch(self, la: str) -> asyncio.Queue[dict[str, Any] | None]:
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(self.QUEUE)
         self.watchers[la].add(queue)
+        self._wanted.set()
         return queue
 
     def unwatch(self, la: str, queue: asyncio.Queue[dict[str, Any] | None]) -> None:
         self.watchers[la].discard(queue)
+        if not any(self.watchers.values()):
+            self._wanted.clear()
 
     def close(self) -> None:
         """Every watcher gets None: its stream ends (on shutdown)."""
@@ -248,6 +253,11 @@ class InboxFeed:
     async def run(self, stop: asyncio.Event) -> None:
         after: dict[str, str] | None = None
         while not stop.is_set():
+            if not self._wanted.is_set():
+                after = None  # nobody watches: no reads; the tail starts afresh with the next watcher
+                self.started.clear()
+                await self._wanted.wait()
+                continue
             try:
                 if after is None:
                     after = await self.inbox.heads(self.las)

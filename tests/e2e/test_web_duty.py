@@ -154,13 +154,14 @@ async def test_500_live_streams_on_one_process_each_get_the_new_notification(web
     await b.sign_in()
     await other.sign_in("LA002", "Alex Other")
     feed = next(sub[FEED] for sub in _subapps(client.app) if FEED in sub)
-    await asyncio.wait_for(feed.started.wait(), 10)
+    assert not feed.started.is_set()  # nobody watches yet: the process does not read the inboxes
     n = 500
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         streams = [await http.get(client.make_url("/la/events"), headers={"Cookie": f"{COOKIE}={b.cookie}"})
                    for _ in range(n)]
         theirs = await http.get(client.make_url("/la/events"), headers={"Cookie": f"{COOKIE}={other.cookie}"})
         streams_all = [*streams, theirs]
+        await asyncio.wait_for(feed.started.wait(), 10)
         try:
             assert all(s.status == 200 and s.content_type == "text/event-stream" for s in streams)
             assert len(feed.watchers["LA001"]) == n
@@ -190,6 +191,11 @@ async def test_500_live_streams_on_one_process_each_get_the_new_notification(web
             break
         await asyncio.sleep(0.1)
     assert not feed.watchers["LA001"]  # closed streams stop watching
+    for _ in range(150):  # the tail notices at the end of its current blocking read (5 s)
+        if not feed.started.is_set():
+            break
+        await asyncio.sleep(0.1)
+    assert not feed.started.is_set()  # and with nobody watching, the tail stops reading
 
 
 def _subapps(app: Any) -> list[Any]:
