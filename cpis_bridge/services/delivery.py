@@ -575,6 +575,9 @@ class Relay:
         state = self._state(ep, now)  # an endpoint opening sets its waiting entries aside
         limit = self.config.endpoint_concurrency if state == CLOSED else (1 if state == HALF_OPEN else 0)
         now_ms = int(now * 1000)
+        if state == OPEN:  # it opened while these were loading
+            while ep.waiting:
+                self._set_aside(self._unwait(ep).job, ep, now_ms)
         while ep.waiting and ep.running < limit:
             if self._running >= self.config.concurrency:
                 self._starved.add(ep)
