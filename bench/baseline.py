@@ -1,4 +1,4 @@
-"""The throughput baseline (QUALITY.md): a minimal aiohttp app whose handler does one pipelined Redis round trip
+"""The throughput baseline (docs/quality.md): a minimal aiohttp app whose handler does one pipelined Redis round trip
 (HGETALL + LRANGE 0 24) and answers ~2 KB of JSON, on the service's loop (uvloop), JSON library (orjson), hiredis
 and connection pool (cpis_bridge.store.connection.make_client).
 

@@ -1,4 +1,4 @@
-"""`make bench`: the QUALITY.md speed cases against one service process, with the baseline measured in the same run.
+"""`make bench`: the speed cases of docs/quality.md on one service process, baseline measured in the same run.
 
 Starts a Redis for the run (embedded, in a temp dir; or CPIS_REDIS_URL), the baseline (bench/baseline.py) and
 `cpis-bridge serve`, each as one process; loads data through the API; drives wrk; prints one table and writes
@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.http_cases()
         if "upload" not in skip:
             bench.upload_case()
-        if "notify" not in skip:  # QUALITY.md notification delivery cases (another engineer's harness)
+        if "notify" not in skip:  # docs/quality.md notification delivery cases (another engineer's harness)
             bench.extra_case("notify", "notify_latency", ["--quick"] if args.quick else [])
         if "sync" not in skip:  # extra, labelled: Flag sync throughput, recovery after an outage, rate-limited
             bench.extra_case("sync", "sync_throughput",

@@ -286,7 +286,7 @@ async def _sample_sync_metrics(queue: RedisSyncQueue, metrics: Metrics, stop: as
 
 
 async def sync_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Flag sync (API.md section 5): relay, visibility scheduler and CapabilityStatement check, only when
+    """Flag sync (docs/contract.md §5): relay, visibility scheduler and CapabilityStatement check, only when
     CPIS_FHIR_BASE_URL is set and relays run. Never blocks start-up: the relay waits for the server itself."""
     settings = app[SETTINGS]
     if not settings.fhir_base_url or not settings.relays:

@@ -1,4 +1,4 @@
-"""Settings (pydantic-settings, prefix CPIS_): the only reader of the environment. API.md section 1 is the list."""
+"""Settings (pydantic-settings, prefix CPIS_): the only reader of the environment. docs/contract.md §1 is the list."""
 
 from __future__ import annotations
 
@@ -45,10 +45,10 @@ class Settings(BaseSettings):
     fhir_auth_scope: str | None = None
 
     public_base_url: str | None = None
-    upload_max_bytes: int = Field(128 * 1024 * 1024, ge=1)  # POST /v1/uploads body limit (API.md: 128 MiB)
+    upload_max_bytes: int = Field(128 * 1024 * 1024, ge=1)  # POST /v1/uploads body limit (docs/contract.md: 128 MiB)
     upload_max_end_fraction: float = Field(0.25, ge=0, le=1)  # a full upload ending more needs Upload-Confirm-End
 
-    delivery_first_retry_s: float = Field(1.0, gt=0, lt=2)  # API.md section 6: first retry within 2 s
+    delivery_first_retry_s: float = Field(1.0, gt=0, lt=2)  # docs/contract.md §6: first retry within 2 s
     delivery_max_backoff_s: float = Field(60.0, gt=0)
     delivery_max_age_h: float = Field(72.0, gt=0)
     delivery_timeout_s: float = Field(10.0, gt=0)  # one HTTP attempt to a webhook or FHIR endpoint

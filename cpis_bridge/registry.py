@@ -1,4 +1,4 @@
-"""Loads and validates the registry YAML (API.md section 7) into core types; errors name file, entry and field."""
+"""Loads and validates the registry YAML (docs/contract.md §7) into core types; errors name file, entry and field."""
 
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ class Access:
         return _uuid5(_NS_ACCESS_BYTES, seed)
 
     def to_api(self, child_key: str, care_settings: dict[str, tuple[str, str]]) -> dict[str, Any]:
-        """The ``access`` shape of API.md section 6. ``care_settings`` maps ODS -> (name, type)."""
+        """The ``access`` shape of docs/contract.md §6. ``care_settings`` maps ODS -> (name, type)."""
         name, kind = care_settings.get(self.care_setting, (self.care_setting, "UNKNOWN"))
         return {
             "id": self.access_id(child_key),

@@ -49,7 +49,7 @@ def today_london(now: dt.datetime | None = None) -> dt.date:
 
 @dataclass(frozen=True, slots=True)
 class VisibilityWindows:
-    """How long an ended plan stays visible (DOMAIN.md, configurable)."""
+    """How long an ended plan stays visible (docs/domain.md, configurable)."""
 
     after_end_days: int = 364
     ucpp_after_end_days: int = 28
@@ -102,7 +102,7 @@ class Record:
         return replace(self, version=version, updated_at=updated_at)
 
     def to_api(self, *, visible: bool) -> dict[str, Any]:
-        """The record as API.md section 4 returns it."""
+        """The record as docs/contract.md §4 returns it."""
         return {
             "localId": self.local_id,
             "planType": self.plan_type.value,

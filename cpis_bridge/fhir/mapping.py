@@ -14,7 +14,7 @@ from cpis_bridge.core.principal import SDS_USER_PREFIX
 from cpis_bridge.core.records import PlanType, Record
 from cpis_bridge.core.registry import LocalAuthority
 
-# -- identifiers and code systems (DOMAIN.md "Identifiers and codes used in FHIR") ---------------------------------
+# -- identifiers and code systems (docs/domain.md "Identifiers and codes in FHIR") ---------------------------------
 NHS_NUMBER: Final = "https://fhir.nhs.uk/Id/nhs-number"
 ODS_ORG: Final = "https://fhir.nhs.uk/Id/ods-organization-code"
 SNOMED: Final = "http://snomed.info/sct"
@@ -50,7 +50,7 @@ PROFILE_ENCOUNTER: Final = PROFILE + "CPIS-Encounter"
 PROFILE_ORGANIZATION: Final = PROFILE + "CPIS-Organization"
 EXT_CONTACT_PURPOSE: Final = PROFILE + "la-contact-purpose"  # labels each LA phone number (office hours / duty)
 
-# Fixed namespaces: Flag ids are those of the Flag sync (API.md section 5), so one record is one Flag everywhere.
+# Fixed namespaces: Flag ids are those of the Flag sync (docs/contract.md §5), so one record is one Flag everywhere.
 NS_FLAG: Final = uuid.UUID("f7fb2f68-0e89-5007-9105-85edde449734")
 NS_CARETEAM: Final = uuid.UUID("6f1c2f4e-8a55-5b7e-9d3a-2b7c0c1d4e10")
 NS_PRACTITIONER_ROLE: Final = uuid.UUID("6f1c2f4e-8a55-5b7e-9d3a-2b7c0c1d4e11")

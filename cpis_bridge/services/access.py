@@ -67,7 +67,7 @@ class AccessService:
 
     @staticmethod
     def is_unscheduled(req: LookupRequest) -> bool:
-        """API.md section 3: unscheduled when the caller says so AND the setting is registered as unscheduled."""
+        """docs/contract.md §3: unscheduled when the caller says so AND the setting is registered as unscheduled."""
         return req.unscheduled_claimed and req.care_setting.unscheduled
 
     async def lookup(self, ctx: AuditContext, req: LookupRequest) -> LookupOutcome:

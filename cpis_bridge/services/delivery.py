@@ -1,4 +1,4 @@
-"""Notification delivery: the body rendered from its inbox entry (API.md section 6), the retry policy, and the relay
+"""Notification delivery: the body rendered from its inbox entry (docs/contract.md §6), the retry policy, and the relay
 that drains the outbox into each LA's channels (at least once; backoff, Retry-After pauses, dead letters), each
 endpoint isolated from the others (a concurrency cap and a circuit breaker per endpoint)."""
 
@@ -107,7 +107,7 @@ def _split(value: str) -> tuple[str, str]:
 # -- the retry policy -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """API.md section 6: exponential backoff with jitter from ``first_retry_s`` doubling to ``max_backoff_s``; other
+    """docs/contract.md §6: exponential backoff with jitter from ``first_retry_s`` doubling to ``max_backoff_s``; other
     4xx at the capped interval for an hour; nothing older than ``max_age_s``."""
 
     first_retry_s: float = 1.0
@@ -679,7 +679,7 @@ class Relay:
 
 # -- operations -----------------------------------------------------------------------------------------------------
 class DeliveryAdmin:
-    """The ops view of deliveries (API.md section 8): per-channel counts and re-queueing a dead letter."""
+    """The ops view of deliveries (docs/contract.md §8): per-channel counts and re-queueing a dead letter."""
 
     def __init__(self, outbox: Outbox, audit: AuditLog, channels_of: Mapping[str, Sequence[str]],
                  clock: Callable[[], float] = time.time) -> None:

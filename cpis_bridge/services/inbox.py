@@ -1,4 +1,4 @@
-"""The LA side of notifications (API.md section 4): the pull inbox page by page, acknowledgements, and a child's
+"""The LA side of notifications (docs/contract.md §4): the pull inbox page by page, acknowledgements, and a child's
 last 25 accesses for an LA holding a record on that number. Every read is audited."""
 
 from __future__ import annotations

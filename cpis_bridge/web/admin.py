@@ -1,4 +1,4 @@
-"""Operations endpoints for deliveries (API.md section 8): per-channel queue state and dead-letter re-queueing."""
+"""Operations endpoints for deliveries (docs/contract.md §8): per-channel queue state and dead-letter re-queueing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Care-setting FHIR R4 API handlers (API.md section 3, base /fhir): metadata, CareTeam / Flag / AuditEvent searches,
+"""Care-setting FHIR R4 API handlers (docs/contract.md §3, base /fhir): metadata, CareTeam / Flag / AuditEvent searches,
 Encounter create and read, reads of the Organization and PractitionerRole the bundles refer to. Every access goes
 through AccessService.lookup; JSON is built as dicts (no pydantic); XML, when negotiated, from those dicts."""
 

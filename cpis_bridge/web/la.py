@@ -1,4 +1,4 @@
-"""Local-authority API handlers (API.md section 4): records and batch uploads. The LA is always the token's ods."""
+"""Local-authority API handlers (docs/contract.md §4): records and batch uploads. The LA is always the token's ods."""
 
 from __future__ import annotations
 

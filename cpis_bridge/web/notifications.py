@@ -1,4 +1,4 @@
-"""Local-authority notification endpoints (API.md section 4): the pull inbox, acknowledgements, a child's accesses."""
+"""Local-authority notification endpoints (docs/contract.md §4): pull inbox, acknowledgements, a child's accesses."""
 
 from __future__ import annotations
 

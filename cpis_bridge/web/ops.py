@@ -1,4 +1,4 @@
-"""Operations endpoints (API.md section 8): health, readiness, metrics, the audit trail."""
+"""Operations endpoints (docs/contract.md §8): health, readiness, metrics, the audit trail."""
 
 from __future__ import annotations
 

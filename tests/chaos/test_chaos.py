@@ -1,5 +1,5 @@
-"""QUALITY.md reliability scenarios (`make chaos`): each drives >= 1,000 unscheduled accesses, injects its fault at a
-random point, and ends by checking that nothing acknowledged was lost or duplicated."""
+"""Reliability scenarios of docs/quality.md (`make chaos`): each drives >= 1,000 unscheduled accesses, injects its
+fault at a random point, and ends by checking that nothing acknowledged was lost or duplicated."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The care-setting FHIR API over HTTP against real Redis: every request of API.md section 3; every FHIR answer is
+"""The care-setting FHIR API over HTTP against real Redis: every request of docs/contract.md §3; every FHIR answer is
 R4 (fhir.resources R4B) and conforms to the profiles in fhir_profiles/."""
 
 from __future__ import annotations

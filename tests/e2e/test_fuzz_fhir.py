@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the care-setting FHIR API and CDS Hooks on the running app (issue 7, item 3): arbitrary
+"""Property-based fuzzing of the care-setting FHIR API and CDS Hooks on the running app: arbitrary
 query strings, headers, bodies, ids, content types and sizes never give a 5xx; /fhir errors are OperationOutcomes and
 never hold an NHS number. Hypothesis drives the app from a worker thread (the app keeps its own event loop)."""
 

@@ -1,4 +1,4 @@
-"""The local-authority records API over HTTP (API.md section 4): create, replace, read, list, erase, errors."""
+"""The local-authority records API over HTTP (docs/contract.md §4): create, replace, read, list, erase, errors."""
 
 import orjson
 

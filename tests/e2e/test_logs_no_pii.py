@@ -127,7 +127,7 @@ async def test_full_flow_logs_hold_no_nhs_number_or_name(service_env):
             out, err = proc.communicate()
     assert proc.returncode == 0, err.decode()[-2000:]
 
-    # /metrics on the running service after the demo flow shows the families of API.md section 8.
+    # /metrics on the running service after the demo flow shows the families of docs/contract.md §8.
     families = {f.name for f in text_string_to_metric_families(metrics)}
     for family in API_FAMILIES:
         assert family.removesuffix("_total") in families, family

@@ -14,7 +14,7 @@ from cpis_bridge.core.records import READ_ONLY_FIELDS, WRITABLE_FIELDS
 from cpis_bridge.web.common import policy_of
 from cpis_bridge.web.openapi import document
 
-# Documented /v1 routes that other branches build (API.md section 4 and 8). They are not routed on this branch yet.
+# Documented /v1 routes that other branches build (docs/contract.md §4 and 8). They are not routed on this branch yet.
 # LEAD: delete each entry once its branch is merged; the test fails until you do (a routed route must not be
 # listed here), so the list cannot go stale silently.
 PENDING_ROUTES: frozenset[tuple[str, str]] = frozenset()  # documented routes not routed yet: none

@@ -312,7 +312,7 @@ async def test_conditional_writes_are_serialised_per_identifier_across_processes
 
 @pytest.mark.chaos
 async def test_chaos_429_then_503_then_fine(env, double):
-    """QUALITY.md: 429 with Retry-After, then 503, then fine -> exactly the current Flags; nothing sooner than
+    """docs/quality.md: 429 with Retry-After, then 503, then fine -> exactly the current Flags; nothing sooner than
     Retry-After (bar requests already in flight when the 429 was answered)."""
     import random
 

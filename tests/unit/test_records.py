@@ -1,4 +1,4 @@
-"""Record validation (CPR04/CPR07) and the visibility windows of DOMAIN.md."""
+"""Record validation (CPR04/CPR07) and the visibility windows of docs/domain.md."""
 
 import datetime as dt
 

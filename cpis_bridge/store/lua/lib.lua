@@ -13,7 +13,7 @@ local function days(s)
   return era * 146097 + doe - 719468
 end
 
--- DOMAIN.md: visible on day D when start <= D, D <= end + window (if ended) and D < delete (if set).
+-- docs/domain.md: visible on day D when start <= D, D <= end + window (if ended) and D < delete (if set).
 local function is_visible(rec, today, window, ucpp_window)
   local s = days(rec.s)
   if s == nil or today < s then return false end
