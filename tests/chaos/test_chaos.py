@@ -14,7 +14,6 @@ import pytest
 import redis as redis_sync
 
 from cpis_bridge.core.access import Access
-from cpis_bridge.store.embedded import EmbeddedRedis
 from cpis_bridge.store.keys import Keys
 from tests.chaos.harness import (
     LoadResult,
@@ -35,14 +34,6 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 ACCESSES = 1200
 CHILDREN = 1000
 PREFIX = "chaos"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):
-    server = EmbeddedRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from cpis_bridge.store.embedded import EmbeddedRedis
 from tests.chaos.harness import (
     ED,
     NHS_SYSTEM,
@@ -111,14 +110,6 @@ async def paced_accesses(base: str, nhs_numbers: list[str], total: int, rate: fl
             tasks.append(asyncio.create_task(one(session, i)))
         await asyncio.gather(*tasks)
     return result
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):
-    server = EmbeddedRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_one_la_endpoint_hung_while_another_las_latency_is_measured(tmp_path, redis_server):

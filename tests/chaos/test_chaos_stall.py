@@ -18,7 +18,6 @@ from tests.chaos.test_chaos import (  # the scenarios' shared fixtures and check
     CHILDREN,
     assert_nothing_lost,
     receiver,  # noqa: F401 - a fixture
-    redis_server,  # noqa: F401 - a fixture
     service,
 )
 

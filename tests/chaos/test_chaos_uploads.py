@@ -15,7 +15,6 @@ import pytest
 import redis as redis_sync
 
 from cpis_bridge.core.records import Record, today_london
-from cpis_bridge.store.embedded import EmbeddedRedis
 from cpis_bridge.store.keys import Keys
 from tests.chaos.harness import LA1, children, wait_for
 from tests.conftest import HASH_KEY, record
@@ -28,14 +27,6 @@ LA = "LA001"
 HELD = 30_000  # records the LA holds before the full upload
 KEPT = 27_000  # of those, named again by the full upload (some changed); the other 3,000 are ended
 NEW = 40_000  # records the full upload adds
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):
-    server = EmbeddedRedis(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 def service(tmp_path: Path, redis_url: str) -> ServiceProcess:
