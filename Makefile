@@ -19,6 +19,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cpis_bridge tests bench
+	$(BIN)/ruff format --check cpis_bridge tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -35,9 +35,19 @@ def seed(url: str, children: int) -> None:
     try:
         pipe = client.pipeline(transaction=False)
         for i in range(children):
-            rec = orjson.dumps({"p": "CPP", "n": f"999{i:07d}", "b": "2016-04-02", "s": "2026-01-10",
-                                "g": "Testchild", "f": "Example", "v": 1, "u": "2026-01-10T09:00:00.000Z",
-                                "padding": "x" * 90})
+            rec = orjson.dumps(
+                {
+                    "p": "CPP",
+                    "n": f"999{i:07d}",
+                    "b": "2016-04-02",
+                    "s": "2026-01-10",
+                    "g": "Testchild",
+                    "f": "Example",
+                    "v": 1,
+                    "u": "2026-01-10T09:00:00.000Z",
+                    "padding": "x" * 90,
+                }
+            )
             pipe.delete(record_key(i), access_key(i))
             pipe.hset(record_key(i), mapping={f"LA001|CASE-{i}": rec, f"LA002|CASE-{i}": rec})
             pipe.rpush(access_key(i), *[f"RXX01\x1fev-{i}-{j:04d}\x1f2026-11-22T01:02:03.000Z" for j in range(25)])
@@ -55,8 +65,13 @@ async def child(request: web.Request) -> web.Response:
         pipe.hgetall(record_key(i))
         pipe.lrange(access_key(i), 0, 24)
         records, accesses = await pipe.execute()
-    body = {"resourceType": "Bundle", "type": "searchset", "total": len(records),
-            "records": records, "accesses": accesses}
+    body = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(records),
+        "records": records,
+        "accesses": accesses,
+    }
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 

@@ -56,9 +56,14 @@ def record(i: int, nhs: str, prefix: str) -> dict[str, Any]:
     """A realistic record: mostly open CPPs, some LACs with a legal basis, some recently ended plans (all visible)."""
     start = dt.date(2025, 1, 1) + dt.timedelta(days=i % 300)
     body: dict[str, Any] = {
-        "localId": f"{prefix}-{i:07d}", "planType": "CPP", "nhsNumber": nhs,
+        "localId": f"{prefix}-{i:07d}",
+        "planType": "CPP",
+        "nhsNumber": nhs,
         "dateOfBirth": (dt.date(2012, 1, 1) + dt.timedelta(days=i % 3000)).isoformat(),
-        "givenName": "Testchild", "familyName": "Example", "startDate": start.isoformat(), "endDate": None,
+        "givenName": "Testchild",
+        "familyName": "Example",
+        "startDate": start.isoformat(),
+        "endDate": None,
     }
     if i % 4 == 1:
         body["planType"] = "LAC"

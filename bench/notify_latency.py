@@ -105,20 +105,39 @@ class Bench:
         self.tmp = tmp
 
     def settings(self, prefix: str) -> Settings:
-        return Settings(_env_file=None, redis_url=self.redis_url, key_prefix=prefix, registry=self.registry,  # type: ignore[call-arg]
-                        data_dir=self.tmp / "local", auth_dev_secret=DEV_SECRET, log_hash_key=HASH_KEY, relays=False)
+        return Settings(
+            _env_file=None,
+            redis_url=self.redis_url,
+            key_prefix=prefix,
+            registry=self.registry,  # type: ignore[call-arg]
+            data_dir=self.tmp / "local",
+            auth_dev_secret=DEV_SECRET,
+            log_hash_key=HASH_KEY,
+            relays=False,
+        )
 
     def service(self, prefix: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, "CPIS_REDIS_URL": self.redis_url, "CPIS_KEY_PREFIX": prefix,
-               "CPIS_REGISTRY": str(self.registry), "CPIS_AUTH_DEV_SECRET": DEV_SECRET, "CPIS_LOG_HASH_KEY": HASH_KEY,
-               "CPIS_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"), "CPIS_PORT": str(free_port()),
-               "CPIS_DATA_DIR": str(self.tmp / prefix),
-               "BENCH_WEBHOOK_SECRET": SECRET}
+        env = {
+            **os.environ,
+            "CPIS_REDIS_URL": self.redis_url,
+            "CPIS_KEY_PREFIX": prefix,
+            "CPIS_REGISTRY": str(self.registry),
+            "CPIS_AUTH_DEV_SECRET": DEV_SECRET,
+            "CPIS_LOG_HASH_KEY": HASH_KEY,
+            "CPIS_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+            "CPIS_PORT": str(free_port()),
+            "CPIS_DATA_DIR": str(self.tmp / prefix),
+            "BENCH_WEBHOOK_SECRET": SECRET,
+        }
         out = os.environ.get("BENCH_PROFILE")
         profile = ["-m", "cProfile", "-o", out + prefix] if out else []
         log = Path(os.environ.get("BENCH_LOG_DIR", str(self.tmp)), f"{prefix}.log")
-        return subprocess.Popen([sys.executable, *profile, "-m", "cpis_bridge", "serve"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+        return subprocess.Popen(
+            [sys.executable, *profile, "-m", "cpis_bridge", "serve"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("wb"),
+        )
 
     async def local_app(self, prefix: str) -> tuple[web.AppRunner, web.Application]:
         app = create_app(self.settings(prefix))
@@ -131,24 +150,39 @@ class Bench:
         numbers = [str(n) for n, _ in zip(iter_test_numbers(start), range(count), strict=False)]
         la = AuditContext(Principal("bench-la", Role.LOCAL_AUTHORITY, ods))
         for first in range(0, count, 100):
-            await asyncio.gather(*(
-                app[RECORDS].put(la, ods, f"B-{i}", {
-                    "localId": f"B-{i}", "planType": "CPP", "nhsNumber": numbers[i], "dateOfBirth": "2016-04-02",
-                    "startDate": "2026-01-10", "endDate": None})
-                for i in range(first, min(first + 100, count))))
+            await asyncio.gather(
+                *(
+                    app[RECORDS].put(
+                        la,
+                        ods,
+                        f"B-{i}",
+                        {
+                            "localId": f"B-{i}",
+                            "planType": "CPP",
+                            "nhsNumber": numbers[i],
+                            "dateOfBirth": "2016-04-02",
+                            "startDate": "2026-01-10",
+                            "endDate": None,
+                        },
+                    )
+                    for i in range(first, min(first + 100, count))
+                )
+            )
         return numbers
 
     @staticmethod
     async def access(app: web.Application, nhs: str, event: str) -> None:
         ctx = AuditContext(Principal("bench-ed", Role.CARE_SETTING, "RXX01", name="Bench Clinician", role_code="R1"))
         setting = app[REGISTRY].care_settings["RXX01"]
-        out = await app[ACCESS].lookup(ctx, LookupRequest(nhs=NhsNumber(nhs), care_setting=setting, kind="careteam",
-                                                          source_event_id=event))
+        out = await app[ACCESS].lookup(
+            ctx, LookupRequest(nhs=NhsNumber(nhs), care_setting=setting, kind="careteam", source_event_id=event)
+        )
         assert out.status == 1
 
 
-async def measure(bench: Bench, app: web.Application, receiver: Receiver, numbers: list[str], rate: float,
-                  seconds: float, prefix: str) -> dict[str, Any]:
+async def measure(
+    bench: Bench, app: web.Application, receiver: Receiver, numbers: list[str], rate: float, seconds: float, prefix: str
+) -> dict[str, Any]:
     """Warm up (the relay is up once a first notification arrives), then accesses at a steady ``rate`` for
     ``seconds``; the access-to-receipt percentiles of their notifications."""
     before = len(receiver.ids)
@@ -168,10 +202,14 @@ async def measure(bench: Bench, app: web.Application, receiver: Receiver, number
     achieved = total / (time.monotonic() - started)
     await wait_until(lambda: len(receiver.latencies) >= total, 60)
     lat = sorted(receiver.latencies)
-    return {"accesses": total, "rate_per_s": round(achieved, 1), "received": len(lat),
-            "p50_ms": round(statistics.median(lat) * 1000, 1),
-            "p99_ms": round(lat[min(int(len(lat) * 0.99), len(lat) - 1)] * 1000, 1),
-            "max_ms": round(lat[-1] * 1000, 1)}
+    return {
+        "accesses": total,
+        "rate_per_s": round(achieved, 1),
+        "received": len(lat),
+        "p50_ms": round(statistics.median(lat) * 1000, 1),
+        "p99_ms": round(lat[min(int(len(lat) * 0.99), len(lat) - 1)] * 1000, 1),
+        "max_ms": round(lat[-1] * 1000, 1),
+    }
 
 
 async def steady(bench: Bench, receiver: Receiver, rate: float, seconds: float, children: int) -> dict[str, Any]:
@@ -187,16 +225,18 @@ async def steady(bench: Bench, receiver: Receiver, rate: float, seconds: float, 
         await runner.cleanup()
 
 
-async def isolated(bench: Bench, receiver: Receiver, rate: float, seconds: float, children: int,
-                   hung_backlog: int) -> dict[str, Any]:
+async def isolated(
+    bench: Bench, receiver: Receiver, rate: float, seconds: float, children: int, hung_backlog: int
+) -> dict[str, Any]:
     """``steady`` for LA001 while LA002's webhook hangs with ``hung_backlog`` notifications queued for it (queued
     before the relay starts, so it meets them first)."""
     runner, app = await bench.local_app("bn3")
     numbers = await bench.flag_children(app, children)
     hung = await bench.flag_children(app, min(children, 200), "LA002", start=50_000)
     for first in range(0, hung_backlog, 200):
-        await asyncio.gather(*(bench.access(app, hung[i % len(hung)], f"h-{i}")
-                               for i in range(first, min(first + 200, hung_backlog))))
+        await asyncio.gather(
+            *(bench.access(app, hung[i % len(hung)], f"h-{i}") for i in range(first, min(first + 200, hung_backlog)))
+        )
     attempts = receiver.hung_attempts
     proc = bench.service("bn3")
     try:
@@ -213,8 +253,9 @@ async def backlog(bench: Bench, receiver: Receiver, count: int, children: int) -
     runner, app = await bench.local_app("bn2")
     numbers = await bench.flag_children(app, children)
     for first in range(0, count, 200):
-        await asyncio.gather(*(bench.access(app, numbers[i % children], f"b-{i}")
-                               for i in range(first, min(first + 200, count))))
+        await asyncio.gather(
+            *(bench.access(app, numbers[i % children], f"b-{i}") for i in range(first, min(first + 200, count)))
+        )
     receiver.arrivals.clear()
     before = len(receiver.ids)
     proc = bench.service("bn2")
@@ -222,8 +263,14 @@ async def backlog(bench: Bench, receiver: Receiver, count: int, children: int) -
         ok = await wait_until(lambda: len(receiver.ids) - before >= count, 180)
         arrivals = receiver.arrivals
         span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else float("nan")
-        return {"backlog": count, "delivered": len(arrivals), "complete": ok,
-                "seconds": round(span, 2), "per_s": round((len(arrivals) - 1) / span, 1), "relay_processes": 1}
+        return {
+            "backlog": count,
+            "delivered": len(arrivals),
+            "complete": ok,
+            "seconds": round(span, 2),
+            "per_s": round((len(arrivals) - 1) / span, 1),
+            "relay_processes": 1,
+        }
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -255,8 +302,9 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         registry = tmp / "registry.yaml"
-        registry.write_text(REGISTRY_YAML.format(url=f"http://127.0.0.1:{port}/hook",
-                                                 hung_url=f"http://127.0.0.1:{port}/hang"))
+        registry.write_text(
+            REGISTRY_YAML.format(url=f"http://127.0.0.1:{port}/hook", hung_url=f"http://127.0.0.1:{port}/hang")
+        )
         embedded = None
         redis_url = os.environ.get("CPIS_REDIS_URL")
         if not redis_url:
@@ -270,8 +318,9 @@ async def main() -> None:
             if "backlog" in only:
                 result["backlogged"] = await backlog(bench, receiver, args.backlog, args.children)
             if "isolated" in only:
-                result["isolated"] = await isolated(bench, receiver, args.rate, args.seconds, args.children,
-                                                    args.hung_backlog)
+                result["isolated"] = await isolated(
+                    bench, receiver, args.rate, args.seconds, args.children, args.hung_backlog
+                )
         finally:
             if embedded is not None:
                 embedded.stop()

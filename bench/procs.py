@@ -53,7 +53,11 @@ class Proc:
         log = self.log_path.open("wb")
         self._log = log
         self.process = subprocess.Popen(
-            self.args, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            self.args,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 

@@ -46,8 +46,9 @@ KEY_PREFIX = "bench"
 MiB = 1024 * 1024
 
 
-def http(method: str, url: str, *, body: bytes | None = None, headers: dict[str, str] | None = None,
-         timeout: float = 30.0) -> tuple[int, bytes]:
+def http(
+    method: str, url: str, *, body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 30.0
+) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -70,10 +71,10 @@ class Bench:
         self.cases: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.results: dict[str, Any] = {}
-        self.la_token = {la: self._token(Role.LOCAL_AUTHORITY, la) for la in (data.LA_HTTP, data.LA_UPLOAD,
-                                                                                data.LA_MEMORY)}
-        self.ed_token = self._token(Role.CARE_SETTING, data.CARE_SETTING, name="Dr Bench Example",
-                                    role_code="R8000")
+        self.la_token = {
+            la: self._token(Role.LOCAL_AUTHORITY, la) for la in (data.LA_HTTP, data.LA_UPLOAD, data.LA_MEMORY)
+        }
+        self.ed_token = self._token(Role.CARE_SETTING, data.CARE_SETTING, name="Dr Bench Example", role_code="R8000")
         self.flagged, self.unflagged = data.http_numbers(args.http_children, args.http_children)
 
     def _token(self, role: Role, ods: str, **kw: Any) -> str:
@@ -93,15 +94,34 @@ class Bench:
         self.baseline_url = f"http://127.0.0.1:{base_port}"
         self.service_url = f"http://127.0.0.1:{svc_port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CPIS_")}
-        baseline = Proc("baseline", python_module("bench.baseline", "--port", str(base_port), "--redis-url",
-                                                  self.redis_url, "--children", str(self.args.http_children)),
-                        env, self.tmp / "baseline.log")
+        baseline = Proc(
+            "baseline",
+            python_module(
+                "bench.baseline",
+                "--port",
+                str(base_port),
+                "--redis-url",
+                self.redis_url,
+                "--children",
+                str(self.args.http_children),
+            ),
+            env,
+            self.tmp / "baseline.log",
+        )
         registry = self.tmp / "registry.yaml"
         registry.write_text(data.REGISTRY)
-        svc_env = dict(env, CPIS_REDIS_URL=self.redis_url, CPIS_DATA_DIR=str(self.tmp / "var"),
-                       CPIS_LOG_LEVEL="WARNING", CPIS_AUTH_DEV_SECRET=self.secret, CPIS_LOG_HASH_KEY=self.hash_key,
-                       CPIS_HOST="127.0.0.1", CPIS_PORT=str(svc_port), CPIS_REGISTRY=str(registry),
-                       CPIS_KEY_PREFIX=KEY_PREFIX)
+        svc_env = dict(
+            env,
+            CPIS_REDIS_URL=self.redis_url,
+            CPIS_DATA_DIR=str(self.tmp / "var"),
+            CPIS_LOG_LEVEL="WARNING",
+            CPIS_AUTH_DEV_SECRET=self.secret,
+            CPIS_LOG_HASH_KEY=self.hash_key,
+            CPIS_HOST="127.0.0.1",
+            CPIS_PORT=str(svc_port),
+            CPIS_REGISTRY=str(registry),
+            CPIS_KEY_PREFIX=KEY_PREFIX,
+        )
         service = Proc("service", python_module("cpis_bridge", "serve"), svc_env, self.tmp / "service.log")
         for proc in (baseline, service):
             proc.start()
@@ -141,33 +161,54 @@ class Bench:
             raise BenchError(f"HTTP-case data: {report['accepted']} of {len(self.flagged)} records accepted")
 
     # -- cases -------------------------------------------------------------------------------------------------
-    def _measure(self, load: Load, label: str,
-                 baseline: Load | None = None) -> tuple[CaseResult, CaseResult | None, int]:
+    def _measure(
+        self, load: Load, label: str, baseline: Load | None = None
+    ) -> tuple[CaseResult, CaseResult | None, int]:
         """The case's result, its paired baseline's, and how many AOF rewrites fell within them."""
         a = self.args
         rewrites = self._aof_rewrites()
-        result, paired = measure(load, seconds=a.seconds, warmup=a.warmup, runs=a.runs, label=label,
-                                 baseline=baseline)
+        result, paired = measure(load, seconds=a.seconds, warmup=a.warmup, runs=a.runs, label=label, baseline=baseline)
         return result, paired, self._aof_rewrites() - rewrites
 
     def _fhir_probe(self, kind: str, method: str, path: str, body: bytes | None = None) -> str | None:
         """None when the endpoint is there and answers as expected; otherwise why the case is skipped."""
-        headers = {"Authorization": f"Bearer {self.ed_token}", "Accept": "application/fhir+json",
-                   "TraceID": f"probe-{secrets.token_hex(6)}"}
+        headers = {
+            "Authorization": f"Bearer {self.ed_token}",
+            "Accept": "application/fhir+json",
+            "TraceID": f"probe-{secrets.token_hex(6)}",
+        }
         if body is not None:
             headers["Content-Type"] = "application/fhir+json"
         status, raw = http(method, self.service_url + path, body=body, headers=headers)
         if status in (404, 405):
-            return (f"{method} /fhir/{kind} answered {status}: the FHIR API is not in this build yet "
-                    "(it lights up when merged)")
+            return (
+                f"{method} /fhir/{kind} answered {status}: the FHIR API is not in this build yet "
+                "(it lights up when merged)"
+            )
         if status >= 400:
             return f"{method} /fhir/{kind} answered {status}: {raw[:200]!r}"
         return None
 
-    def add_case(self, name: str, result: CaseResult | None, *, target: float | None, baseline: float,
-                 p99_max_ms: float | None = None, skipped: str | None = None, aof_rewrites: int = 0) -> None:
-        entry: dict[str, Any] = {"name": name, "rps": None, "p50_ms": None, "p99_ms": None,
-                                 "baseline_rps": round(baseline, 1), "ratio": None, "target_ratio": target}
+    def add_case(
+        self,
+        name: str,
+        result: CaseResult | None,
+        *,
+        target: float | None,
+        baseline: float,
+        p99_max_ms: float | None = None,
+        skipped: str | None = None,
+        aof_rewrites: int = 0,
+    ) -> None:
+        entry: dict[str, Any] = {
+            "name": name,
+            "rps": None,
+            "p50_ms": None,
+            "p99_ms": None,
+            "baseline_rps": round(baseline, 1),
+            "ratio": None,
+            "target_ratio": target,
+        }
         if aof_rewrites:  # each stalls fsync-always writes while the dataset is written out (see README)
             entry["aof_rewrites_during_case"] = aof_rewrites
         if p99_max_ms is not None:
@@ -178,10 +219,24 @@ class Bench:
             ratio = result.rps / baseline if baseline else 0.0
             ok = (target is None or ratio >= target) and (p99_max_ms is None or result.p99_ms <= p99_max_ms)
             entry.update(
-                rps=round(result.rps, 1), p50_ms=round(result.p50_ms, 2), p99_ms=round(result.p99_ms, 2),
-                ratio=round(ratio, 3), errors=result.errors, requests=result.requests,
-                runs=[{"rps": round(r.rps, 1), "p50_ms": r.p50_ms, "p90_ms": r.p90_ms, "p99_ms": r.p99_ms,
-                       "max_ms": r.max_ms, "requests": r.requests, "errors": r.errors} for r in result.runs],
+                rps=round(result.rps, 1),
+                p50_ms=round(result.p50_ms, 2),
+                p99_ms=round(result.p99_ms, 2),
+                ratio=round(ratio, 3),
+                errors=result.errors,
+                requests=result.requests,
+                runs=[
+                    {
+                        "rps": round(r.rps, 1),
+                        "p50_ms": r.p50_ms,
+                        "p90_ms": r.p90_ms,
+                        "p99_ms": r.p99_ms,
+                        "max_ms": r.max_ms,
+                        "requests": r.requests,
+                        "errors": r.errors,
+                    }
+                    for r in result.runs
+                ],
             )
             if result.errors > 0.01 * max(result.requests, 1):
                 ok = False
@@ -195,9 +250,16 @@ class Bench:
         if c.get("skipped"):
             print(f"  {c['name']}: skipped ({c['skipped']})", flush=True)
         else:
-            print(f"  {c['name']}: {c['rps']} req/s, p50 {c['p50_ms']} ms, p99 {c['p99_ms']} ms, "
-                  f"ratio {c['ratio']}" + (f" ({c['aof_rewrites_during_case']} AOF rewrite(s) during the case)"
-                                           if c.get("aof_rewrites_during_case") else ""), flush=True)
+            print(
+                f"  {c['name']}: {c['rps']} req/s, p50 {c['p50_ms']} ms, p99 {c['p99_ms']} ms, "
+                f"ratio {c['ratio']}"
+                + (
+                    f" ({c['aof_rewrites_during_case']} AOF rewrite(s) during the case)"
+                    if c.get("aof_rewrites_during_case")
+                    else ""
+                ),
+                flush=True,
+            )
 
     def http_cases(self) -> None:
         print("HTTP cases (wrk, 32 connections)", flush=True)
@@ -205,28 +267,63 @@ class Bench:
         base_file = data.write_lines(lists / "baseline.txt", [f"/child/{i}" for i in range(self.args.http_children)])
         base_load = Load(self.baseline_url, base_file)
         base, _, rewrites = self._measure(base_load, "baseline")
-        self.add_case("baseline: HGETALL+LRANGE, ~2 KB JSON", base, target=None, baseline=base.rps,
-                      aof_rewrites=rewrites)
+        self.add_case(
+            "baseline: HGETALL+LRANGE, ~2 KB JSON", base, target=None, baseline=base.rps, aof_rewrites=rewrites
+        )
 
         ed = f"Bearer {self.ed_token}"
         flagged_ct = data.write_lines(lists / "ct_flagged.txt", [data.careteam_path(n) for n in self.flagged])
         unflagged_ct = data.write_lines(lists / "ct_unflagged.txt", [data.careteam_path(n) for n in self.unflagged])
         unflagged_fl = data.write_lines(lists / "flag_unflagged.txt", [data.flag_path(n) for n in self.unflagged])
         enc_nhs = data.write_lines(lists / "enc_flagged.txt", self.flagged)
-        enc_probe = (b'{"resourceType":"Encounter","status":"in-progress","identifier":[{"system":'
-                     b'"https://bench.cpis-bridge.example/encounter-id","value":"probe-' + secrets.token_hex(6).encode()
-                     + b'"}],"class":{"system":"http://terminology.hl7.org/CodeSystem/v3-ActCode","code":"EMER"},'
-                     b'"subject":{"identifier":{"system":"' + data.NHS_SYSTEM.encode() + b'","value":"'
-                     + self.flagged[0].encode() + b'"}},"period":{"start":"2026-01-01T10:00:00Z"}}')
+        enc_probe = (
+            b'{"resourceType":"Encounter","status":"in-progress","identifier":[{"system":'
+            b'"https://bench.cpis-bridge.example/encounter-id","value":"probe-'
+            + secrets.token_hex(6).encode()
+            + b'"}],"class":{"system":"http://terminology.hl7.org/CodeSystem/v3-ActCode","code":"EMER"},'
+            b'"subject":{"identifier":{"system":"'
+            + data.NHS_SYSTEM.encode()
+            + b'","value":"'
+            + self.flagged[0].encode()
+            + b'"}},"period":{"start":"2026-01-01T10:00:00Z"}}'
+        )
         cases: list[tuple[str, str, str, bytes | None, Load, float, float | None]] = [
-            ("GET /fhir/CareTeam unscheduled, flagged child", "CareTeam", data.careteam_path(self.flagged[0]), None,
-             Load(self.service_url, flagged_ct, auth=ed), 0.5, 20.0),
-            ("GET /fhir/CareTeam, child not flagged", "CareTeam", data.careteam_path(self.unflagged[0]), None,
-             Load(self.service_url, unflagged_ct, auth=ed), 0.7, None),
-            ("GET /fhir/Flag, child not flagged", "Flag", data.flag_path(self.unflagged[0]), None,
-             Load(self.service_url, unflagged_fl, auth=ed), 0.7, None),
-            ("POST /fhir/Encounter, flagged child", "Encounter", "/fhir/Encounter", enc_probe,
-             Load(self.service_url, enc_nhs, mode="encounter", auth=ed), 0.4, None),
+            (
+                "GET /fhir/CareTeam unscheduled, flagged child",
+                "CareTeam",
+                data.careteam_path(self.flagged[0]),
+                None,
+                Load(self.service_url, flagged_ct, auth=ed),
+                0.5,
+                20.0,
+            ),
+            (
+                "GET /fhir/CareTeam, child not flagged",
+                "CareTeam",
+                data.careteam_path(self.unflagged[0]),
+                None,
+                Load(self.service_url, unflagged_ct, auth=ed),
+                0.7,
+                None,
+            ),
+            (
+                "GET /fhir/Flag, child not flagged",
+                "Flag",
+                data.flag_path(self.unflagged[0]),
+                None,
+                Load(self.service_url, unflagged_fl, auth=ed),
+                0.7,
+                None,
+            ),
+            (
+                "POST /fhir/Encounter, flagged child",
+                "Encounter",
+                "/fhir/Encounter",
+                enc_probe,
+                Load(self.service_url, enc_nhs, mode="encounter", auth=ed),
+                0.4,
+                None,
+            ),
         ]
         for name, kind, probe_path, probe_body, load, target, p99 in cases:
             if self.args.case and self.args.case not in name:
@@ -251,17 +348,26 @@ class Bench:
         if report.get("fileCode") != "CPF02" or report.get("accepted") != n:
             raise BenchError(f"upload case: unexpected report {str(report)[:300]}")
         self.results["upload"] = {
-            "records": n, "seconds": round(seconds, 2), "records_per_s": round(n / seconds),
-            "peak_rss_mb": round(hwm_after / 1024, 1), "rss_peak_before_upload_mb": round(hwm_before / 1024, 1),
-            "body_mb": round(len(body) / MiB, 1), "target_records_per_s": 20_000, "target_peak_rss_mb": 500,
+            "records": n,
+            "seconds": round(seconds, 2),
+            "records_per_s": round(n / seconds),
+            "peak_rss_mb": round(hwm_after / 1024, 1),
+            "rss_peak_before_upload_mb": round(hwm_before / 1024, 1),
+            "body_mb": round(len(body) / MiB, 1),
+            "target_records_per_s": 20_000,
+            "target_peak_rss_mb": 500,
             "pass": n / seconds >= 20_000 and hwm_after / 1024 <= 500,
-            "service_cpu_s": round(cpu, 2), "redis_cpu_s": round(rcpu, 2),
+            "service_cpu_s": round(cpu, 2),
+            "redis_cpu_s": round(rcpu, 2),
             "load_average_1m": [round(load0, 2), round(load, 2)],
         }
         u = self.results["upload"]
-        print(f"  {n:,} records in {u['seconds']} s = {u['records_per_s']:,} records/s; service peak RSS "
-              f"{u['peak_rss_mb']} MB; CPU: service {u['service_cpu_s']} s, Redis {u['redis_cpu_s']} s; "
-              f"load average {u['load_average_1m']}", flush=True)
+        print(
+            f"  {n:,} records in {u['seconds']} s = {u['records_per_s']:,} records/s; service peak RSS "
+            f"{u['peak_rss_mb']} MB; CPU: service {u['service_cpu_s']} s, Redis {u['redis_cpu_s']} s; "
+            f"load average {u['load_average_1m']}",
+            flush=True,
+        )
 
     def _usage(self, keys: list[str]) -> int:
         total = 0
@@ -297,8 +403,9 @@ class Bench:
         body = data.upload_body(nhs, sequence=1, mode="delta", prefix="MEM")
         accesses = self._fhir_probe("CareTeam", "GET", data.careteam_path(nhs[0])) is None
         if accesses:  # open the service's Redis connections first: their buffers are not per-child memory
-            warm = data.write_lines(self.tmp / "lists" / "memory_warm.txt",
-                                    [data.careteam_path(x) for x in self.unflagged])
+            warm = data.write_lines(
+                self.tmp / "lists" / "memory_warm.txt", [data.careteam_path(x) for x in self.unflagged]
+            )
             run_wrk(Load(self.service_url, warm, auth=f"Bearer {self.ed_token}"), seconds=2, label="memwarm")
         queue0 = self.rc.memory_usage(k.notify_queue, samples=0) or 0
         used0 = self._used_memory()
@@ -307,14 +414,23 @@ class Bench:
             raise BenchError(f"memory case: {report['accepted']} of {n} records accepted")
         used1 = self._used_memory()
         audit1 = self._usage([k.audit(t) for t in tags])
-        mem: dict[str, Any] = {"children": n, "target_bytes_per_child": 4096,
-                               "records_only": {"used_memory_delta": used1 - used0, "audit_bytes": audit1,
-                                                "bytes_per_child_excl_audit": round((used1 - used0 - audit1) / n)}}
+        mem: dict[str, Any] = {
+            "children": n,
+            "target_bytes_per_child": 4096,
+            "records_only": {
+                "used_memory_delta": used1 - used0,
+                "audit_bytes": audit1,
+                "bytes_per_child_excl_audit": round((used1 - used0 - audit1) / n),
+            },
+        }
         if accesses:
             path_file = data.write_lines(self.tmp / "lists" / "memory_walk.txt", [data.careteam_path(x) for x in nhs])
             total = n * per
-            walk = run_wrk(Load(self.service_url, path_file, auth=f"Bearer {self.ed_token}", repeat=per, total=total),
-                           seconds=max(60, total / 200), label="memwalk")
+            walk = run_wrk(
+                Load(self.service_url, path_file, auth=f"Bearer {self.ed_token}", repeat=per, total=total),
+                seconds=max(60, total / 200),
+                label="memwalk",
+            )
             if walk.errors:
                 self.notes.append(f"memory walk: {walk.errors} of {walk.requests} requests failed")
             time.sleep(1.0)
@@ -338,21 +454,31 @@ class Bench:
             notifications_bytes_per_child=round((inbox + queue) / n),
             bytes_per_child_by_delta=round(by_delta / n),
             bytes_per_child_by_keys=round(by_keys / n),
-            key_usage_per_child={"records_hash": round(records / n), "access_list": round(access_lists / n),
-                                 "la_index_share": round(index / n), "audit_list": round(audit2 / n)},
-            method=("bytes_per_child is the larger of (a) the used_memory delta over the whole load minus the "
-                    "MEMORY USAGE (SAMPLES 0) of these children's audit lists, the LA's inbox (stream, index, "
-                    "acks) and the notify-queue growth, and (b) the MEMORY USAGE of the children's record "
-                    "hashes and access lists plus the LA's index; audit and notifications are reported apart"),
+            key_usage_per_child={
+                "records_hash": round(records / n),
+                "access_list": round(access_lists / n),
+                "la_index_share": round(index / n),
+                "audit_list": round(audit2 / n),
+            },
+            method=(
+                "bytes_per_child is the larger of (a) the used_memory delta over the whole load minus the "
+                "MEMORY USAGE (SAMPLES 0) of these children's audit lists, the LA's inbox (stream, index, "
+                "acks) and the notify-queue growth, and (b) the MEMORY USAGE of the children's record "
+                "hashes and access lists plus the LA's index; audit and notifications are reported apart"
+            ),
         )
         if not accesses:
-            mem["note"] = ("records only: GET /fhir/CareTeam is not in this build, so no accesses were made; the "
-                           "figure lights up (with 25 accesses per child) when the FHIR API is merged")
+            mem["note"] = (
+                "records only: GET /fhir/CareTeam is not in this build, so no accesses were made; the "
+                "figure lights up (with 25 accesses per child) when the FHIR API is merged"
+            )
         mem["pass"] = core / n <= 4096
         self.results["memory"] = mem
-        print(f"  {mem['bytes_per_child']} B per child (audit {mem['audit_bytes_per_child']} B, notifications "
-              f"{mem['notifications_bytes_per_child']} B, separately)" + ("" if accesses else "; records only"),
-              flush=True)
+        print(
+            f"  {mem['bytes_per_child']} B per child (audit {mem['audit_bytes_per_child']} B, notifications "
+            f"{mem['notifications_bytes_per_child']} B, separately)" + ("" if accesses else "; records only"),
+            flush=True,
+        )
 
     def extra_case(self, key: str, module: str, args: list[str]) -> None:
         """Another engineer's harness (bench/<module>.py), run as a subprocess when present. Its result is the JSON
@@ -362,11 +488,21 @@ class Bench:
             return
         print(f"{key}: python -m bench.{module} {' '.join(args)}", flush=True)
         out_file = self.tmp / f"{module}.json"
-        env = dict(os.environ, BENCH_RESULT_JSON=str(out_file), BENCH_NOTIFY_JSON=str(out_file),
-                   BENCH_QUICK="1" if self.args.quick else "0")
+        env = dict(
+            os.environ,
+            BENCH_RESULT_JSON=str(out_file),
+            BENCH_NOTIFY_JSON=str(out_file),
+            BENCH_QUICK="1" if self.args.quick else "0",
+        )
         try:
-            proc = subprocess.run(python_module(f"bench.{module}", *args), env=env, capture_output=True, text=True,
-                                  timeout=self.args.extra_timeout, check=False)
+            proc = subprocess.run(
+                python_module(f"bench.{module}", *args),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=self.args.extra_timeout,
+                check=False,
+            )
         except (OSError, subprocess.SubprocessError) as exc:  # the other harness must not take this one down
             self.results[key] = {"error": f"{type(exc).__name__}: {exc}"}
             return
@@ -381,8 +517,12 @@ class Bench:
                         result = orjson.loads(line)
                         break
         if result is None or proc.returncode != 0:
-            result = {"exit_code": proc.returncode, "result": result, "stdout_tail": proc.stdout[-2000:],
-                      "stderr_tail": proc.stderr[-2000:]}
+            result = {
+                "exit_code": proc.returncode,
+                "result": result,
+                "stdout_tail": proc.stdout[-2000:],
+                "stderr_tail": proc.stderr[-2000:],
+            }
         self.results[key] = result
         print("  " + orjson.dumps(result).decode()[:1500], flush=True)
 
@@ -392,8 +532,11 @@ class Bench:
         m["redis"] = self.redis_version
         m["redis_persistence"] = "AOF appendfsync always (as shipped)" if self.redis else "external (CPIS_REDIS_URL)"
         m["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        m["mode"] = "quick (smoke, not a measurement)" if self.args.quick else (
-            f"{self.args.runs} runs x {self.args.seconds:g} s per case after {self.args.warmup:g} s warm-up")
+        m["mode"] = (
+            "quick (smoke, not a measurement)"
+            if self.args.quick
+            else (f"{self.args.runs} runs x {self.args.seconds:g} s per case after {self.args.warmup:g} s warm-up")
+        )
         doc: dict[str, Any] = {"machine": m, "cases": self.cases, **self.results}
         if self.notes:
             doc["notes"] = self.notes
@@ -414,22 +557,53 @@ def render_table(doc: dict[str, Any]) -> str:
         target = "" if c.get("target_ratio") is None else f">= {c['target_ratio']}x"
         if c.get("target_p99_ms"):
             target += f", p99 <= {c['target_p99_ms']:g} ms"
-        result = "skipped" if c.get("skipped") else ("" if "pass" not in c or c.get("target_ratio") is None
-                                                     else ("PASS" if c["pass"] else "FAIL"))
-        rows.append([c["name"], _fmt(c["rps"], ",.0f"), _fmt(c["p50_ms"], ".2f"), _fmt(c["p99_ms"], ".2f"),
-                     _fmt(c["baseline_rps"], ",.0f"), _fmt(c["ratio"], ".2f"), target, result])
+        result = (
+            "skipped"
+            if c.get("skipped")
+            else ("" if "pass" not in c or c.get("target_ratio") is None else ("PASS" if c["pass"] else "FAIL"))
+        )
+        rows.append(
+            [
+                c["name"],
+                _fmt(c["rps"], ",.0f"),
+                _fmt(c["p50_ms"], ".2f"),
+                _fmt(c["p99_ms"], ".2f"),
+                _fmt(c["baseline_rps"], ",.0f"),
+                _fmt(c["ratio"], ".2f"),
+                target,
+                result,
+            ]
+        )
     u = doc.get("upload")
     if u:
-        rows.append([f"POST /v1/uploads {u['records']:,} records, full", f"{u['records_per_s']:,} rec/s", "", "",
-                     "", "", ">= 20,000 rec/s, RSS <= 500 MB", ("PASS" if u["pass"] else "FAIL")
-                     + f" ({u['seconds']} s, RSS {u['peak_rss_mb']} MB)"])
+        rows.append(
+            [
+                f"POST /v1/uploads {u['records']:,} records, full",
+                f"{u['records_per_s']:,} rec/s",
+                "",
+                "",
+                "",
+                "",
+                ">= 20,000 rec/s, RSS <= 500 MB",
+                ("PASS" if u["pass"] else "FAIL") + f" ({u['seconds']} s, RSS {u['peak_rss_mb']} MB)",
+            ]
+        )
     mem = doc.get("memory")
     if mem:
         what = "record + 25 accesses" if mem["accesses_measured"] else "record only (no FHIR yet)"
-        rows.append([f"Redis memory per flagged child ({what})", f"{mem['bytes_per_child']:,} B", "", "", "", "",
-                     "<= 4,096 B", ("PASS" if mem["pass"] else "FAIL")
-                     + f" (audit {mem['audit_bytes_per_child']:,} B, notifications "
-                     f"{mem['notifications_bytes_per_child']:,} B apart)"])
+        rows.append(
+            [
+                f"Redis memory per flagged child ({what})",
+                f"{mem['bytes_per_child']:,} B",
+                "",
+                "",
+                "",
+                "",
+                "<= 4,096 B",
+                ("PASS" if mem["pass"] else "FAIL") + f" (audit {mem['audit_bytes_per_child']:,} B, notifications "
+                f"{mem['notifications_bytes_per_child']:,} B apart)",
+            ]
+        )
     rows += notify_rows(doc.get("notify"))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(str(v).ljust(widths[i]) for i, v in enumerate(r)).rstrip() for r in [head, *rows]]
@@ -442,24 +616,49 @@ def notify_rows(n: dict[str, Any] | None) -> list[list[str]]:
     if not isinstance(n, dict):
         return []
     rows = []
-    for key, label in (("steady", "notification delivery at 200 accesses/s"),
-                       ("isolated", "one LA's delivery at 200/s, another LA's webhook hung")):
+    for key, label in (
+        ("steady", "notification delivery at 200 accesses/s"),
+        ("isolated", "one LA's delivery at 200/s, another LA's webhook hung"),
+    ):
         r = n.get(key)
         if isinstance(r, dict) and "p99_ms" in r:
             extra = f" ({r['hung_backlog']:,} queued for the hung LA)" if key == "isolated" else ""
-            rows.append([label + extra, f"{r['rate_per_s']:,}/s", _fmt(r["p50_ms"], ".1f"), _fmt(r["p99_ms"], ".1f"),
-                         "", "", "p99 <= 250 ms", "PASS" if r["p99_ms"] <= 250 else "FAIL"])
+            rows.append(
+                [
+                    label + extra,
+                    f"{r['rate_per_s']:,}/s",
+                    _fmt(r["p50_ms"], ".1f"),
+                    _fmt(r["p99_ms"], ".1f"),
+                    "",
+                    "",
+                    "p99 <= 250 ms",
+                    "PASS" if r["p99_ms"] <= 250 else "FAIL",
+                ]
+            )
     r = n.get("backlogged")
     if isinstance(r, dict) and "per_s" in r:
-        rows.append([f"relay draining a {r['backlog']:,}-notification backlog, one process", f"{r['per_s']:,}/s",
-                     "", "", "", "", ">= 1,000/s", "PASS" if r["per_s"] >= 1000 and r.get("complete") else "FAIL"])
+        rows.append(
+            [
+                f"relay draining a {r['backlog']:,}-notification backlog, one process",
+                f"{r['per_s']:,}/s",
+                "",
+                "",
+                "",
+                "",
+                ">= 1,000/s",
+                "PASS" if r["per_s"] >= 1000 and r.get("complete") else "FAIL",
+            ]
+        )
     return rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke mode: 1 s cases, one run, no warm-up, 2,000-record upload, 40 memory children")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke mode: 1 s cases, one run, no warm-up, 2,000-record upload, 40 memory children",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results.json")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=3.0)
@@ -469,8 +668,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-children", type=int, default=10_000)
     p.add_argument("--extra-timeout", type=float, default=900.0, help="bound on each other harness run")
     p.add_argument("--skip", default="", help="comma list of: http, upload, memory, notify, sync, web")
-    p.add_argument("--case", default="", help="run only the HTTP cases whose name contains this text (and the "
-                                               "baseline), e.g. 'CareTeam unscheduled'")
+    p.add_argument(
+        "--case",
+        default="",
+        help="run only the HTTP cases whose name contains this text (and the baseline), e.g. 'CareTeam unscheduled'",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup, args.runs = 1.0, 0.0, 1
@@ -490,8 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args, tmp)
     try:
         bench.start()
-        print(f"service pid {bench.service.pid} on {bench.service_url}; baseline on {bench.baseline_url}; "
-              f"Redis {bench.redis_version}", flush=True)
+        print(
+            f"service pid {bench.service.pid} on {bench.service_url}; baseline on {bench.baseline_url}; "
+            f"Redis {bench.redis_version}",
+            flush=True,
+        )
         bench.load_http_data()
         if "memory" not in skip:  # first, while nothing else is queued or draining in Redis
             bench.memory_case()
@@ -502,9 +707,28 @@ def main(argv: list[str] | None = None) -> int:
         if "notify" not in skip:  # docs/quality.md notification delivery cases (another engineer's harness)
             bench.extra_case("notify", "notify_latency", ["--quick"] if args.quick else [])
         if "sync" not in skip:  # extra, labelled: Flag sync throughput, recovery after an outage, rate-limited
-            bench.extra_case("sync", "sync_throughput",
-                             ["--records", "300", "--singles", "50", "--pending", "300", "--outage", "3",
-                              "--limited", "30", "--quota", "6", "--window", "3"] if args.quick else [])
+            bench.extra_case(
+                "sync",
+                "sync_throughput",
+                [
+                    "--records",
+                    "300",
+                    "--singles",
+                    "50",
+                    "--pending",
+                    "300",
+                    "--outage",
+                    "3",
+                    "--limited",
+                    "30",
+                    "--quota",
+                    "6",
+                    "--window",
+                    "3",
+                ]
+                if args.quick
+                else [],
+            )
         if "web" not in skip:  # the duty-team notifications page of an LA holding 10,000 notifications
             bench.extra_case("web", "web_views", ["--quick"] if args.quick else [])
         for name, proc in (("service", bench.service),):

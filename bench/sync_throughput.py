@@ -53,8 +53,14 @@ def _serve_double(port: int, batch: bool, behaviour: dict[str, Any] | None = Non
             statuses: dict[str, int] = {}
             for *_x, status in double.requests:
                 statuses[str(status)] = statuses.get(str(status), 0) + 1
-            return web.json_response({"requests": sum(1 for r in double.requests if r[2] != "metadata"),
-                                      "statuses": statuses, "flags": len(double.flags), "busy_s": double.busy_s})
+            return web.json_response(
+                {
+                    "requests": sum(1 for r in double.requests if r[2] != "metadata"),
+                    "statuses": statuses,
+                    "flags": len(double.flags),
+                    "busy_s": double.busy_s,
+                }
+            )
 
         double.app.router.add_get("/cpu", cpu)
         double.app.router.add_get("/stats", stats)
@@ -98,8 +104,9 @@ async def _stats(port: int) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def _service(base: str, redis_url: str, data_dir: Path, tag: str,
-                   **overrides: Any) -> AsyncIterator[tuple[Any, Callable[[int, str], Awaitable[None]]]]:
+async def _service(
+    base: str, redis_url: str, data_dir: Path, tag: str, **overrides: Any
+) -> AsyncIterator[tuple[Any, Callable[[int, str], Awaitable[None]]]]:
     """The app (relays off) on ``base``, its Flag sync parts and a way to write n records (prefix): the bench's
     own service; its Redis keys are deleted afterwards."""
     from cpis_bridge.app import SCRIPTS, create_app, flag_sync_parts
@@ -109,19 +116,36 @@ async def _service(base: str, redis_url: str, data_dir: Path, tag: str,
     from cpis_bridge.core.principal import Principal, Role
     from cpis_bridge.web.state import KEYS, RECORDS, REDIS
 
-    settings = Settings(_env_file=None, redis_url=redis_url, key_prefix=f"bench{os.getpid()}{tag}",  # type: ignore[call-arg]
-                        data_dir=data_dir, fhir_base_url=base, relays=False, log_hash_key="bench-key",
-                        auth_dev_secret="bench-secret-0123456789012345678901234", **overrides)
+    settings = Settings(
+        _env_file=None,
+        redis_url=redis_url,
+        key_prefix=f"bench{os.getpid()}{tag}",  # type: ignore[call-arg]
+        data_dir=data_dir,
+        fhir_base_url=base,
+        relays=False,
+        log_hash_key="bench-key",
+        auth_dev_secret="bench-secret-0123456789012345678901234",
+        **overrides,
+    )
     app = create_app(settings)
     runner = web.AppRunner(app)
     await runner.setup()
-    ctx = AuditContext(Principal(subject="bench", role=Role.LOCAL_AUTHORITY, ods="LA001", name="Bench",
-                                 role_code="R0001"))
+    ctx = AuditContext(
+        Principal(subject="bench", role=Role.LOCAL_AUTHORITY, ods="LA001", name="Bench", role_code="R0001")
+    )
     numbers = iter_test_numbers()
 
     async def put(n: int, prefix: str) -> None:
-        bodies = [{"localId": f"{prefix}{i}", "planType": "CPP", "nhsNumber": str(next(numbers)),
-                   "dateOfBirth": "2016-04-02", "startDate": "2026-01-10"} for i in range(n)]
+        bodies = [
+            {
+                "localId": f"{prefix}{i}",
+                "planType": "CPP",
+                "nhsNumber": str(next(numbers)),
+                "dateOfBirth": "2016-04-02",
+                "startDate": "2026-01-10",
+            }
+            for i in range(n)
+        ]
         for i in range(0, n, 200):
             await asyncio.gather(*(app[RECORDS].put(ctx, "LA001", b["localId"], b) for b in bodies[i : i + 200]))
 
@@ -175,10 +199,15 @@ async def run_case(records: int, batch: bool, redis_url: str, data_dir: Path) ->
                 async with session.get(f"http://127.0.0.1:{port}/cpu") as r:
                     server_cpu = (await r.json())["cpu"] - server_cpu0
             dead = len(await parts.queue.dead_letters())
-        return {"mode": "batch" if batch else "single", "records": records, "seconds": round(seconds, 3),
-                "records_per_s": round(records / seconds), "relay_cpu_share": round(cpu / seconds, 2),
-                "server_cpu_share": round(server_cpu / seconds, 2),
-                "dead": dead}
+        return {
+            "mode": "batch" if batch else "single",
+            "records": records,
+            "seconds": round(seconds, 3),
+            "records_per_s": round(records / seconds),
+            "relay_cpu_share": round(cpu / seconds, 2),
+            "server_cpu_share": round(server_cpu / seconds, 2),
+            "dead": dead,
+        }
     finally:
         proc.kill()
         proc.join(5)
@@ -191,13 +220,21 @@ async def own_time(base: str, n: int, bundle: int = 100, in_flight: int = 2) -> 
 
     def entry(i: int) -> dict[str, Any]:
         key = f"OWN|{i}"
-        flag = {"resourceType": "Flag", "status": "active", "identifier": [{"system": IDENTIFIER_SYSTEM, "value": key}],
-                "code": {"text": "bench"}, "subject": {"identifier": {"value": "9990000018"}}}
+        flag = {
+            "resourceType": "Flag",
+            "status": "active",
+            "identifier": [{"system": IDENTIFIER_SYSTEM, "value": key}],
+            "code": {"text": "bench"},
+            "subject": {"identifier": {"value": "9990000018"}},
+        }
         return {"resource": flag, "request": {"method": "PUT", "url": conditional_url("OWN", str(i))}}
 
-    bodies = [json.dumps({"resourceType": "Bundle", "type": "batch",
-                          "entry": [entry(i) for i in range(j, min(n, j + bundle))]}).encode()
-              for j in range(0, n, bundle)]
+    bodies = [
+        json.dumps(
+            {"resourceType": "Bundle", "type": "batch", "entry": [entry(i) for i in range(j, min(n, j + bundle))]}
+        ).encode()
+        for j in range(0, n, bundle)
+    ]
     gate = asyncio.Semaphore(in_flight)
     async with aiohttp.ClientSession() as s:
 
@@ -221,8 +258,9 @@ async def recovery_case(pending: int, outage_s: float, pace: float, redis_url: s
     base = f"http://127.0.0.1:{port}/fhir"
     try:
         await _wait_up(base)
-        async with _service(base, redis_url, data_dir, "out", delivery_first_retry_s=1.0,
-                            delivery_max_backoff_s=60.0) as (parts, put):
+        async with _service(
+            base, redis_url, data_dir, "out", delivery_first_retry_s=1.0, delivery_max_backoff_s=60.0
+        ) as (parts, put):
             stop = asyncio.Event()
             relay = asyncio.create_task(parts.relay.run(stop))
             try:
@@ -244,18 +282,30 @@ async def recovery_case(pending: int, outage_s: float, pace: float, redis_url: s
             dead = len(await parts.queue.dead_letters())
             mode = parts.server.mode
         own = await own_time(base, pending)  # measured the same way, on the same machine, right after
-        return {"case": "recovery", "pending": pending, "outage_s": outage_s, "write_mode": mode,
-                "server_pace_writes_per_s": pace, "server_nominal_s": round(pending / pace, 3),
-                "server_own_s": round(own, 3), "seconds_from_return_to_in_sync": round(seconds, 3),
-                "ratio": round(seconds / own, 2), "target_ratio": 1.5, "flags": stats["flags"],
-                "requests": stats["requests"], "statuses": stats["statuses"], "dead": dead}
+        return {
+            "case": "recovery",
+            "pending": pending,
+            "outage_s": outage_s,
+            "write_mode": mode,
+            "server_pace_writes_per_s": pace,
+            "server_nominal_s": round(pending / pace, 3),
+            "server_own_s": round(own, 3),
+            "seconds_from_return_to_in_sync": round(seconds, 3),
+            "ratio": round(seconds / own, 2),
+            "target_ratio": 1.5,
+            "flags": stats["flags"],
+            "requests": stats["requests"],
+            "statuses": stats["statuses"],
+            "dead": dead,
+        }
     finally:
         proc.kill()
         proc.join(5)
 
 
-async def rate_limited_case(changes: int, quota: int, window_s: float, redis_url: str,
-                            data_dir: Path) -> dict[str, Any]:
+async def rate_limited_case(
+    changes: int, quota: int, window_s: float, redis_url: str, data_dir: Path
+) -> dict[str, Any]:
     """Single writes (no batch declared) under a limit told only by RateLimit headers: requests per change."""
     behaviour = {"rate_limit": (quota, window_s), "rate_style": "structured"}
     port = _free_port()
@@ -277,11 +327,18 @@ async def rate_limited_case(changes: int, quota: int, window_s: float, redis_url
             seconds = time.perf_counter() - t0
             stats = await _stats(port)
             dead = len(await parts.queue.dead_letters())
-        return {"case": "rate-limited", "changes": changes,
-                "limit": f"{quota} per {window_s:g} s ({quota * 60 / window_s:g}/minute)",
-                "seconds": round(seconds, 1), "requests": stats["requests"],
-                "requests_per_change": round(stats["requests"] / changes, 3), "target_requests_per_change": 1.1,
-                "statuses": stats["statuses"], "flags": stats["flags"], "dead": dead}
+        return {
+            "case": "rate-limited",
+            "changes": changes,
+            "limit": f"{quota} per {window_s:g} s ({quota * 60 / window_s:g}/minute)",
+            "seconds": round(seconds, 1),
+            "requests": stats["requests"],
+            "requests_per_change": round(stats["requests"] / changes, 3),
+            "target_requests_per_change": 1.1,
+            "statuses": stats["statuses"],
+            "flags": stats["flags"],
+            "dead": dead,
+        }
     finally:
         proc.kill()
         proc.join(5)

@@ -51,22 +51,39 @@ class RunResult:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
-def run_wrk(load: Load, *, seconds: float, connections: int = 32, threads: int = 1, timeout_s: float = 5.0,
-            label: str = "") -> RunResult:
+def run_wrk(
+    load: Load, *, seconds: float, connections: int = 32, threads: int = 1, timeout_s: float = 5.0, label: str = ""
+) -> RunResult:
     binary = wrk_binary()
     if binary is None:
         raise BenchError(INSTALL_HINT)
     env = dict(os.environ)
     env.update(
-        BENCH_LIST=str(load.lines_file), BENCH_MODE=load.mode, BENCH_AUTH=load.auth, BENCH_THREADS=str(threads),
-        BENCH_RUN=(label or "run") + "-" + uuid.uuid4().hex[:8], BENCH_REPEAT=str(load.repeat),
+        BENCH_LIST=str(load.lines_file),
+        BENCH_MODE=load.mode,
+        BENCH_AUTH=load.auth,
+        BENCH_THREADS=str(threads),
+        BENCH_RUN=(label or "run") + "-" + uuid.uuid4().hex[:8],
+        BENCH_REPEAT=str(load.repeat),
         BENCH_UNSCHEDULED="true" if load.unscheduled else "false",
     )
     if load.total:
         env["BENCH_TOTAL"] = str(load.total)
     duration = max(1, round(seconds))
-    args = [binary, "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout",
-            f"{timeout_s:g}s", "-s", str(SCRIPT), load.url]
+    args = [
+        binary,
+        "-t",
+        str(threads),
+        "-c",
+        str(connections),
+        "-d",
+        f"{duration}s",
+        "--timeout",
+        f"{timeout_s:g}s",
+        "-s",
+        str(SCRIPT),
+        load.url,
+    ]
     if load.total:
         returncode, stdout, stderr = _run_until_done(args, env, threads, duration)
     else:
@@ -80,8 +97,13 @@ def run_wrk(load: Load, *, seconds: float, connections: int = 32, threads: int =
     errors = sum(raw[k] for k in ("status_errors", "connect_errors", "read_errors", "write_errors", "timeouts"))
     return RunResult(
         rps=raw["requests"] / secs if secs else 0.0,
-        p50_ms=raw["p50_us"] / 1000, p90_ms=raw["p90_us"] / 1000, p99_ms=raw["p99_us"] / 1000,
-        max_ms=raw["max_us"] / 1000, requests=raw["requests"], errors=errors, raw=raw,
+        p50_ms=raw["p50_us"] / 1000,
+        p90_ms=raw["p90_us"] / 1000,
+        p99_ms=raw["p99_us"] / 1000,
+        max_ms=raw["max_us"] / 1000,
+        requests=raw["requests"],
+        errors=errors,
+        raw=raw,
     )
 
 
@@ -132,8 +154,9 @@ def _summary(results: list[RunResult]) -> CaseResult:
     )
 
 
-def measure(load: Load, *, seconds: float, warmup: float, runs: int, label: str,
-            baseline: Load | None = None) -> tuple[CaseResult, CaseResult | None]:
+def measure(
+    load: Load, *, seconds: float, warmup: float, runs: int, label: str, baseline: Load | None = None
+) -> tuple[CaseResult, CaseResult | None]:
     """A warm-up, then ``runs`` timed runs; req/s, p50 and p99 are each the median over the runs.
 
     With ``baseline``, each timed run of the case is paired with a baseline run just before it, so a noisy

@@ -81,7 +81,9 @@ def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
 
 async def _wait_for_redis(client: object) -> None:
     async for attempt in AsyncRetrying(
-        stop=stop_after_delay(15), wait=wait_exponential(0.05, max=1), retry=retry_if_exception_type(RedisError),
+        stop=stop_after_delay(15),
+        wait=wait_exponential(0.05, max=1),
+        retry=retry_if_exception_type(RedisError),
         reraise=True,
     ):
         with attempt:
@@ -109,10 +111,15 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         )
         registry = app[REGISTRY]
         push_las = [ods for ods, la_entry in registry.local_authorities.items() if channel_names(la_entry)]
-        access_store = RedisAccessStore(client, keys, scripts, push_las=push_las,
-                                        encounter_ttl_s=settings.retention_access_days * 86400,
-                                        unreadable=unreadable_reporter(app[METRICS]),
-                                        timeout=settings.redis_timeout_s)
+        access_store = RedisAccessStore(
+            client,
+            keys,
+            scripts,
+            push_las=push_las,
+            encounter_ttl_s=settings.retention_access_days * 86400,
+            unreadable=unreadable_reporter(app[METRICS]),
+            timeout=settings.redis_timeout_s,
+        )
         inbox_delivered = app[METRICS].deliveries.labels("inbox", "delivered")
         app[ACCESS] = AccessService(access_store, windows=settings.windows, on_notified=inbox_delivered.inc)
         app[AUTH].jti_guard = SeenTokens(client, keys).first_use
@@ -174,9 +181,16 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     channels_of = {ods: channel_names(la) for ods, la in registry.local_authorities.items()}
     admin_service = DeliveryAdmin(outbox, app[AUDIT], channels_of)
     app[admin.DELIVERIES] = admin_service
-    notifications.setup(app, InboxService(RedisInbox(client, keys, app[SCRIPTS]), app[ACCESS].store, app[AUDIT],
-                                          care_settings=registry.care_setting_names,
-                                          unreadable=unreadable_reporter(app[METRICS])))
+    notifications.setup(
+        app,
+        InboxService(
+            RedisInbox(client, keys, app[SCRIPTS]),
+            app[ACCESS].store,
+            app[AUDIT],
+            care_settings=registry.care_setting_names,
+            unreadable=unreadable_reporter(app[METRICS]),
+        ),
+    )
     if not settings.relays:
         yield
         await outbox.aclose()
@@ -188,8 +202,9 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     relay = Relay(
         outbox,
         lambda la_ods: channels.get(la_ods, ()),
-        policy=RetryPolicy(settings.delivery_first_retry_s, settings.delivery_max_backoff_s,
-                           settings.delivery_max_age_h * 3600),
+        policy=RetryPolicy(
+            settings.delivery_first_retry_s, settings.delivery_max_backoff_s, settings.delivery_max_age_h * 3600
+        ),
         config=RelayConfig(
             consumer=f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}",
             concurrency=settings.relay_concurrency,
@@ -204,8 +219,9 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await relay.start()
     gauges_stop = asyncio.Event()
-    gauges = asyncio.create_task(refresh_gauges(observer, admin_service.stats, 5.0, gauges_stop),
-                                 name="delivery-gauges")
+    gauges = asyncio.create_task(
+        refresh_gauges(observer, admin_service.stats, 5.0, gauges_stop), name="delivery-gauges"
+    )
     try:
         yield
     finally:
@@ -218,6 +234,8 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
             await outbox.forget(relay.config.consumer)
         await session.close()
         await outbox.aclose()
+
+
 @dataclass
 class FlagSyncParts:
     queue: RedisSyncQueue
@@ -227,16 +245,27 @@ class FlagSyncParts:
 
 
 def flag_sync_parts(
-    settings: Settings, redis: Redis, keys: Keys, scripts: Scripts, session: aiohttp.ClientSession, *,
-    metrics: Metrics | None = None, clock: Clock = utc_now,
+    settings: Settings,
+    redis: Redis,
+    keys: Keys,
+    scripts: Scripts,
+    session: aiohttp.ClientSession,
+    *,
+    metrics: Metrics | None = None,
+    clock: Clock = utc_now,
 ) -> FlagSyncParts:
     """The Flag sync adapters and use-cases for CPIS_FHIR_* settings (also used by `cpis-bridge reconcile`)."""
     assert settings.fhir_base_url
     auth = make_auth(
-        settings.fhir_auth_mode, token=settings.fhir_auth_token, token_url=settings.fhir_auth_token_url,
-        client_id=settings.fhir_auth_client_id, client_secret=settings.fhir_auth_client_secret,
-        private_key_file=settings.fhir_auth_private_key_file, kid=settings.fhir_auth_kid,
-        alg=settings.fhir_auth_alg, scope=settings.fhir_auth_scope,
+        settings.fhir_auth_mode,
+        token=settings.fhir_auth_token,
+        token_url=settings.fhir_auth_token_url,
+        client_id=settings.fhir_auth_client_id,
+        client_secret=settings.fhir_auth_client_secret,
+        private_key_file=settings.fhir_auth_private_key_file,
+        kid=settings.fhir_auth_kid,
+        alg=settings.fhir_auth_alg,
+        scope=settings.fhir_auth_scope,
     )
     client = FhirClient(settings.fhir_base_url, session, auth)
     queue = RedisSyncQueue(redis, keys, scripts)
@@ -250,10 +279,15 @@ def flag_sync_parts(
             counters[outcome].inc(n)
 
     relay = FlagSyncRelay(
-        queue, server, windows=settings.windows,
+        queue,
+        server,
+        windows=settings.windows,
         consumer=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-        first_retry_s=settings.delivery_first_retry_s, max_backoff_s=settings.delivery_max_backoff_s,
-        clock=clock, observe=observe, observe_latency=observe_latency,
+        first_retry_s=settings.delivery_first_retry_s,
+        max_backoff_s=settings.delivery_max_backoff_s,
+        clock=clock,
+        observe=observe,
+        observe_latency=observe_latency,
     )
     return FlagSyncParts(queue, server, relay, FlagScheduler(queue, clock=clock))
 

@@ -228,8 +228,12 @@ class Authenticator:
             raise Unauthenticated("token already used")
         setting = self.registry.care_settings[client.ods]
         return Principal(
-            subject=str(claims.get("sub") or client.iss), role=Role.CARE_SETTING, ods=setting.ods,
-            name=_opt_str(claims.get("name")), role_code=_opt_str(claims.get("role_code")), client=client.iss,
+            subject=str(claims.get("sub") or client.iss),
+            role=Role.CARE_SETTING,
+            ods=setting.ods,
+            name=_opt_str(claims.get("name")),
+            role_code=_opt_str(claims.get("role_code")),
+            client=client.iss,
         )
 
     def principal(self, claims: dict[str, Any]) -> Principal:
@@ -247,9 +251,7 @@ class Authenticator:
         else:
             if not isinstance(ods, str) or not ods:
                 raise Unauthenticated("token has no ods claim")
-            known = (
-                self.registry.care_settings if role is Role.CARE_SETTING else self.registry.local_authorities
-            )
+            known = self.registry.care_settings if role is Role.CARE_SETTING else self.registry.local_authorities
             if ods not in known:
                 raise Forbidden("organisation is not registered for this role")
             ods_text = ods

@@ -51,9 +51,14 @@ async def serve(settings: Settings) -> int:
     app = create_app(settings)
     log.debug(
         "serve.config",
-        extra={"redis": "external" if settings.redis_url else "embedded", "devMode": settings.dev_mode,
-               "flagSync": bool(settings.fhir_base_url), "drainDelayS": settings.drain_delay_s,
-               "shutdownGraceS": settings.shutdown_grace_s, "logLevel": settings.log_level},
+        extra={
+            "redis": "external" if settings.redis_url else "embedded",
+            "devMode": settings.dev_mode,
+            "flagSync": bool(settings.fhir_base_url),
+            "drainDelayS": settings.drain_delay_s,
+            "shutdownGraceS": settings.shutdown_grace_s,
+            "logLevel": settings.log_level,
+        },
     )
     runner = Runner(
         app,
@@ -90,15 +95,24 @@ def cmd_token(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     print(
         dev_token(
-            settings.dev_secret(), role=Role(args.role), ods=args.ods, name=args.name, role_code=args.role_code,
-            ttl_s=args.ttl, extra={"sds_user_id": args.sds_user_id} if args.sds_user_id else None,
+            settings.dev_secret(),
+            role=Role(args.role),
+            ods=args.ods,
+            name=args.name,
+            role_code=args.role_code,
+            ttl_s=args.ttl,
+            extra={"sds_user_id": args.sds_user_id} if args.sds_user_id else None,
         )
     )
     return 0
 
 
-_UPLOAD_TYPES = {".json": "application/json", ".ndjson": "application/x-ndjson", ".jsonl": "application/x-ndjson",
-                 ".csv": "text/csv"}
+_UPLOAD_TYPES = {
+    ".json": "application/json",
+    ".ndjson": "application/x-ndjson",
+    ".jsonl": "application/x-ndjson",
+    ".csv": "text/csv",
+}
 
 
 async def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
@@ -168,14 +182,17 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         await parts.server.prepare()
         day = today_london()
         bar = tqdm(desc="reconcile: server Flags read", unit="flag", disable=args.quiet, file=sys.stderr)
-        drift, wanted, found = await compare(parts.server, parts.queue.all_records(), day=day,
-                                             windows=settings.windows, tick=bar.update)
+        drift, wanted, found = await compare(
+            parts.server, parts.queue.all_records(), day=day, windows=settings.windows, tick=bar.update
+        )
         bar.close()
-        report: dict[str, Any] = {"records": len(wanted), "serverFlags": sum(len(v) for v in found.values()),
-                                  "drift": drift.counts()}
+        report: dict[str, Any] = {
+            "records": len(wanted),
+            "serverFlags": sum(len(v) for v in found.values()),
+            "drift": drift.counts(),
+        }
         if not args.dry_run and drift.total:
-            bar = tqdm(total=drift.total, desc="reconcile: repairing", unit="flag", disable=args.quiet,
-                       file=sys.stderr)
+            bar = tqdm(total=drift.total, desc="reconcile: repairing", unit="flag", disable=args.quiet, file=sys.stderr)
             await repair(parts.server, drift, wanted, found, tick=bar.update)
             bar.close()
             after, _, _ = await compare(parts.server, parts.queue.all_records(), day=day, windows=settings.windows)
@@ -192,6 +209,8 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         await redis.aclose()
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
+
+
 def cli_context(actor: str | None) -> Any:
     """The audit context of a command-line operator (ops role; the OS user unless --actor names someone)."""
     import getpass
@@ -242,6 +261,8 @@ async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
         print(text)
     log.info("retention.exported")
     return 0
+
+
 async def _demo_json(session: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, Any]:
     async with session.request(method, url, **kw) as resp:
         text = await resp.text()
@@ -269,22 +290,32 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     registry = load_registry(settings.registry)
     la = registry.local_authorities.get(args.la) if args.la else next(iter(registry.local_authorities.values()), None)
-    cs = registry.care_settings.get(args.care_setting) if args.care_setting else next(
-        (c for c in registry.care_settings.values() if c.unscheduled), None)
+    cs = (
+        registry.care_settings.get(args.care_setting)
+        if args.care_setting
+        else next((c for c in registry.care_settings.values() if c.unscheduled), None)
+    )
     if la is None or cs is None or not cs.unscheduled:
-        print("cpis-bridge demo: the registry needs a local authority and an unscheduled care setting",
-              file=sys.stderr)
+        print("cpis-bridge demo: the registry needs a local authority and an unscheduled care setting", file=sys.stderr)
         return 2
     secret = settings.dev_secret()
     h_la = {"Authorization": "Bearer " + dev_token(secret, role=Role.LOCAL_AUTHORITY, ods=la.ods, ttl_s=600)}
-    h_cs = {"Authorization": "Bearer " + dev_token(secret, role=Role.CARE_SETTING, ods=cs.ods, name="Demo Clinician",
-                                                   role_code="R8000", ttl_s=600)}
+    h_cs = {
+        "Authorization": "Bearer "
+        + dev_token(secret, role=Role.CARE_SETTING, ods=cs.ods, name="Demo Clinician", role_code="R8000", ttl_s=600)
+    }
     h_ops = {"Authorization": "Bearer " + dev_token(secret, role=Role.OPS, ods="OPS", ttl_s=600)}
     base = (args.url or settings.base_url).rstrip("/")
     nhs, local_id, trace = args.nhs_number, f"DEMO-{args.nhs_number}", str(uuid.uuid4())
     today = dt.datetime.now(dt.UTC).date().isoformat()
-    body = {"localId": local_id, "planType": "CPP", "nhsNumber": nhs, "dateOfBirth": "2016-04-02",
-            "startDate": today, "endDate": None}
+    body = {
+        "localId": local_id,
+        "planType": "CPP",
+        "nhsNumber": nhs,
+        "dateOfBirth": "2016-04-02",
+        "startDate": today,
+        "endDate": None,
+    }
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         status, _ = await _demo_json(session, "PUT", f"{base}/v1/records/{local_id}", json=body, headers=h_la)
@@ -293,7 +324,9 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         dead_before = await _webhook_dead(session, base, h_ops) if la.webhook else 0
         status, bundle = await _demo_json(
-            session, "GET", f"{base}/fhir/CareTeam",
+            session,
+            "GET",
+            f"{base}/fhir/CareTeam",
             params={"patient:identifier": f"https://fhir.nhs.uk/Id/nhs-number|{nhs}"},
             headers={**h_cs, "IsUnscheduledAccessEvent": "true", "TraceID": trace, "Accept": "application/fhir+json"},
         )
@@ -315,8 +348,9 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         return 0 if state == "delivered" else 1
 
 
-async def _find_notification(session: aiohttp.ClientSession, base: str, headers: dict[str, str], trace: str,
-                             wait_s: float) -> dict[str, Any] | None:
+async def _find_notification(
+    session: aiohttp.ClientSession, base: str, headers: dict[str, str], trace: str, wait_s: float
+) -> dict[str, Any] | None:
     deadline = time.monotonic() + wait_s
     cursor: str | None = None
     while True:
@@ -339,8 +373,9 @@ async def _webhook_dead(session: aiohttp.ClientSession, base: str, headers: dict
     return int(body["channels"]["webhook"]["dead"]) if status == 200 else 0
 
 
-async def _webhook_settled(session: aiohttp.ClientSession, base: str, headers: dict[str, str], dead_before: int,
-                           wait_s: float) -> str:
+async def _webhook_settled(
+    session: aiohttp.ClientSession, base: str, headers: dict[str, str], dead_before: int, wait_s: float
+) -> str:
     """'delivered' once the webhook channel has nothing pending or retrying and no new dead letter."""
     deadline = time.monotonic() + wait_s
     while True:

@@ -88,8 +88,10 @@ class Settings(BaseSettings):
         if self.auth_jwks_url and not self.auth_issuer:
             raise ValueError("CPIS_AUTH_ISSUER is required when CPIS_AUTH_JWKS_URL is set")
         if self.auth_jwks_url and not self.auth_audience:
-            raise ValueError("CPIS_AUTH_AUDIENCE is required when CPIS_AUTH_JWKS_URL is set: without it a token "
-                             "issued for any other service would be accepted")
+            raise ValueError(
+                "CPIS_AUTH_AUDIENCE is required when CPIS_AUTH_JWKS_URL is set: without it a token "
+                "issued for any other service would be accepted"
+            )
         return self
 
     @model_validator(mode="after")

@@ -26,16 +26,23 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.http_requests = Counter(
-            "cpis_http_requests_total", "HTTP requests by route template, method and status",
-            ["route", "method", "status"], registry=r,
+            "cpis_http_requests_total",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
         )
         self.http_duration = Histogram(
-            "cpis_http_request_duration_seconds", "HTTP request latency by route template, method and status",
-            ["route", "method", "status"], buckets=LATENCY_BUCKETS, registry=r,
+            "cpis_http_request_duration_seconds",
+            "HTTP request latency by route template, method and status",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.accesses = Counter(
-            "cpis_accesses_total", "Look-ups and attendances by kind and whether the child was flagged",
-            ["kind", "flagged"], registry=r,
+            "cpis_accesses_total",
+            "Look-ups and attendances by kind and whether the child was flagged",
+            ["kind", "flagged"],
+            registry=r,
         )
         self.upload_records = Counter(
             "cpis_upload_records_total", "Uploaded records by result code", ["code"], registry=r
@@ -48,38 +55,49 @@ class Metrics:
             "cpis_uploads_resumed_total", "Interrupted uploads completed from their journal", registry=r
         )
         self.deliveries = Counter(
-            "cpis_deliveries_total", "Delivery attempts by channel and outcome (delivered/retried/dead)",
-            ["channel", "outcome"], registry=r,
+            "cpis_deliveries_total",
+            "Delivery attempts by channel and outcome (delivered/retried/dead)",
+            ["channel", "outcome"],
+            registry=r,
         )
         self.delivery_pending = Gauge(
             "cpis_delivery_pending", "Entries waiting for delivery, by channel", ["channel"], registry=r
         )
         self.delivery_oldest = Gauge(
-            "cpis_delivery_oldest_pending_seconds", "Age of the oldest undelivered entry, by channel",
-            ["channel"], registry=r,
+            "cpis_delivery_oldest_pending_seconds",
+            "Age of the oldest undelivered entry, by channel",
+            ["channel"],
+            registry=r,
         )
-        self.delivery_dead = Gauge(
-            "cpis_delivery_dead", "Dead letters held, by channel", ["channel"], registry=r
-        )
+        self.delivery_dead = Gauge("cpis_delivery_dead", "Dead letters held, by channel", ["channel"], registry=r)
         self.delivery_latency = Histogram(
-            "cpis_delivery_latency_seconds", "Time from queueing to successful delivery, by channel",
-            ["channel"], buckets=LATENCY_BUCKETS, registry=r,
+            "cpis_delivery_latency_seconds",
+            "Time from queueing to successful delivery, by channel",
+            ["channel"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.delivery_breaker_open = Gauge(
             "cpis_delivery_breaker_open",
             "1 while this process's circuit breaker for an LA endpoint is open or half-open (its entries are held "
-            "aside), else 0; by channel and LA ODS code", ["channel", "la"], registry=r,
+            "aside), else 0; by channel and LA ODS code",
+            ["channel", "la"],
+            registry=r,
         )
         self.delivery_breaker_transitions = Counter(
             "cpis_delivery_breaker_transitions_total",
             "Circuit breaker transitions of an LA endpoint in this process, by channel, LA ODS code and new state "
-            "(open, half-open, closed)", ["channel", "la", "state"], registry=r,
+            "(open, half-open, closed)",
+            ["channel", "la", "state"],
+            registry=r,
         )
         self.redis_up = Gauge("cpis_redis_up", "1 when Redis answers, else 0", registry=r)
         self.ready = Gauge("cpis_ready", "1 when the service is ready to serve, else 0", registry=r)
         self.unreadable = Counter(
-            "cpis_unreadable_items_total", "Stored items a reader skipped because they cannot be rendered, by kind",
-            ["item"], registry=r,
+            "cpis_unreadable_items_total",
+            "Stored items a reader skipped because they cannot be rendered, by kind",
+            ["item"],
+            registry=r,
         )
         self.audit_entries = Counter("cpis_audit_entries_total", "Audit entries written", ["action"], registry=r)
         self.build = Info("cpis_build", "The running build: package version and Python version", registry=r)
@@ -100,7 +118,8 @@ class Metrics:
         self._http_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._access_children = {
             (kind == "unscheduled", flagged == "true"): self.accesses.labels(kind, flagged)
-            for kind in ("unscheduled", "silent") for flagged in ("true", "false")
+            for kind in ("unscheduled", "silent")
+            for flagged in ("true", "false")
         }
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:

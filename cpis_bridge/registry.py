@@ -60,7 +60,8 @@ class _OfficeHours(_Strict):
     England bank holidays."""
 
     days: list[Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]] = Field(
-        default_factory=lambda: list(WEEKDAYS[:5]))
+        default_factory=lambda: list(WEEKDAYS[:5])
+    )
     opens: str = Field(alias="open", default="09:00", pattern=_HHMM)
     closes: str = Field(alias="close", default="17:00", pattern=_HHMM)
     bank_holidays: Literal["closed", "open"] = Field(alias="bankHolidays", default="closed")
@@ -72,8 +73,12 @@ class _OfficeHours(_Strict):
         return self
 
     def build(self) -> OfficeHours:
-        return OfficeHours(frozenset(WEEKDAYS.index(d) for d in self.days), _clock(self.opens),
-                           _clock(self.closes), self.bank_holidays == "open")
+        return OfficeHours(
+            frozenset(WEEKDAYS.index(d) for d in self.days),
+            _clock(self.opens),
+            _clock(self.closes),
+            self.bank_holidays == "open",
+        )
 
 
 class _LA(_Strict):

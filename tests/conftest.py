@@ -98,8 +98,16 @@ async def client(aiohttp_client: Any, settings: Settings) -> AsyncIterator[Any]:
 
 
 def record(local_id: str = "CASE-1", nhs: str = "9990000018", **kw: Any) -> dict[str, Any]:
-    body = {"localId": local_id, "planType": "CPP", "nhsNumber": nhs, "dateOfBirth": "2016-04-02",
-            "givenName": "Testchild", "familyName": "Example", "startDate": "2026-01-10", "endDate": None}
+    body = {
+        "localId": local_id,
+        "planType": "CPP",
+        "nhsNumber": nhs,
+        "dateOfBirth": "2016-04-02",
+        "givenName": "Testchild",
+        "familyName": "Example",
+        "startDate": "2026-01-10",
+        "endDate": None,
+    }
     body.update(kw)
     return body
 

@@ -31,8 +31,9 @@ async def flag(app: Any, la: str = "LA001", lid: str = "A-1", nhs: str = NHS, **
 async def access(app: Any, event: str, nhs: str = NHS, cs: str = "RXX01") -> Any:
     out = await app[ACCESS].lookup(
         ctx(Role.CARE_SETTING, cs),
-        LookupRequest(nhs=NhsNumber(nhs), care_setting=app[REGISTRY].care_settings[cs], kind="careteam",
-                      source_event_id=event),
+        LookupRequest(
+            nhs=NhsNumber(nhs), care_setting=app[REGISTRY].care_settings[cs], kind="careteam", source_event_id=event
+        ),
     )
     assert out.status == 1
     return out
@@ -53,8 +54,12 @@ def client_factory(make_settings: Any, aiohttp_client: Any, tmp_path: Path, monk
         count += 1
         for name, value in (secrets or {}).items():
             monkeypatch.setenv(name, value)
-        values = {"delivery_timeout_s": 0.3, "relay_claim_idle_s": 2.0, "relay_reclaim_interval_s": 0.2,
-                  "delivery_breaker_cooldown_s": 0.5}
+        values = {
+            "delivery_timeout_s": 0.3,
+            "relay_claim_idle_s": 2.0,
+            "relay_reclaim_interval_s": 0.2,
+            "delivery_breaker_cooldown_s": 0.5,
+        }
         values.update(overrides)
         settings = make_settings(registry=write_registry(tmp_path / f"registry{count}.yaml", las), **values)
         return await aiohttp_client(create_app(settings))

@@ -66,8 +66,16 @@ def outcome(code: str, text: str) -> dict[str, Any]:
 
 
 class FhirDouble:
-    def __init__(self, *, update_create: bool = True, conditional_update: bool = True, batch: bool = True,
-                 always_200: bool = False, fhir_version: str = "4.0.1", token: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        update_create: bool = True,
+        conditional_update: bool = True,
+        batch: bool = True,
+        always_200: bool = False,
+        fhir_version: str = "4.0.1",
+        token: str | None = None,
+    ) -> None:
         self.flags = Flags()
         self.faults: deque[Fault] = deque()
         self.update_create = update_create
@@ -141,6 +149,7 @@ class FhirDouble:
     async def own_time(self, n: int, system: str) -> float:
         """The server's own time for ``n`` conditional Flag writes made directly (no client, no HTTP), two at a
         time, on the same machine under the same load as the test; the Flags are removed again."""
+
         async def one(i: int) -> None:
             flag = {"resourceType": "Flag", "status": "active", "identifier": [{"system": system, "value": f"OWN|{i}"}]}
             await self._put("Flag", f"identifier={system}|OWN|{i}", flag)
@@ -172,8 +181,12 @@ class FhirDouble:
 
     @staticmethod
     def _json(status: int, body: dict[str, Any] | None, headers: dict[str, str] | None = None) -> web.Response:
-        return web.Response(status=status, body=b"" if body is None else orjson.dumps(body),
-                            content_type="application/fhir+json", headers=headers)
+        return web.Response(
+            status=status,
+            body=b"" if body is None else orjson.dumps(body),
+            content_type="application/fhir+json",
+            headers=headers,
+        )
 
     async def token_endpoint(self, request: web.Request) -> web.Response:
         form = await request.post()
@@ -232,12 +245,17 @@ class FhirDouble:
         self.window = (start, used)
         left, reset = quota - used, max(0, math.ceil(start + window - now))
         headers = {
-            "structured": {"RateLimit-Policy": f'"default";q={quota};w={int(window)}',
-                           "RateLimit": f'"default";r={left};t={reset}'},
+            "structured": {
+                "RateLimit-Policy": f'"default";q={quota};w={int(window)}',
+                "RateLimit": f'"default";r={left};t={reset}',
+            },
             "draft": {"RateLimit": f"limit={quota}, remaining={left}, reset={reset}"},
             "split": {"RateLimit-Limit": str(quota), "RateLimit-Remaining": str(left), "RateLimit-Reset": str(reset)},
-            "x": {"X-RateLimit-Limit": str(quota), "X-RateLimit-Remaining": str(left),
-                  "X-RateLimit-Reset": str(int(time.time()) + reset)},
+            "x": {
+                "X-RateLimit-Limit": str(quota),
+                "X-RateLimit-Remaining": str(left),
+                "X-RateLimit-Reset": str(int(time.time()) + reset),
+            },
         }[self.rate_style]
         return refused, headers
 
@@ -266,17 +284,27 @@ class FhirDouble:
 
     def capability(self) -> dict[str, Any]:
         return {
-            "resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
-            "fhirVersion": self.fhir_version, "format": ["json"],
-            "rest": [{
-                "mode": "server",
-                "interaction": [{"code": "batch"}] if self.batch else [],
-                "resource": [{"type": "Flag", "interaction": [{"code": "read"}, {"code": "update"},
-                                                              {"code": "search-type"}],
-                              "updateCreate": self.update_create if self.declared_update_create is None
-                              else self.declared_update_create,
-                              "conditionalUpdate": self.conditional_update}],
-            }],
+            "resourceType": "CapabilityStatement",
+            "status": "active",
+            "kind": "instance",
+            "fhirVersion": self.fhir_version,
+            "format": ["json"],
+            "rest": [
+                {
+                    "mode": "server",
+                    "interaction": [{"code": "batch"}] if self.batch else [],
+                    "resource": [
+                        {
+                            "type": "Flag",
+                            "interaction": [{"code": "read"}, {"code": "update"}, {"code": "search-type"}],
+                            "updateCreate": self.update_create
+                            if self.declared_update_create is None
+                            else self.declared_update_create,
+                            "conditionalUpdate": self.conditional_update,
+                        }
+                    ],
+                }
+            ],
         }
 
     async def _put(self, tail: str, query: str, flag: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
@@ -307,8 +335,9 @@ class FhirDouble:
                 if self.db_free > now:
                     await asyncio.sleep(self.db_free - now)
 
-    async def _put_now(self, tail: str, query: str, flag: dict[str, Any],
-                       conditional: bool) -> tuple[int, dict[str, Any] | None]:
+    async def _put_now(
+        self, tail: str, query: str, flag: dict[str, Any], conditional: bool
+    ) -> tuple[int, dict[str, Any] | None]:
         await self._paced()
         racy_matches = None
         if self.racy and conditional:  # like common servers: search, then write, not atomic
@@ -359,11 +388,24 @@ class FhirDouble:
         count = int(request.query.get("_count", "50"))
         offset = int(request.query.get("_offset", "0"))
         pool = self.flags.with_value(value) if value else sorted(self.flags.values(), key=lambda f: f["id"])
-        hits = [f for f in pool if any(i.get("system") == system and (not value or i.get("value") == value)
-                                       for i in f.get("identifier", []))]
+        hits = [
+            f
+            for f in pool
+            if any(
+                i.get("system") == system and (not value or i.get("value") == value) for i in f.get("identifier", [])
+            )
+        ]
         page = hits[offset : offset + count]
         links = [{"relation": "self", "url": str(request.url)}]
         if offset + count < len(hits):
             links.append({"relation": "next", "url": str(request.url.update_query(_offset=str(offset + count)))})
-        return self._json(200, {"resourceType": "Bundle", "type": "searchset", "total": len(hits), "link": links,
-                                "entry": [{"resource": f, "search": {"mode": "match"}} for f in page]})
+        return self._json(
+            200,
+            {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "total": len(hits),
+                "link": links,
+                "entry": [{"resource": f, "search": {"mode": "match"}} for f in page],
+            },
+        )

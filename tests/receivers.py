@@ -136,14 +136,20 @@ def write_registry(path: Path, las: dict[str, dict[str, Any]]) -> Path:
     """A registry with the test care settings and LA001/LA002 given the ``notify`` blocks in ``las``."""
     lines = ["localAuthorities:"]
     for i, ods in enumerate(("LA001", "LA002")):
-        lines += [f"  - ods: {ods}", f"    name: Test Council {i + 1}", '    officeHoursPhone: "0300 000 0001"',
-                  '    emergencyDutyPhone: "0300 000 0002"']
+        lines += [
+            f"  - ods: {ods}",
+            f"    name: Test Council {i + 1}",
+            '    officeHoursPhone: "0300 000 0001"',
+            '    emergencyDutyPhone: "0300 000 0002"',
+        ]
         if ods in las:
             lines.append(f"    notify: {orjson.dumps(las[ods]).decode()}")
-    lines += ["careSettings:",
-              "  - {ods: RXX01, name: Example Hospital Emergency Department, type: ED, unscheduled: true}",
-              "  - {ods: RXX02, name: Example Urgent Treatment Centre, type: UTC, unscheduled: true}",
-              "  - {ods: GP001, name: Example Surgery, type: GP, unscheduled: false}"]
+    lines += [
+        "careSettings:",
+        "  - {ods: RXX01, name: Example Hospital Emergency Department, type: ED, unscheduled: true}",
+        "  - {ods: RXX02, name: Example Urgent Treatment Centre, type: UTC, unscheduled: true}",
+        "  - {ods: GP001, name: Example Surgery, type: GP, unscheduled: false}",
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -21,8 +21,12 @@ from cpis_bridge.services.records import RecordService
 from cpis_bridge.services.sync import epoch_ms
 from cpis_bridge.web.state import KEYS, RECORDS, REDIS
 
-LA_CTX = {la: AuditContext(Principal(subject=f"u-{la}", role=Role.LOCAL_AUTHORITY, ods=la, name="Test User",
-                                     role_code="R0001")) for la in ("LA001", "LA002")}
+LA_CTX = {
+    la: AuditContext(
+        Principal(subject=f"u-{la}", role=Role.LOCAL_AUTHORITY, ods=la, name="Test User", role_code="R0001")
+    )
+    for la in ("LA001", "LA002")
+}
 
 
 class Clock:
@@ -76,8 +80,12 @@ class SyncEnv:
         async for batch in self.parts.queue.all_records():
             for r in batch:
                 status = "active" if r.is_visible(day, self.settings.windows) else "inactive"
-                out[f"{r.la}|{r.local_id}"] = (status, r.start_date.isoformat(), None if r.end_date is None else
-                                               r.end_date.isoformat(), str(r.nhs_number))
+                out[f"{r.la}|{r.local_id}"] = (
+                    status,
+                    r.start_date.isoformat(),
+                    None if r.end_date is None else r.end_date.isoformat(),
+                    str(r.nhs_number),
+                )
         return out
 
     async def dead(self) -> list[dict[str, str]]:

@@ -20,8 +20,7 @@ def check_digit(first_nine: str) -> int | None:
     if len(first_nine) == 9 and first_nine.isascii() and first_nine.isdigit():
         b = first_nine.encode()  # ASCII digits: byte - 48 is the digit; weights sum to 54
         total = (
-            10 * b[0] + 9 * b[1] + 8 * b[2] + 7 * b[3] + 6 * b[4] + 5 * b[5] + 4 * b[6] + 3 * b[7] + 2 * b[8]
-            - 48 * 54
+            10 * b[0] + 9 * b[1] + 8 * b[2] + 7 * b[3] + 6 * b[4] + 5 * b[5] + 4 * b[6] + 3 * b[7] + 2 * b[8] - 48 * 54
         )
     else:
         total = sum(int(d) * w for d, w in zip(first_nine, _WEIGHTS, strict=True))

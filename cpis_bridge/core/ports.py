@@ -119,6 +119,7 @@ class AccessStore(Protocol):
         """Append to the child's audit trail (kept under the keyed hash of the number)."""
         ...
 
+
 # -- notification delivery (services/delivery.py; store/outbox.py and notify/ implement these) ----------------------
 
 
@@ -175,8 +176,12 @@ class ChannelStats:
     oldest_pending_s: float = 0.0
 
     def to_api(self) -> dict[str, Any]:
-        return {"pending": self.pending, "retrying": self.retrying, "dead": self.dead,
-                "oldestPendingSeconds": round(self.oldest_pending_s, 3)}
+        return {
+            "pending": self.pending,
+            "retrying": self.retrying,
+            "dead": self.dead,
+            "oldestPendingSeconds": round(self.oldest_pending_s, 3),
+        }
 
 
 class Outbox(Protocol):
@@ -232,8 +237,9 @@ class Inbox(Protocol):
 
     async def page(self, la: str, after: str | None, limit: int) -> list[tuple[str, dict[str, str], bool]]: ...
 
-    async def newest(self, la: str, before: str | None, oldest: str | None,
-                     count: int) -> list[tuple[str, dict[str, str], bool]]: ...
+    async def newest(
+        self, la: str, before: str | None, oldest: str | None, count: int
+    ) -> list[tuple[str, dict[str, str], bool]]: ...
 
     async def entry(self, la: str, ref: str) -> tuple[dict[str, str], str | None] | None: ...
 
@@ -248,6 +254,7 @@ class Inbox(Protocol):
     async def tail(self, after: Mapping[str, str], block_ms: int) -> list[tuple[str, str, dict[str, str]]]:
         """(la, entry id, fields) of entries newer than ``after[la]``, waiting up to ``block_ms`` for one."""
         ...
+
 
 # -- Flag sync (services/sync.py; adapters store/sync.py and fhir/flag_sync.py) ---------------------------------
 

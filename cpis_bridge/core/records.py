@@ -28,8 +28,17 @@ DELIVERY_YEARS_AHEAD: Final = 1
 # Fields a client may send; the read-only ones are accepted (a GET result can be PUT back) and ignored.
 WRITABLE_FIELDS: Final = frozenset(
     {
-        "localId", "planType", "nhsNumber", "dateOfBirth", "givenName", "familyName", "startDate", "endDate",
-        "deleteDate", "expectedDeliveryDate", "lacLegalBasis",
+        "localId",
+        "planType",
+        "nhsNumber",
+        "dateOfBirth",
+        "givenName",
+        "familyName",
+        "startDate",
+        "endDate",
+        "deleteDate",
+        "expectedDeliveryDate",
+        "lacLegalBasis",
     }
 )
 READ_ONLY_FIELDS: Final = frozenset({"version", "updatedAt", "visible"})
@@ -309,13 +318,14 @@ def parse_valid_record(
         if lid is not None and lid != local_id:
             return None
         lid = local_id
-    if (
-        type(lid) is not str or not 0 < len(lid) <= MAX_LOCAL_ID or not lid.isprintable() or lid != lid.strip()
-    ):
+    if type(lid) is not str or not 0 < len(lid) <= MAX_LOCAL_ID or not lid.isprintable() or lid != lid.strip():
         return None
     nhs = raw.get("nhsNumber")
     if (
-        type(nhs) is not str or len(nhs) != 10 or not nhs.isascii() or not nhs.isdigit()
+        type(nhs) is not str
+        or len(nhs) != 10
+        or not nhs.isascii()
+        or not nhs.isdigit()
         or check_digit(nhs[:9]) != ord(nhs[9]) - 48
         or (test_numbers_only and not nhs.startswith(TEST_RANGE_PREFIX))
     ):
@@ -337,7 +347,10 @@ def parse_valid_record(
         return None
     latest_plan, latest_delivery = latest_dates(today)
     if (
-        dob is None or start is None or dob > today or start > today
+        dob is None
+        or start is None
+        or dob > today
+        or start > today
         or (end is not None and (end < start or end > latest_plan))
         or (delete is not None and (delete < start or delete > latest_plan))
         or (edd is not None and (plan is not PlanType.UCPP or edd > latest_delivery))
@@ -441,11 +454,14 @@ def parse_record_full(
     latest_plan, latest_delivery = latest_dates(today)
     for name, day in (("endDate", end), ("deleteDate", delete)):
         if day is not None and day > latest_plan:
-            problems.add(name, f"must be no more than {PLAN_YEARS_AHEAD} years ahead (on or before "
-                               f"{latest_plan.isoformat()})")
+            problems.add(
+                name, f"must be no more than {PLAN_YEARS_AHEAD} years ahead (on or before {latest_plan.isoformat()})"
+            )
     if edd is not None and edd > latest_delivery:
-        problems.add("expectedDeliveryDate", f"must be no more than {DELIVERY_YEARS_AHEAD} year ahead (on or "
-                                             f"before {latest_delivery.isoformat()})")
+        problems.add(
+            "expectedDeliveryDate",
+            f"must be no more than {DELIVERY_YEARS_AHEAD} year ahead (on or before {latest_delivery.isoformat()})",
+        )
     if edd is not None and plan is not None and plan is not PlanType.UCPP:
         problems.add("expectedDeliveryDate", "is only allowed on a UCPP record")
     if legal is not None and plan is not None and plan is not PlanType.LAC:

@@ -34,8 +34,9 @@ class Interaction:
     supported_profiles: tuple[str, ...] = ()
 
 
-def capability_statement(interactions: Iterable[Interaction], *, version: str, date: str,
-                         base_url: str | None = None) -> dict[str, Any]:
+def capability_statement(
+    interactions: Iterable[Interaction], *, version: str, date: str, base_url: str | None = None
+) -> dict[str, Any]:
     by_type: dict[str, list[Interaction]] = {}
     for it in interactions:
         by_type.setdefault(it.resource, []).append(it)
@@ -49,15 +50,18 @@ def capability_statement(interactions: Iterable[Interaction], *, version: str, d
         supported = sorted({p for i in its for p in i.supported_profiles})
         if supported:
             res["supportedProfile"] = supported
-        res["interaction"] = [{"code": i.code, **({"documentation": i.documentation} if i.documentation else {})}
-                              for i in its]
+        res["interaction"] = [
+            {"code": i.code, **({"documentation": i.documentation} if i.documentation else {})} for i in its
+        ]
         includes = list(dict.fromkeys(inc for i in its for inc in i.includes))  # as declared: the canonical first
         if includes:
             res["searchInclude"] = includes
         params = {p.name: p for i in its for p in i.params}
         if params:
-            res["searchParam"] = [{"name": p.name, "type": p.type, "documentation": p.documentation}
-                                  for p in sorted(params.values(), key=lambda p: p.name)]
+            res["searchParam"] = [
+                {"name": p.name, "type": p.type, "documentation": p.documentation}
+                for p in sorted(params.values(), key=lambda p: p.name)
+            ]
         resources.append(res)
     implementation: dict[str, Any] = {"description": "cpis-bridge care-setting FHIR API (child protection flags)"}
     if base_url:
@@ -77,23 +81,30 @@ def capability_statement(interactions: Iterable[Interaction], *, version: str, d
         "implementation": implementation,
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "application/fhir+xml", "json", "xml"],
-        "rest": [{
-            "mode": "server",
-            "documentation": "Strict search handling: unknown search parameters are rejected with 400. Header "
-                             "IsUnscheduledAccessEvent (or IsUnscheduledEvent): true|false (omitted = true) on "
-                             "CareTeam and Flag searches; headers TraceID and X-Correlation-ID are echoed, TraceID "
-                             "and NHSD-Session-URID audited. _format (json, xml or a FHIR mime type) wins over "
-                             "Accept; a format not served is a 406. Errors carry the UK Core Spine error code in "
-                             "issue.details.",
-            "security": {
-                "cors": False,
-                "service": [{"coding": [{"system": SECURITY_SERVICE, "code": "SMART-on-FHIR",
-                                         "display": "SMART-on-FHIR"},
-                                        {"system": SECURITY_SERVICE, "code": "OAuth", "display": "OAuth"}]}],
-                "description": "OAuth 2.0 bearer JWT (RFC 6750; care-setting role) on every interaction except "
-                               "metadata; a 401 carries WWW-Authenticate: Bearer. Optional claims: name, role_code "
-                               "(SDS job role), sds_user_id (the national SDS user id).",
-            },
-            "resource": resources,
-        }],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": "Strict search handling: unknown search parameters are rejected with 400. Header "
+                "IsUnscheduledAccessEvent (or IsUnscheduledEvent): true|false (omitted = true) on "
+                "CareTeam and Flag searches; headers TraceID and X-Correlation-ID are echoed, TraceID "
+                "and NHSD-Session-URID audited. _format (json, xml or a FHIR mime type) wins over "
+                "Accept; a format not served is a 406. Errors carry the UK Core Spine error code in "
+                "issue.details.",
+                "security": {
+                    "cors": False,
+                    "service": [
+                        {
+                            "coding": [
+                                {"system": SECURITY_SERVICE, "code": "SMART-on-FHIR", "display": "SMART-on-FHIR"},
+                                {"system": SECURITY_SERVICE, "code": "OAuth", "display": "OAuth"},
+                            ]
+                        }
+                    ],
+                    "description": "OAuth 2.0 bearer JWT (RFC 6750; care-setting role) on every interaction except "
+                    "metadata; a 401 carries WWW-Authenticate: Bearer. Optional claims: name, role_code "
+                    "(SDS job role), sds_user_id (the national SDS user id).",
+                },
+                "resource": resources,
+            }
+        ],
     }

@@ -26,8 +26,20 @@ ENCOUNTER_PREFETCH: Final = {"encounter": "Encounter/{{context.encounterId}}"}
 SOURCE_LABEL: Final = "CP-IS (Child Protection - Information Sharing)"
 SUMMARY_MAX: Final = 139  # CDS Hooks: summary "<140 characters"
 USER_ID: Final = re.compile(r"(Practitioner|PractitionerRole|Patient|RelatedPerson)/[A-Za-z0-9\-.]{1,64}")
-MONTHS: Final = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-                 "November", "December")
+MONTHS: Final = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 WEEKDAYS: Final = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
 SERVICES: Final = {
@@ -35,23 +47,23 @@ SERVICES: Final = {
         "hook": "patient-view",
         "title": "Child protection information sharing",
         "description": "Shows a warning when the patient is subject to a child protection plan, is a looked-after "
-                       "child, or (pregnant patient) has an unborn child protection plan, with the responsible local "
-                       "authority's contacts. Unscheduled care settings record the access and notify the LA.",
+        "child, or (pregnant patient) has an unborn child protection plan, with the responsible local "
+        "authority's contacts. Unscheduled care settings record the access and notify the LA.",
         "id": PATIENT_VIEW,
         "prefetch": {**PREFETCH, **USER_PREFETCH},
         "usageRequirements": "The NHS number must be on the prefetched Patient's identifier. The user prefetch "
-                             "(optional) names the clinician and their role to the local authority.",
+        "(optional) names the clinician and their role to the local authority.",
     },
     ENCOUNTER_START: {
         "hook": "encounter-start",
         "title": "Child protection information sharing at arrival",
         "description": "At the start of an unscheduled encounter: warns about child protection plans, records the "
-                       "attendance and notifies the responsible local authority.",
+        "attendance and notifies the responsible local authority.",
         "id": ENCOUNTER_START,
         "prefetch": {**PREFETCH, **USER_PREFETCH, **ENCOUNTER_PREFETCH},
         "usageRequirements": "The NHS number must be on the prefetched Patient's identifier. The user prefetch "
-                             "(optional) names the clinician and their role to the local authority; the encounter "
-                             "prefetch (optional) gives the arrival time, which may not be more than 5 minutes ahead.",
+        "(optional) names the clinician and their role to the local authority; the encounter "
+        "prefetch (optional) gives the arrival time, which may not be more than 5 minutes ahead.",
     },
 }
 
@@ -113,8 +125,7 @@ def user_from(user_id: str, resource: object) -> User:
     """The user with name and role from their Practitioner or PractitionerRole resource (ignored unless it is the
     resource ``user_id`` names)."""
     kind, _, rid = user_id.partition("/")
-    if (not isinstance(resource, dict) or resource.get("resourceType") != kind
-            or resource.get("id") not in (None, rid)):
+    if not isinstance(resource, dict) or resource.get("resourceType") != kind or resource.get("id") not in (None, rid):
         return User(user_id)
     name: str | None = None
     role: str | None = None
@@ -169,8 +180,15 @@ def _visits(recent: Sequence[Access], care_settings: Mapping[str, str]) -> list[
     return lines
 
 
-def card(record: Record, la: LocalAuthority | None, *, today: dt.date, office_open: bool,
-         recent: Sequence[Access] = (), care_settings: Mapping[str, str] | None = None) -> dict[str, Any]:
+def card(
+    record: Record,
+    la: LocalAuthority | None,
+    *,
+    today: dt.date,
+    office_open: bool,
+    recent: Sequence[Access] = (),
+    care_settings: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """A running plan is a ``warning``; an ended one (still inside its display window) is ``info`` and says when it
     ended. ``care_settings``: ODS code -> name, for where each recent visit was."""
     plan = PLAN_NAMES[record.plan_type]
@@ -181,8 +199,10 @@ def card(record: Record, la: LocalAuthority | None, *, today: dt.date, office_op
         lines.append(f"Expected delivery date: {plain_date(record.expected_delivery_date)}.")
     if la is not None:
         now_label, now_phone, other_label, other_phone = (
-            (OFFICE_HOURS[1], la.office_hours_phone, EMERGENCY_DUTY[1], la.emergency_duty_phone) if office_open
-            else (EMERGENCY_DUTY[1], la.emergency_duty_phone, OFFICE_HOURS[1], la.office_hours_phone))
+            (OFFICE_HOURS[1], la.office_hours_phone, EMERGENCY_DUTY[1], la.emergency_duty_phone)
+            if office_open
+            else (EMERGENCY_DUTY[1], la.emergency_duty_phone, OFFICE_HOURS[1], la.office_hours_phone)
+        )
         lines += ["", f"Ring now: **{now_phone}** ({now_label})", f"Other number: {other_phone} ({other_label})"]
     lines += ["", *_visits(recent, care_settings or {})]
     lines += ["", "Contact the local authority's children's social care team if you have safeguarding concerns."]
@@ -195,9 +215,26 @@ def card(record: Record, la: LocalAuthority | None, *, today: dt.date, office_op
     }
 
 
-def cards(records: Iterable[Record], las: Mapping[str, LocalAuthority], *, today: dt.date,
-          open_now: Mapping[str, bool], recent: Sequence[Access] = (),
-          care_settings: Mapping[str, str] | None = None) -> dict[str, Any]:
+def cards(
+    records: Iterable[Record],
+    las: Mapping[str, LocalAuthority],
+    *,
+    today: dt.date,
+    open_now: Mapping[str, bool],
+    recent: Sequence[Access] = (),
+    care_settings: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """``open_now``: LA ODS code -> whether its office is open (which number to ring)."""
-    return {"cards": [card(r, las.get(r.la), today=today, office_open=open_now.get(r.la, False), recent=recent,
-                           care_settings=care_settings) for r in records]}
+    return {
+        "cards": [
+            card(
+                r,
+                las.get(r.la),
+                today=today,
+                office_open=open_now.get(r.la, False),
+                recent=recent,
+                care_settings=care_settings,
+            )
+            for r in records
+        ]
+    }

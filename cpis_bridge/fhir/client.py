@@ -100,8 +100,14 @@ class ClientCredentials:
 
     def assertion(self) -> str:
         now = int(self.clock())
-        claims = {"iss": self.client_id, "sub": self.client_id, "aud": self.token_url, "jti": str(uuid.uuid4()),
-                  "iat": now, "exp": now + 300}
+        claims = {
+            "iss": self.client_id,
+            "sub": self.client_id,
+            "aud": self.token_url,
+            "jti": str(uuid.uuid4()),
+            "iat": now,
+            "exp": now + 300,
+        }
         headers = {"typ": "JWT"}
         if self.kid:
             headers["kid"] = self.kid
@@ -130,8 +136,9 @@ class ClientCredentials:
         else:
             headers["Authorization"] = basic_auth(self.client_id, self.client_secret or "")
         try:
-            async with session.post(self.token_url, data=form, headers=headers,
-                                    timeout=aiohttp.ClientTimeout(total=10, connect=5)) as resp:
+            async with session.post(
+                self.token_url, data=form, headers=headers, timeout=aiohttp.ClientTimeout(total=10, connect=5)
+            ) as resp:
                 body = await resp.read()
                 if resp.status != 200:
                     raise AuthFailed(f"token endpoint answered {resp.status}")
@@ -155,9 +162,18 @@ def basic_auth(client_id: str, secret: str) -> str:
     return "Basic " + base64.b64encode(raw).decode()
 
 
-def make_auth(mode: str, *, token: str | None = None, token_url: str | None = None, client_id: str | None = None,
-              client_secret: str | None = None, private_key_file: Path | None = None, kid: str | None = None,
-              alg: str = "RS384", scope: str | None = None) -> Auth:
+def make_auth(
+    mode: str,
+    *,
+    token: str | None = None,
+    token_url: str | None = None,
+    client_id: str | None = None,
+    client_secret: str | None = None,
+    private_key_file: Path | None = None,
+    kid: str | None = None,
+    alg: str = "RS384",
+    scope: str | None = None,
+) -> Auth:
     """The Auth for CPIS_FHIR_AUTH_MODE; raises ValueError naming the missing setting."""
     if mode == "none":
         return NoAuth()
@@ -176,8 +192,9 @@ def make_auth(mode: str, *, token: str | None = None, token_url: str | None = No
             raise ValueError("CPIS_FHIR_AUTH_PRIVATE_KEY_FILE is required for CPIS_FHIR_AUTH_MODE=private-key-jwt")
         if alg not in ("RS384", "ES384", "RS512"):
             raise ValueError("CPIS_FHIR_AUTH_ALG must be RS384, ES384 or RS512")
-        return ClientCredentials(token_url, client_id, private_key=private_key_file.read_text(), kid=kid, alg=alg,
-                                 scope=scope)
+        return ClientCredentials(
+            token_url, client_id, private_key=private_key_file.read_text(), kid=kid, alg=alg, scope=scope
+        )
     raise ValueError(f"unknown CPIS_FHIR_AUTH_MODE {mode!r}")
 
 
@@ -321,9 +338,17 @@ class FhirClient:
     rate-limit reset, and by the sync relay while the server is unreachable), for the rate-limit budget the
     server announced (``RateLimit`` remaining/reset), and for a slot under the adaptive concurrency limit."""
 
-    def __init__(self, base_url: str, session: aiohttp.ClientSession, auth: Auth | None = None, *,
-                 timeout_s: float = 15.0, transient_attempts: int = 3, concurrency: int = 8,
-                 max_concurrency: int = 32) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        session: aiohttp.ClientSession,
+        auth: Auth | None = None,
+        *,
+        timeout_s: float = 15.0,
+        transient_attempts: int = 3,
+        concurrency: int = 8,
+        max_concurrency: int = 32,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session
         self.auth = auth or NoAuth()
@@ -358,8 +383,15 @@ class FhirClient:
     def url(self, path: str) -> str:
         return path if path.startswith(("http://", "https://")) else f"{self.base_url}/{path.lstrip('/')}"
 
-    async def request(self, method: str, path: str, body: Mapping[str, Any] | None = None,
-                      headers: Mapping[str, str] | None = None, *, probe: bool = False) -> FhirResponse:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        probe: bool = False,
+    ) -> FhirResponse:
         """Send one request; transport errors and timeouts are retried briefly, then raise FhirUnavailable and mark
         the server unreachable: until a ``probe`` request gets an answer, others fail at once without sending."""
         if not self.reachable and not probe:
@@ -367,8 +399,10 @@ class FhirClient:
         data = None if body is None else orjson.dumps(body)
         try:
             async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(self.transient_attempts), wait=wait_random_exponential(0.05, max=0.5),
-                retry=retry_if_exception_type(TRANSIENT), reraise=True,
+                stop=stop_after_attempt(self.transient_attempts),
+                wait=wait_random_exponential(0.05, max=0.5),
+                retry=retry_if_exception_type(TRANSIENT),
+                reraise=True,
             ):
                 with attempt:
                     resp = await self._limited(method, path, data, headers)
@@ -379,8 +413,9 @@ class FhirClient:
             raise FhirUnavailable(f"{method} {type(exc).__name__}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _limited(self, method: str, path: str, data: bytes | None,
-                       extra: Mapping[str, str] | None) -> FhirResponse:
+    async def _limited(
+        self, method: str, path: str, data: bytes | None, extra: Mapping[str, str] | None
+    ) -> FhirResponse:
         sent_at = await self.limit.acquire()
         signal = "none"
         try:
@@ -393,8 +428,7 @@ class FhirClient:
         finally:
             await self.limit.release(sent_at, signal)
 
-    async def _once(self, method: str, path: str, data: bytes | None,
-                    extra: Mapping[str, str] | None) -> FhirResponse:
+    async def _once(self, method: str, path: str, data: bytes | None, extra: Mapping[str, str] | None) -> FhirResponse:
         for auth_try in range(2):
             await self._wait_gate()
             headers = {"Accept": FHIR_JSON}
@@ -405,8 +439,9 @@ class FhirClient:
             if auth:
                 headers["Authorization"] = auth
             self.sent += 1
-            async with self.session.request(method, self.url(path), data=data, headers=headers,
-                                            timeout=self.timeout) as resp:
+            async with self.session.request(
+                method, self.url(path), data=data, headers=headers, timeout=self.timeout
+            ) as resp:
                 raw = await resp.read()
                 status = resp.status
                 resp_headers = CIMultiDict(resp.headers)  # header names are case-insensitive

@@ -89,16 +89,20 @@ def _plain(body: dict[str, Any], test_numbers_only: bool) -> InboundEncounter | 
     """The InboundEncounter of a plain, valid body without the model (~100 us a request), else None."""
     if not _PLAIN_KEYS.issuperset(body):
         return None
-    status, idents, cls, subject, period = (body.get(k) for k in ("status", "identifier", "class", "subject",
-                                                                  "period"))
+    status, idents, cls, subject, period = (body.get(k) for k in ("status", "identifier", "class", "subject", "period"))
     if not isinstance(status, str) or status not in STATUSES:
         return None
     if not isinstance(idents, list) or not idents:
         return None
     for i in idents:
-        if (not isinstance(i, dict) or i.keys() != {"system", "value"} or not isinstance(i["system"], str)
-                or not isinstance(i["value"], str) or not _TOKEN.fullmatch(i["system"])
-                or not _TOKEN.fullmatch(i["value"])):
+        if (
+            not isinstance(i, dict)
+            or i.keys() != {"system", "value"}
+            or not isinstance(i["system"], str)
+            or not isinstance(i["value"], str)
+            or not _TOKEN.fullmatch(i["system"])
+            or not _TOKEN.fullmatch(i["value"])
+        ):
             return None
     system, value = idents[0]["system"], idents[0]["value"]
     if len(system) + len(value) > MAX_IDENTIFIER:
@@ -111,8 +115,12 @@ def _plain(body: dict[str, Any], test_numbers_only: bool) -> InboundEncounter | 
     if not isinstance(subject, dict) or subject.keys() != {"identifier"}:
         return None
     sid = subject["identifier"]
-    if (not isinstance(sid, dict) or sid.keys() != {"system", "value"} or sid["system"] != NHS_NUMBER
-            or not isinstance(sid["value"], str)):
+    if (
+        not isinstance(sid, dict)
+        or sid.keys() != {"system", "value"}
+        or sid["system"] != NHS_NUMBER
+        or not isinstance(sid["value"], str)
+    ):
         return None
     if not isinstance(period, dict) or "start" not in period or not {"start", "end"}.issuperset(period):
         return None
@@ -187,8 +195,9 @@ def parse_encounter(body: object, *, test_numbers_only: bool, now: dt.datetime |
     inbound = _parse_encounter(body, test_numbers_only)
     problems = period_problems(inbound.minimal["period"], now or dt.datetime.now(dt.UTC))
     if problems:
-        raise ValidationFailed("the Encounter's period is out of range: " + ", ".join(p.field for p in problems),
-                               errors=problems)
+        raise ValidationFailed(
+            "the Encounter's period is out of range: " + ", ".join(p.field for p in problems), errors=problems
+        )
     return inbound
 
 
@@ -198,14 +207,17 @@ def _parse_encounter(body: object, test_numbers_only: bool) -> InboundEncounter:
         if plain is not None:
             return plain
     if not isinstance(body, dict) or body.get("resourceType") != "Encounter":
-        raise ValidationFailed("the body must be an R4 Encounter resource",
-                               errors=[FieldError("Encounter.resourceType", "must be Encounter")])
+        raise ValidationFailed(
+            "the body must be an R4 Encounter resource",
+            errors=[FieldError("Encounter.resourceType", "must be Encounter")],
+        )
     try:
         model = Encounter.model_validate(body)
     except ValidationError as exc:
         errors = [FieldError(_path(tuple(e["loc"])), str(e["msg"])[:200]) for e in exc.errors()[:10]]
-        raise ValidationFailed("the Encounter is not valid FHIR R4: " + ", ".join(e.field for e in errors),
-                               errors=errors) from None
+        raise ValidationFailed(
+            "the Encounter is not valid FHIR R4: " + ", ".join(e.field for e in errors), errors=errors
+        ) from None
     problems: list[FieldError] = []
     if model.status not in STATUSES:
         problems.append(FieldError("Encounter.status", "must be an Encounter status code"))
@@ -213,13 +225,15 @@ def _parse_encounter(body: object, test_numbers_only: bool) -> InboundEncounter:
     if ident is None:
         problems.append(FieldError("Encounter.identifier", "an identifier with system and value is required"))
     elif len(ident.system or "") + len(ident.value or "") > MAX_IDENTIFIER:
-        problems.append(FieldError("Encounter.identifier", f"system and value together must be at most "
-                                                           f"{MAX_IDENTIFIER} characters"))
+        problems.append(
+            FieldError("Encounter.identifier", f"system and value together must be at most {MAX_IDENTIFIER} characters")
+        )
     subject_ident = model.subject.identifier if model.subject is not None else None
     nhs: NhsNumber | None = None
     if subject_ident is None or subject_ident.system != NHS_NUMBER:
-        problems.append(FieldError("Encounter.subject.identifier", f"an identifier with system {NHS_NUMBER} "
-                                                                   "is required"))
+        problems.append(
+            FieldError("Encounter.subject.identifier", f"an identifier with system {NHS_NUMBER} is required")
+        )
     else:
         try:
             nhs = NhsNumber.parse(subject_ident.value, test_range_only=test_numbers_only)
@@ -237,8 +251,7 @@ def _parse_encounter(body: object, test_numbers_only: bool) -> InboundEncounter:
     if model.class_fhir is None or not model.class_fhir.code:
         problems.append(FieldError("Encounter.class", "a class code is required (e.g. v3-ActCode EMER)"))
     if problems:
-        raise ValidationFailed("the Encounter is incomplete: " + ", ".join(p.field for p in problems),
-                               errors=problems)
+        raise ValidationFailed("the Encounter is incomplete: " + ", ".join(p.field for p in problems), errors=problems)
     assert ident is not None and nhs is not None and arrived is not None and model.period is not None
     cls = model.class_fhir
     assert cls is not None
@@ -262,8 +275,11 @@ def retained(minimal: dict[str, Any], care_setting: str) -> dict[str, Any]:
 
 
 def with_id(stored: dict[str, Any], encounter_id: str) -> dict[str, Any]:
-    return {"resourceType": "Encounter", "id": encounter_id, **{k: v for k, v in stored.items()
-                                                                 if k not in ("resourceType", "id")}}
+    return {
+        "resourceType": "Encounter",
+        "id": encounter_id,
+        **{k: v for k, v in stored.items() if k not in ("resourceType", "id")},
+    }
 
 
 def care_setting_of(stored: dict[str, Any]) -> str | None:

@@ -119,8 +119,15 @@ class FhirFlagServer:
     ``updateCreate`` means id; without it, one ``PUT Flag/{uuid}`` is tried and id kept if it is accepted (so the
     server's ids equal the ED API's wherever the server allows it), else conditional."""
 
-    def __init__(self, client: FhirClient, *, mode: str = "auto", batch_above: int = 4, bundle_size: int = 100,
-                 bundles_in_flight: int = 2) -> None:
+    def __init__(
+        self,
+        client: FhirClient,
+        *,
+        mode: str = "auto",
+        batch_above: int = 4,
+        bundle_size: int = 100,
+        bundles_in_flight: int = 2,
+    ) -> None:
         self.client = client
         self.setting = mode
         self.mode: str | None = None if mode == "auto" else mode
@@ -180,8 +187,13 @@ class FhirFlagServer:
             problems.append("updateCreate is not declared (PUT Flag/{id} may be refused)")
         if self.mode == "conditional" and not caps.conditional_update:
             problems.append("conditionalUpdate is not declared")
-        extra = {"fhirVersion": caps.fhir_version, "mode": self.mode or "probe", "batch": caps.batch,
-                 "updateCreate": caps.update_create, "conditionalUpdate": caps.conditional_update}
+        extra = {
+            "fhirVersion": caps.fhir_version,
+            "mode": self.mode or "probe",
+            "batch": caps.batch,
+            "updateCreate": caps.update_create,
+            "conditionalUpdate": caps.conditional_update,
+        }
         if problems:
             log.warning("fhir.capabilities.mismatch: " + "; ".join(problems), extra=extra)
         else:
@@ -218,8 +230,10 @@ class FhirFlagServer:
             if first.outcome == "ok":
                 head, writes, targets = [first], writes[1:], targets[1:]
         if self.use_batch and len(writes) > self.batch_above:
-            chunks = [(writes[i : i + self.bundle_size], targets[i : i + self.bundle_size])
-                      for i in range(0, len(writes), self.bundle_size)]
+            chunks = [
+                (writes[i : i + self.bundle_size], targets[i : i + self.bundle_size])
+                for i in range(0, len(writes), self.bundle_size)
+            ]
             parts = await asyncio.gather(*(self._bundle(w, t) for w, t in chunks))
             return head + [r for part in parts for r in part]
         return head + await self._singles(writes, targets)
@@ -250,8 +264,14 @@ class FhirFlagServer:
             return _unavailable(exc)
         return await self._settle(write, resp.status, resp.body, resp.headers, resolve)
 
-    async def _settle(self, write: FlagWrite, status: int, body: Mapping[str, Any] | None,
-                      headers: Mapping[str, str] | None, resolve: bool = True) -> WriteResult:
+    async def _settle(
+        self,
+        write: FlagWrite,
+        status: int,
+        body: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+        resolve: bool = True,
+    ) -> WriteResult:
         result = classify(status, body, headers)
         if status == 412 and resolve and (_outcome_json(body) is None or _multiple_matches(body)):
             return await self._resolve_412(write, result)
@@ -328,16 +348,21 @@ class FhirFlagServer:
             return await self._verify(writes, targets)
         statuses = [_entry_status(a) for a in answers]
         unknown = [i for i, (status, _) in enumerate(statuses) if status == 0]
-        settled = await asyncio.gather(*(
-            self._settle(w, status, body, None) for w, (status, body) in zip(writes, statuses, strict=True)
-            if status != 0))
+        settled = await asyncio.gather(
+            *(
+                self._settle(w, status, body, None)
+                for w, (status, body) in zip(writes, statuses, strict=True)
+                if status != 0
+            )
+        )
         results: list[WriteResult | None] = [None] * len(writes)
         it = iter(settled)
         for i, (status, _) in enumerate(statuses):
             if status != 0:
                 results[i] = next(it)
         if unknown:
-            for i, r in zip(unknown, await self._verify([writes[i] for i in unknown], [targets[i] for i in unknown]),
-                            strict=True):
+            for i, r in zip(
+                unknown, await self._verify([writes[i] for i in unknown], [targets[i] for i in unknown]), strict=True
+            ):
                 results[i] = r
         return [r for r in results if r is not None]

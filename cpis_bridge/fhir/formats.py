@@ -17,14 +17,28 @@ CONTENT_TYPES: Final[dict[str, str]] = {"json": JSON_CT, "xml": XML_CT}
 
 # _format values (FHIR http.html#mime-type) and Accept media types we serve; "+" may arrive decoded as a space.
 _FORMAT_VALUES: Final[dict[str, Format]] = {
-    "json": "json", "application/json": "json", "application/fhir+json": "json", "application/json+fhir": "json",
+    "json": "json",
+    "application/json": "json",
+    "application/fhir+json": "json",
+    "application/json+fhir": "json",
     "text/json": "json",
-    "xml": "xml", "application/xml": "xml", "application/fhir+xml": "xml", "application/xml+fhir": "xml",
+    "xml": "xml",
+    "application/xml": "xml",
+    "application/fhir+xml": "xml",
+    "application/xml+fhir": "xml",
     "text/xml": "xml",
 }
 _ANY: Final = frozenset({"*/*", "application/*"})
-_JSON_AT_ONCE: Final = frozenset({"", "*/*", "application/fhir+json", "application/json", "application/json, */*",
-                                  "application/fhir+json, application/json"})
+_JSON_AT_ONCE: Final = frozenset(
+    {
+        "",
+        "*/*",
+        "application/fhir+json",
+        "application/json",
+        "application/json, */*",
+        "application/fhir+json, application/json",
+    }
+)
 
 
 class NotAcceptable(ValueError):

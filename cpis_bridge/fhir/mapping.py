@@ -26,14 +26,25 @@ SDS_JOB_ROLE: Final = "https://fhir.nhs.uk/CodeSystem/NHSDigital-SDS-JobRoleCode
 SDS_USER_ID: Final = "https://fhir.nhs.uk/Id/sds-user-id"
 # Displays of the national RBAC access roles that smartcard (CIS2) sessions carry; other codes go without one.
 SDS_JOB_ROLE_DISPLAY: Final = {
-    "R8000": "Clinical Practitioner Access Role", "R8001": "Nurse Access Role", "R8002": "Nurse Manager Access Role",
-    "R8003": "Health Professional Access Role", "R8004": "Healthcare Student Access Role",
-    "R8005": "Biomedical Scientist Access Role", "R8006": "Medical Secretary Access Role",
-    "R8007": "Clinical Coder Access Role", "R8008": "Admin/Clinical Support Access Role",
-    "R8009": "Receptionist Access Role", "R8010": "Clerical Access Role", "R8011": "Clerical Manager Access Role",
-    "R8012": "Information Officer Access Role", "R8013": "Health Records Manager Access Role",
-    "R8014": "Social Worker Access Role", "R8015": "Systems Support Access Role", "R8016": "Midwife Access Role",
-    "R8017": "Midwife Manager Access Role", "R8024": "Bank Access Role",
+    "R8000": "Clinical Practitioner Access Role",
+    "R8001": "Nurse Access Role",
+    "R8002": "Nurse Manager Access Role",
+    "R8003": "Health Professional Access Role",
+    "R8004": "Healthcare Student Access Role",
+    "R8005": "Biomedical Scientist Access Role",
+    "R8006": "Medical Secretary Access Role",
+    "R8007": "Clinical Coder Access Role",
+    "R8008": "Admin/Clinical Support Access Role",
+    "R8009": "Receptionist Access Role",
+    "R8010": "Clerical Access Role",
+    "R8011": "Clerical Manager Access Role",
+    "R8012": "Information Officer Access Role",
+    "R8013": "Health Records Manager Access Role",
+    "R8014": "Social Worker Access Role",
+    "R8015": "Systems Support Access Role",
+    "R8016": "Midwife Access Role",
+    "R8017": "Midwife Manager Access Role",
+    "R8024": "Bank Access Role",
 }
 
 # Our own systems and profiles (the same base as the Flag sync's identifier system).
@@ -132,16 +143,27 @@ def _la_reference(la: LocalAuthority | None, ods: str) -> dict[str, Any]:
 
 def _contact(purpose: tuple[str, str], phone: str) -> dict[str, Any]:
     return {
-        "purpose": {"coding": [{"system": CONTACT_PURPOSE, "code": purpose[0], "display": purpose[1]}],
-                    "text": purpose[1]},
+        "purpose": {
+            "coding": [{"system": CONTACT_PURPOSE, "code": purpose[0], "display": purpose[1]}],
+            "text": purpose[1],
+        },
         "telecom": [{"system": "phone", "value": phone, "use": "work"}],
     }
 
 
 def _phone(purpose: tuple[str, str], phone: str, rank: int) -> dict[str, Any]:
-    return {"extension": [{"url": EXT_CONTACT_PURPOSE,
-                           "valueCoding": {"system": CONTACT_PURPOSE, "code": purpose[0], "display": purpose[1]}}],
-            "system": "phone", "value": phone, "use": "work", "rank": rank}
+    return {
+        "extension": [
+            {
+                "url": EXT_CONTACT_PURPOSE,
+                "valueCoding": {"system": CONTACT_PURPOSE, "code": purpose[0], "display": purpose[1]},
+            }
+        ],
+        "system": "phone",
+        "value": phone,
+        "use": "work",
+        "rank": rank,
+    }
 
 
 @lru_cache(maxsize=1024)
@@ -173,12 +195,21 @@ def organization(la: LocalAuthority, office_open: bool) -> dict[str, Any]:
         "meta": {"profile": [PROFILE_ORGANIZATION]},
         "identifier": [ods_identifier(la.ods)],
         "active": True,
-        "type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/organization-type", "code": "govt",
-                              "display": "Government"}], "text": "Local authority children's services"}],
+        "type": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/organization-type",
+                        "code": "govt",
+                        "display": "Government",
+                    }
+                ],
+                "text": "Local authority children's services",
+            }
+        ],
         "name": la.name,
         "telecom": la_telecom(la, office_open),
-        "contact": [_contact(OFFICE_HOURS, la.office_hours_phone),
-                    _contact(EMERGENCY_DUTY, la.emergency_duty_phone)],
+        "contact": [_contact(OFFICE_HOURS, la.office_hours_phone), _contact(EMERGENCY_DUTY, la.emergency_duty_phone)],
     }
 
 
@@ -196,11 +227,17 @@ def careteam(record: Record, la: LocalAuthority | None, *, today: dt.date, offic
         "name": la.name if la is not None else record.la,
         "subject": {"identifier": nhs_identifier(record.nhs_number)},
         "period": _period(record),
-        "participant": [{
-            "role": [{"coding": [{"system": SNOMED, "code": "224608005", "display": "Social worker"}],
-                      "text": "Responsible local authority children's services"}],
-            "member": la_ref,
-        }],
+        "participant": [
+            {
+                "role": [
+                    {
+                        "coding": [{"system": SNOMED, "code": "224608005", "display": "Social worker"}],
+                        "text": "Responsible local authority children's services",
+                    }
+                ],
+                "member": la_ref,
+            }
+        ],
         "managingOrganization": [la_ref],
     }
     if la is not None:
@@ -234,7 +271,7 @@ def practitioner_role_id(access: Access) -> str:
 def user_identifier(user_id: str | None) -> dict[str, str]:
     """The national SDS user id when the token carried one (recorded as ``sds:<id>``), else our own user system."""
     if user_id and user_id.startswith(SDS_USER_PREFIX):
-        return {"system": SDS_USER_ID, "value": user_id[len(SDS_USER_PREFIX):]}
+        return {"system": SDS_USER_ID, "value": user_id[len(SDS_USER_PREFIX) :]}
     return {"system": USER_ID, "value": user_id or "unknown"}
 
 
@@ -281,43 +318,78 @@ def audit_event(
     if access.actor.user_name:
         who["display"] = access.actor.user_name
     agent: dict[str, Any] = {
-        "type": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110153",
-                             "display": "Source Role ID"}]},
+        "type": {
+            "coding": [
+                {
+                    "system": "http://dicom.nema.org/resources/ontology/DCM",
+                    "code": "110153",
+                    "display": "Source Role ID",
+                }
+            ]
+        },
         "who": who,
         "requestor": True,
     }
     if access.actor.role_code:
         agent["role"] = [job_role(access.actor.role_code)]
-    user_entity: dict[str, Any] = {"what": {"reference": role_ref},
-                                   "type": {"system": ROLE_CLASS, "code": "ASSIGNED", "display": "assigned entity"}}
+    user_entity: dict[str, Any] = {
+        "what": {"reference": role_ref},
+        "type": {"system": ROLE_CLASS, "code": "ASSIGNED", "display": "assigned entity"},
+    }
     if viewer is None or viewer == access.care_setting:
         user_entity["detail"] = [{"type": "sourceEventId", "valueString": access.source_event_id}]
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": access_id,
         "meta": {"profile": [PROFILE_AUDITEVENT]},
-        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
-                 "display": "RESTful Operation"},
-        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "search-type",
-                     "display": "search type"}],
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+            "display": "RESTful Operation",
+        },
+        "subtype": [
+            {"system": "http://hl7.org/fhir/restful-interaction", "code": "search-type", "display": "search type"}
+        ],
         "action": "R",
         "recorded": instant(access.occurred_at),
         "outcome": "0",
-        "purposeOfEvent": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
-                                        "code": "TREAT", "display": "treatment"}]}],
+        "purposeOfEvent": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason",
+                        "code": "TREAT",
+                        "display": "treatment",
+                    }
+                ]
+            }
+        ],
         "agent": [agent],
         "source": {
             "site": cs_type,
             "observer": {"identifier": ods_identifier(access.care_setting), "display": cs_name},
-            "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "1",
-                      "display": "User Device"}],
+            "type": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/security-source-type",
+                    "code": "1",
+                    "display": "User Device",
+                }
+            ],
         },
         "entity": [
-            {"what": {"identifier": nhs_identifier(nhs)},
-             "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1",
-                      "display": "Person"},
-             "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1",
-                      "display": "Patient"}},
+            {
+                "what": {"identifier": nhs_identifier(nhs)},
+                "type": {
+                    "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                    "code": "1",
+                    "display": "Person",
+                },
+                "role": {
+                    "system": "http://terminology.hl7.org/CodeSystem/object-role",
+                    "code": "1",
+                    "display": "Patient",
+                },
+            },
             user_entity,
         ],
     }
@@ -337,11 +409,13 @@ def searchset(
     total = 0
     for res in matches:
         total += 1
-        entries.append({"fullUrl": f"{base}/{res['resourceType']}/{res['id']}", "resource": res,
-                        "search": {"mode": "match"}})
+        entries.append(
+            {"fullUrl": f"{base}/{res['resourceType']}/{res['id']}", "resource": res, "search": {"mode": "match"}}
+        )
     for res in includes:
-        entries.append({"fullUrl": f"{base}/{res['resourceType']}/{res['id']}", "resource": res,
-                        "search": {"mode": "include"}})
+        entries.append(
+            {"fullUrl": f"{base}/{res['resourceType']}/{res['id']}", "resource": res, "search": {"mode": "include"}}
+        )
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "id": uuid4_text(),

@@ -91,7 +91,7 @@ def check_differential(instance: dict[str, Any], sd: dict[str, Any], valuesets: 
 
         def disc_values(item: Any) -> list[Any]:
             nodes = [item]
-            for part in ([] if disc == "$this" else disc.split(".")):
+            for part in [] if disc == "$this" else disc.split("."):
                 nodes = [c for n in nodes for c in _children(n, part)]
             return nodes
 
@@ -148,6 +148,8 @@ def conformance_problems(resource: dict[str, Any], sds: dict[str, dict[str, Any]
         return problems
     for url in (resource.get("meta") or {}).get("profile") or []:
         if url in sds:
-            problems += [f"{resource['resourceType']}/{resource.get('id')}: {p}"
-                         for p in check_differential(resource, sds[url], valuesets)]
+            problems += [
+                f"{resource['resourceType']}/{resource.get('id')}: {p}"
+                for p in check_differential(resource, sds[url], valuesets)
+            ]
     return problems

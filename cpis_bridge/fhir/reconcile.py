@@ -43,12 +43,18 @@ class Drift:
         return len(self.missing) + len(self.wrong) + len(self.extra) + len(self.duplicates)
 
     def counts(self) -> dict[str, int]:
-        return {"missing": len(self.missing), "wrong": len(self.wrong), "extra": len(self.extra),
-                "duplicates": len(self.duplicates), "failed": len(self.failed)}
+        return {
+            "missing": len(self.missing),
+            "wrong": len(self.wrong),
+            "extra": len(self.extra),
+            "duplicates": len(self.duplicates),
+            "failed": len(self.failed),
+        }
 
 
-async def server_flags(server: FhirFlagServer, *, page_size: int = 200, tick: Tick | None = None,
-                       max_pages: int = 100_000) -> dict[str, list[dict[str, Any]]]:
+async def server_flags(
+    server: FhirFlagServer, *, page_size: int = 200, tick: Tick | None = None, max_pages: int = 100_000
+) -> dict[str, list[dict[str, Any]]]:
     """Every Flag on the server carrying our identifier system, by readable key (following `next` links)."""
     url: str | None = f"Flag?identifier={quote(IDENTIFIER_SYSTEM, safe='')}%7C&_count={page_size}"
     found: dict[str, list[dict[str, Any]]] = {}
@@ -79,9 +85,14 @@ def kept(key: str, flags: list[dict[str, Any]]) -> dict[str, Any]:
     return keep_flag(flags, flag_id(la, local_id))
 
 
-async def compare(server: FhirFlagServer, records: AsyncIterable[list[Record]], *, day: dt.date,
-                  windows: VisibilityWindows, tick: Tick | None = None
-                  ) -> tuple[Drift, dict[str, FlagWrite], dict[str, list[dict[str, Any]]]]:
+async def compare(
+    server: FhirFlagServer,
+    records: AsyncIterable[list[Record]],
+    *,
+    day: dt.date,
+    windows: VisibilityWindows,
+    tick: Tick | None = None,
+) -> tuple[Drift, dict[str, FlagWrite], dict[str, list[dict[str, Any]]]]:
     """What differs. A record with several live Flags is a duplicate (one is kept, see keep_flag); the kept one is
     compared with the record; Flags already entered-in-error besides the kept one are settled and ignored."""
     wanted: dict[str, FlagWrite] = {}
@@ -118,8 +129,14 @@ async def _retire(server: FhirFlagServer, flag: dict[str, Any]) -> bool:
     return classify(resp.status, resp.body, resp.headers).outcome == "ok"
 
 
-async def repair(server: FhirFlagServer, drift: Drift, wanted: dict[str, FlagWrite],
-                 found: dict[str, list[dict[str, Any]]], *, tick: Tick | None = None) -> None:
+async def repair(
+    server: FhirFlagServer,
+    drift: Drift,
+    wanted: dict[str, FlagWrite],
+    found: dict[str, list[dict[str, Any]]],
+    *,
+    tick: Tick | None = None,
+) -> None:
     """Write what the records call for (to the kept Flag's id when one exists); mark duplicates besides the kept
     Flag, and our Flags without a record, entered-in-error."""
     keys = drift.missing + drift.wrong

@@ -62,8 +62,9 @@ def build_channels(
         channels: list[Channel] = []
         if la.webhook is not None:
             try:
-                channels.append(WebhookChannel(session, la.webhook.url, env(la.webhook.secret_env) or "",
-                                               timeout_s=timeout_s))
+                channels.append(
+                    WebhookChannel(session, la.webhook.url, env(la.webhook.secret_env) or "", timeout_s=timeout_s)
+                )
             except WebhookSecretError as exc:
                 log.error("delivery.webhook_misconfigured", extra={"la": la.ods, "env": la.webhook.secret_env})
                 channels.append(MisconfiguredChannel("webhook", str(exc)))

@@ -34,8 +34,9 @@ def communication(la: str, notification_id: str, nhs: str, body: bytes, sent: st
         "status": "completed",
         "subject": {"identifier": {"system": NHS_SYSTEM, "value": nhs}},
         "recipient": [{"identifier": {"system": ODS_SYSTEM, "value": la}}],
-        "payload": [{"contentAttachment": {"contentType": "application/json",
-                                           "data": base64.b64encode(body).decode()}}],
+        "payload": [
+            {"contentAttachment": {"contentType": "application/json", "data": base64.b64encode(body).decode()}}
+        ],
     }
     if sent:
         resource["sent"] = sent
@@ -45,8 +46,9 @@ def communication(la: str, notification_id: str, nhs: str, body: bytes, sent: st
 class FhirCommunicationChannel:
     name = "fhir"
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, *, auth: Auth | None = None,
-                 timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, *, auth: Auth | None = None, timeout_s: float = 10.0
+    ) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
         self.auth: Auth = auth or NoAuth()

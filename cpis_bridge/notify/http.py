@@ -58,8 +58,9 @@ async def send(
     timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def once() -> DeliveryResult:
-        async with session.request(method, url, data=body, headers=headers(), timeout=timeout,
-                                   allow_redirects=False) as resp:
+        async with session.request(
+            method, url, data=body, headers=headers(), timeout=timeout, allow_redirects=False
+        ) as resp:
             await resp.read()
             return classify(resp.status, resp.headers)
 
@@ -68,8 +69,10 @@ async def send(
             return await once()
         except aiohttp.ServerDisconnectedError:
             async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(aiohttp.ServerDisconnectedError), stop=stop_after_attempt(2),
-                wait=wait_fixed(0.01), reraise=True,
+                retry=retry_if_exception_type(aiohttp.ServerDisconnectedError),
+                stop=stop_after_attempt(2),
+                wait=wait_fixed(0.01),
+                reraise=True,
             ):
                 with attempt:
                     return await once()

@@ -48,8 +48,12 @@ class MetricsObserver:
             self.metrics.delivery_dead.labels(ch).set(s.dead)
 
 
-async def refresh_gauges(observer: MetricsObserver, stats: Callable[[], Awaitable[Mapping[str, ChannelStats]]],
-                         interval_s: float, stop: asyncio.Event) -> None:
+async def refresh_gauges(
+    observer: MetricsObserver,
+    stats: Callable[[], Awaitable[Mapping[str, ChannelStats]]],
+    interval_s: float,
+    stop: asyncio.Event,
+) -> None:
     """Keep the pending/oldest/dead gauges current (every process reports the shared outbox). Ends when ``stop`` is
     set: a cancel alone can be swallowed by a Redis call in flight (Python 3.11), which would leave it looping."""
     while not stop.is_set():

@@ -25,7 +25,7 @@ def signing_key(secret: str) -> bytes:
     if not secret.startswith(SECRET_PREFIX):
         raise WebhookSecretError("a webhook secret must start with whsec_")
     try:
-        return base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
+        return base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
     except ValueError:
         raise WebhookSecretError("a webhook secret must be whsec_ followed by base64") from None
 
@@ -38,8 +38,15 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
 class WebhookChannel:
     name = "webhook"
 
-    def __init__(self, session: aiohttp.ClientSession, url: str, secret: str, *, timeout_s: float = 10.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        secret: str,
+        *,
+        timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.session = session
         self.url = url
         self.key = signing_key(secret)

@@ -113,8 +113,13 @@ class AccessService:
         records, accesses = await self.store.history(nhs)
         visible = [r for r in records if r.is_visible(today_london(now), self.windows)]
         if ctx is not None:
-            entry = ctx.entry(f"read.{kind}", nhs if visible else None, now, found=bool(visible),
-                              returned=len(accesses[:HISTORY_LENGTH]) if visible else 0)
+            entry = ctx.entry(
+                f"read.{kind}",
+                nhs if visible else None,
+                now,
+                found=bool(visible),
+                returned=len(accesses[:HISTORY_LENGTH]) if visible else 0,
+            )
             await self.store.append_audit(nhs, entry)
         if not visible:
             return [], []

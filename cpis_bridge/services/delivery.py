@@ -138,8 +138,9 @@ class Plan:
     dead: DeadLetter | None = None
 
 
-def decide(policy: RetryPolicy, entry: QueueEntry, channel: str, result: DeliveryResult, now_ms: int,
-           rnd: float) -> Plan:
+def decide(
+    policy: RetryPolicy, entry: QueueEntry, channel: str, result: DeliveryResult, now_ms: int, rnd: float
+) -> Plan:
     """The fate of a failed attempt (pure, so the schedule is unit-testable)."""
     failures = entry.attempt + 1
     deadline = entry.first_ms + int(policy.max_age_s * 1000)
@@ -453,8 +454,10 @@ class Relay:
         extra = {"la": ep.la, "channel": ep.channel.name}
         self.observer.breaker(ep.channel.name, ep.la, state)
         if state == OPEN:
-            log.warning("delivery.breaker_open", extra={**extra, "failures": ep.breaker.failures,
-                                                        "cooldown_s": ep.breaker.cooldown_s})
+            log.warning(
+                "delivery.breaker_open",
+                extra={**extra, "failures": ep.breaker.failures, "cooldown_s": ep.breaker.cooldown_s},
+            )
             now_ms = self._now_ms()
             while ep.waiting:
                 self._set_aside(self._unwait(ep).job, ep, now_ms)
@@ -524,8 +527,14 @@ class Relay:
                 self._admit(job, local, targets, fields, now)
         self._update_room()
 
-    def _admit(self, job: _Job, local: list[_Endpoint], targets: list[Channel],
-               fields: Mapping[str, str] | Exception | None, now: float) -> None:
+    def _admit(
+        self,
+        job: _Job,
+        local: list[_Endpoint],
+        targets: list[Channel],
+        fields: Mapping[str, str] | Exception | None,
+        now: float,
+    ) -> None:
         """Build the body once, then queue the entry at each of its endpoints (or settle it: nothing to send, or a
         body that cannot be built, which is dead-lettered at once: retrying cannot fix stored data)."""
         entry = job.entry
@@ -641,13 +650,27 @@ class Relay:
         plan = decide(self.policy, entry, channel.name, result, self._now_ms(), self.rnd())
         if plan.retry is not None:
             self.observer.count(channel.name, "retried")
-        log.info("relay.attempt_failed", extra={"channel": channel.name, "la": entry.la, "outcome": result.outcome,
-                                                "status": result.status, "attempt": entry.attempt + 1,
-                                                "detail": result.detail})
+        log.info(
+            "relay.attempt_failed",
+            extra={
+                "channel": channel.name,
+                "la": entry.la,
+                "outcome": result.outcome,
+                "status": result.status,
+                "attempt": entry.attempt + 1,
+                "detail": result.detail,
+            },
+        )
         self._decided(job, retry=(plan.retry, plan.due_ms) if plan.retry is not None else None, dead=plan.dead)
 
-    def _decided(self, job: _Job, *, retry: tuple[QueueEntry, int] | None = None, dead: DeadLetter | None = None,
-                 hold: QueueEntry | None = None) -> None:
+    def _decided(
+        self,
+        job: _Job,
+        *,
+        retry: tuple[QueueEntry, int] | None = None,
+        dead: DeadLetter | None = None,
+        hold: QueueEntry | None = None,
+    ) -> None:
         """One channel of the job is decided (delivered when nothing is given); the last one settles the entry."""
         if retry is not None:
             job.retries.append(retry)
@@ -668,11 +691,20 @@ class Relay:
         entry = job.entry
         for dead in job.dead:
             self.observer.count(dead.channel, "dead")
-            log.warning("relay.dead_letter", extra={"channel": dead.channel, "la": entry.la, "reason": dead.reason,
-                                                    "status": dead.status, "detail": dead.detail})
+            log.warning(
+                "relay.dead_letter",
+                extra={
+                    "channel": dead.channel,
+                    "la": entry.la,
+                    "reason": dead.reason,
+                    "status": dead.status,
+                    "detail": dead.detail,
+                },
+            )
         try:
-            await self.outbox.settle(entry, notification_id=job.nid, retries=job.retries, dead=job.dead,
-                                     holds=job.holds)
+            await self.outbox.settle(
+                entry, notification_id=job.nid, retries=job.retries, dead=job.dead, holds=job.holds
+            )
         except Exception:
             log.exception("relay.settle_failed")  # still pending in the group: reclaimed and handled again
 
@@ -681,8 +713,13 @@ class Relay:
 class DeliveryAdmin:
     """The ops view of deliveries (docs/contract.md §8): per-channel counts and re-queueing a dead letter."""
 
-    def __init__(self, outbox: Outbox, audit: AuditLog, channels_of: Mapping[str, Sequence[str]],
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        audit: AuditLog,
+        channels_of: Mapping[str, Sequence[str]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.outbox = outbox
         self.audit = audit
         self.channels_of = channels_of
@@ -698,8 +735,9 @@ class DeliveryAdmin:
 
     async def retry_dead_letter(self, ctx: AuditContext, dead_id: str) -> None:
         ok = is_entry_id(dead_id) and await self.outbox.requeue_dead(dead_id, int(self.clock() * 1000))
-        await self.audit.append(None, ctx.entry("admin.dead-letter.retry", None, self._now(), deadLetter=dead_id,
-                                                found=ok))
+        await self.audit.append(
+            None, ctx.entry("admin.dead-letter.retry", None, self._now(), deadLetter=dead_id, found=ok)
+        )
         if not ok:
             raise NotFound("no such dead letter")
 

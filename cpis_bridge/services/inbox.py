@@ -113,12 +113,14 @@ class InboxService:
             body["acknowledged"] = acked
             items.append(body)
         last = rows[-1][0] if rows else (start or _CURSOR_START)
-        await self.audit.append(None, ctx.entry("notifications.read", None, self.clock(), count=len(items),
-                                                ids=[i["id"] for i in items]))
+        await self.audit.append(
+            None, ctx.entry("notifications.read", None, self.clock(), count=len(items), ids=[i["id"] for i in items])
+        )
         return {"notifications": items, "next": encode_cursor(last)}
 
-    async def browse(self, ctx: AuditContext, la: str, flt: InboxFilter, before: str | None,
-                     size: int) -> tuple[list[dict[str, Any]], str | None]:
+    async def browse(
+        self, ctx: AuditContext, la: str, flt: InboxFilter, before: str | None, size: int
+    ) -> tuple[list[dict[str, Any]], str | None]:
         """One page of notifications, newest first, matching ``flt``, older than the cursor ``before``; with the
         cursor of the next page (None on the last). Items carry no recent accesses. Audited like the pull inbox."""
         start = decode_cursor(before) if before else None
@@ -152,8 +154,9 @@ class InboxService:
             if scanned >= SCAN_BUDGET:
                 more = True
             chunk = min(2 * chunk, SCAN_CHUNK)
-        await self.audit.append(None, ctx.entry("notifications.read", None, self.clock(), count=len(items),
-                                                ids=[i["id"] for i in items]))
+        await self.audit.append(
+            None, ctx.entry("notifications.read", None, self.clock(), count=len(items), ids=[i["id"] for i in items])
+        )
         return items, encode_cursor(start) if more and start else None
 
     async def notification(self, ctx: AuditContext, la: str, notification_id: str) -> dict[str, Any]:
@@ -162,8 +165,9 @@ class InboxService:
         ref = await self.inbox.find(la, notification_id) if _uuid_like(notification_id) else None
         found = await self.inbox.entry(la, ref) if ref is not None else None
         if found is None:
-            await self.audit.append(None, ctx.entry("notification.read", None, self.clock(),
-                                                    notification=notification_id, found=False))
+            await self.audit.append(
+                None, ctx.entry("notification.read", None, self.clock(), notification=notification_id, found=False)
+            )
             raise NotFound("no such notification")
         fields, by = found
         try:
@@ -175,8 +179,11 @@ class InboxService:
         if by:
             at, _, rest = by.partition(SEP)
             subject, _, name = rest.partition(SEP)
-            body["acknowledgedBy"] = {"at": dt.datetime.fromtimestamp(int(at) / 1000, dt.UTC), "id": subject,
-                                      "name": name or None}
+            body["acknowledgedBy"] = {
+                "at": dt.datetime.fromtimestamp(int(at) / 1000, dt.UTC),
+                "id": subject,
+                "name": name or None,
+            }
         nhs = body["subject"]["nhsNumber"]
         await self.audit.append(nhs, ctx.entry("notification.read", nhs, self.clock(), notification=notification_id))
         return body
@@ -184,8 +191,9 @@ class InboxService:
     async def acknowledge(self, ctx: AuditContext, la: str, notification_id: str) -> None:
         ref = await self.inbox.find(la, notification_id) if _uuid_like(notification_id) else None
         now = self.clock()
-        await self.audit.append(None, ctx.entry("notifications.ack", None, now, notification=notification_id,
-                                                found=ref is not None))
+        await self.audit.append(
+            None, ctx.entry("notifications.ack", None, now, notification=notification_id, found=ref is not None)
+        )
         if ref is None:
             raise NotFound("no such notification")
         p = ctx.principal
@@ -222,8 +230,9 @@ class InboxFeed:
 
     QUEUE = 100
 
-    def __init__(self, inbox: Inbox, las: list[str], *, block_ms: int = 5000,
-                 unreadable: Unreadable = ignore_unreadable) -> None:
+    def __init__(
+        self, inbox: Inbox, las: list[str], *, block_ms: int = 5000, unreadable: Unreadable = ignore_unreadable
+    ) -> None:
         self.inbox = inbox
         self.las = las
         self.block_ms = block_ms

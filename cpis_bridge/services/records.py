@@ -46,8 +46,11 @@ class RecordService:
         """The write of one record with its audit entry; ``template`` is ``ctx.entry(action, None, now)`` (built once
         per batch in uploads), completed here with the record's number and ids."""
         last = record.last_visible_day(self.windows)
-        entry = {**template, "nhsNumber": str(record.nhs_number),
-                 "detail": {"localId": record.local_id, "la": record.la}}
+        entry = {
+            **template,
+            "nhsNumber": str(record.nhs_number),
+            "detail": {"localId": record.local_id, "la": record.la},
+        }
         return Change(record, None if last is None else epoch_day(last) + 1, entry)
 
     # -- single records -------------------------------------------------------------------------------------------

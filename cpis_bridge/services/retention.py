@@ -34,8 +34,14 @@ def record_expired(record: Record, today: dt.date, windows: VisibilityWindows, k
 
 
 class RetentionService:
-    def __init__(self, store: RetentionStore, *, policy: RetentionPolicy, windows: VisibilityWindows,
-                 unreadable: Unreadable = ignore_unreadable) -> None:
+    def __init__(
+        self,
+        store: RetentionStore,
+        *,
+        policy: RetentionPolicy,
+        windows: VisibilityWindows,
+        unreadable: Unreadable = ignore_unreadable,
+    ) -> None:
         self.store = store
         self.unreadable = unreadable
         self.policy = policy
@@ -61,10 +67,18 @@ class RetentionService:
         assert audit_cutoff is not None
         counts["auditEntries"] = await self.store.trim_audit(audit_cutoff)
         await self.store.audit_system(
-            ctx.entry("retention.purge", None, now, removed=counts, policy={
-                "recordDays": p.record_days, "accessDays": p.access_days, "inboxDays": p.inbox_days,
-                "auditDays": p.audit_days,
-            })
+            ctx.entry(
+                "retention.purge",
+                None,
+                now,
+                removed=counts,
+                policy={
+                    "recordDays": p.record_days,
+                    "accessDays": p.access_days,
+                    "inboxDays": p.inbox_days,
+                    "auditDays": p.audit_days,
+                },
+            )
         )
         return counts
 
@@ -77,21 +91,26 @@ class RetentionService:
         for rec in data.records:
             by_la.setdefault(rec.la, []).append(rec.to_api(visible=rec.is_visible(today, self.windows)))
         accesses = [
-            {**access.to_api(data.tag, {}), "careSetting": {"ods": access.care_setting},
-             "encounter": data.encounters.get(aid)}
+            {
+                **access.to_api(data.tag, {}),
+                "careSetting": {"ods": access.care_setting},
+                "encounter": data.encounters.get(aid),
+            }
             for aid, access in data.accesses
         ]
         inbox = []
         for item in data.inbox:
             try:
-                inbox.append({
-                    "la": item.la,
-                    "entryId": item.entry_id,
-                    "acknowledged": item.acknowledged,
-                    "queuedAt": _ms_instant(item.fields.get("at")),
-                    "access": _decoded_access(item.fields.get("acc"), data.tag),
-                    "records": _json_or_none(item.fields.get("recs")),
-                })
+                inbox.append(
+                    {
+                        "la": item.la,
+                        "entryId": item.entry_id,
+                        "acknowledged": item.acknowledged,
+                        "queuedAt": _ms_instant(item.fields.get("at")),
+                        "access": _decoded_access(item.fields.get("acc"), data.tag),
+                        "records": _json_or_none(item.fields.get("recs")),
+                    }
+                )
             except UNREADABLE:  # one stored entry no current writer produces must not stop the export
                 self.unreadable("notification")
         result: dict[str, Any] = {
@@ -104,10 +123,18 @@ class RetentionService:
             "systemAudit": data.system_audit,
         }
         await self.store.audit_system(
-            ctx.entry("subject-access.export", None, now, subjectTag=data.tag, counts={
-                "records": len(data.records), "accesses": len(accesses), "inboxNotifications": len(inbox),
-                "audit": len(data.audit) + len(data.system_audit),
-            })
+            ctx.entry(
+                "subject-access.export",
+                None,
+                now,
+                subjectTag=data.tag,
+                counts={
+                    "records": len(data.records),
+                    "accesses": len(accesses),
+                    "inboxNotifications": len(inbox),
+                    "audit": len(data.audit) + len(data.system_audit),
+                },
+            )
         )
         return result
 

@@ -95,8 +95,16 @@ class Journal:
     to_end: list[str]  # full mode: the records it ends, decided (and confirmed) before anything was applied
 
     def dumps(self) -> bytes:
-        return orjson.dumps({"sequence": self.sequence, "mode": self.mode.value, "contentType": self.content_type,
-                             "at": self.at, "templates": self.templates, "toEnd": self.to_end})
+        return orjson.dumps(
+            {
+                "sequence": self.sequence,
+                "mode": self.mode.value,
+                "contentType": self.content_type,
+                "at": self.at,
+                "templates": self.templates,
+                "toEnd": self.to_end,
+            }
+        )
 
     @classmethod
     def loads(cls, raw: bytes) -> Journal:
@@ -249,8 +257,12 @@ class UploadService:
                 to_end = await self._to_end(la, scanned.named, today_london(now))
                 await self._check_mass_end(la, to_end, confirm_end, content_type, body, now)
             journal = Journal(
-                meta.sequence, meta.mode, content_type, now.isoformat(),
-                {action: ctx.entry(action, None, now) for action in ("upload.record", "upload.end")}, to_end,
+                meta.sequence,
+                meta.mode,
+                content_type,
+                now.isoformat(),
+                {action: ctx.entry(action, None, now) for action in ("upload.record", "upload.end")},
+                to_end,
             )
             await self._journal(la, lease, journal, body, control, scanned.received / SURE_RATE)
             body.seek(0)
@@ -370,7 +382,12 @@ class UploadService:
         return sorted(out)
 
     async def _check_mass_end(
-        self, la: str, to_end: list[str], confirm_end: int | None, content_type: str, body: IO[bytes],
+        self,
+        la: str,
+        to_end: list[str],
+        confirm_end: int | None,
+        content_type: str,
+        body: IO[bytes],
         now: dt.datetime,
     ) -> None:
         """Refuse a full upload that would end more than the allowed fraction of the LA's visible records (and more
@@ -442,7 +459,12 @@ class UploadService:
         return report
 
     async def _next_batch(
-        self, out: ValidatedUpload, la: str, items: Iterator[object], now: dt.datetime, template: dict[str, Any],
+        self,
+        out: ValidatedUpload,
+        la: str,
+        items: Iterator[object],
+        now: dt.datetime,
+        template: dict[str, Any],
     ) -> list[Change] | None:
         """Validate up to BATCH more records on the event loop, a slice at a time, yielding between slices so the
         loop keeps flushing the batch Redis is waiting for (and serving other requests); None when the file is
@@ -460,8 +482,14 @@ class UploadService:
         return changes if taken else None
 
     def _validate_slice(
-        self, out: ValidatedUpload, la: str, items: Iterator[object], today: dt.date, template: dict[str, Any],
-        changes: list[Change], limit: int,
+        self,
+        out: ValidatedUpload,
+        la: str,
+        items: Iterator[object],
+        today: dt.date,
+        template: dict[str, Any],
+        changes: list[Change],
+        limit: int,
     ) -> int:
         """Validate up to ``limit`` more records, appending the accepted ones' changes; how many were read."""
         taken = 0
@@ -486,27 +514,39 @@ class UploadService:
             if lid_text is not None:
                 out.named.add(lid_text)
             out.rejections.append(
-                {"index": index, "localId": lid_text, "code": exc.code or RecordCode.VALIDATION_FAILED,
-                 "detail": exc.detail}
+                {
+                    "index": index,
+                    "localId": lid_text,
+                    "code": exc.code or RecordCode.VALIDATION_FAILED,
+                    "detail": exc.detail,
+                }
             )
             return None
         if record.local_id in out.named:
             out.rejections.append(
-                {"index": index, "localId": record.local_id, "code": RecordCode.VALIDATION_FAILED,
-                 "detail": "localId appears more than once in this upload"}
+                {
+                    "index": index,
+                    "localId": record.local_id,
+                    "code": RecordCode.VALIDATION_FAILED,
+                    "detail": "localId appears more than once in this upload",
+                }
             )
             return None
         out.named.add(record.local_id)
         return record
 
-    async def _end(self, la: str, lease: _Lease, local_ids: list[str], today: dt.date,
-                   template: dict[str, Any]) -> None:
+    async def _end(
+        self, la: str, lease: _Lease, local_ids: list[str], today: dt.date, template: dict[str, Any]
+    ) -> None:
         """End (end date = the upload's day) the given records, skipping any already ended (so a re-run after an
         interruption ends nothing twice)."""
         for start in range(0, len(local_ids), BATCH):
             records = await self.records.store.get_many(la, local_ids[start : start + BATCH])
-            changes = [self.records.change(_ended(r, today), template)
-                       for r in records if r is not None and not _is_ended(r, today)]
+            changes = [
+                self.records.change(_ended(r, today), template)
+                for r in records
+                if r is not None and not _is_ended(r, today)
+            ]
             if changes:
                 await self.records.store.apply(la, changes, lease=lease.token)
 
@@ -514,12 +554,14 @@ class UploadService:
 def _check_stopping(control: UploadControl, work_s: float) -> None:
     answer_by = control.answer_by()
     if answer_by is not None and time.monotonic() + work_s >= answer_by:
-        raise UploadInterrupted("the service is stopping; nothing of this upload was applied: send it again",
-                                applied=False)
+        raise UploadInterrupted(
+            "the service is stopping; nothing of this upload was applied: send it again", applied=False
+        )
 
 
-def _report(sequence: int, mode: UploadMode, code: FileCode, validated: ValidatedUpload, accepted: int,
-            ended: list[str]) -> dict[str, Any]:
+def _report(
+    sequence: int, mode: UploadMode, code: FileCode, validated: ValidatedUpload, accepted: int, ended: list[str]
+) -> dict[str, Any]:
     return {
         "sequence": sequence,
         "mode": mode.value,

@@ -36,9 +36,17 @@ def _as_dict(value: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class RedisAccessStore:
-    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, *, encounter_ttl_s: int,
-                 push_las: Iterable[str] = (), unreadable: Unreadable = ignore_unreadable,
-                 timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        scripts: Scripts,
+        *,
+        encounter_ttl_s: int,
+        push_las: Iterable[str] = (),
+        unreadable: Unreadable = ignore_unreadable,
+        timeout: float = 10.0,
+    ) -> None:
         """``push_las``: the LAs with a webhook or FHIR channel; only their notifications go to the delivery queue
         (every LA's goes to its pull inbox, indexed, in the same step). ``unreadable`` is told of each stored item a
         read skips because it cannot be decoded. ``timeout``: how long a look-up waits for Redis (inside the
@@ -107,8 +115,9 @@ class RedisAccessStore:
             access_id = access.access_id(tag)
         else:
             access_id = ""
-        return LookupOutcome(records, status, access, access_id or None,
-                             [Access.decode(a) for a in out[2]] if out[2] else [])
+        return LookupOutcome(
+            records, status, access, access_id or None, [Access.decode(a) for a in out[2]] if out[2] else []
+        )
 
     async def _eval_access(self, *keys_and_args: Any) -> Any:
         """EVALSHA of access.lua on the hot-path lane (redis-py's Script wrapper costs more per call than the

@@ -70,13 +70,15 @@ class RedisInbox:
                     return str(eid)
             end = "(" + rows[-1][0]
 
-    async def newest(self, la: str, before: str | None, oldest: str | None,
-                     count: int) -> list[tuple[str, dict[str, str], bool]]:
+    async def newest(
+        self, la: str, before: str | None, oldest: str | None, count: int
+    ) -> list[tuple[str, dict[str, str], bool]]:
         """Up to ``count`` entries, newest first, older than the entry id ``before`` (None: from the newest) and not
         older than the id ``oldest``, each with its acknowledged flag; without their recent accesses (a list needs
         none of them)."""
-        rows = await self.redis.xrevrange(self.keys.inbox(la), "(" + before if before else "+", oldest or "-",
-                                          count=count)
+        rows = await self.redis.xrevrange(
+            self.keys.inbox(la), "(" + before if before else "+", oldest or "-", count=count
+        )
         if not rows:
             return []
         flags = await self.redis.smismember(self.keys.inbox_acks(la), [r[0] for r in rows])
@@ -106,8 +108,7 @@ class RedisInbox:
     async def tail(self, after: Mapping[str, str], block_ms: int) -> list[tuple[str, str, dict[str, str]]]:
         """One XREAD over every LA's inbox (a single connection serves every watcher of the process)."""
         prefix = self.keys.inbox("")
-        got = await self.redis.xread({self.keys.inbox(la): eid for la, eid in after.items()}, count=500,
-                                     block=block_ms)
+        got = await self.redis.xread({self.keys.inbox(la): eid for la, eid in after.items()}, count=500, block=block_ms)
         return [(stream.removeprefix(prefix), eid, dict(f)) for stream, rows in got or [] for eid, f in rows]
 
     async def ack(self, la: str, ref: str, by: str = "") -> None:

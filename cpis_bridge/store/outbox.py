@@ -51,14 +51,34 @@ def to_entry(entry_id: str, f: Mapping[str, str]) -> QueueEntry:
             access_id=f.get("aid", ""),
         )
     except ValueError:
-        return QueueEntry(id=entry_id, la=f.get("la", ""), ref=f.get("ref", ""), channel=f.get("ch") or None,
-                          first_ms=entry_ms(entry_id), problem="queue entry: unreadable field")
+        return QueueEntry(
+            id=entry_id,
+            la=f.get("la", ""),
+            ref=f.get("ref", ""),
+            channel=f.get("ch") or None,
+            first_ms=entry_ms(entry_id),
+            problem="queue entry: unreadable field",
+        )
 
 
 def member(entry: QueueEntry) -> str:
     """A delay-zset member: the stream fields to re-add (unique per notification, channel and attempt)."""
-    fields = ["la", entry.la, "ref", entry.ref, "ch", entry.channel or "", "n", str(entry.attempt),
-              "t0", str(entry.first_ms), "c4", str(entry.client_error_since_ms), "aid", entry.access_id]
+    fields = [
+        "la",
+        entry.la,
+        "ref",
+        entry.ref,
+        "ch",
+        entry.channel or "",
+        "n",
+        str(entry.attempt),
+        "t0",
+        str(entry.first_ms),
+        "c4",
+        str(entry.client_error_since_ms),
+        "aid",
+        entry.access_id,
+    ]
     return orjson.dumps(fields).decode()
 
 
@@ -94,8 +114,19 @@ class RedisOutbox:
 
     async def read(self, consumer: str, count: int, block_ms: int) -> list[QueueEntry]:
         try:
-            out = await self.lane.call("XREADGROUP", "GROUP", GROUP, consumer, "COUNT", max(count, 1),
-                                       "BLOCK", block_ms, "STREAMS", self.keys.notify_queue, ">")
+            out = await self.lane.call(
+                "XREADGROUP",
+                "GROUP",
+                GROUP,
+                consumer,
+                "COUNT",
+                max(count, 1),
+                "BLOCK",
+                block_ms,
+                "STREAMS",
+                self.keys.notify_queue,
+                ">",
+            )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -108,8 +139,7 @@ class RedisOutbox:
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[QueueEntry]:
         try:
-            out = await self.redis.xautoclaim(self.keys.notify_queue, GROUP, consumer, min_idle_ms, "0-0",
-                                              count=count)
+            out = await self.redis.xautoclaim(self.keys.notify_queue, GROUP, consumer, min_idle_ms, "0-0", count=count)
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -177,9 +207,24 @@ class RedisOutbox:
         args.append(len(dead))
         now = int(time.time() * 1000)
         for d in dead:
-            fields = ["channel", d.channel, "la", entry.la, "ref", entry.ref, "reason", d.reason,
-                      "status", "" if d.status is None else str(d.status), "at", str(now),
-                      "attempts", str(entry.attempt + 1), "t0", str(entry.first_ms)]
+            fields = [
+                "channel",
+                d.channel,
+                "la",
+                entry.la,
+                "ref",
+                entry.ref,
+                "reason",
+                d.reason,
+                "status",
+                "" if d.status is None else str(d.status),
+                "at",
+                str(now),
+                "attempts",
+                str(entry.attempt + 1),
+                "t0",
+                str(entry.first_ms),
+            ]
             if d.detail:
                 fields += ["detail", d.detail]
             args += [len(fields) // 2, *fields]
@@ -230,7 +275,8 @@ class RedisOutbox:
         todo = list(range(len(calls)))
         for attempt in (1, 2):
             out = await self.lane.pipeline(
-                [("EVALSHA", script.sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in todo])
+                [("EVALSHA", script.sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in todo]
+            )
             for i, result in zip(todo, out, strict=True):
                 results[i] = result
             todo = [i for i, result in zip(todo, out, strict=True) if isinstance(result, NoScriptError)]
@@ -252,8 +298,12 @@ class RedisOutbox:
 
     async def release(self, la: str, channel: str, count: int, expired_before_ms: int) -> int:
         k = self.keys
-        return int(await self._release(keys=[k.notify_held(la, channel), k.notify_queue, k.notify_held_index],
-                                       args=[max(count, 0), expired_before_ms, f"{channel}:{la}", 500]))
+        return int(
+            await self._release(
+                keys=[k.notify_held(la, channel), k.notify_queue, k.notify_held_index],
+                args=[max(count, 0), expired_before_ms, f"{channel}:{la}", 500],
+            )
+        )
 
     async def pause(self, la: str, channel: str, until_ms: int) -> None:
         ttl = max(until_ms - int(time.time() * 1000), 1)
@@ -321,8 +371,12 @@ class RedisOutbox:
             if first_ms is not None:
                 seen("inbox", first_ms)
         return {
-            ch: ChannelStats(pending[ch], retrying.get(ch, 0), dead.get(ch, 0),
-                             max(now_ms - oldest[ch], 0) / 1000 if ch in oldest else 0.0)
+            ch: ChannelStats(
+                pending[ch],
+                retrying.get(ch, 0),
+                dead.get(ch, 0),
+                max(now_ms - oldest[ch], 0) / 1000 if ch in oldest else 0.0,
+            )
             for ch in CHANNELS
         }
 

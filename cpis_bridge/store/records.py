@@ -140,8 +140,14 @@ class RedisRecordStore:
             try:
                 out = await self.scripts.apply_records(
                     keys=[ids_key, k.sync_queue, k.sync_schedule, k.la_lock(la)],
-                    args=[la, instant(_now()), "1" if self.sync_enabled else "0", len(pending), _FS.join(parts),
-                          lease or ""],
+                    args=[
+                        la,
+                        instant(_now()),
+                        "1" if self.sync_enabled else "0",
+                        len(pending),
+                        _FS.join(parts),
+                        lease or "",
+                    ],
                 )
             except ResponseError as exc:
                 if str(exc).startswith("LEASE"):
@@ -165,8 +171,13 @@ class RedisRecordStore:
                 return False
             tag = self.keys.tag(nhs)
             done = await self.scripts.erase_record(
-                keys=[self.keys.la_ids(la), self.keys.records(tag), self.keys.sync_queue, self.keys.sync_schedule,
-                      self.keys.audit(tag)],
+                keys=[
+                    self.keys.la_ids(la),
+                    self.keys.records(tag),
+                    self.keys.sync_queue,
+                    self.keys.sync_schedule,
+                    self.keys.audit(tag),
+                ],
                 args=[la, local_id, nhs, "1" if self.sync_enabled else "0", orjson.dumps(dict(audit))],
             )
             if int(done) >= 0:

@@ -22,8 +22,9 @@ READ_BATCH = 1000
 
 
 class RedisRetentionStore:
-    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts, *,
-                 unreadable: Unreadable = ignore_unreadable) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, scripts: Scripts, *, unreadable: Unreadable = ignore_unreadable
+    ) -> None:
         self.redis = redis
         self.unreadable = unreadable
         self.keys = keys

@@ -62,8 +62,14 @@ def _stream_messages(resp: Any) -> list[tuple[str, dict[str, str]]]:
         return out
     streams = resp.items() if isinstance(resp, dict) else resp
     for _name, messages in streams:
-        if isinstance(resp, dict) and messages and isinstance(messages[0], list) and len(messages) == 1 \
-                and messages[0] and isinstance(messages[0][0], (list, tuple)):
+        if (
+            isinstance(resp, dict)
+            and messages
+            and isinstance(messages[0], list)
+            and len(messages) == 1
+            and messages[0]
+            and isinstance(messages[0][0], (list, tuple))
+        ):
             messages = messages[0]  # RESP3 nests the entries one level deeper
         for entry_id, fields in messages:
             if fields is not None:
@@ -235,7 +241,7 @@ class RedisSyncQueue:
     async def all_records(self, batch: int = 500) -> AsyncIterator[list[Record]]:
         """Every stored record, LA by LA, in batches."""
         suffix_len = len(":ids")
-        head = len(self.keys.la_ids(""))  - suffix_len
+        head = len(self.keys.la_ids("")) - suffix_len
         async for key in self.redis.scan_iter(match=self.keys.pattern("la:*:ids"), count=500):
             la = key[head:-suffix_len]
             cursor = 0
@@ -247,7 +253,10 @@ class RedisSyncQueue:
                         for lid, nhs in pairs:
                             pipe.hget(self.keys.records(self.keys.tag(nhs)), Keys.record_field(la, lid))
                         raws = await pipe.execute()
-                    yield [Record.from_compact(la, lid, orjson.loads(raw))
-                           for (lid, _nhs), raw in zip(pairs, raws, strict=True) if raw is not None]
+                    yield [
+                        Record.from_compact(la, lid, orjson.loads(raw))
+                        for (lid, _nhs), raw in zip(pairs, raws, strict=True)
+                        if raw is not None
+                    ]
                 if cursor == 0:
                     break

@@ -1,7 +1,7 @@
 """Web view state in Redis: server-side sessions (an aiohttp-session storage) and the sign-in failure counters.
 
-  P:web:s:<id>         STRING the session's JSON, expiring after the idle timeout (every request renews it)
-  P:web:fail:<client>  STRING failed sign-ins from one client address in the current window (INCR, EXPIRE)
+P:web:s:<id>         STRING the session's JSON, expiring after the idle timeout (every request renews it)
+P:web:fail:<client>  STRING failed sign-ins from one client address in the current window (INCR, EXPIRE)
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ class RedisSessionStorage(AbstractStorage):
     """Sessions held in Redis under the deployment's key prefix; the cookie carries only a random id. The cookie has
     no expiry of its own (it ends with the browser); the Redis key expires ``idle_s`` after the last request."""
 
-    def __init__(self, client: Callable[[], tuple[Redis, Keys]], *, cookie_name: str, idle_s: int,
-                 secure: bool = True) -> None:
+    def __init__(
+        self, client: Callable[[], tuple[Redis, Keys]], *, cookie_name: str, idle_s: int, secure: bool = True
+    ) -> None:
         super().__init__(cookie_name=cookie_name, path="/", secure=secure, httponly=True, samesite="Lax")
         self._client = client  # the app's Redis exists only once it has started
         self.idle_s = idle_s
@@ -59,7 +60,6 @@ class RedisSessionStorage(AbstractStorage):
             self.save_cookie(response, sid)
         data = self._get_session_data(session)
         await redis.set(self._key(str(sid)), orjson.dumps(data), ex=self.idle_s)
-
 
     async def alive(self, sid: str) -> bool:
         """Whether the session still exists (a long-lived stream checks now and then that it has not ended)."""

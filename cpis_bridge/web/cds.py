@@ -171,8 +171,9 @@ async def call_service(request: web.Request) -> web.Response:
     context = _context(body, service_id)
     arrived = _arrival(body) if service_id == cds.ENCOUNTER_START else None
     server = _fhir_server(request, body)
-    patient, user = await asyncio.gather(_patient(request, body, server, context["patientId"]),
-                                         _user(request, body, server, context.get("userId")))
+    patient, user = await asyncio.gather(
+        _patient(request, body, server, context["patientId"]), _user(request, body, server, context.get("userId"))
+    )
     settings = request.app[SETTINGS]
     try:
         nhs = NhsNumber.parse(cds.nhs_number_of(patient), test_range_only=settings.only_test_numbers)
@@ -186,8 +187,15 @@ async def call_service(request: web.Request) -> web.Response:
         source_event_id = encounter_id
     else:  # care setting and NHS number are part of the idempotency key already; never embed the number
         source_event_id = "patient-view:" + (encounter_id or today_london().isoformat())
-    req = LookupRequest(nhs=nhs, care_setting=setting, kind=_KINDS[service_id], unscheduled_claimed=True,
-                        source_event_id=source_event_id, arrived_at=arrived, recent=True)
+    req = LookupRequest(
+        nhs=nhs,
+        care_setting=setting,
+        kind=_KINDS[service_id],
+        unscheduled_claimed=True,
+        source_event_id=source_event_id,
+        arrived_at=arrived,
+        recent=True,
+    )
     access = request.app[ACCESS]
     out = await access.lookup(_acting(request, user), req)
     request.app[METRICS].accesses.labels(
@@ -198,8 +206,9 @@ async def call_service(request: web.Request) -> web.Response:
     now = dt.datetime.now(dt.UTC)
     open_now = {r.la: office_open(las[r.la].office_hours, now) for r in out.records if r.la in las}
     names = {ods: cs.name for ods, cs in registry.care_settings.items()}
-    return json_response(cds.cards(out.records, las, today=access.today(), open_now=open_now, recent=out.recent,
-                                   care_settings=names))
+    return json_response(
+        cds.cards(out.records, las, today=access.today(), open_now=open_now, recent=out.recent, care_settings=names)
+    )
 
 
 def _feedback_entry(item: Any, index: int) -> dict[str, Any]:
@@ -223,9 +232,14 @@ def _feedback_entry(item: Any, index: int) -> dict[str, Any]:
     problem = instant_problem(when)
     if problem is not None:
         raise UnreadableInput(f"{where}.outcomeTimestamp {problem}")
-    entry: dict[str, Any] = {"card": card_id, "outcome": outcome,
-                             "outcomeTimestamp": (when if when.tzinfo else when.replace(tzinfo=dt.UTC))
-                             .astimezone(dt.UTC).isoformat().replace("+00:00", "Z")}
+    entry: dict[str, Any] = {
+        "card": card_id,
+        "outcome": outcome,
+        "outcomeTimestamp": (when if when.tzinfo else when.replace(tzinfo=dt.UTC))
+        .astimezone(dt.UTC)
+        .isoformat()
+        .replace("+00:00", "Z"),
+    }
     reason = item.get("overrideReason")
     coding = reason.get("reason") if isinstance(reason, dict) else None
     if isinstance(coding, dict) and isinstance(coding.get("code"), str):
@@ -248,8 +262,9 @@ async def feedback(request: web.Request) -> web.Response:
         raise UnreadableInput(f"feedback must be a list of 1 to {MAX_FEEDBACK} items")
     entries = [_feedback_entry(item, i) for i, item in enumerate(items)]
     ctx = audit_context(request)
-    await request.app[AUDIT].append(None, ctx.entry("cds.feedback", None, dt.datetime.now(dt.UTC),
-                                                    service=service_id, feedback=entries))
+    await request.app[AUDIT].append(
+        None, ctx.entry("cds.feedback", None, dt.datetime.now(dt.UTC), service=service_id, feedback=entries)
+    )
     return web.Response(status=200)
 
 

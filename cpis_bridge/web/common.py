@@ -64,9 +64,7 @@ def audit_context(request: web.Request) -> AuditContext:
 def json_response(
     body: Any, *, status: int = 200, content_type: str = "application/json", headers: dict[str, str] | None = None
 ) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(body), status=status, content_type=content_type, headers=headers
-    )
+    return web.Response(body=orjson.dumps(body), status=status, content_type=content_type, headers=headers)
 
 
 PROBLEM_TYPE_BASE = "https://cpis-bridge.example/problems/"
@@ -123,7 +121,7 @@ def nesting_within(buf: bytes | mmap.mmap, limit: int, *, chunk_size: int = _CHU
     skeleton = bytearray()
     escaped = in_string = False  # carried across chunk boundaries
     for start in range(0, len(buf), chunk_size):
-        chunk = buf[start:start + chunk_size]
+        chunk = buf[start : start + chunk_size]
         if escaped:
             chunk, escaped = chunk[1:], False
         if b"\\" in chunk:
@@ -135,10 +133,10 @@ def nesting_within(buf: bytes | mmap.mmap, limit: int, *, chunk_size: int = _CHU
             end = chunk.find(b'"')
             if end < 0:
                 continue
-            chunk, in_string = chunk[end + 1:], False
+            chunk, in_string = chunk[end + 1 :], False
         if b'"' in chunk:
             if chunk.count(b'"') % 2:  # the last string runs on into the next chunk
-                chunk, in_string = chunk[:chunk.rfind(b'"')], True
+                chunk, in_string = chunk[: chunk.rfind(b'"')], True
             bare = chunk.replace(b'""', b"")  # strings rarely hold brackets: then each is "" here
             chunk = bare if b'"' not in bare else b"".join(chunk.split(b'"')[::2])
         skeleton += chunk

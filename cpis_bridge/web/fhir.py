@@ -47,7 +47,8 @@ BAD_HEADER: Final = "PRECONDITION_FAILED"
 # form some clients send); a bare `patient=` names a Patient resource id, which this API does not hold.
 PATIENT_NAMES: Final = ("patient:identifier", "patient.identifier")
 PATIENT_PARAM: Final = SearchParam(
-    "patient", "reference",
+    "patient",
+    "reference",
     "Required, with the :identifier modifier: patient:identifier=https://fhir.nhs.uk/Id/nhs-number|{nhs}, the "
     "child's (or, for UCPP, the mother's) NHS number.",
 )
@@ -56,8 +57,14 @@ FORMAT_PARAM: Final = SearchParam(
 )
 INCLUDE_ASSIGNED: Final = f"AuditEvent:entity-type={m.ROLE_CLASS}|ASSIGNED"
 # Every _include naming the accessing user's PractitionerRole (the national statement's short form among them).
-AUDIT_INCLUDES: Final = (INCLUDE_ASSIGNED, "AuditEvent:agent", "AuditEvent:agent:PractitionerRole",
-                         "AuditEvent:entity", "AuditEvent:entity:PractitionerRole", "PractitionerRole")
+AUDIT_INCLUDES: Final = (
+    INCLUDE_ASSIGNED,
+    "AuditEvent:agent",
+    "AuditEvent:agent:PractitionerRole",
+    "AuditEvent:entity",
+    "AuditEvent:entity:PractitionerRole",
+    "PractitionerRole",
+)
 # The LA Organization is always included with CareTeams; these name it and are accepted.
 CARETEAM_INCLUDES: Final = ("CareTeam:participant", "CareTeam:participant:Organization", "Organization")
 SEARCH_PARAMS: Final = frozenset(PATIENT_NAMES)
@@ -84,8 +91,9 @@ def routed_interactions(app: web.Application) -> list[Interaction]:
     return out
 
 
-def fhir_response(request: web.Request, body: dict[str, Any], *, status: int = 200,
-                  headers: dict[str, str] | None = None) -> web.Response:
+def fhir_response(
+    request: web.Request, body: dict[str, Any], *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     """In the format negotiated for the request (JSON unless XML was asked for)."""
     fmt = request.get(FHIR_FORMAT) or "json"
     if fmt == "json":
@@ -96,8 +104,9 @@ def fhir_response(request: web.Request, body: dict[str, Any], *, status: int = 2
 # -- request parsing ------------------------------------------------------------------------------------------------
 
 
-def search_params(query: MultiMapping[str], allowed: frozenset[str],
-                  includes: tuple[str, ...] = ()) -> tuple[dict[str, str], list[str]]:
+def search_params(
+    query: MultiMapping[str], allowed: frozenset[str], includes: tuple[str, ...] = ()
+) -> tuple[dict[str, str], list[str]]:
     """Strict search handling: unknown or repeated parameters are a 400 (names are echoed, never values).
     ``_include`` may repeat, each one of ``includes``; ``_format`` was honoured before the handler ran."""
     out: dict[str, str] = {}
@@ -173,8 +182,13 @@ async def lookup_for_search(request: web.Request, kind: str) -> LookupOutcome:
     """CareTeam and Flag searches: the same access rule (an ED must not see the alert without the LA hearing)."""
     params, _ = search_params(request.query, SEARCH_PARAMS, CARETEAM_INCLUDES if kind == "careteam" else ())
     nhs = patient_nhs(params, test_numbers_only=request.app[SETTINGS].only_test_numbers)
-    req = LookupRequest(nhs=nhs, care_setting=calling_setting(request), kind=kind,
-                        unscheduled_claimed=unscheduled_claimed(request), source_event_id=request.get(TRACE_ID))
+    req = LookupRequest(
+        nhs=nhs,
+        care_setting=calling_setting(request),
+        kind=kind,
+        unscheduled_claimed=unscheduled_claimed(request),
+        source_event_id=request.get(TRACE_ID),
+    )
     out = await request.app[ACCESS].lookup(audit_context(request), req)
     count_access(request, unscheduled=AccessService.is_unscheduled(req), flagged=bool(out.records))
     return out
@@ -201,24 +215,33 @@ def _organization(la: LocalAuthority, office_open: bool) -> dict[str, Any]:
 @allow(public=True)
 @fhir()
 async def metadata(request: web.Request) -> web.Response:
-    body = capability_statement(routed_interactions(request.app), version=__version__, date=CAPABILITY_DATE,
-                                base_url=fhir_base(request))
+    body = capability_statement(
+        routed_interactions(request.app), version=__version__, date=CAPABILITY_DATE, base_url=fhir_base(request)
+    )
     return fhir_response(request, body)
 
 
 @routes.get("/fhir/CareTeam", allow_head=False)  # a HEAD must not record an access
 @allow(CS)
-@fhir(Interaction("CareTeam", "search-type", m.PROFILE_CARETEAM, (PATIENT_PARAM, FORMAT_PARAM),
-                  includes=CARETEAM_INCLUDES,
-                  documentation="One CareTeam per visible record; the LA Organization as search.mode=include "
-                                "(always, with or without _include). An unscheduled access is recorded and the LA "
-                                "notified."))
+@fhir(
+    Interaction(
+        "CareTeam",
+        "search-type",
+        m.PROFILE_CARETEAM,
+        (PATIENT_PARAM, FORMAT_PARAM),
+        includes=CARETEAM_INCLUDES,
+        documentation="One CareTeam per visible record; the LA Organization as search.mode=include "
+        "(always, with or without _include). An unscheduled access is recorded and the LA "
+        "notified.",
+    )
+)
 async def search_careteam(request: web.Request) -> web.Response:
     out = await lookup_for_search(request, "careteam")
     las = request.app[REGISTRY].local_authorities
     today, now = request.app[ACCESS].today(), dt.datetime.now(dt.UTC)
-    owners = {la: office_open(las[la].office_hours, now) for la in dict.fromkeys(r.la for r in out.records)
-              if la in las}
+    owners = {
+        la: office_open(las[la].office_hours, now) for la in dict.fromkeys(r.la for r in out.records) if la in las
+    }
     teams = [m.careteam(r, las.get(r.la), today=today, office_open=owners.get(r.la, False)) for r in out.records]
     orgs = [_organization(las[la], is_open) for la, is_open in owners.items()]
     return fhir_response(request, m.searchset(fhir_base(request), self_link(request), teams, orgs))
@@ -226,9 +249,16 @@ async def search_careteam(request: web.Request) -> web.Response:
 
 @routes.get("/fhir/Flag", allow_head=False)  # a HEAD must not record an access
 @allow(CS)
-@fhir(Interaction("Flag", "search-type", m.PROFILE_FLAG, (PATIENT_PARAM, FORMAT_PARAM),
-                  supported_profiles=(m.UKCORE_FLAG,),
-                  documentation="One UK Core Flag per visible record; an access exactly as for CareTeam."))
+@fhir(
+    Interaction(
+        "Flag",
+        "search-type",
+        m.PROFILE_FLAG,
+        (PATIENT_PARAM, FORMAT_PARAM),
+        supported_profiles=(m.UKCORE_FLAG,),
+        documentation="One UK Core Flag per visible record; an access exactly as for CareTeam.",
+    )
+)
 async def search_flag(request: web.Request) -> web.Response:
     out = await lookup_for_search(request, "flag")
     las = request.app[REGISTRY].local_authorities
@@ -238,11 +268,18 @@ async def search_flag(request: web.Request) -> web.Response:
 
 @routes.get("/fhir/AuditEvent", allow_head=False)  # a HEAD must not record an access
 @allow(CS)
-@fhir(Interaction("AuditEvent", "search-type", m.PROFILE_AUDITEVENT, (PATIENT_PARAM, FORMAT_PARAM),
-                  includes=AUDIT_INCLUDES,
-                  documentation="The last 25 unscheduled accesses, newest first; never itself an access. Each "
-                                "care setting sees the TraceIDs and attendance identifiers of its own accesses "
-                                "only. Any of the _include values adds each accessing user's PractitionerRole."))
+@fhir(
+    Interaction(
+        "AuditEvent",
+        "search-type",
+        m.PROFILE_AUDITEVENT,
+        (PATIENT_PARAM, FORMAT_PARAM),
+        includes=AUDIT_INCLUDES,
+        documentation="The last 25 unscheduled accesses, newest first; never itself an access. Each "
+        "care setting sees the TraceIDs and attendance identifiers of its own accesses "
+        "only. Any of the _include values adds each accessing user's PractitionerRole.",
+    )
+)
 async def search_auditevent(request: web.Request) -> web.Response:
     params, includes = search_params(request.query, SEARCH_PARAMS, AUDIT_INCLUDES)
     nhs = patient_nhs(params, test_numbers_only=request.app[SETTINGS].only_test_numbers)
@@ -272,8 +309,14 @@ def _resource_id(request: web.Request, kind: str) -> str:
 
 @routes.get("/fhir/Organization/{id}", allow_head=False)
 @allow(CS)
-@fhir(Interaction("Organization", "read", m.PROFILE_ORGANIZATION,
-                  documentation="A local authority of the registry (the one CareTeams refer to), by ODS code."))
+@fhir(
+    Interaction(
+        "Organization",
+        "read",
+        m.PROFILE_ORGANIZATION,
+        documentation="A local authority of the registry (the one CareTeams refer to), by ODS code.",
+    )
+)
 async def read_organization(request: web.Request) -> web.Response:
     la = request.app[REGISTRY].local_authorities.get(_resource_id(request, "Organization"))
     if la is None:
@@ -283,8 +326,13 @@ async def read_organization(request: web.Request) -> web.Response:
 
 @routes.get("/fhir/PractitionerRole/{id}", allow_head=False)
 @allow(CS)
-@fhir(Interaction("PractitionerRole", "read",
-                  documentation="An accessing user in their care setting, as an AuditEvent referred to it."))
+@fhir(
+    Interaction(
+        "PractitionerRole",
+        "read",
+        documentation="An accessing user in their care setting, as an AuditEvent referred to it.",
+    )
+)
 async def read_practitioner_role(request: web.Request) -> web.Response:
     role = await request.app[ACCESS].practitioner_role(_resource_id(request, "PractitionerRole"))
     if role is None:
@@ -294,11 +342,17 @@ async def read_practitioner_role(request: web.Request) -> web.Response:
 
 @routes.post("/fhir/Encounter")
 @allow(CS)
-@fhir(Interaction("Encounter", "create", m.PROFILE_ENCOUNTER,
-                  documentation="An attendance notification (application/fhir+json or application/fhir+xml): 201 "
-                                "when a record is visible (the access is recorded and the LA notified), 200 with "
-                                "the same Encounter on a repeat of its identifier, 200 with an informational "
-                                "OperationOutcome otherwise (nothing retained)."))
+@fhir(
+    Interaction(
+        "Encounter",
+        "create",
+        m.PROFILE_ENCOUNTER,
+        documentation="An attendance notification (application/fhir+json or application/fhir+xml): 201 "
+        "when a record is visible (the access is recorded and the LA notified), 200 with "
+        "the same Encounter on a repeat of its identifier, 200 with an informational "
+        "OperationOutcome otherwise (nothing retained).",
+    )
+)
 async def create_encounter(request: web.Request) -> web.Response:
     if request.content_type in (FHIR_CT, "application/json"):
         body = loads_json(await request.read(), limit=MAX_FHIR_NESTING)
@@ -313,15 +367,27 @@ async def create_encounter(request: web.Request) -> web.Response:
     inbound = parse_encounter(body, test_numbers_only=settings.only_test_numbers)
     setting = calling_setting(request)
     keep = retained(inbound.minimal, setting.ods)
-    req = LookupRequest(nhs=inbound.nhs, care_setting=setting, kind="encounter", unscheduled_claimed=True,
-                        source_event_id=inbound.source_event_id, arrived_at=inbound.arrived_at, encounter=keep)
+    req = LookupRequest(
+        nhs=inbound.nhs,
+        care_setting=setting,
+        kind="encounter",
+        unscheduled_claimed=True,
+        source_event_id=inbound.source_event_id,
+        arrived_at=inbound.arrived_at,
+        encounter=keep,
+    )
     service = request.app[ACCESS]
     out = await service.lookup(audit_context(request), req)
     count_access(request, unscheduled=setting.unscheduled, flagged=bool(out.records))
     if not setting.unscheduled:
-        return fhir_response(request, operation_outcome(
-            200, "This care setting is registered for scheduled care only: the attendance was not recorded and "
-                 "nothing was retained."))
+        return fhir_response(
+            request,
+            operation_outcome(
+                200,
+                "This care setting is registered for scheduled care only: the attendance was not recorded and "
+                "nothing was retained.",
+            ),
+        )
     if out.status == 0 or out.access_id is None:
         return fhir_response(request, operation_outcome(200, "No record: nothing was retained."))
     if out.status == 1:
@@ -333,8 +399,14 @@ async def create_encounter(request: web.Request) -> web.Response:
 
 @routes.get("/fhir/Encounter/{id}", allow_head=False)
 @allow(CS)
-@fhir(Interaction("Encounter", "read", m.PROFILE_ENCOUNTER,
-                  documentation="A retained attendance, only for the care setting that sent it."))
+@fhir(
+    Interaction(
+        "Encounter",
+        "read",
+        m.PROFILE_ENCOUNTER,
+        documentation="A retained attendance, only for the care setting that sent it.",
+    )
+)
 async def read_encounter(request: web.Request) -> web.Response:
     encounter_id = _resource_id(request, "Encounter")
     stored = await request.app[ACCESS].encounter(encounter_id, ctx=audit_context(request))

@@ -155,13 +155,15 @@ async def _answer_before_shutdown(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            raise UploadInterrupted("the service is stopping; nothing of this upload was applied: send it again",
-                                    applied=False)
+            raise UploadInterrupted(
+                "the service is stopping; nothing of this upload was applied: send it again", applied=False
+            )
         request.app[UPLOAD_TASKS].add(task)  # cancelled at cleanup; the journal outlives it
         task.add_done_callback(_forget(request.app))
         raise UploadInterrupted(
             "the service is stopping while this upload is applied; the service completes it: send the same "
-            "sequence again for its report", applied=True,
+            "sequence again for its report",
+            applied=True,
         )
 
 
@@ -179,9 +181,12 @@ async def uploads_ctx(app: web.Application) -> AsyncIterator[None]:
     seconds, for every LA in the registry)."""
     settings, metrics = app[SETTINGS], app[METRICS]
     service = UploadService(
-        app[RECORDS], RedisUploadStore(app[REDIS], app[KEYS]), reader_for,
+        app[RECORDS],
+        RedisUploadStore(app[REDIS], app[KEYS]),
+        reader_for,
         max_end_fraction=settings.upload_max_end_fraction,
-        on_mass_end_refused=metrics.upload_mass_end_refused.inc, on_resumed=metrics.uploads_resumed.inc,
+        on_mass_end_refused=metrics.upload_mass_end_refused.inc,
+        on_resumed=metrics.uploads_resumed.inc,
     )
     app[UPLOADS] = service
     app[UPLOAD_TASKS] = set()

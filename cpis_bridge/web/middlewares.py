@@ -56,8 +56,16 @@ def size_text(limit: int) -> str:
     return f"{limit} bytes"
 
 
-def error_response(request: web.Request, status: int, title: str, detail: str, *, code: str | None = None,
-                   errors: list[dict[str, str]] | None = None, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    request: web.Request,
+    status: int,
+    title: str,
+    detail: str,
+    *,
+    code: str | None = None,
+    errors: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     if status == 401:  # RFC 6750 section 3: a 401 names the scheme, and says why when a token was sent
         challenge = 'Bearer error="invalid_token"' if request.headers.get("Authorization") else "Bearer"
         headers = {**(headers or {}), "WWW-Authenticate": challenge}
@@ -84,8 +92,9 @@ def header_text(value: str | None, limit: int) -> str | None:
 
 
 def store_unavailable(request: web.Request) -> web.Response:
-    return error_response(request, 503, "Service unavailable", "the data store is unavailable; retry shortly",
-                          headers=RETRY_AFTER)
+    return error_response(
+        request, 503, "Service unavailable", "the data store is unavailable; retry shortly", headers=RETRY_AFTER
+    )
 
 
 def deadline_of(request: web.Request) -> float | None:
@@ -181,9 +190,13 @@ def make_middlewares() -> list[web.Middleware]:
                         response = await _guarded(request, handler)
                 except TimeoutError:  # only the deadline: _guarded turns every error inside into a response
                     log.warning("web.deadline", extra={"route": route_template(request), "deadlineS": deadline})
-                    response = error_response(request, 503, "Service unavailable",
-                                              "the request did not complete in time; retry shortly",
-                                              headers=RETRY_AFTER)
+                    response = error_response(
+                        request,
+                        503,
+                        "Service unavailable",
+                        "the request did not complete in time; retry shortly",
+                        headers=RETRY_AFTER,
+                    )
             status = response.status
             response.headers["X-Request-ID"] = rid
             if trace:

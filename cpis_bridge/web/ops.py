@@ -41,8 +41,12 @@ async def readyz(request: web.Request) -> web.Response:
     metrics.redis_up.set(1 if redis_ok else 0)
     ready = life.started and not life.draining and redis_ok
     metrics.ready.set(1 if ready else 0)
-    body = {"status": "ready" if ready else "unavailable", "started": life.started, "draining": life.draining,
-            "redis": redis_ok}
+    body = {
+        "status": "ready" if ready else "unavailable",
+        "started": life.started,
+        "draining": life.draining,
+        "redis": redis_ok,
+    }
     return json_response(body, status=200 if ready else 503)
 
 

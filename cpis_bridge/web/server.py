@@ -26,9 +26,13 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         # A request the parser rejected never went through the middleware: it has no route, ids or principal.
-        extra: dict[str, Any] = {"method": request.method, "route": request.get(ROUTE, "unmatched"),
-                                 "status": response.status, "durationMs": round(time * 1000, 2),
-                                 "remote": request.remote}
+        extra: dict[str, Any] = {
+            "method": request.method,
+            "route": request.get(ROUTE, "unmatched"),
+            "status": response.status,
+            "durationMs": round(time * 1000, 2),
+            "remote": request.remote,
+        }
         # The access log runs after the request context is gone: take its ids from the request itself.
         if request.get(REQUEST_ID):
             extra["requestId"] = request[REQUEST_ID]
@@ -42,8 +46,9 @@ class AccessLogger(AbstractAccessLogger):
 
 
 class _QuietRequestHandler(RequestHandler):
-    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
         """aiohttp's own version logs the exception (whose text quotes the raw request line or header) and answers
         it as text/plain; here only the kind of error is logged and answered."""
         if request.writer.output_size > 0:
@@ -70,5 +75,10 @@ class Runner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return _QuietServer(server.request_handler, request_factory=server.request_factory,
-                            handler_cancellation=server.handler_cancellation, loop=server._loop, **server._kwargs)
+        return _QuietServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=server._loop,
+            **server._kwargs,
+        )

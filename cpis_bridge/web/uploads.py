@@ -145,9 +145,7 @@ def iter_csv(f: IO[bytes]) -> Iterator[object]:
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             if len(row) != len(header):
-                raise _unreadable(
-                    f"CSV line {reader.line_num} has {len(row)} fields; the header has {len(header)}"
-                )
+                raise _unreadable(f"CSV line {reader.line_num} has {len(row)} fields; the header has {len(header)}")
             record: dict[str, Any] = {k: v for k, v in zip(header, row, strict=True) if v != ""}
             yield record
     except csv.Error as exc:

@@ -70,17 +70,20 @@ def new_page(browser: Browser) -> Iterator[Callable[..., Page]]:
 def assert_accessible(page: Page, state: str) -> None:
     """axe-core finds no violation on the page as it is now."""
     results = _axe.run(page)
-    violations = [
-        (v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3]) for v in results.response["violations"]
-    ]
+    violations = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3]) for v in results.response["violations"]]
     assert violations == [], f"{state}: {violations}"
 
 
-def api(service: ServiceProcess, method: str, path: str, tok: str, body: Any = None,
-        headers: dict[str, str] | None = None) -> tuple[int, Any]:
+def api(
+    service: ServiceProcess, method: str, path: str, tok: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(service.url + path, data=data, method=method, headers={
-        "Authorization": f"Bearer {tok}", "Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        service.url + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {tok}", "Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             raw = resp.read()
@@ -90,17 +93,26 @@ def api(service: ServiceProcess, method: str, path: str, tok: str, body: Any = N
 
 
 def put_record(service: ServiceProcess, la: str, local_id: str, nhs: str, plan: str = "CPP") -> None:
-    status, _ = api(service, "PUT", f"/v1/records/{local_id}", token("local-authority", la), {
-        "localId": local_id, "planType": plan, "nhsNumber": nhs, "dateOfBirth": "2016-04-02",
-        "startDate": "2026-01-10"})
+    status, _ = api(
+        service,
+        "PUT",
+        f"/v1/records/{local_id}",
+        token("local-authority", la),
+        {
+            "localId": local_id,
+            "planType": plan,
+            "nhsNumber": nhs,
+            "dateOfBirth": "2016-04-02",
+            "startDate": "2026-01-10",
+        },
+    )
     assert status in (200, 201)
 
 
 def ed_lookup(service: ServiceProcess, nhs: str, ods: str = "RXX01", name: str = "Dr Test Example") -> None:
     """An unscheduled CareTeam search by an ED clinician: an access, and a notification for each LA with a plan."""
     tok = token("care-setting", ods, name=name, role_code="R8000")
-    status, _ = api(service, "GET", "/fhir/CareTeam?patient:identifier=https://fhir.nhs.uk/Id/nhs-number%7C" + nhs,
-                    tok)
+    status, _ = api(service, "GET", "/fhir/CareTeam?patient:identifier=https://fhir.nhs.uk/Id/nhs-number%7C" + nhs, tok)
     assert status == 200
 
 
@@ -123,6 +135,11 @@ def tab_to(page: Page, matches: Callable[[Page], bool], limit: int = 60) -> None
 
 def focused(page: Page, text: str) -> bool:
     """The keyboard focus is on a control (link, button, field) whose text includes ``text``."""
-    return bool(page.evaluate("t => { const e = document.activeElement;"
-                              " return !!e && e.matches('a, button, input, select, textarea')"
-                              " && (e.innerText || e.value || '').includes(t) }", text))
+    return bool(
+        page.evaluate(
+            "t => { const e = document.activeElement;"
+            " return !!e && e.matches('a, button, input, select, textarea')"
+            " && (e.innerText || e.value || '').includes(t) }",
+            text,
+        )
+    )

@@ -17,8 +17,9 @@ LA2 = "Sample County Council Children's Social Care"
 NHS = "9990000018"
 
 
-def test_keyboard_walk_sign_in_read_acknowledge_sign_out(service: ServiceProcess,
-                                                       new_page: Callable[..., Page]) -> None:
+def test_keyboard_walk_sign_in_read_acknowledge_sign_out(
+    service: ServiceProcess, new_page: Callable[..., Page]
+) -> None:
     put_record(service, "LA001", "WALK-1", NHS)
     ed_lookup(service, NHS, name="Dr Kay Board")
     page = new_page()
@@ -66,8 +67,7 @@ def test_keyboard_walk_sign_in_read_acknowledge_sign_out(service: ServiceProcess
     expect(page).to_have_url(re.compile(r"/la/sign-in$"))
 
 
-def test_new_notifications_appear_without_a_reload(service: ServiceProcess,
-                                                   new_page: Callable[..., Page]) -> None:
+def test_new_notifications_appear_without_a_reload(service: ServiceProcess, new_page: Callable[..., Page]) -> None:
     put_record(service, "LA002", "LIVE-1", "9990000093")
     page = new_page()
     sign_in(page, service, LA2, name="Robin Live")
@@ -106,8 +106,7 @@ def test_child_look_up_posts_the_number(service: ServiceProcess, new_page: Calla
     expect(page.get_by_text("Your council holds no record for this NHS number.")).to_be_visible()
 
 
-def test_another_councils_notification_is_not_found(service: ServiceProcess,
-                                                    new_page: Callable[..., Page]) -> None:
+def test_another_councils_notification_is_not_found(service: ServiceProcess, new_page: Callable[..., Page]) -> None:
     put_record(service, "LA001", "ISO-1", "9990000042")
     ed_lookup(service, "9990000042")
     page = new_page()
@@ -179,8 +178,7 @@ def test_works_without_javascript(service: ServiceProcess, new_page: Callable[..
     page.wait_for_url("**/la/signed-out")
 
 
-def test_security_headers_cookie_and_no_inline_script(service: ServiceProcess,
-                                                      new_page: Callable[..., Page]) -> None:
+def test_security_headers_cookie_and_no_inline_script(service: ServiceProcess, new_page: Callable[..., Page]) -> None:
     page = new_page()
     response = page.goto(service.url + "/la/sign-in")
     assert response is not None

@@ -122,12 +122,18 @@ def children(n: int, start: int = 0) -> list[str]:
     return [str(x) for x in itertools.islice(iter_test_numbers(start), n)]
 
 
-async def load_children(session: aiohttp.ClientSession, base: str, nhs_numbers: list[str], sequence: int = 1,
-                        la_headers: dict[str, str] = LA1) -> None:
+async def load_children(
+    session: aiohttp.ClientSession,
+    base: str,
+    nhs_numbers: list[str],
+    sequence: int = 1,
+    la_headers: dict[str, str] = LA1,
+) -> None:
     records = [record(f"K{i}", nhs) for i, nhs in enumerate(nhs_numbers)]
     body = orjson.dumps({"sequence": sequence, "mode": "delta", "recordCount": len(records), "records": records})
-    async with session.post(f"{base}/v1/uploads", data=body,
-                            headers={**la_headers, "Content-Type": "application/json"}) as r:
+    async with session.post(
+        f"{base}/v1/uploads", data=body, headers={**la_headers, "Content-Type": "application/json"}
+    ) as r:
         assert r.status == 200, await r.text()
         assert (await r.json())["accepted"] == len(records)
 
@@ -140,8 +146,14 @@ class LoadResult:
 
 
 async def drive_accesses(
-    base_urls: list[str], nhs_numbers: list[str], total: int, *, concurrency: int = 16, deadline_s: float = 120.0,
-    pause_s: float = 0.0, result: LoadResult | None = None,
+    base_urls: list[str],
+    nhs_numbers: list[str],
+    total: int,
+    *,
+    concurrency: int = 16,
+    deadline_s: float = 120.0,
+    pause_s: float = 0.0,
+    result: LoadResult | None = None,
 ) -> LoadResult:
     """``total`` unscheduled CareTeam look-ups with distinct TraceIDs spread over the children and the services.
     ``result``, when given, is filled as answers come (so a scenario can place its fault by progress)."""

@@ -71,8 +71,9 @@ def history_traces(redis_url: str, nhs_numbers: list[str]) -> set[str]:
         client.close()
 
 
-async def assert_nothing_lost(receiver: Receiver, redis_url: str, nhs: list[str], result: LoadResult,
-                              timeout: float = 120.0) -> None:
+async def assert_nothing_lost(
+    receiver: Receiver, redis_url: str, nhs: list[str], result: LoadResult, timeout: float = 120.0
+) -> None:
     assert len(result.acknowledged) + result.failed >= 1000, "the scenario must drive at least 1,000 accesses"
     acknowledged = set(result.acknowledged)
     assert acknowledged, "no access was acknowledged: nothing was tested"
@@ -97,8 +98,9 @@ async def test_kill9_service_during_accesses(tmp_path, redis_server, receiver):
         at_fault = await fault_point(result, ACCESSES)
         svc.kill9()
         await asyncio.sleep(0.5)
-        svc = ServiceProcess(svc.data_dir, redis_url=redis_server.url, key_prefix=PREFIX, env=svc.env,
-                             port=svc.port).start()
+        svc = ServiceProcess(
+            svc.data_dir, redis_url=redis_server.url, key_prefix=PREFIX, env=svc.env, port=svc.port
+        ).start()
         await load
         await assert_nothing_lost(receiver, redis_server.url, nhs, result)
         assert len(result.acknowledged) + result.failed == ACCESSES > at_fault
@@ -113,8 +115,7 @@ async def test_kill9_redis_during_accesses(tmp_path, redis_server, receiver):
         async with aiohttp.ClientSession() as s:
             await load_children(s, svc.url, nhs)
         result = LoadResult()
-        load = asyncio.create_task(drive_accesses([svc.url], nhs, ACCESSES, deadline_s=90, pause_s=0.01,
-                                                  result=result))
+        load = asyncio.create_task(drive_accesses([svc.url], nhs, ACCESSES, deadline_s=90, pause_s=0.01, result=result))
         at_fault = await fault_point(result, ACCESSES)
         assert redis_server.process is not None
         os.kill(redis_server.process.pid, signal.SIGKILL)
@@ -191,8 +192,9 @@ async def test_sigterm_under_load(tmp_path, redis_server, receiver):
         assert code == 0, svc.output()[-2000:]
         await load
         assert at_fault < ACCESSES
-        svc = ServiceProcess(svc.data_dir, redis_url=redis_server.url, key_prefix=PREFIX, env=svc.env,
-                             port=svc.port).start()
+        svc = ServiceProcess(
+            svc.data_dir, redis_url=redis_server.url, key_prefix=PREFIX, env=svc.env, port=svc.port
+        ).start()
         await assert_nothing_lost(receiver, redis_server.url, nhs, result)
     finally:
         svc.stop()

@@ -64,19 +64,27 @@ class TimedReceiver(Receiver):
 
     def latencies(self) -> list[float]:
         """Access-to-receipt of each notification: its arrival less the access's occurredAt (one machine clock)."""
-        occurred = {n["id"]: dt.datetime.fromisoformat(n["access"]["occurredAt"].replace("Z", "+00:00")).timestamp()
-                    for n in self.received}
+        occurred = {
+            n["id"]: dt.datetime.fromisoformat(n["access"]["occurredAt"].replace("Z", "+00:00")).timestamp()
+            for n in self.received
+        }
         return sorted(self.arrived[i] - occurred[i] for i in self.arrived)
 
 
 def write_registry(path: Path, urls: dict[str, str]) -> Path:
     lines = ["localAuthorities:"]
     for i, (ods, url) in enumerate(urls.items()):
-        lines += [f"  - ods: {ods}", f"    name: Example Council {i + 1} Children's Services",
-                  '    officeHoursPhone: "0300 000 0001"', '    emergencyDutyPhone: "0300 000 0002"',
-                  f'    notify: {{webhook: {{url: "{url}", secretEnv: {ods}_WEBHOOK_SECRET}}}}']
-    lines += ["careSettings:",
-              "  - {ods: RXX01, name: Example Hospital Emergency Department, type: ED, unscheduled: true}"]
+        lines += [
+            f"  - ods: {ods}",
+            f"    name: Example Council {i + 1} Children's Services",
+            '    officeHoursPhone: "0300 000 0001"',
+            '    emergencyDutyPhone: "0300 000 0002"',
+            f'    notify: {{webhook: {{url: "{url}", secretEnv: {ods}_WEBHOOK_SECRET}}}}',
+        ]
+    lines += [
+        "careSettings:",
+        "  - {ods: RXX01, name: Example Hospital Emergency Department, type: ED, unscheduled: true}",
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -90,8 +98,11 @@ async def paced_accesses(base: str, nhs_numbers: list[str], total: int, rate: fl
         nhs = nhs_numbers[i % len(nhs_numbers)]
         trace = f"measured-{i}-{secrets.token_hex(4)}"
         try:
-            async with session.get(f"{base}/fhir/CareTeam", params={"patient:identifier": f"{NHS_SYSTEM}|{nhs}"},
-                                   headers={**ED, "TraceID": trace, "IsUnscheduledAccessEvent": "true"}) as r:
+            async with session.get(
+                f"{base}/fhir/CareTeam",
+                params={"patient:identifier": f"{NHS_SYSTEM}|{nhs}"},
+                headers={**ED, "TraceID": trace, "IsUnscheduledAccessEvent": "true"},
+            ) as r:
                 await r.read()
                 if 200 <= r.status < 300:
                     result.acknowledged[trace] = nhs
@@ -116,10 +127,18 @@ async def test_one_la_endpoint_hung_while_another_las_latency_is_measured(tmp_pa
     healthy = await TimedReceiver(webhook_secret()).start()
     hung = await TimedReceiver(webhook_secret(), hung=True).start()
     registry = write_registry(tmp_path / "registry.yaml", {"LA001": healthy.url, "LA002": hung.url})
-    svc = ServiceProcess(tmp_path / "svc", redis_url=redis_server.url, key_prefix=PREFIX, env={
-        "CPIS_REGISTRY": str(registry), "LA001_WEBHOOK_SECRET": healthy.secret, "LA002_WEBHOOK_SECRET": hung.secret,
-        "CPIS_LOG_LEVEL": "WARNING", "CPIS_DELIVERY_BREAKER_COOLDOWN_S": "5",  # default timeout (10 s) and cap (32)
-    }).start()
+    svc = ServiceProcess(
+        tmp_path / "svc",
+        redis_url=redis_server.url,
+        key_prefix=PREFIX,
+        env={
+            "CPIS_REGISTRY": str(registry),
+            "LA001_WEBHOOK_SECRET": healthy.secret,
+            "LA002_WEBHOOK_SECRET": hung.secret,
+            "CPIS_LOG_LEVEL": "WARNING",
+            "CPIS_DELIVERY_BREAKER_COOLDOWN_S": "5",  # default timeout (10 s) and cap (32)
+        },
+    ).start()
     try:
         la1, la2 = children(1000), children(200, start=5000)  # apart from LA001's
         async with aiohttp.ClientSession() as s:
@@ -136,9 +155,11 @@ async def test_one_la_endpoint_hung_while_another_las_latency_is_measured(tmp_pa
         assert delivered, f"{len(want - set(healthy.unique_source_events()))} of LA001's notifications never came"
         lat = healthy.latencies()
         p99 = lat[min(int(len(lat) * 0.99), len(lat) - 1)]
-        print(f"\nLA001 access-to-receipt with LA002 hung ({HUNG_BACKLOG} queued): n={len(lat)} "
-              f"p50={lat[len(lat) // 2] * 1000:.1f} ms p99={p99 * 1000:.1f} ms max={lat[-1] * 1000:.1f} ms; "
-              f"attempts at the hung endpoint: {len(hung.attempts)}")
+        print(
+            f"\nLA001 access-to-receipt with LA002 hung ({HUNG_BACKLOG} queued): n={len(lat)} "
+            f"p50={lat[len(lat) // 2] * 1000:.1f} ms p99={p99 * 1000:.1f} ms max={lat[-1] * 1000:.1f} ms; "
+            f"attempts at the hung endpoint: {len(hung.attempts)}"
+        )
         assert p99 <= 0.250, f"p99 {p99 * 1000:.0f} ms"
         assert len(hung.attempts) < 200, "the hung endpoint was hammered instead of held"
 

@@ -36,8 +36,9 @@ async def test_redis_frozen_for_30_s_under_load(tmp_path, redis_server, receiver
         async with aiohttp.ClientSession() as s:
             await load_children(s, svc.url, nhs)
         result = LoadResult()
-        load = asyncio.create_task(drive_accesses([svc.url], nhs, ACCESSES, deadline_s=240, pause_s=0.01,
-                                                  result=result))
+        load = asyncio.create_task(
+            drive_accesses([svc.url], nhs, ACCESSES, deadline_s=240, pause_s=0.01, result=result)
+        )
         at_fault = await fault_point(result, ACCESSES)
         os.kill(pid, signal.SIGSTOP)
         frozen_at = time.monotonic()
@@ -59,8 +60,10 @@ async def test_redis_frozen_for_30_s_under_load(tmp_path, redis_server, receiver
         assert statuses <= {200, 503}, f"answers other than 2xx or 503: {statuses}"
         assert 503 in statuses, "the stall never reached a look-up"
         slowest = max(seconds for _, seconds in result.answers)
-        print(f"frozen {FROZEN_S:.0f} s at answer {at_fault}: {len(result.acknowledged)} acknowledged, "
-              f"{sum(s == 503 for s, _ in result.answers)} answered 503, slowest answer {slowest:.2f} s")
+        print(
+            f"frozen {FROZEN_S:.0f} s at answer {at_fault}: {len(result.acknowledged)} acknowledged, "
+            f"{sum(s == 503 for s, _ in result.answers)} answered 503, slowest answer {slowest:.2f} s"
+        )
         assert slowest <= DEADLINE_S + SLACK_S, f"a look-up took {slowest:.2f} s"
         await assert_nothing_lost(receiver, redis_server.url, nhs, result)
     finally:

@@ -30,8 +30,12 @@ NEW = 40_000  # records the full upload adds
 
 
 def service(tmp_path: Path, redis_url: str) -> ServiceProcess:
-    return ServiceProcess(tmp_path / "svc", redis_url=redis_url, key_prefix=PREFIX,
-                          env={"CPIS_LOG_LEVEL": "WARNING", "CPIS_RELAYS": "false"})
+    return ServiceProcess(
+        tmp_path / "svc",
+        redis_url=redis_url,
+        key_prefix=PREFIX,
+        env={"CPIS_LOG_LEVEL": "WARNING", "CPIS_RELAYS": "false"},
+    )
 
 
 def files() -> tuple[list[dict], list[dict]]:
@@ -55,8 +59,10 @@ def la_state(redis_url: str) -> dict[str, dict]:
         pipe = client.pipeline(transaction=False)
         for lid, nhs in index.items():
             pipe.hget(keys.records(keys.tag(nhs)), Keys.record_field(LA, lid))
-        return {lid: Record.from_compact(LA, lid, orjson.loads(raw)).to_api(visible=True)
-                for lid, raw in zip(index, pipe.execute(), strict=True)}
+        return {
+            lid: Record.from_compact(LA, lid, orjson.loads(raw)).to_api(visible=True)
+            for lid, raw in zip(index, pipe.execute(), strict=True)
+        }
     finally:
         client.close()
 
@@ -90,8 +96,11 @@ async def test_kill9_mid_upload_then_resend_or_restart(tmp_path, redis_server, k
     svc = service(tmp_path, redis_server.url).start()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
-            r = await s.post(f"{svc.url}/v1/uploads", headers={**LA1, "Content-Type": "application/json"},
-                             data=orjson.dumps({"sequence": 1, "mode": "delta", "records": held}))
+            r = await s.post(
+                f"{svc.url}/v1/uploads",
+                headers={**LA1, "Content-Type": "application/json"},
+                data=orjson.dumps({"sequence": 1, "mode": "delta", "records": held}),
+            )
             assert r.status == 200 and (await r.json())["accepted"] == HELD
             upload = asyncio.create_task(post(s, svc.url, body))
             if kill_at == "reading":  # a random moment before anything is applied
@@ -115,7 +124,8 @@ async def test_kill9_mid_upload_then_resend_or_restart(tmp_path, redis_server, k
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
             if then == "wait":
                 assert await wait_for(lambda: not journal_committed(redis_server.url), 120, interval=0.1), (
-                    "the restarted service did not complete the journalled upload")
+                    "the restarted service did not complete the journalled upload"
+                )
                 assert_exactly(la_state(redis_server.url), held, full)
             started = time.monotonic()
             r = await post(s, svc.url, body)

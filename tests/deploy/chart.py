@@ -25,20 +25,31 @@ localAuthorities:
 careSettings:
   - {ods: RXX01, name: Example Hospital Emergency Department, type: ED, unscheduled: true}
 """
-MINIMAL: dict[str, Any] = {"redis": {"url": "redis://redis-primary:6379/0"},
-                           "secrets": {"existingSecret": "cpis-secrets"}}
+MINIMAL: dict[str, Any] = {
+    "redis": {"url": "redis://redis-primary:6379/0"},
+    "secrets": {"existingSecret": "cpis-secrets"},
+}
 PRODUCTION: dict[str, Any] = {
     "replicaCount": 3,
     "image": {"repository": "registry.example.invalid/cpis-bridge", "tag": "0.1.0", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "registry-credentials"}],
     "redis": {"existingSecret": "cpis-redis", "secretKey": "url"},
-    "auth": {"jwksUrl": "https://login.example.invalid/.well-known/jwks.json", "issuer": "https://login.example.invalid/",
-             "audience": "cpis-bridge"},
+    "auth": {
+        "jwksUrl": "https://login.example.invalid/.well-known/jwks.json",
+        "issuer": "https://login.example.invalid/",
+        "audience": "cpis-bridge",
+    },
     "publicBaseUrl": "https://cpis.example.invalid",
     "secrets": {"existingSecret": "cpis-secrets", "webhookSecret": "cpis-webhooks"},
-    "fhir": {"baseUrl": "https://fhir.example.invalid/R4", "authMode": "private-key-jwt",
-             "tokenUrl": "https://fhir.example.invalid/token", "clientId": "cpis-bridge", "kid": "key-1",
-             "scope": "system/Flag.write", "existingSecret": "cpis-fhir"},
+    "fhir": {
+        "baseUrl": "https://fhir.example.invalid/R4",
+        "authMode": "private-key-jwt",
+        "tokenUrl": "https://fhir.example.invalid/token",
+        "clientId": "cpis-bridge",
+        "kid": "key-1",
+        "scope": "system/Flag.write",
+        "existingSecret": "cpis-fhir",
+    },
     "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12, "targetCPUUtilizationPercentage": 60},
     "podDisruptionBudget": {"enabled": True, "minAvailable": 2},
     "networkPolicy": {
@@ -47,8 +58,11 @@ PRODUCTION: dict[str, Any] = {
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}},
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
         ],
-        "egress": {"allowDNS": True, "httpsPort": 443,
-                   "extra": [{"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 6380}]}]},
+        "egress": {
+            "allowDNS": True,
+            "httpsPort": 443,
+            "extra": [{"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 6380}]}],
+        },
     },
     "preStopSleepSeconds": 3,
     "drainDelaySeconds": 10,

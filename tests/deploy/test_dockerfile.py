@@ -44,8 +44,11 @@ def test_hadolint_is_clean():
 def test_multi_stage_wheel_then_venv_on_slim_base():
     build, runtime = stages()[0], stages()[-1]
     assert len(stages()) >= 2
-    args = {c.value[0].split("=")[0]: c.value[0].split("=", 1)[1] for c in dockerfile.parse_file(str(DOCKERFILE))
-            if c.cmd == "ARG" and "=" in c.value[0]}
+    args = {
+        c.value[0].split("=")[0]: c.value[0].split("=", 1)[1]
+        for c in dockerfile.parse_file(str(DOCKERFILE))
+        if c.cmd == "ARG" and "=" in c.value[0]
+    }
     base = first(runtime, "FROM").value[0]
     base = args.get(base.strip("${}"), base)
     assert base.startswith("python:3.11-slim")
@@ -89,8 +92,11 @@ def test_no_secrets_baked_in():
             sources = c.value[:-1]
             assert not [s for s in sources if s in (".", "./") or ".env" in s or s.startswith("var")], c.original
             assert c.cmd != "ADD" or not any(s.startswith("http") for s in sources)
-    ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-              if line.strip() and not line.startswith("#")]
+    ignore = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert ignore[0] == "**"  # everything excluded first, then an allowlist
     allowed = {line[1:] for line in ignore if line.startswith("!")}
     assert allowed == {"pyproject.toml", "README.md", "cpis_bridge/"}

@@ -18,8 +18,17 @@ CRD_SCHEMAS = {
     "ServiceMonitor": CRDS / "monitoring.coreos.com_v1_servicemonitor.json",
     "PrometheusRule": CRDS / "monitoring.coreos.com_v1_prometheusrule.json",
 }
-EXPECTED_KINDS = {"Deployment", "Service", "ConfigMap", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-                  "NetworkPolicy", "ServiceMonitor", "PrometheusRule", "CronJob"}
+EXPECTED_KINDS = {
+    "Deployment",
+    "Service",
+    "ConfigMap",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "ServiceMonitor",
+    "PrometheusRule",
+    "CronJob",
+}
 CASES = {"minimal": MINIMAL, "production": PRODUCTION}
 
 
@@ -37,7 +46,10 @@ def test_default_values_demand_an_external_redis_and_a_shared_hash_key():
 
 def test_production_auth_demands_an_audience():
     """The service refuses to start with a JWKS URL and no audience (any token for any service would pass)."""
-    auth = {"jwksUrl": "https://login.example.invalid/.well-known/jwks.json", "issuer": "https://login.example.invalid/"}
+    auth = {
+        "jwksUrl": "https://login.example.invalid/.well-known/jwks.json",
+        "issuer": "https://login.example.invalid/",
+    }
     with pytest.raises(helm.HelmError, match=r"auth\.audience is required"):
         render({**MINIMAL, "auth": auth})
 
@@ -180,14 +192,17 @@ def test_dashboard_ships_in_a_configmap(rendered):
         assert all('job=~"$job"' in t["expr"] for t in panel["targets"]), panel["title"]
 
 
-@pytest.mark.parametrize("bad", [
-    {"securityContext": {"readOnlyRootFilesystem": False, "allowPrivilegeEscalation": False}},
-    {"podSecurityContext": {"runAsNonRoot": False}},
-    {"fhir": {"authMode": "basic"}},
-    {"drainDelaySeconds": -1},
-    {"redis": {"url": "http://redis:6379"}},
-    {"unknownSetting": True},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"securityContext": {"readOnlyRootFilesystem": False, "allowPrivilegeEscalation": False}},
+        {"podSecurityContext": {"runAsNonRoot": False}},
+        {"fhir": {"authMode": "basic"}},
+        {"drainDelaySeconds": -1},
+        {"redis": {"url": "http://redis:6379"}},
+        {"unknownSetting": True},
+    ],
+)
 def test_values_schema_rejects_unsafe_or_unknown_values(bad):
     values = copy.deepcopy(MINIMAL)
     for key, value in bad.items():

@@ -24,19 +24,28 @@ def free_port() -> int:
 class ServiceProcess:
     """One `cpis-bridge serve` process; without redis_url it runs its own embedded Redis under data_dir."""
 
-    def __init__(self, data_dir: Path, *, redis_url: str | None = None, key_prefix: str = "cpis",
-                 env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        redis_url: str | None = None,
+        key_prefix: str = "cpis",
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CPIS_")}
-        self.env.update({
-            "CPIS_PORT": str(self.port),
-            "CPIS_DATA_DIR": str(data_dir),
-            "CPIS_REGISTRY": str(REGISTRY),
-            "CPIS_AUTH_DEV_SECRET": DEV_SECRET,
-            "CPIS_LOG_HASH_KEY": HASH_KEY,
-            "CPIS_KEY_PREFIX": key_prefix,
-        })
+        self.env.update(
+            {
+                "CPIS_PORT": str(self.port),
+                "CPIS_DATA_DIR": str(data_dir),
+                "CPIS_REGISTRY": str(REGISTRY),
+                "CPIS_AUTH_DEV_SECRET": DEV_SECRET,
+                "CPIS_LOG_HASH_KEY": HASH_KEY,
+                "CPIS_KEY_PREFIX": key_prefix,
+            }
+        )
         if redis_url:
             self.env["CPIS_REDIS_URL"] = redis_url
         self.env.update(env or {})
@@ -51,7 +60,10 @@ class ServiceProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cpis_bridge", "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "cpis_bridge", "serve"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

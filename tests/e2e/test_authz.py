@@ -43,16 +43,24 @@ class Row:
 
 
 ENCOUNTER = {
-    "resourceType": "Encounter", "status": "arrived", "identifier": [{"system": "urn:test:ed", "value": "enc-m1"}],
+    "resourceType": "Encounter",
+    "status": "arrived",
+    "identifier": [{"system": "urn:test:ed", "value": "enc-m1"}],
     "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER"},
     "subject": {"identifier": {"system": "https://fhir.nhs.uk/Id/nhs-number", "value": NHS}},
     "period": {"start": "2026-02-01T10:00:00Z"},
 }
 CDS_CALL = {
-    "hook": "patient-view", "hookInstance": "0e6a0f5c-3f1d-4a57-9a4e-6c1b5b1d2a01",
+    "hook": "patient-view",
+    "hookInstance": "0e6a0f5c-3f1d-4a57-9a4e-6c1b5b1d2a01",
     "context": {"userId": "Practitioner/1", "patientId": "p1"},
-    "prefetch": {"patient": {"resourceType": "Patient", "id": "p1",
-                             "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": NHS}]}},
+    "prefetch": {
+        "patient": {
+            "resourceType": "Patient",
+            "id": "p1",
+            "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": NHS}],
+        }
+    },
 }
 
 # (METHOD, route template as the router spells it) -> Row. Every routed endpoint must be here (HEAD follows GET).
@@ -66,7 +74,9 @@ TABLE: dict[tuple[str, str], Row] = {
     ("DELETE", "/v1/records/{localId}"): Row(LA_ONLY, "/v1/records/M-DEL", frozenset({204})),
     ("GET", "/v1/records"): Row(LA_ONLY, f"/v1/records?nhsNumber={NHS}", frozenset({200})),
     ("POST", "/v1/uploads"): Row(
-        LA_ONLY, "/v1/uploads", frozenset({200}),
+        LA_ONLY,
+        "/v1/uploads",
+        frozenset({200}),
         json={"sequence": 7, "mode": "delta", "recordCount": 1, "records": [record("M-UP", NHS_OTHER)]},
     ),
     ("GET", "/v1/admin/audit"): Row(OPS_ONLY, f"/v1/admin/audit?nhsNumber={NHS}", frozenset({200})),
@@ -82,7 +92,10 @@ TABLE: dict[tuple[str, str], Row] = {
     ("GET", "/fhir/Flag"): Row(CS_ONLY, f"/fhir/Flag?patient:identifier={IDENT}", frozenset({200})),
     ("GET", "/fhir/AuditEvent"): Row(CS_ONLY, f"/fhir/AuditEvent?patient:identifier={IDENT}", frozenset({200})),
     ("POST", "/fhir/Encounter"): Row(
-        CS_ONLY, "/fhir/Encounter", frozenset({200, 201}), json=ENCOUNTER,
+        CS_ONLY,
+        "/fhir/Encounter",
+        frozenset({200, 201}),
+        json=ENCOUNTER,
         headers={"Content-Type": "application/fhir+json"},
     ),
     ("GET", "/fhir/Encounter/{id}"): Row(CS_ONLY, "/fhir/Encounter/no-such-id", frozenset({404})),
@@ -91,16 +104,30 @@ TABLE: dict[tuple[str, str], Row] = {
     ("GET", "/cds-services"): Row(PUBLIC, "/cds-services", frozenset({200})),
     ("POST", "/cds-services/{id}"): Row(CS_ONLY, "/cds-services/cpis-patient-view", frozenset({200}), json=CDS_CALL),
     ("POST", "/cds-services/{id}/feedback"): Row(
-        CS_ONLY, "/cds-services/cpis-patient-view/feedback", frozenset({200}),
-        json={"feedback": [{"card": "0e6a0f5c-3f1d-4a57-9a4e-6c1b5b1d2a02", "outcome": "accepted",
-                            "outcomeTimestamp": "2026-12-03T10:00:00Z"}]},
+        CS_ONLY,
+        "/cds-services/cpis-patient-view/feedback",
+        frozenset({200}),
+        json={
+            "feedback": [
+                {
+                    "card": "0e6a0f5c-3f1d-4a57-9a4e-6c1b5b1d2a02",
+                    "outcome": "accepted",
+                    "outcomeTimestamp": "2026-12-03T10:00:00Z",
+                }
+            ]
+        },
     ),
     # web views: public to the bearer check; each page checks its own session (no session: to the sign-in page,
     # which the client follows), and every form its CSRF token (none here: 400)
     ("GET", "/la/"): Row(PUBLIC, "/la/", frozenset({200})),
     ("GET", "/la/sign-in"): Row(PUBLIC, "/la/sign-in", frozenset({200})),
-    ("POST", "/la/sign-in"): Row(PUBLIC, "/la/sign-in", frozenset({400}), data=b"ods=LA001&name=x",
-                                 headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    ("POST", "/la/sign-in"): Row(
+        PUBLIC,
+        "/la/sign-in",
+        frozenset({400}),
+        data=b"ods=LA001&name=x",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ),
     ("POST", "/la/sign-out"): Row(PUBLIC, "/la/sign-out", frozenset({200})),
     ("GET", "/la/signed-out"): Row(PUBLIC, "/la/signed-out", frozenset({200})),
     ("GET", "/la/notifications"): Row(PUBLIC, "/la/notifications", frozenset({200})),
@@ -111,6 +138,7 @@ TABLE: dict[tuple[str, str], Row] = {
     ("POST", "/la/children"): Row(PUBLIC, "/la/children", frozenset({200})),
     ("GET", "/la/assets/{path}"): Row(PUBLIC, "/la/assets/la.js", frozenset({200})),
 }
+
 
 def all_routes(app: web.Application) -> dict[tuple[str, str], Any]:
     """Every (METHOD, template) -> handler the router holds, HEAD included."""
@@ -141,8 +169,10 @@ def test_table_agrees_with_route_policies(settings: Any) -> None:
         policy = policy_of(handler)
         assert policy is not None, f"{key} has no @allow policy"
         expected = row_for(key).allowed
-        actual = PUBLIC if policy.public else frozenset(
-            r.value for r in (policy.roles | ({Role.CARE_SETTING} if policy.cds else set()))
+        actual = (
+            PUBLIC
+            if policy.public
+            else frozenset(r.value for r in (policy.roles | ({Role.CARE_SETTING} if policy.cds else set())))
         )
         assert actual == expected, key
 
@@ -166,9 +196,7 @@ async def test_every_route_every_role(client: Any) -> None:
         method, _ = key
         row = row_for(key)
         for role, headers in ROLES.items():
-            r = await client.request(
-                method, row.path, json=row.json, data=row.data, headers={**headers, **row.headers}
-            )
+            r = await client.request(method, row.path, json=row.json, data=row.data, headers={**headers, **row.headers})
             where = f"{method} {row.path} as {role}: {r.status}"
             assert r.status < 500, where
             if role in row.allowed:
@@ -232,8 +260,9 @@ async def test_other_las_records_look_absent(client: Any) -> None:
     # LA2 using the same localId makes its own record; a full upload without it ends only LA2's own.
     r = await client.put("/v1/records/CASE-X", json=record("CASE-X", NHS_OTHER), headers=LA2)
     assert r.status == 201
-    r = await client.post("/v1/uploads", json={"sequence": 1, "mode": "full", "records": [record("CASE-Y", NHS_OTHER)]},
-                          headers=LA2)
+    r = await client.post(
+        "/v1/uploads", json={"sequence": 1, "mode": "full", "records": [record("CASE-Y", NHS_OTHER)]}, headers=LA2
+    )
     assert r.status == 200, await r.text()
     assert (await r.json())["ended"] == 1
 

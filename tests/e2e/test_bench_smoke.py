@@ -22,7 +22,12 @@ def test_bench_quick_mode_runs_every_case(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CPIS_")}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--skip", "notify,sync", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=110, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = orjson.loads(out.read_bytes())

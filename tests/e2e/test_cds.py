@@ -30,8 +30,11 @@ PV = "/cds-services/cpis-patient-view"
 
 
 def patient(nhs: str = CHILD) -> dict[str, Any]:
-    return {"resourceType": "Patient", "id": "pat-1", "identifier": [
-        {"system": "https://ehr.example/Id/mrn", "value": "MRN-1"}, {"system": NHS_SYS, "value": nhs}]}
+    return {
+        "resourceType": "Patient",
+        "id": "pat-1",
+        "identifier": [{"system": "https://ehr.example/Id/mrn", "value": "MRN-1"}, {"system": NHS_SYS, "value": nhs}],
+    }
 
 
 def hook(name: str, *, encounter: str | None = "enc-1", prefetch: Any = "default", **extra: Any) -> dict[str, Any]:
@@ -108,8 +111,10 @@ async def test_card_lists_recent_visits_newest_first_from_the_same_store_step(cl
     await put(client)
     ed2 = auth(Role.CARE_SETTING, "RXX02")
     for i in range(27):  # 27 earlier visits, alternating settings; the card shows the newest 25 with this one
-        r = await client.get(f"/fhir/CareTeam?patient:identifier={NHS_SYS}|{CHILD}",
-                             headers={**(ED if i % 2 else ed2), "TraceID": f"visit-{i}"})
+        r = await client.get(
+            f"/fhir/CareTeam?patient:identifier={NHS_SYS}|{CHILD}",
+            headers={**(ED if i % 2 else ed2), "TraceID": f"visit-{i}"},
+        )
         assert r.status == 200
     before = await commandstats(client)
     r = await client.post(ES, json=hook("encounter-start", encounter="enc-now"), headers=ED)
@@ -117,7 +122,7 @@ async def test_card_lists_recent_visits_newest_first_from_the_same_store_step(cl
     [card] = (await r.json())["cards"]
     lines = detail_lines(card)
     start = lines.index("Recent unscheduled visits (25, newest first):")
-    visits = lines[start + 1:start + 26]
+    visits = lines[start + 1 : start + 26]
     assert len(visits) == 25 and all(v.startswith("- ") for v in visits) and lines[start + 26] == ""
     assert visits[0].endswith(": Example Hospital Emergency Department")  # this visit
     assert visits[1].endswith(": Example Urgent Treatment Centre")  # visit-26
@@ -132,12 +137,18 @@ async def test_card_lists_recent_visits_newest_first_from_the_same_store_step(cl
 
 
 async def test_card_ring_now_follows_the_la_office_hours(aiohttp_client, make_settings, tmp_path):
-    text = REGISTRY.read_text().replace(
-        'emergencyDutyPhone: "0300 000 0002"\n',
-        'emergencyDutyPhone: "0300 000 0002"\n    officeHours: {days: [], open: "09:00", close: "17:00"}\n').replace(
-        'emergencyDutyPhone: "0300 000 0012"\n',
-        'emergencyDutyPhone: "0300 000 0012"\n    officeHours: {days: [Mon, Tue, Wed, Thu, Fri, Sat, Sun], '
-        'open: "00:00", close: "24:00", bankHolidays: open}\n')
+    text = (
+        REGISTRY.read_text()
+        .replace(
+            'emergencyDutyPhone: "0300 000 0002"\n',
+            'emergencyDutyPhone: "0300 000 0002"\n    officeHours: {days: [], open: "09:00", close: "17:00"}\n',
+        )
+        .replace(
+            'emergencyDutyPhone: "0300 000 0012"\n',
+            'emergencyDutyPhone: "0300 000 0012"\n    officeHours: {days: [Mon, Tue, Wed, Thu, Fri, Sat, Sun], '
+            'open: "00:00", close: "24:00", bankHolidays: open}\n',
+        )
+    )
     path = tmp_path / "registry.yaml"
     path.write_text(text)
     client = await aiohttp_client(create_app(make_settings(registry=path)))
@@ -155,15 +166,31 @@ async def test_card_ring_now_follows_the_la_office_hours(aiohttp_client, make_se
 async def test_encounter_start_more_than_5_minutes_ahead_is_refused(client):
     await put(client)
     soon = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=4)).isoformat()
-    r = await client.post(ES, json=hook("encounter-start", prefetch={
-        "patient": patient(), "encounter": {"resourceType": "Encounter", "period": {"start": soon}}}), headers=ED)
+    r = await client.post(
+        ES,
+        json=hook(
+            "encounter-start",
+            prefetch={"patient": patient(), "encounter": {"resourceType": "Encounter", "period": {"start": soon}}},
+        ),
+        headers=ED,
+    )
     assert r.status == 200
     [acc] = await accesses(client.app)
     assert acc.split("\x1f")[3]  # the arrival time was kept
-    for start in ("2030-01-01T09:00:00Z", "2030-01-01",
-                  (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)).isoformat()):
-        r = await client.post(ES, json=hook("encounter-start", encounter="enc-2", prefetch={
-            "patient": patient(), "encounter": {"resourceType": "Encounter", "period": {"start": start}}}), headers=ED)
+    for start in (
+        "2030-01-01T09:00:00Z",
+        "2030-01-01",
+        (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)).isoformat(),
+    ):
+        r = await client.post(
+            ES,
+            json=hook(
+                "encounter-start",
+                encounter="enc-2",
+                prefetch={"patient": patient(), "encounter": {"resourceType": "Encounter", "period": {"start": start}}},
+            ),
+            headers=ED,
+        )
         assert r.status == 400 and r.content_type == "application/problem+json"
         assert "5 minutes" in (await r.json())["detail"]
     assert len(await accesses(client.app)) == 1
@@ -222,12 +249,29 @@ class Ehr:
         return web.json_response({"resourceType": "OperationOutcome"}, status=404)
 
 
-ROLE = {"resourceType": "PractitionerRole", "id": "pr-123",
-        "practitioner": {"reference": "Practitioner/p-9", "display": "Dr Jane Example"},
-        "code": [{"coding": [{"system": "https://fhir.nhs.uk/CodeSystem/NHSDigital-SDS-JobRoleCode",
-                              "code": "R8000", "display": "Clinical Practitioner Access Role"}]}]}
-FHIR_AUTH = {"access_token": "ehr-token", "token_type": "Bearer", "expires_in": 300,
-             "scope": "patient/Patient.read user/PractitionerRole.read", "subject": "cpis"}
+ROLE = {
+    "resourceType": "PractitionerRole",
+    "id": "pr-123",
+    "practitioner": {"reference": "Practitioner/p-9", "display": "Dr Jane Example"},
+    "code": [
+        {
+            "coding": [
+                {
+                    "system": "https://fhir.nhs.uk/CodeSystem/NHSDigital-SDS-JobRoleCode",
+                    "code": "R8000",
+                    "display": "Clinical Practitioner Access Role",
+                }
+            ]
+        }
+    ],
+}
+FHIR_AUTH = {
+    "access_token": "ehr-token",
+    "token_type": "Bearer",
+    "expires_in": 300,
+    "scope": "patient/Patient.read user/PractitionerRole.read",
+    "subject": "cpis",
+}
 
 
 @pytest.fixture
@@ -245,8 +289,9 @@ async def ehrs(aiohttp_server) -> tuple[Ehr, Ehr]:
 def registered(tmp_path: Path, origin: str, extra: str = "") -> Path:
     text = REGISTRY.read_text().replace(
         "{ods: RXX01, name: Example Hospital Emergency Department, type: ED, unscheduled: true}",
-        f'{{ods: RXX01, name: Example Hospital Emergency Department, type: ED, unscheduled: true, '
-        f'fhirServers: ["{origin}"]}}')
+        f"{{ods: RXX01, name: Example Hospital Emergency Department, type: ED, unscheduled: true, "
+        f'fhirServers: ["{origin}"]}}',
+    )
     path = tmp_path / "registry.yaml"
     path.write_text(text + extra)
     return path
@@ -269,8 +314,7 @@ async def test_prefetch_fetched_only_from_a_registered_fhir_server_or_412(ehr_cl
     assert good.seen == [("/r4/Patient/pat-1", "Bearer ehr-token"), ("/r4/PractitionerRole/pr-1", "Bearer ehr-token")]
     # an origin not registered for this caller is never called, and never sees the access token
     for server in (bad.url, bad.url.replace("127.0.0.1", "localhost"), good.url.replace("http://", "https://")):
-        body = hook("encounter-start", encounter="enc-2", prefetch=None, fhirServer=server,
-                    fhirAuthorization=FHIR_AUTH)
+        body = hook("encounter-start", encounter="enc-2", prefetch=None, fhirServer=server, fhirAuthorization=FHIR_AUTH)
         r = await client.post(ES, json=body, headers=ED)
         assert r.status == 412 and r.content_type == "application/problem+json"
     # with the prefetch given, an unregistered fhirServer is simply not used
@@ -306,23 +350,37 @@ async def test_the_la_is_told_the_clinician_from_context_user_id(ehr_client, ehr
     assert r.status == 200
     [acc] = await accesses(client.app)
     assert acc.split("\x1f")[4:] == ["PractitionerRole/pr-123", "Dr Jane Example", "R8000"]
-    assert await notified_user(client) == {"id": "PractitionerRole/pr-123", "name": "Dr Jane Example",
-                                           "roleCode": "R8000"}
+    assert await notified_user(client) == {
+        "id": "PractitionerRole/pr-123",
+        "name": "Dr Jane Example",
+        "roleCode": "R8000",
+    }
     audit = await last_audit(client)
-    assert (audit["actor"], audit["actorName"], audit["roleCode"]) == ("PractitionerRole/pr-123", "Dr Jane Example",
-                                                                        "R8000")
+    assert (audit["actor"], audit["actorName"], audit["roleCode"]) == (
+        "PractitionerRole/pr-123",
+        "Dr Jane Example",
+        "R8000",
+    )
     assert audit["via"] == "dev-care-setting-RXX01"  # the calling system is kept beside the clinician
     # from the registered fhirServer when there is no user prefetch
     body = hook("encounter-start", encounter="enc-2", fhirServer=good.url, fhirAuthorization=FHIR_AUTH)
     body["context"]["userId"] = "PractitionerRole/pr-123"
     assert (await client.post(ES, json=body, headers=ED)).status == 200
     assert good.seen == [("/r4/PractitionerRole/pr-123", "Bearer ehr-token")]
-    assert (await accesses(client.app))[0].split("\x1f")[4:] == ["PractitionerRole/pr-123", "Dr Jane Example",
-                                                                  "R8000"]
+    assert (await accesses(client.app))[0].split("\x1f")[4:] == ["PractitionerRole/pr-123", "Dr Jane Example", "R8000"]
     # a Practitioner prefetch; a prefetch for somebody else is not believed
-    body = hook("encounter-start", encounter="enc-3", prefetch={"patient": patient(), "user": {
-        "resourceType": "Practitioner", "id": "p-9", "name": [{"prefix": ["Dr"], "given": ["Jane"],
-                                                                "family": "Example"}]}})
+    body = hook(
+        "encounter-start",
+        encounter="enc-3",
+        prefetch={
+            "patient": patient(),
+            "user": {
+                "resourceType": "Practitioner",
+                "id": "p-9",
+                "name": [{"prefix": ["Dr"], "given": ["Jane"], "family": "Example"}],
+            },
+        },
+    )
     body["context"]["userId"] = "Practitioner/p-9"
     assert (await client.post(ES, json=body, headers=ED)).status == 200
     assert (await accesses(client.app))[0].split("\x1f")[4:] == ["Practitioner/p-9", "Dr Jane Example", ""]
@@ -342,22 +400,39 @@ async def test_the_la_is_told_the_clinician_from_context_user_id(ehr_client, ehr
 
 
 async def test_feedback_is_accepted_and_audited_as_codes_only(client):
-    item = {"card": str(uuid.uuid4()), "outcome": "overridden", "outcomeTimestamp": "2026-12-03T10:15:00Z",
-            "overrideReason": {"reason": {"system": "https://ehr.example/override", "code": "already-known",
-                                          "display": "Already known"},
-                               "userComment": "free text about the child"}}
+    item = {
+        "card": str(uuid.uuid4()),
+        "outcome": "overridden",
+        "outcomeTimestamp": "2026-12-03T10:15:00Z",
+        "overrideReason": {
+            "reason": {"system": "https://ehr.example/override", "code": "already-known", "display": "Already known"},
+            "userComment": "free text about the child",
+        },
+    }
     accepted = {"card": str(uuid.uuid4()), "outcome": "accepted", "outcomeTimestamp": "2026-12-03T10:16:00+00:00"}
     r = await client.post(f"{ES}/feedback", json={"feedback": [item, accepted]}, headers=ED)
     assert r.status == 200, await r.text()
     [entry] = [orjson.loads(e) for e in await client.app[REDIS].lrange(client.app[KEYS].system_audit, 0, -1)]
     assert entry["action"] == "cds.feedback" and entry["org"] == "RXX01"
-    assert entry["detail"] == {"service": "cpis-encounter-start", "feedback": [
-        {"card": item["card"], "outcome": "overridden", "outcomeTimestamp": "2026-12-03T10:15:00Z",
-         "overrideReason": "https://ehr.example/override|already-known"},
-        {"card": accepted["card"], "outcome": "accepted", "outcomeTimestamp": "2026-12-03T10:16:00Z"}]}
+    assert entry["detail"] == {
+        "service": "cpis-encounter-start",
+        "feedback": [
+            {
+                "card": item["card"],
+                "outcome": "overridden",
+                "outcomeTimestamp": "2026-12-03T10:15:00Z",
+                "overrideReason": "https://ehr.example/override|already-known",
+            },
+            {"card": accepted["card"], "outcome": "accepted", "outcomeTimestamp": "2026-12-03T10:16:00Z"},
+        ],
+    }
     assert "free text" not in orjson.dumps(entry).decode() and "Already known" not in orjson.dumps(entry).decode()
-    for body, status in [({"feedback": []}, 400), ({"feedback": [{**item, "outcome": "ignored"}]}, 400),
-                         ({"feedback": [{"card": "x", "outcome": "accepted"}]}, 400), ([], 400)]:
+    for body, status in [
+        ({"feedback": []}, 400),
+        ({"feedback": [{**item, "outcome": "ignored"}]}, 400),
+        ({"feedback": [{"card": "x", "outcome": "accepted"}]}, 400),
+        ([], 400),
+    ]:
         r = await client.post(f"{ES}/feedback", json=body, headers=ED)
         assert r.status == status and r.content_type == "application/problem+json"
     assert (await client.post("/cds-services/unknown/feedback", json={"feedback": [item]}, headers=ED)).status == 404
@@ -365,13 +440,16 @@ async def test_feedback_is_accepted_and_audited_as_codes_only(client):
     assert (await client.post(f"{PV}/feedback", json={"feedback": [item]}, headers=LA1)).status == 403
 
 
-@pytest.mark.parametrize("path,body,headers,status", [
-    (ES, hook("encounter-start"), {}, 401),
-    (ES, hook("encounter-start"), LA1, 403),
-    ("/cds-services/unknown", hook("encounter-start"), ED, 404),
-    (ES, hook("patient-view"), ED, 400),
-    (ES, {"hook": "encounter-start", "context": {}}, ED, 400),
-])
+@pytest.mark.parametrize(
+    "path,body,headers,status",
+    [
+        (ES, hook("encounter-start"), {}, 401),
+        (ES, hook("encounter-start"), LA1, 403),
+        ("/cds-services/unknown", hook("encounter-start"), ED, 404),
+        (ES, hook("patient-view"), ED, 400),
+        (ES, {"hook": "encounter-start", "context": {}}, ED, 400),
+    ],
+)
 async def test_bad_calls(client, path, body, headers, status):
     r = await client.post(path, json=body, headers=headers)
     assert r.status == status
@@ -413,10 +491,15 @@ async def production(aiohttp_server, aiohttp_client, make_settings, rsa_key, tmp
     registry.write_text(
         (Path(__file__).parents[1] / "data" / "registry.yaml").read_text()
         + f'cdsClients:\n  - {{iss: "{ISS}", jwksUrl: "{jwks_url}", ods: RXX01, '
-          f'fhirServers: ["{ehrs[0].url.removesuffix("/r4")}"]}}\n'
+        f'fhirServers: ["{ehrs[0].url.removesuffix("/r4")}"]}}\n'
     )
-    settings = make_settings(registry=registry, auth_jwks_url=jwks_url, auth_issuer="https://idp.example.test",
-                             auth_audience="cpis-bridge-test", public_base_url=PUBLIC)
+    settings = make_settings(
+        registry=registry,
+        auth_jwks_url=jwks_url,
+        auth_issuer="https://idp.example.test",
+        auth_audience="cpis-bridge-test",
+        public_base_url=PUBLIC,
+    )
     assert not settings.dev_mode
     client = await aiohttp_client(create_app(settings))
     la_ctx = AuditContext(Principal("la-user", Role.LOCAL_AUTHORITY, "LA001"))
@@ -425,11 +508,19 @@ async def production(aiohttp_server, aiohttp_client, make_settings, rsa_key, tmp
     return client
 
 
-def cds_token(key: Any, *, aud: str = PUBLIC + ES, iss: str = ISS, alg: str = "RS384", kid: str = "ehr-key-1",
-              **claims: Any) -> dict[str, str]:
+def cds_token(
+    key: Any, *, aud: str = PUBLIC + ES, iss: str = ISS, alg: str = "RS384", kid: str = "ehr-key-1", **claims: Any
+) -> dict[str, str]:
     now = int(time.time())
-    payload = {"iss": iss, "aud": aud, "exp": now + 300, "iat": now, "jti": str(uuid.uuid4()),
-               "sub": "ehr-client", **claims}
+    payload = {
+        "iss": iss,
+        "aud": aud,
+        "exp": now + 300,
+        "iat": now,
+        "jti": str(uuid.uuid4()),
+        "sub": "ehr-client",
+        **claims,
+    }
     payload = {k: v for k, v in payload.items() if v is not None}
     return {"Authorization": f"Bearer {jwt.encode(payload, key, algorithm=alg, headers={'kid': kid})}"}
 
@@ -460,8 +551,11 @@ async def test_production_fhir_server_only_at_the_clients_registered_origins(pro
     r = await production.post(ES, json=body, headers=cds_token(rsa_key))
     assert r.status == 200, await r.text()
     assert {p for p, _ in good.seen} == {"/r4/Patient/pat-1", "/r4/PractitionerRole/pr-123"}
-    assert (await accesses(production.app))[0].split("\x1f")[4:] == ["PractitionerRole/pr-123", "Dr Jane Example",
-                                                                      "R8000"]
+    assert (await accesses(production.app))[0].split("\x1f")[4:] == [
+        "PractitionerRole/pr-123",
+        "Dr Jane Example",
+        "R8000",
+    ]
     body = hook("encounter-start", encounter="enc-2", prefetch=None, fhirServer=bad.url, fhirAuthorization=FHIR_AUTH)
     r = await production.post(ES, json=body, headers=cds_token(rsa_key))
     assert r.status == 412
@@ -474,13 +568,19 @@ async def test_production_jti_replay_and_long_lived_tokens_are_refused(productio
     r = await production.post(ES, json=hook("encounter-start", encounter="enc-2"), headers=token)
     assert r.status == 401 and r.content_type == "application/problem+json"
     # the same jti from another issuer would be its own; a new jti is fine
-    assert (await production.post(ES, json=hook("encounter-start", encounter="enc-3"),
-                                  headers=cds_token(rsa_key))).status == 200
+    assert (
+        await production.post(ES, json=hook("encounter-start", encounter="enc-3"), headers=cds_token(rsa_key))
+    ).status == 200
     now = int(time.time())
-    for claims in ({"iat": now, "exp": now + 301}, {"iat": now - 600, "exp": now + 60}, {"iat": None},
-                   {"iat": now + 3600, "exp": now + 3700}):
-        r = await production.post(ES, json=hook("encounter-start", encounter="enc-4"),
-                                  headers=cds_token(rsa_key, **claims))
+    for claims in (
+        {"iat": now, "exp": now + 301},
+        {"iat": now - 600, "exp": now + 60},
+        {"iat": None},
+        {"iat": now + 3600, "exp": now + 3700},
+    ):
+        r = await production.post(
+            ES, json=hook("encounter-start", encounter="enc-4"), headers=cds_token(rsa_key, **claims)
+        )
         assert r.status == 401, claims
     assert len(await accesses(production.app)) == 2
 
@@ -497,25 +597,30 @@ async def test_production_feedback_with_the_services_audience(production, rsa_ke
 async def test_production_rejects_bad_cds_tokens(production, rsa_key):
     other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     bad = [
-        cds_token(other_key),                                    # wrong key
-        cds_token(rsa_key, aud=PUBLIC + PV),                     # token for another service
-        cds_token(rsa_key, iss="https://unknown.example"),       # issuer not in the registry
-        cds_token(rsa_key, exp=int(time.time()) - 3600),         # expired
-        cds_token(DEV_SECRET, alg="HS256"),                      # HMAC in production
-        auth(Role.CARE_SETTING, "RXX01"),                        # a dev token
+        cds_token(other_key),  # wrong key
+        cds_token(rsa_key, aud=PUBLIC + PV),  # token for another service
+        cds_token(rsa_key, iss="https://unknown.example"),  # issuer not in the registry
+        cds_token(rsa_key, exp=int(time.time()) - 3600),  # expired
+        cds_token(DEV_SECRET, alg="HS256"),  # HMAC in production
+        auth(Role.CARE_SETTING, "RXX01"),  # a dev token
     ]
     for headers in bad:
         r = await production.post(ES, json=hook("encounter-start"), headers=headers)
         assert r.status == 401, await r.text()
     token = cds_token(rsa_key)
-    unsigned = jwt.encode(jwt.decode(token["Authorization"][7:], options={"verify_signature": False}), None,
-                          algorithm="none")
+    unsigned = jwt.encode(
+        jwt.decode(token["Authorization"][7:], options={"verify_signature": False}), None, algorithm="none"
+    )
     r = await production.post(ES, json=hook("encounter-start"), headers={"Authorization": f"Bearer {unsigned}"})
     assert r.status == 401
     payload = jwt.decode(token["Authorization"][7:], options={"verify_signature": False})
     del payload["jti"]
-    r = await production.post(ES, json=hook("encounter-start"),
-                              headers={"Authorization": "Bearer " + jwt.encode(payload, rsa_key, algorithm="RS384",
-                                                                              headers={"kid": "ehr-key-1"})})
+    r = await production.post(
+        ES,
+        json=hook("encounter-start"),
+        headers={
+            "Authorization": "Bearer " + jwt.encode(payload, rsa_key, algorithm="RS384", headers={"kid": "ehr-key-1"})
+        },
+    )
     assert r.status == 401
     assert await accesses(production.app) == []

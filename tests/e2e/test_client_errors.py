@@ -90,8 +90,7 @@ async def raw(port: int, data: bytes) -> bytes:
         writer.close()
 
 
-async def test_requests_the_parser_rejects_are_answered_without_echo_and_logged(tmp_path: Path,
-                                                                                redis_url: str) -> None:
+async def test_requests_the_parser_rejects_are_answered_without_echo_and_logged(tmp_path: Path, redis_url: str) -> None:
     service = ServiceProcess(tmp_path / "svc", redis_url=redis_url, env={"CPIS_LOG_LEVEL": "DEBUG"})
     service.start()
     try:
@@ -113,4 +112,3 @@ async def test_requests_the_parser_rejects_are_answered_without_echo_and_logged(
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     rejected = [r for r in lines if r.get("event") == "http.request" and r.get("status") in (400, 431)]
     assert len(rejected) >= len(BAD_REQUESTS) - 1, [r.get("event") for r in lines]  # a chunked error may only close
-

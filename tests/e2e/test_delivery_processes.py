@@ -44,8 +44,9 @@ class Service:
         self.port = free_port()
         self.env = {**env, "CPIS_PORT": str(self.port), "CPIS_DATA_DIR": str(tmp / name)}
         self.log = (tmp / f"{name}.log").open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cpis_bridge", "serve"], env=self.env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cpis_bridge", "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT
+        )
 
     async def ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -79,17 +80,30 @@ class Service:
 
 
 @pytest.fixture
-async def setup(make_settings: Callable[..., Any], redis_url: str, key_prefix: str, tmp_path: Path,
-                aiohttp_client: Any) -> AsyncIterator[dict[str, Any]]:
+async def setup(
+    make_settings: Callable[..., Any], redis_url: str, key_prefix: str, tmp_path: Path, aiohttp_client: Any
+) -> AsyncIterator[dict[str, Any]]:
     receiver = await Receiver().start()
-    registry = write_registry(tmp_path / "registry.yaml",
-                              {"LA001": {"webhook": {"url": receiver.url, "secretEnv": "LA001_WEBHOOK_SECRET"}}})
-    env = {**os.environ, "CPIS_REDIS_URL": redis_url, "CPIS_KEY_PREFIX": key_prefix, "CPIS_REGISTRY": str(registry),
-           "CPIS_AUTH_DEV_SECRET": DEV_SECRET, "CPIS_LOG_HASH_KEY": HASH_KEY, "CPIS_LOG_LEVEL": "WARNING",
-           "LA001_WEBHOOK_SECRET": receiver.secret, "CPIS_DELIVERY_FIRST_RETRY_S": "0.05",
-           "CPIS_DELIVERY_MAX_BACKOFF_S": "0.5", "CPIS_RELAY_CLAIM_IDLE_S": "3",
-           "CPIS_RELAY_RECLAIM_INTERVAL_S": "0.5", "CPIS_SHUTDOWN_GRACE_S": "1", "CPIS_DELIVERY_TIMEOUT_S": "2",
-           "CPIS_DELIVERY_BREAKER_COOLDOWN_S": "0.5"}
+    registry = write_registry(
+        tmp_path / "registry.yaml", {"LA001": {"webhook": {"url": receiver.url, "secretEnv": "LA001_WEBHOOK_SECRET"}}}
+    )
+    env = {
+        **os.environ,
+        "CPIS_REDIS_URL": redis_url,
+        "CPIS_KEY_PREFIX": key_prefix,
+        "CPIS_REGISTRY": str(registry),
+        "CPIS_AUTH_DEV_SECRET": DEV_SECRET,
+        "CPIS_LOG_HASH_KEY": HASH_KEY,
+        "CPIS_LOG_LEVEL": "WARNING",
+        "LA001_WEBHOOK_SECRET": receiver.secret,
+        "CPIS_DELIVERY_FIRST_RETRY_S": "0.05",
+        "CPIS_DELIVERY_MAX_BACKOFF_S": "0.5",
+        "CPIS_RELAY_CLAIM_IDLE_S": "3",
+        "CPIS_RELAY_RECLAIM_INTERVAL_S": "0.5",
+        "CPIS_SHUTDOWN_GRACE_S": "1",
+        "CPIS_DELIVERY_TIMEOUT_S": "2",
+        "CPIS_DELIVERY_BREAKER_COOLDOWN_S": "0.5",
+    }
     # The accesses are made in-process (relays off) against the same Redis and prefix.
     client = await aiohttp_client(create_app(make_settings(registry=registry, relays=False)))
     services: list[Service] = []
@@ -118,8 +132,12 @@ async def make_accesses(app: web.Application, n: int, *, children: int = 50, rat
     setting = app[REGISTRY].care_settings["RXX01"]
 
     async def one(i: int) -> str:
-        out = await app[ACCESS].lookup(ed, LookupRequest(nhs=NhsNumber(numbers[i % children]), care_setting=setting,
-                                                         kind="careteam", source_event_id=f"ev-{i}"))
+        out = await app[ACCESS].lookup(
+            ed,
+            LookupRequest(
+                nhs=NhsNumber(numbers[i % children]), care_setting=setting, kind="careteam", source_event_id=f"ev-{i}"
+            ),
+        )
         assert out.status == 1
         return str(out.access_id)
 

@@ -75,15 +75,31 @@ async def test_metadata_is_public_and_lists_exactly_what_is_routed(client):
     body = await fhir_json(await client.get("/fhir/metadata"))
     assert body["fhirVersion"] == "4.0.1" and body["kind"] == "instance"
     got = {r["type"]: sorted(i["code"] for i in r["interaction"]) for r in body["rest"][0]["resource"]}
-    assert got == {"AuditEvent": ["search-type"], "CareTeam": ["search-type"], "Encounter": ["create", "read"],
-                   "Flag": ["search-type"], "Organization": ["read"], "PractitionerRole": ["read"]}
+    assert got == {
+        "AuditEvent": ["search-type"],
+        "CareTeam": ["search-type"],
+        "Encounter": ["create", "read"],
+        "Flag": ["search-type"],
+        "Organization": ["read"],
+        "PractitionerRole": ["read"],
+    }
     audit = next(r for r in body["rest"][0]["resource"] if r["type"] == "AuditEvent")
     assert ASSIGNED in audit["searchInclude"] and "PractitionerRole" in audit["searchInclude"]
-    served = {(route.method, route.resource.canonical) for route in client.app.router.routes()
-              if route.resource.canonical.startswith("/fhir/") and route.method != "HEAD"}
-    assert served == {("GET", "/fhir/metadata"), ("GET", "/fhir/CareTeam"), ("GET", "/fhir/Flag"),
-                      ("GET", "/fhir/AuditEvent"), ("POST", "/fhir/Encounter"), ("GET", "/fhir/Encounter/{id}"),
-                      ("GET", "/fhir/Organization/{id}"), ("GET", "/fhir/PractitionerRole/{id}")}
+    served = {
+        (route.method, route.resource.canonical)
+        for route in client.app.router.routes()
+        if route.resource.canonical.startswith("/fhir/") and route.method != "HEAD"
+    }
+    assert served == {
+        ("GET", "/fhir/metadata"),
+        ("GET", "/fhir/CareTeam"),
+        ("GET", "/fhir/Flag"),
+        ("GET", "/fhir/AuditEvent"),
+        ("POST", "/fhir/Encounter"),
+        ("GET", "/fhir/Encounter/{id}"),
+        ("GET", "/fhir/Organization/{id}"),
+        ("GET", "/fhir/PractitionerRole/{id}"),
+    }
 
 
 # -- CareTeam -------------------------------------------------------------------------------------------------------
@@ -111,16 +127,18 @@ async def test_careteam_unscheduled_records_access_and_notifies(client):
     [acc] = await accesses(client)
     assert acc.startswith("RXX01\x1ftrace-ct-1\x1f")
     [note] = await inbox(client, "LA001")
-    assert orjson.loads(note["recs"]) == [{"localId": "CASE-1", "planType": "CPP", "startDate": "2026-01-10",
-                                           "endDate": None}]
+    assert orjson.loads(note["recs"]) == [
+        {"localId": "CASE-1", "planType": "CPP", "startDate": "2026-01-10", "endDate": None}
+    ]
     # LA001 has no push channel here: the notification is in its pull inbox, indexed, and nothing is queued
     assert await client.app[REDIS].xlen(client.app[KEYS].notify_queue) == 0
     assert await client.app[REDIS].hlen(client.app[KEYS].inbox_index("LA001")) == 1
     assert metric(client, "unscheduled", "true") == 1
 
 
-ALWAYS_OPEN = ("    officeHours: {days: [Mon, Tue, Wed, Thu, Fri, Sat, Sun], open: '00:00', close: '24:00', "
-               "bankHolidays: open}\n")
+ALWAYS_OPEN = (
+    "    officeHours: {days: [Mon, Tue, Wed, Thu, Fri, Sat, Sun], open: '00:00', close: '24:00', bankHolidays: open}\n"
+)
 NEVER_OPEN = "    officeHours: {days: []}\n"
 
 
@@ -307,13 +325,23 @@ async def test_auditevent_empty_when_no_record_visible(client):
 
 async def test_encounter_post_retains_minimal_encounter_and_repeat_is_idempotent(client):
     await put(client)
-    body = encounter_body(reasonCode=[{"text": "fall from bicycle"}],
-                          participant=[{"individual": {"display": "Dr Test Example"}}])
+    body = encounter_body(
+        reasonCode=[{"text": "fall from bicycle"}], participant=[{"individual": {"display": "Dr Test Example"}}]
+    )
     r = await client.post("/fhir/Encounter", data=orjson.dumps(body), headers={**ED, "Content-Type": FHIR_CT})
     created = await fhir_json(r, 201)
     assert r.headers["Location"].endswith(f"/fhir/Encounter/{created['id']}")
-    assert set(created) == {"resourceType", "id", "meta", "identifier", "status", "class", "subject", "period",
-                            "serviceProvider"}
+    assert set(created) == {
+        "resourceType",
+        "id",
+        "meta",
+        "identifier",
+        "status",
+        "class",
+        "subject",
+        "period",
+        "serviceProvider",
+    }
     assert created["serviceProvider"]["identifier"]["value"] == "RXX01"
     [acc] = await accesses(client)
     assert acc.split("\x1f")[1] == "https://rxx01.example/Id/attendance|ATT-1"
@@ -351,21 +379,26 @@ async def test_encounter_without_visible_record_or_from_scheduled_setting_retain
     assert enc_keys == []
 
 
-@pytest.mark.parametrize("mutate,field", [
-    (lambda b: b.pop("period"), "Encounter.period.start"),
-    (lambda b: b["period"].update(start="2026-11-21T22:05:00"), "Encounter.period.start"),
-    (lambda b: b.pop("identifier"), "Encounter.identifier"),
-    (lambda b: b.pop("class"), "Encounter.class"),
-    (lambda b: b.update(status="bogus"), "Encounter.status"),
-    (lambda b: b["subject"]["identifier"].update(value="9990000019"), "Encounter.subject.identifier.value"),
-    (lambda b: b["subject"]["identifier"].update(system="urn:other"), "Encounter.subject.identifier"),
-    (lambda b: b.update(unknownElement=1), "Encounter.unknownElement"),
-    (lambda b: b.update(resourceType="Patient"), "Encounter.resourceType"),
-    (lambda b: b["period"].update(start="2030-01-01T09:00:00Z"), "Encounter.period.start"),  # ahead: the plain path
-    (lambda b: b["period"].update(start="2030-01-01"), "Encounter.period.start"),  # and the model's
-    (lambda b: b["period"].update(start=(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)).isoformat()),
-     "Encounter.period.start"),
-])
+@pytest.mark.parametrize(
+    "mutate,field",
+    [
+        (lambda b: b.pop("period"), "Encounter.period.start"),
+        (lambda b: b["period"].update(start="2026-11-21T22:05:00"), "Encounter.period.start"),
+        (lambda b: b.pop("identifier"), "Encounter.identifier"),
+        (lambda b: b.pop("class"), "Encounter.class"),
+        (lambda b: b.update(status="bogus"), "Encounter.status"),
+        (lambda b: b["subject"]["identifier"].update(value="9990000019"), "Encounter.subject.identifier.value"),
+        (lambda b: b["subject"]["identifier"].update(system="urn:other"), "Encounter.subject.identifier"),
+        (lambda b: b.update(unknownElement=1), "Encounter.unknownElement"),
+        (lambda b: b.update(resourceType="Patient"), "Encounter.resourceType"),
+        (lambda b: b["period"].update(start="2030-01-01T09:00:00Z"), "Encounter.period.start"),  # ahead: the plain path
+        (lambda b: b["period"].update(start="2030-01-01"), "Encounter.period.start"),  # and the model's
+        (
+            lambda b: b["period"].update(start=(dt.datetime.now(dt.UTC) + dt.timedelta(minutes=6)).isoformat()),
+            "Encounter.period.start",
+        ),
+    ],
+)
 async def test_invalid_encounter_is_422_naming_the_field(client, mutate, field):
     body = encounter_body()
     mutate(body)
@@ -377,16 +410,19 @@ async def test_invalid_encounter_is_422_naming_the_field(client, mutate, field):
 # -- errors ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", [
-    f"/fhir/CareTeam?{q()}&name=x",
-    "/fhir/CareTeam",
-    f"/fhir/Flag?patient:identifier=urn:other|{CHILD}",
-    "/fhir/Flag?patient:identifier=https://fhir.nhs.uk/Id/nhs-number|1234567890",
-    f"/fhir/Flag?{q()}&{q()}",
-    f"/fhir/AuditEvent?{q()}&_count=5",
-    f"/fhir/CareTeam?{q()}&_include=CareTeam:subject",
-    f"/fhir/CareTeam?patient={NHS_SYS}|{CHILD}",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"/fhir/CareTeam?{q()}&name=x",
+        "/fhir/CareTeam",
+        f"/fhir/Flag?patient:identifier=urn:other|{CHILD}",
+        "/fhir/Flag?patient:identifier=https://fhir.nhs.uk/Id/nhs-number|1234567890",
+        f"/fhir/Flag?{q()}&{q()}",
+        f"/fhir/AuditEvent?{q()}&_count=5",
+        f"/fhir/CareTeam?{q()}&_include=CareTeam:subject",
+        f"/fhir/CareTeam?patient={NHS_SYS}|{CHILD}",
+    ],
+)
 async def test_bad_searches_are_400_operation_outcomes(client, url):
     outcome = await fhir_json(await client.get(url, headers=ED), 400)
     assert outcome["issue"][0]["severity"] == "error" and CHILD not in orjson.dumps(outcome).decode()
@@ -398,12 +434,13 @@ async def test_error_statuses_are_operation_outcomes(client):
     await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=auth(Role.CARE_SETTING, "ZZZ99")), 403)
     await fhir_json(await client.get("/fhir/Patient", headers=ED), 404)
     await fhir_json(await client.delete("/fhir/CareTeam", headers=ED), 405)
-    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers={**ED, "IsUnscheduledAccessEvent": "maybe"}),
-                    400)
-    await fhir_json(await client.post("/fhir/Encounter", data=b"{not json", headers={**ED, "Content-Type": FHIR_CT}),
-                    400)
-    await fhir_json(await client.post("/fhir/Encounter", data=b"<Encounter/>",
-                                      headers={**ED, "Content-Type": "text/plain"}), 415)
+    await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers={**ED, "IsUnscheduledAccessEvent": "maybe"}), 400)
+    await fhir_json(
+        await client.post("/fhir/Encounter", data=b"{not json", headers={**ED, "Content-Type": FHIR_CT}), 400
+    )
+    await fhir_json(
+        await client.post("/fhir/Encounter", data=b"<Encounter/>", headers={**ED, "Content-Type": "text/plain"}), 415
+    )
     big = orjson.dumps(encounter_body(text={"status": "generated", "div": "x" * (1024 * 1024 + 10)}))
     await fhir_json(await client.post("/fhir/Encounter", data=big, headers={**ED, "Content-Type": FHIR_CT}), 413)
     await fhir_json(await client.get("/fhir/Encounter/not a valid id!", headers=ED), 404)
@@ -467,21 +504,24 @@ def from_xml(text: str) -> dict[str, Any]:
     return dict(orjson.loads(get_fhir_model_class(kind).model_validate_xml(text.encode()).model_dump_json()))
 
 
-@pytest.mark.parametrize(("request_args", "status", "code"), [
-    (("GET", f"/fhir/CareTeam?patient:identifier={NHS_SYS}|9990000019", ED), 400, "INVALID_SEARCH_DATA"),  # Mod 11
-    (("GET", "/fhir/CareTeam", ED), 400, "INVALID_SEARCH_DATA"),
-    (("GET", f"/fhir/Flag?{q()}&colour=red", ED), 400, "INVALID_SEARCH_DATA"),
-    (("GET", f"/fhir/CareTeam?{q()}", {**ED, "IsUnscheduledAccessEvent": "maybe"}), 400, "PRECONDITION_FAILED"),
-    (("GET", f"/fhir/CareTeam?{q()}", {**ED, "IsUnscheduledEvent": "perhaps"}), 400, "PRECONDITION_FAILED"),
-    (("GET", f"/fhir/CareTeam?{q()}", {}), 401, "ACCESS_DENIED"),
-    (("GET", f"/fhir/CareTeam?{q()}", LA1), 403, "ACCESS_DENIED"),
-    (("GET", "/fhir/Encounter/no-such-id", ED), 404, "RESOURCE_NOT_FOUND"),
-    (("GET", "/fhir/Organization/LA999", ED), 404, "RESOURCE_NOT_FOUND"),
-    (("GET", "/fhir/Patient", ED), 404, "UNSUPPORTED_SERVICE"),
-    (("DELETE", "/fhir/CareTeam", ED), 405, "UNSUPPORTED_SERVICE"),
-    (("GET", f"/fhir/CareTeam?{q()}&_format=text/html", ED), 406, "UNSUPPORTED_VALUE"),
-    (("POST", "/fhir/Encounter", {**ED, "Content-Type": "text/plain"}), 415, "UNSUPPORTED_VALUE"),
-])
+@pytest.mark.parametrize(
+    ("request_args", "status", "code"),
+    [
+        (("GET", f"/fhir/CareTeam?patient:identifier={NHS_SYS}|9990000019", ED), 400, "INVALID_SEARCH_DATA"),  # Mod 11
+        (("GET", "/fhir/CareTeam", ED), 400, "INVALID_SEARCH_DATA"),
+        (("GET", f"/fhir/Flag?{q()}&colour=red", ED), 400, "INVALID_SEARCH_DATA"),
+        (("GET", f"/fhir/CareTeam?{q()}", {**ED, "IsUnscheduledAccessEvent": "maybe"}), 400, "PRECONDITION_FAILED"),
+        (("GET", f"/fhir/CareTeam?{q()}", {**ED, "IsUnscheduledEvent": "perhaps"}), 400, "PRECONDITION_FAILED"),
+        (("GET", f"/fhir/CareTeam?{q()}", {}), 401, "ACCESS_DENIED"),
+        (("GET", f"/fhir/CareTeam?{q()}", LA1), 403, "ACCESS_DENIED"),
+        (("GET", "/fhir/Encounter/no-such-id", ED), 404, "RESOURCE_NOT_FOUND"),
+        (("GET", "/fhir/Organization/LA999", ED), 404, "RESOURCE_NOT_FOUND"),
+        (("GET", "/fhir/Patient", ED), 404, "UNSUPPORTED_SERVICE"),
+        (("DELETE", "/fhir/CareTeam", ED), 405, "UNSUPPORTED_SERVICE"),
+        (("GET", f"/fhir/CareTeam?{q()}&_format=text/html", ED), 406, "UNSUPPORTED_VALUE"),
+        (("POST", "/fhir/Encounter", {**ED, "Content-Type": "text/plain"}), 415, "UNSUPPORTED_VALUE"),
+    ],
+)
 async def test_errors_carry_the_national_code(client, request_args, status, code):
     method, url, headers = request_args
     outcome = await fhir_json(await client.request(method, url, headers=headers, data=b"x"), status)
@@ -500,22 +540,35 @@ async def test_401_names_the_bearer_scheme(client):
 
 
 def test_server_errors_have_national_codes_too():
-    for status, code in ((500, "FAILURE_TO_PROCESS_MESSAGE"), (503, "UNABLE_TO_CALL_SERVICE"),
-                         (504, "UNABLE_TO_CALL_SERVICE"), (502, "FAILURE_TO_PROCESS_MESSAGE")):
+    for status, code in (
+        (500, "FAILURE_TO_PROCESS_MESSAGE"),
+        (503, "UNABLE_TO_CALL_SERVICE"),
+        (504, "UNABLE_TO_CALL_SERVICE"),
+        (502, "FAILURE_TO_PROCESS_MESSAGE"),
+    ):
         outcome = operation_outcome(status, "x")
         assert spine_code(outcome) == code and outcome["issue"][0]["severity"] == "error"
     assert "details" not in operation_outcome(200, "No record")["issue"][0]  # information is no error
     assert operation_outcome(405, "x")["issue"][0]["code"] == "not-supported"
 
 
-@pytest.mark.parametrize(("fmt", "accept", "expected"), [
-    (None, XML_CT, XML_CT), ("xml", None, XML_CT), ("application/fhir+xml", None, XML_CT),
-    ("application/fhir xml", None, XML_CT),  # an unencoded "+" arrives as a space
-    ("json", XML_CT, FHIR_CT),  # _format wins over Accept
-    ("xml", FHIR_CT, XML_CT), (None, "application/xml;q=0.9, application/fhir+json;q=0.5", XML_CT),
-    (None, "text/html, */*;q=0.1", FHIR_CT), (None, "*/*", FHIR_CT), (None, "application/json", FHIR_CT),
-    (None, None, FHIR_CT), (None, "application/fhir+json; fhirVersion=4.0", FHIR_CT),
-])
+@pytest.mark.parametrize(
+    ("fmt", "accept", "expected"),
+    [
+        (None, XML_CT, XML_CT),
+        ("xml", None, XML_CT),
+        ("application/fhir+xml", None, XML_CT),
+        ("application/fhir xml", None, XML_CT),  # an unencoded "+" arrives as a space
+        ("json", XML_CT, FHIR_CT),  # _format wins over Accept
+        ("xml", FHIR_CT, XML_CT),
+        (None, "application/xml;q=0.9, application/fhir+json;q=0.5", XML_CT),
+        (None, "text/html, */*;q=0.1", FHIR_CT),
+        (None, "*/*", FHIR_CT),
+        (None, "application/json", FHIR_CT),
+        (None, None, FHIR_CT),
+        (None, "application/fhir+json; fhirVersion=4.0", FHIR_CT),
+    ],
+)
 async def test_format_negotiation(client, fmt, accept, expected):
     await put(client)
     url = f"/fhir/CareTeam?{q()}" + (f"&_format={fmt}" if fmt else "")
@@ -528,9 +581,16 @@ async def test_format_negotiation(client, fmt, accept, expected):
 
 async def test_every_fhir_answer_in_xml_equals_the_json(client):
     await put(client)
-    cases = [("GET", "/fhir/metadata"), ("GET", f"/fhir/CareTeam?{q()}"), ("GET", f"/fhir/Flag?{q()}"),
-             ("GET", f"/fhir/AuditEvent?{q()}&_include=PractitionerRole"), ("GET", "/fhir/Organization/LA001"),
-             ("GET", f"/fhir/CareTeam?{q(OTHER)}"), ("GET", "/fhir/Encounter/nope"), ("DELETE", "/fhir/Flag")]
+    cases = [
+        ("GET", "/fhir/metadata"),
+        ("GET", f"/fhir/CareTeam?{q()}"),
+        ("GET", f"/fhir/Flag?{q()}"),
+        ("GET", f"/fhir/AuditEvent?{q()}&_include=PractitionerRole"),
+        ("GET", "/fhir/Organization/LA001"),
+        ("GET", f"/fhir/CareTeam?{q(OTHER)}"),
+        ("GET", "/fhir/Encounter/nope"),
+        ("DELETE", "/fhir/Flag"),
+    ]
     for method, url in cases:
         headers = {**ED, "TraceID": "xml-1"}
         as_json = await client.request(method, url, headers=headers)
@@ -540,8 +600,11 @@ async def test_every_fhir_answer_in_xml_equals_the_json(client):
         if got["resourceType"] == "Bundle":  # a new id per answer
             assert got.pop("id") != want.pop("id")
         assert got == want, url
-    r = await client.post("/fhir/Encounter", data=orjson.dumps(encounter_body("XML-ENC")),
-                          headers={**ED, "Content-Type": FHIR_CT, "Accept": XML_CT})
+    r = await client.post(
+        "/fhir/Encounter",
+        data=orjson.dumps(encounter_body("XML-ENC")),
+        headers={**ED, "Content-Type": FHIR_CT, "Accept": XML_CT},
+    )
     assert r.status == 201 and from_xml(await r.text())["identifier"][0]["value"] == "XML-ENC"
 
 
@@ -555,8 +618,11 @@ async def test_encounter_posted_as_xml(client):
 
 async def test_not_acceptable_is_decided_before_the_access(client):
     await put(client)
-    for headers, url in (({"Accept": "text/html"}, f"/fhir/CareTeam?{q()}"), ({}, f"/fhir/Flag?{q()}&_format=csv"),
-                         ({"Accept": "application/fhir+json;q=0, application/xml;q=0"}, f"/fhir/CareTeam?{q()}")):
+    for headers, url in (
+        ({"Accept": "text/html"}, f"/fhir/CareTeam?{q()}"),
+        ({}, f"/fhir/Flag?{q()}&_format=csv"),
+        ({"Accept": "application/fhir+json;q=0, application/xml;q=0"}, f"/fhir/CareTeam?{q()}"),
+    ):
         r = await client.get(url, headers={**ED, **headers})
         assert r.status == 406 and r.content_type == FHIR_CT
         assert spine_code(await r.json(content_type=None)) == "UNSUPPORTED_VALUE"
@@ -570,7 +636,8 @@ async def test_errors_in_the_negotiated_format(client):
     assert outcome["issue"][0]["details"]["coding"][0]["code"] == "ACCESS_DENIED"
     r = await client.get("/fhir/CareTeam", headers={**ED, "Accept": XML_CT})
     assert r.status == 400 and from_xml(await r.text())["issue"][0]["details"]["coding"][0]["code"] == (
-        "INVALID_SEARCH_DATA")
+        "INVALID_SEARCH_DATA"
+    )
 
 
 async def test_statement_and_router_agree_from_both_sides(client):
@@ -623,22 +690,34 @@ async def test_referenced_organization_and_practitioner_role_can_be_read(client)
     [included] = [e["resource"] for e in audit["entry"] if e["search"]["mode"] == "include"]
     role = await fhir_json(await client.get(f"/fhir/{event['agent'][0]['who']['reference']}", headers=ED2))
     assert role == included and role["practitioner"]["display"] == "Dr Test Example"
-    assert role["code"][0]["coding"][0] == {"system": "https://fhir.nhs.uk/CodeSystem/NHSDigital-SDS-JobRoleCode",
-                                            "code": "R8000", "display": "Clinical Practitioner Access Role"}
+    assert role["code"][0]["coding"][0] == {
+        "system": "https://fhir.nhs.uk/CodeSystem/NHSDigital-SDS-JobRoleCode",
+        "code": "R8000",
+        "display": "Clinical Practitioner Access Role",
+    }
     reads_audited = await client.app[REDIS].lrange(client.app[KEYS].audit(client.app[KEYS].tag(CHILD)), 0, -1)
     assert len(await accesses(client)) == 1 and reads_audited  # reads of registry data are no accesses
 
 
-@pytest.mark.parametrize("include", ["PractitionerRole", ASSIGNED, "AuditEvent:agent",
-                                     "AuditEvent:agent:PractitionerRole", "AuditEvent:entity:PractitionerRole"])
+@pytest.mark.parametrize(
+    "include",
+    [
+        "PractitionerRole",
+        ASSIGNED,
+        "AuditEvent:agent",
+        "AuditEvent:agent:PractitionerRole",
+        "AuditEvent:entity:PractitionerRole",
+    ],
+)
 async def test_national_includes_of_the_audit_search(client, include):
     await put(client)
     await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=ED))
     body = await fhir_json(await client.get(f"/fhir/AuditEvent?{q()}", params={"_include": include}, headers=ED))
     assert [e["resource"]["resourceType"] for e in body["entry"]] == ["AuditEvent", "PractitionerRole"]
     # repeated _include values are one include
-    body = await fhir_json(await client.get(f"/fhir/AuditEvent?{q()}&_include=PractitionerRole"
-                                            f"&_include=AuditEvent:agent", headers=ED))
+    body = await fhir_json(
+        await client.get(f"/fhir/AuditEvent?{q()}&_include=PractitionerRole&_include=AuditEvent:agent", headers=ED)
+    )
     assert len(body["entry"]) == 2
 
 
@@ -651,17 +730,22 @@ async def test_patient_parameter_forms(client, param):
 
 async def test_sds_user_id_and_role_display(client):
     await put(client)
-    sds = auth(Role.CARE_SETTING, "RXX02", name="Nurse Test Sample", role_code="R8001",
-               extra={"sds_user_id": "555000000017"})
+    sds = auth(
+        Role.CARE_SETTING, "RXX02", name="Nurse Test Sample", role_code="R8001", extra={"sds_user_id": "555000000017"}
+    )
     await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=sds))
     await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers=ED))
     body = await fhir_json(await client.get(f"/fhir/AuditEvent?{q()}&_include=PractitionerRole", headers=ED))
     events = [e["resource"] for e in body["entry"] if e["search"]["mode"] == "match"]
-    roles = {r["organization"]["identifier"]["value"]: r for r in
-             (e["resource"] for e in body["entry"] if e["search"]["mode"] == "include")}
+    roles = {
+        r["organization"]["identifier"]["value"]: r
+        for r in (e["resource"] for e in body["entry"] if e["search"]["mode"] == "include")
+    }
     nurse = roles["RXX02"]
-    assert nurse["practitioner"]["identifier"] == {"system": "https://fhir.nhs.uk/Id/sds-user-id",
-                                                   "value": "555000000017"}
+    assert nurse["practitioner"]["identifier"] == {
+        "system": "https://fhir.nhs.uk/Id/sds-user-id",
+        "value": "555000000017",
+    }
     assert nurse["identifier"] == [nurse["practitioner"]["identifier"]]
     assert nurse["code"][0]["coding"][0]["display"] == "Nurse Access Role"
     assert roles["RXX01"]["practitioner"]["identifier"]["system"] == "https://cpis-bridge.example.org/Id/user"
@@ -678,8 +762,12 @@ async def test_sds_user_id_and_role_display(client):
 async def test_each_care_setting_sees_only_its_own_identifiers(client):
     await put(client)
     await fhir_json(await client.get(f"/fhir/CareTeam?{q()}", headers={**ED, "TraceID": "rxx01-trace"}))
-    await fhir_json(await client.post("/fhir/Encounter", data=orjson.dumps(encounter_body("RXX02-ATT")),
-                                      headers={**ED2, "Content-Type": FHIR_CT}), 201)
+    await fhir_json(
+        await client.post(
+            "/fhir/Encounter", data=orjson.dumps(encounter_body("RXX02-ATT")), headers={**ED2, "Content-Type": FHIR_CT}
+        ),
+        201,
+    )
     for viewer, own, foreign in ((ED, "rxx01-trace", "RXX02-ATT"), (ED2, "RXX02-ATT", "rxx01-trace")):
         body = await fhir_json(await client.get(f"/fhir/AuditEvent?{q()}&_include=PractitionerRole", headers=viewer))
         text = orjson.dumps(body).decode()
@@ -689,13 +777,15 @@ async def test_each_care_setting_sees_only_its_own_identifiers(client):
 
 async def test_unscheduled_event_alias_and_header_echoes(client):
     await put(client)
-    r = await client.get(f"/fhir/CareTeam?{q()}", headers={**ED, "IsUnscheduledEvent": "false",
-                                                            "X-Correlation-ID": "corr-123"})
+    r = await client.get(
+        f"/fhir/CareTeam?{q()}", headers={**ED, "IsUnscheduledEvent": "false", "X-Correlation-ID": "corr-123"}
+    )
     await fhir_json(r)
     assert r.headers["X-Correlation-ID"] == "corr-123"
     assert await accesses(client) == []  # the alias made it a scheduled (silent) read
-    r = await client.get(f"/fhir/CareTeam?{q()}", headers={**ED, "IsUnscheduledEvent": "true",
-                                                            "IsUnscheduledAccessEvent": "false"})
+    r = await client.get(
+        f"/fhir/CareTeam?{q()}", headers={**ED, "IsUnscheduledEvent": "true", "IsUnscheduledAccessEvent": "false"}
+    )
     assert r.status == 400  # the two disagree: refused, never guessed
     r = await client.get("/fhir/Patient", headers={**ED, "X-Correlation-ID": "corr-err"})
     assert r.status == 404 and r.headers["X-Correlation-ID"] == "corr-err"

@@ -50,12 +50,20 @@ async def test_relays_off_means_no_sync(aiohttp_client, make_settings, double):
 
 
 async def _reconcile(settings, *args: str) -> tuple[int, dict]:
-    env = {**os.environ, "CPIS_REDIS_URL": settings.redis_url, "CPIS_KEY_PREFIX": settings.key_prefix,
-           "CPIS_LOG_HASH_KEY": HASH_KEY, "CPIS_FHIR_BASE_URL": settings.fhir_base_url,
-           "CPIS_REGISTRY": str(REGISTRY), "CPIS_DATA_DIR": str(settings.data_dir), "CPIS_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "CPIS_REDIS_URL": settings.redis_url,
+        "CPIS_KEY_PREFIX": settings.key_prefix,
+        "CPIS_LOG_HASH_KEY": HASH_KEY,
+        "CPIS_FHIR_BASE_URL": settings.fhir_base_url,
+        "CPIS_REGISTRY": str(REGISTRY),
+        "CPIS_DATA_DIR": str(settings.data_dir),
+        "CPIS_LOG_LEVEL": "WARNING",
+    }
     exe = str(Path(sys.executable).parent / "cpis-bridge")
-    proc = await asyncio.create_subprocess_exec(exe, "reconcile", "--quiet", *args, env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        exe, "reconcile", "--quiet", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=40)
     assert proc.returncode in (0, 1), err.decode()[-2000:]
     return proc.returncode, json.loads(out.decode().strip().splitlines()[-1])
@@ -72,9 +80,14 @@ async def test_reconcile_repairs_drift(aiohttp_client, make_settings, double):
     del double.flags[flag_id("LA001", "RC-0")]  # missing
     double.flags[flag_id("LA001", "RC-1")]["status"] = "inactive"  # wrong status
     double.flags[flag_id("LA001", "RC-2")]["period"] = {"start": "2020-01-01"}  # wrong period
-    double.flags["stray"] = {"resourceType": "Flag", "id": "stray", "status": "active", "meta": {"versionId": "1"},
-                             "identifier": [{"system": IDENTIFIER_SYSTEM, "value": "LA001|NO-SUCH"}],
-                             "subject": {"identifier": {"value": "9990000026"}}}  # ours, but no record
+    double.flags["stray"] = {
+        "resourceType": "Flag",
+        "id": "stray",
+        "status": "active",
+        "meta": {"versionId": "1"},
+        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": "LA001|NO-SUCH"}],
+        "subject": {"identifier": {"value": "9990000026"}},
+    }  # ours, but no record
     other = double.add_duplicate("LA001|RC-3")  # a second Flag with our identifier, newer than ours
     code, report = await _reconcile(settings, "--dry-run")
     assert code == 1 and report["drift"] == {"missing": 1, "wrong": 2, "extra": 1, "duplicates": 1, "failed": 0}

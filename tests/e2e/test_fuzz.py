@@ -89,8 +89,15 @@ def server(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     prefix = "f" + uuid.uuid4().hex[:12]
     data: Path = tmp_path_factory.mktemp("fuzz")
     cfg = Settings(  # type: ignore[call-arg]
-        _env_file=None, redis_url=redis_url, key_prefix=prefix, data_dir=data / "var", registry=REGISTRY,
-        auth_dev_secret=DEV_SECRET, log_hash_key=HASH_KEY, upload_max_bytes=UPLOAD_LIMIT, relays=False,
+        _env_file=None,
+        redis_url=redis_url,
+        key_prefix=prefix,
+        data_dir=data / "var",
+        registry=REGISTRY,
+        auth_dev_secret=DEV_SECRET,
+        log_hash_key=HASH_KEY,
+        upload_max_bytes=UPLOAD_LIMIT,
+        relays=False,
     )
     with LiveServer(cfg) as live:
         yield live
@@ -129,8 +136,12 @@ def fuzz_operation(operation: Any, mode: GenerationMode, server: LiveServer, htt
     checks = [not_a_server_error]
     routed = (operation.method.upper(), operation.path) not in PENDING_ROUTES
     if routed:
-        checks += [status_code_conformance, content_type_conformance, response_headers_conformance,
-                   response_schema_conformance]
+        checks += [
+            status_code_conformance,
+            content_type_conformance,
+            response_headers_conformance,
+            response_schema_conformance,
+        ]
     calls = 0
 
     @settings(FUZZ, max_examples=EXAMPLES if routed else 3)
@@ -160,7 +171,10 @@ def test_schemathesis_finds_no_server_error(server: LiveServer, http: requests.S
 # -- hypothesis: PUT /v1/records ----------------------------------------------------------------------------------
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=40),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=6),
     max_leaves=20,
@@ -184,15 +198,26 @@ local_ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=80).filte
     lambda s: s not in (".", "..")  # dot segments are resolved away by URL normalisation: another path
 )
 other_types = st.sampled_from(
-    ["text/plain", "application/xml", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-     "application/fhir+json", "application/jsonx", "text/json", "", "application/octet-stream", "*/*"]
+    [
+        "text/plain",
+        "application/xml",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/fhir+json",
+        "application/jsonx",
+        "text/json",
+        "",
+        "application/octet-stream",
+        "*/*",
+    ]
 )
 
 
 def put(http: requests.Session, server: LiveServer, local_id: str, **kw: Any) -> requests.Response:
     headers = {**LA1, **kw.pop("headers", {})}
-    return http.put(f"{server.url}/v1/records/{requests.utils.quote(local_id, safe='')}", headers=headers,
-                    timeout=TIMEOUT, **kw)
+    return http.put(
+        f"{server.url}/v1/records/{requests.utils.quote(local_id, safe='')}", headers=headers, timeout=TIMEOUT, **kw
+    )
 
 
 @FUZZ
@@ -230,8 +255,13 @@ def test_put_record_wrong_content_type(server: LiveServer, http: requests.Sessio
 
 
 def test_put_record_content_type_parameters_accepted(server: LiveServer, http: requests.Session) -> None:
-    r = put(http, server, "FUZZ-3", data=json.dumps(record("FUZZ-3")),
-            headers={"Content-Type": "application/json; charset=utf-8"})
+    r = put(
+        http,
+        server,
+        "FUZZ-3",
+        data=json.dumps(record("FUZZ-3")),
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
     assert r.status_code in (200, 201), r.text
 
 
@@ -263,8 +293,10 @@ def raw_request(server: LiveServer, head: str, body: bytes = b"") -> tuple[int, 
 def test_content_length_fast_path(server: LiveServer, path: str, length: int) -> None:
     token = LA1["Authorization"]
     method = "PUT" if path.startswith("/v1/records") else "POST"
-    head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {token}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n")
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    )
     status, data = raw_request(server, head)  # no body sent: the answer must not wait for it
     assert status == 413, data[:300]
     assert b"application/problem+json" in data
@@ -273,10 +305,15 @@ def test_content_length_fast_path(server: LiveServer, path: str, length: int) ->
 # -- hypothesis: POST /v1/uploads -----------------------------------------------------------------------------------
 
 
-def upload(http: requests.Session, server: LiveServer, body: Any, content_type: str,
-           headers: dict[str, str] | None = None) -> requests.Response:
-    return http.post(f"{server.url}/v1/uploads", data=body,
-                     headers={**LA1, "Content-Type": content_type, **(headers or {})}, timeout=TIMEOUT)
+def upload(
+    http: requests.Session, server: LiveServer, body: Any, content_type: str, headers: dict[str, str] | None = None
+) -> requests.Response:
+    return http.post(
+        f"{server.url}/v1/uploads",
+        data=body,
+        headers={**LA1, "Content-Type": content_type, **(headers or {})},
+        timeout=TIMEOUT,
+    )
 
 
 def is_json(body: bytes) -> bool:
@@ -330,11 +367,19 @@ def test_upload_any_json(server: LiveServer, http: requests.Session, envelope: A
     count=st.none() | st.sampled_from(["0", "1", "-1", "many", ""]),
 )
 def test_upload_ndjson_csv_any_bytes(
-    server: LiveServer, http: requests.Session, body: bytes, content_type: str, seq: str | None, mode: str | None,
+    server: LiveServer,
+    http: requests.Session,
+    body: bytes,
+    content_type: str,
+    seq: str | None,
+    mode: str | None,
     count: str | None,
 ) -> None:
-    headers = {k: v for k, v in (("Upload-Sequence", seq), ("Upload-Mode", mode), ("Upload-Record-Count", count))
-               if v is not None}
+    headers = {
+        k: v
+        for k, v in (("Upload-Sequence", seq), ("Upload-Mode", mode), ("Upload-Record-Count", count))
+        if v is not None
+    }
     r = upload(http, server, body, content_type, headers)
     assert r.status_code in (200, 409, 422), (r.status_code, r.text[:300])
     if seq is None or mode is None:

@@ -30,8 +30,9 @@ CHILD = "9990000018"  # has a visible record in every test here
 OTHER = "9990000026"  # valid, no record
 FHIR_CT = "application/fhir+json"
 INCLUDE_ASSIGNED = "AuditEvent:entity-type=http://terminology.hl7.org/CodeSystem/v3-RoleClass|ASSIGNED"
-FUZZ = settings(max_examples=100, derandomize=True, deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=100, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 FEW = settings(FUZZ, max_examples=50)
 TEN_DIGITS = re.compile(r"\d{10}")
 
@@ -64,7 +65,7 @@ def dechunk(data: bytes) -> bytes:
         size = int(size_line.split(b";")[0], 16)
         if size == 0:
             break
-        out, data = out + data[:size], data[size + 2:]
+        out, data = out + data[:size], data[size + 2 :]
     return out
 
 
@@ -108,8 +109,16 @@ class App:
         """From the hypothesis thread: run a coroutine on the app's loop."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=TIMEOUT * 2)  # type: ignore[arg-type]
 
-    async def raw(self, method: str, target: bytes | str, headers: dict[str, str | bytes] | None = None,
-                  body: bytes = b"", *, half_close: bool = False, content_length: int | None = None) -> Reply:
+    async def raw(
+        self,
+        method: str,
+        target: bytes | str,
+        headers: dict[str, str | bytes] | None = None,
+        body: bytes = b"",
+        *,
+        half_close: bool = False,
+        content_length: int | None = None,
+    ) -> Reply:
         target_b = target.encode("ascii") if isinstance(target, str) else target
         lines = [method.encode() + b" " + target_b + b" HTTP/1.1", b"Host: 127.0.0.1", b"Connection: close"]
         for name, value in (headers or {}).items():
@@ -127,15 +136,24 @@ class App:
             writer.close()
         return parse_reply(data)
 
-    def call(self, method: str, target: bytes | str, headers: dict[str, str | bytes] | None = None,
-             body: bytes = b"", **kw: Any) -> Reply:
+    def call(
+        self,
+        method: str,
+        target: bytes | str,
+        headers: dict[str, str | bytes] | None = None,
+        body: bytes = b"",
+        **kw: Any,
+    ) -> Reply:
         return self.run(self.raw(method, target, headers, body, **kw))
 
     async def server_errors(self) -> list[str]:
         """Every 5xx the app counted (cpis_http_requests_total), also for answers the client never read."""
         r = await self.raw("GET", "/metrics")
-        return [line for line in r.text.splitlines()
-                if line.startswith("cpis_http_requests_total{") and re.search(r'status="5\d\d"', line)]
+        return [
+            line
+            for line in r.text.splitlines()
+            if line.startswith("cpis_http_requests_total{") and re.search(r'status="5\d\d"', line)
+        ]
 
 
 @pytest.fixture
@@ -171,14 +189,30 @@ def no_nhs_echo(sent: str, r: Reply) -> None:
 # -- strategies -----------------------------------------------------------------------------------------------------
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=40),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=6),
     max_leaves=20,
 )
-nhs_like = st.sampled_from([CHILD, OTHER, "9990000017", "999000001", "99900000180", "4010232137", "999 000 0018",
-                            "", "ABCDEFGHIJ", "\uff19\uff19\uff19\uff10\uff10\uff10\uff10\uff10\uff11\uff18",
-                            "9990000018\x00", " 9990000018"])
+nhs_like = st.sampled_from(
+    [
+        CHILD,
+        OTHER,
+        "9990000017",
+        "999000001",
+        "99900000180",
+        "4010232137",
+        "999 000 0018",
+        "",
+        "ABCDEFGHIJ",
+        "\uff19\uff19\uff19\uff10\uff10\uff10\uff10\uff10\uff11\uff18",
+        "9990000018\x00",
+        " 9990000018",
+    ]
+)
 any_text = st.text(max_size=40)  # any code points (encoded as UTF-8 on the wire)
 
 
@@ -190,24 +224,61 @@ def enc(text: str, how: int) -> str:
     return quote(text, safe=":|/=,;+!$'()*@?")  # leave URL-legal delimiters raw
 
 
-ODD = st.sampled_from(["%", "%zz", "%FF", "%C3", "%00", "%0A", "%E2%82", "&", "&&", "=", "==", ";", "+", "%2526",
-                       "%u0041", "?"])
+ODD = st.sampled_from(
+    ["%", "%zz", "%FF", "%C3", "%00", "%0A", "%E2%82", "&", "&&", "=", "==", ";", "+", "%2526", "%u0041", "?"]
+)
 # Request lines stay within the HTTP parser's 8 KiB limit (5 parameters of at most ~1.2 KB each).
-param_names = st.sampled_from(["patient:identifier", "patient", "_include", "_format", "_count", "identifier",
-                               "patient:identifier:exact", "Patient:identifier", "_id", "subject", "",
-                               "patient:identifier\x00", "patient%3Aidentifier"]) | any_text
-systems = st.sampled_from([NHS_SYS, NHS_SYS + "/", NHS_SYS.upper(), "http://fhir.nhs.uk/Id/nhs-number", "",
-                           "urn:oid:2.16.840.1.113883.2.1.4.1", "|"]) | st.text(max_size=30)
+param_names = (
+    st.sampled_from(
+        [
+            "patient:identifier",
+            "patient",
+            "_include",
+            "_format",
+            "_count",
+            "identifier",
+            "patient:identifier:exact",
+            "Patient:identifier",
+            "_id",
+            "subject",
+            "",
+            "patient:identifier\x00",
+            "patient%3Aidentifier",
+        ]
+    )
+    | any_text
+)
+systems = st.sampled_from(
+    [
+        NHS_SYS,
+        NHS_SYS + "/",
+        NHS_SYS.upper(),
+        "http://fhir.nhs.uk/Id/nhs-number",
+        "",
+        "urn:oid:2.16.840.1.113883.2.1.4.1",
+        "|",
+    ]
+) | st.text(max_size=30)
 patient_values = st.builds(
-    lambda s, sep, n: s + sep + n, systems, st.sampled_from(["|", "||", "", " | ", "\u2223"]),
+    lambda s, sep, n: s + sep + n,
+    systems,
+    st.sampled_from(["|", "||", "", " | ", "\u2223"]),
     nhs_like | any_text | st.text("0123456789", min_size=11, max_size=1200),
 )
-param_values = (patient_values | any_text | st.text(string.ascii_letters, min_size=1000, max_size=1200)
-                | st.sampled_from([INCLUDE_ASSIGNED, "AuditEvent:agent", "json", "xml", FHIR_CT, "*"]))
+param_values = (
+    patient_values
+    | any_text
+    | st.text(string.ascii_letters, min_size=1000, max_size=1200)
+    | st.sampled_from([INCLUDE_ASSIGNED, "AuditEvent:agent", "json", "xml", FHIR_CT, "*"])
+)
 queries = st.lists(
-    st.tuples(param_names, param_values, st.integers(0, 2), st.booleans()) | ODD, max_size=5,
-).map(lambda parts: "&".join(
-    p if isinstance(p, str) else (enc(p[0], p[2]) + ("=" + enc(p[1], p[2]) if p[3] else "")) for p in parts))
+    st.tuples(param_names, param_values, st.integers(0, 2), st.booleans()) | ODD,
+    max_size=5,
+).map(
+    lambda parts: "&".join(
+        p if isinstance(p, str) else (enc(p[0], p[2]) + ("=" + enc(p[1], p[2]) if p[3] else "")) for p in parts
+    )
+)
 
 
 def valid_query(nhs: str = CHILD) -> str:
@@ -256,12 +327,43 @@ async def test_search_repeated_parameters_are_400(app: App) -> None:
 # -- headers: IsUnscheduledAccessEvent and TraceID -------------------------------------------------------------------
 
 header_bytes = st.binary(max_size=300).filter(lambda b: b"\r" not in b and b"\n" not in b)
-trace_ids = (st.text(st.characters(exclude_characters="\r\n"), max_size=300).map(lambda s: s.encode("utf-8"))
-             | header_bytes | st.text(string.printable.strip(), min_size=129, max_size=6000).map(str.encode)
-             | st.sampled_from([b"\x00", b"\x7f", b"\x1b[31m", b"\xff\xfe", b"\xed\xa0\x80", "é".encode("latin-1"),
-                                "🚑-trace".encode(), b"\t", b" a b "]))
-unscheduled = (st.sampled_from([b"true", b"false", b"TRUE", b" false ", b"", b"yes", b"1", b"0", b"null",
-                                b"true,false", b"faux", "vrai\u00e9".encode()]) | header_bytes)
+trace_ids = (
+    st.text(st.characters(exclude_characters="\r\n"), max_size=300).map(lambda s: s.encode("utf-8"))
+    | header_bytes
+    | st.text(string.printable.strip(), min_size=129, max_size=6000).map(str.encode)
+    | st.sampled_from(
+        [
+            b"\x00",
+            b"\x7f",
+            b"\x1b[31m",
+            b"\xff\xfe",
+            b"\xed\xa0\x80",
+            "é".encode("latin-1"),
+            "🚑-trace".encode(),
+            b"\t",
+            b" a b ",
+        ]
+    )
+)
+unscheduled = (
+    st.sampled_from(
+        [
+            b"true",
+            b"false",
+            b"TRUE",
+            b" false ",
+            b"",
+            b"yes",
+            b"1",
+            b"0",
+            b"null",
+            b"true,false",
+            b"faux",
+            "vrai\u00e9".encode(),
+        ]
+    )
+    | header_bytes
+)
 
 
 def is_field_text(value: bytes) -> bool:
@@ -317,26 +419,62 @@ def encounter(value: str = "att-1", nhs: str = CHILD) -> dict[str, Any]:
 
 
 PATHS = {  # where a perturbation lands: a key path into the Encounter
-    "identifier": ("identifier",), "identifier.value": ("identifier", 0, "value"),
-    "identifier.system": ("identifier", 0, "system"), "status": ("status",), "class": ("class",),
-    "class.code": ("class", "code"), "subject": ("subject",), "subject.identifier": ("subject", "identifier"),
+    "identifier": ("identifier",),
+    "identifier.value": ("identifier", 0, "value"),
+    "identifier.system": ("identifier", 0, "system"),
+    "status": ("status",),
+    "class": ("class",),
+    "class.code": ("class", "code"),
+    "subject": ("subject",),
+    "subject.identifier": ("subject", "identifier"),
     "subject.identifier.system": ("subject", "identifier", "system"),
-    "subject.identifier.value": ("subject", "identifier", "value"), "period": ("period",),
-    "period.start": ("period", "start"), "period.end": ("period", "end"), "resourceType": ("resourceType",),
+    "subject.identifier.value": ("subject", "identifier", "value"),
+    "period": ("period",),
+    "period.start": ("period", "start"),
+    "period.end": ("period", "end"),
+    "resourceType": ("resourceType",),
 }
-garbage_dates = st.sampled_from(["2026-13-45", "yesterday", CHILD, "", "2026-11-22T25:00:00Z", "2026",
-                                 "2026-11-22T02:10:00", "0000-00-00", "2026-02-30", "T", "2026-11-22T02:10:00+99:00"]
-                                ) | st.integers(-(10**12), 10**12) | st.floats(-1e12, 1e12)
-field_values = (garbage_dates | json_values | nhs_like | st.integers(9990000000, 9999999999)
-                | st.text(max_size=3000) | st.lists(json_values, min_size=100, max_size=3000))
+garbage_dates = (
+    st.sampled_from(
+        [
+            "2026-13-45",
+            "yesterday",
+            CHILD,
+            "",
+            "2026-11-22T25:00:00Z",
+            "2026",
+            "2026-11-22T02:10:00",
+            "0000-00-00",
+            "2026-02-30",
+            "T",
+            "2026-11-22T02:10:00+99:00",
+        ]
+    )
+    | st.integers(-(10**12), 10**12)
+    | st.floats(-1e12, 1e12)
+)
+field_values = (
+    garbage_dates
+    | json_values
+    | nhs_like
+    | st.integers(9990000000, 9999999999)
+    | st.text(max_size=3000)
+    | st.lists(json_values, min_size=100, max_size=3000)
+)
 perturbation = st.one_of(
     st.tuples(st.just("del"), st.sampled_from(sorted(PATHS)), st.none()),
     st.tuples(st.just("set"), st.sampled_from(sorted(PATHS)), field_values),
-    st.tuples(st.just("extra"), st.text(max_size=20) | st.sampled_from(["_status", "reasonCode", "id", CHILD,
-                                                                         "contained", "fhir_comments", "meta"]),
-              json_values | st.lists(st.just({"text": "x"}), max_size=20000)),
-    st.tuples(st.just("many"), st.sampled_from(["identifier", "reasonCode", "participant", "location"]),
-              st.integers(100, 40000)),
+    st.tuples(
+        st.just("extra"),
+        st.text(max_size=20)
+        | st.sampled_from(["_status", "reasonCode", "id", CHILD, "contained", "fhir_comments", "meta"]),
+        json_values | st.lists(st.just({"text": "x"}), max_size=20000),
+    ),
+    st.tuples(
+        st.just("many"),
+        st.sampled_from(["identifier", "reasonCode", "participant", "location"]),
+        st.integers(100, 40000),
+    ),
 )
 
 
@@ -346,8 +484,10 @@ def perturb(body: dict[str, Any], changes: list[tuple[str, Any, Any]]) -> dict[s
             body[where] = value
             continue
         if kind == "many":
-            body[where] = [{"system": "https://ed.example/Id/attendance", "value": f"v{i}"} if where == "identifier"
-                           else {} for i in range(value)]
+            body[where] = [
+                {"system": "https://ed.example/Id/attendance", "value": f"v{i}"} if where == "identifier" else {}
+                for i in range(value)
+            ]
             continue
         path = PATHS[where]
         node: Any = body
@@ -381,8 +521,17 @@ def check_encounter_answer(app: App, sent: bytes, r: Reply, ok: bool = True) -> 
     if r.status == 201:
         assert out["resourceType"] == "Encounter" and out["id"]
         assert r.headers["Location"].endswith(f"/fhir/Encounter/{out['id']}")
-        assert set(out) <= {"resourceType", "id", "meta", "identifier", "status", "class", "subject", "period",
-                            "serviceProvider"}
+        assert set(out) <= {
+            "resourceType",
+            "id",
+            "meta",
+            "identifier",
+            "status",
+            "class",
+            "subject",
+            "period",
+            "serviceProvider",
+        }
         Encounter.model_validate(out)  # what is retained and answered is itself valid R4
         assert all(isinstance(v, str) for v in out["period"].values()), out["period"]
         again = app.call("GET", f"/fhir/Encounter/{out['id']}", ED)
@@ -396,8 +545,10 @@ def post_encounter(app: App, body: bytes, content_type: str = FHIR_CT, **kw: Any
 
 
 @FUZZ
-@given(body=json_values | st.dictionaries(st.text(max_size=12), json_values, max_size=6).map(
-    lambda d: {**d, "resourceType": "Encounter"}))
+@given(
+    body=json_values
+    | st.dictionaries(st.text(max_size=12), json_values, max_size=6).map(lambda d: {**d, "resourceType": "Encounter"})
+)
 def _any_json_case(app: App, body: Any) -> None:
     sent = json.dumps(body).encode()
     check_encounter_answer(app, sent, post_encounter(app, sent))
@@ -408,8 +559,9 @@ async def test_encounter_any_json(app: App) -> None:
 
 
 @FUZZ
-@given(changes=st.lists(perturbation, min_size=1, max_size=4), value=st.text(string.ascii_letters, min_size=1,
-                                                                              max_size=12))
+@given(
+    changes=st.lists(perturbation, min_size=1, max_size=4), value=st.text(string.ascii_letters, min_size=1, max_size=12)
+)
 def _perturbed_case(app: App, changes: list[tuple[str, Any, Any]], value: str) -> None:
     body = perturb(encounter(value), changes)
     sent = json.dumps(body).encode()
@@ -471,12 +623,25 @@ async def test_encounter_any_bytes(app: App) -> None:
     await in_thread(lambda: _bytes_case(app))  # type: ignore[call-arg]
 
 
-content_types = st.sampled_from(["text/plain", "application/xml", "application/fhir+xml", "application/x-www-form"
-                                 "-urlencoded", "multipart/form-data; boundary=x", "application/jsonx", "text/json",
-                                 "", "application/octet-stream", "*/*", "application/json+fhir",
-                                 "application/fhir+json; charset=utf-8", "APPLICATION/FHIR+JSON", "json",
-                                 "application/json; fhirVersion=4.0"]) | st.text(
-    st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+content_types = st.sampled_from(
+    [
+        "text/plain",
+        "application/xml",
+        "application/fhir+xml",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonx",
+        "text/json",
+        "",
+        "application/octet-stream",
+        "*/*",
+        "application/json+fhir",
+        "application/fhir+json; charset=utf-8",
+        "APPLICATION/FHIR+JSON",
+        "json",
+        "application/json; fhirVersion=4.0",
+    ]
+) | st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
 
 
 @FEW
@@ -500,8 +665,11 @@ async def test_encounter_wrong_content_types(app: App) -> None:
 
 # -- GET /fhir/Encounter/{id} ----------------------------------------------------------------------------------------
 
-ids = (st.text(max_size=80) | st.text(string.ascii_letters + string.digits + "-.", min_size=1, max_size=100)
-       | st.sampled_from(["..", ".", "%2F", "%", "%00", "a%2Fb", "x" * 5000, CHILD, "00000000-0000-0000-0000"]))
+ids = (
+    st.text(max_size=80)
+    | st.text(string.ascii_letters + string.digits + "-.", min_size=1, max_size=100)
+    | st.sampled_from(["..", ".", "%2F", "%", "%00", "a%2Fb", "x" * 5000, CHILD, "00000000-0000-0000-0000"])
+)
 
 
 @FUZZ
@@ -523,27 +691,53 @@ async def test_encounter_read_any_id(app: App) -> None:
 
 
 def hook(name: str = "encounter-start", nhs: str = CHILD) -> dict[str, Any]:
-    return {"hook": name, "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
-            "context": {"userId": "PractitionerRole/pr-1", "patientId": "pat-1", "encounterId": "enc-1"},
-            "prefetch": {"patient": {"resourceType": "Patient", "id": "pat-1",
-                                     "identifier": [{"system": NHS_SYS, "value": nhs}]}}}
+    return {
+        "hook": name,
+        "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+        "context": {"userId": "PractitionerRole/pr-1", "patientId": "pat-1", "encounterId": "enc-1"},
+        "prefetch": {
+            "patient": {"resourceType": "Patient", "id": "pat-1", "identifier": [{"system": NHS_SYS, "value": nhs}]}
+        },
+    }
 
 
 HOOK_PATHS = {
-    "hook": ("hook",), "hookInstance": ("hookInstance",), "context": ("context",),
-    "context.patientId": ("context", "patientId"), "context.encounterId": ("context", "encounterId"),
-    "prefetch": ("prefetch",), "prefetch.patient": ("prefetch", "patient"),
+    "hook": ("hook",),
+    "hookInstance": ("hookInstance",),
+    "context": ("context",),
+    "context.patientId": ("context", "patientId"),
+    "context.encounterId": ("context", "encounterId"),
+    "prefetch": ("prefetch",),
+    "prefetch.patient": ("prefetch", "patient"),
     "prefetch.patient.resourceType": ("prefetch", "patient", "resourceType"),
     "prefetch.patient.identifier": ("prefetch", "patient", "identifier"),
     "identifier[0]": ("prefetch", "patient", "identifier", 0),
     "identifier.system": ("prefetch", "patient", "identifier", 0, "system"),
     "identifier.value": ("prefetch", "patient", "identifier", 0, "value"),
-    "fhirServer": ("fhirServer",), "fhirAuthorization": ("fhirAuthorization",),
+    "fhirServer": ("fhirServer",),
+    "fhirAuthorization": ("fhirAuthorization",),
 }
-hook_values = (json_values | nhs_like | st.integers(9990000000, 9999999999) | st.text(max_size=500)
-               | st.sampled_from(["patient-view", "encounter-start", "order-sign", "http://127.0.0.1:9/fhir",
-                                  "https://127.0.0.1:9", "http://[::1", "http://127.0.0.1:99999/x", "http://",
-                                  {"access_token": "a\nb"}, {"access_token": 5}, "Patient"]))
+hook_values = (
+    json_values
+    | nhs_like
+    | st.integers(9990000000, 9999999999)
+    | st.text(max_size=500)
+    | st.sampled_from(
+        [
+            "patient-view",
+            "encounter-start",
+            "order-sign",
+            "http://127.0.0.1:9/fhir",
+            "https://127.0.0.1:9",
+            "http://[::1",
+            "http://127.0.0.1:99999/x",
+            "http://",
+            {"access_token": "a\nb"},
+            {"access_token": 5},
+            "Patient",
+        ]
+    )
+)
 hook_change = st.tuples(st.sampled_from(["del", "set"]), st.sampled_from(sorted(HOOK_PATHS)), hook_values)
 service_ids = st.sampled_from(["cpis-patient-view", "cpis-encounter-start"]) | st.text(max_size=30)
 
@@ -573,13 +767,18 @@ def perturb_hook(body: dict[str, Any], changes: list[tuple[str, str, Any]]) -> d
 
 
 @FUZZ
-@given(service=service_ids, name=st.sampled_from(["encounter-start", "patient-view"]),
-       changes=st.lists(hook_change, max_size=4), any_body=st.none() | json_values)
+@given(
+    service=service_ids,
+    name=st.sampled_from(["encounter-start", "patient-view"]),
+    changes=st.lists(hook_change, max_size=4),
+    any_body=st.none() | json_values,
+)
 def _cds_case(app: App, service: str, name: str, changes: list[tuple[str, str, Any]], any_body: Any) -> None:
     body = any_body if any_body is not None else perturb_hook(hook(name), changes)
     sent = json.dumps(body)
-    r = app.call("POST", f"/cds-services/{quote(service, safe='')}", {**ED, "Content-Type": "application/json"},
-                 sent.encode())
+    r = app.call(
+        "POST", f"/cds-services/{quote(service, safe='')}", {**ED, "Content-Type": "application/json"}, sent.encode()
+    )
     assert r.status in (200, 400, 404, 412, 415, 422), (r.status, sent[:300], r.text[:300])
     no_nhs_echo(sent, r)
     if r.status == 200:
@@ -603,12 +802,23 @@ def _cds_bytes_case(app: App, body: bytes, content_type: str) -> None:
         assert r.status == 415
 
 
-patients = st.fixed_dictionaries({"resourceType": st.just("Patient")}, optional={
-    "id": json_values,
-    "identifier": st.integers() | st.booleans() | st.floats(allow_nan=False) | json_values | st.lists(
-        st.fixed_dictionaries({}, optional={"system": st.just(NHS_SYS) | json_values, "value": nhs_like | json_values})
-        | json_values, max_size=4),
-})
+patients = st.fixed_dictionaries(
+    {"resourceType": st.just("Patient")},
+    optional={
+        "id": json_values,
+        "identifier": st.integers()
+        | st.booleans()
+        | st.floats(allow_nan=False)
+        | json_values
+        | st.lists(
+            st.fixed_dictionaries(
+                {}, optional={"system": st.just(NHS_SYS) | json_values, "value": nhs_like | json_values}
+            )
+            | json_values,
+            max_size=4,
+        ),
+    },
+)
 
 
 @FUZZ
@@ -632,8 +842,12 @@ async def test_cds_any_prefetched_patient(app: App) -> None:
 async def test_cds_prefetch_identifier_shapes(app: App, identifier: Any) -> None:
     body = hook()
     body["prefetch"]["patient"]["identifier"] = identifier
-    r = await app.raw("POST", "/cds-services/cpis-encounter-start", {**ED, "Content-Type": "application/json"},
-                      json.dumps(body).encode())
+    r = await app.raw(
+        "POST",
+        "/cds-services/cpis-encounter-start",
+        {**ED, "Content-Type": "application/json"},
+        json.dumps(body).encode(),
+    )
     assert r.status == 200 and r.json() == {"cards": []}, r.text[:300]
 
 
@@ -643,8 +857,11 @@ async def test_cds_any_bytes(app: App) -> None:
 
 # -- sizes: oversized and truncated bodies --------------------------------------------------------------------------
 
-BODY_ROUTES = [("/fhir/Encounter", FHIR_CT), ("/cds-services/cpis-patient-view", "application/json"),
-               ("/cds-services/cpis-encounter-start", "application/json")]
+BODY_ROUTES = [
+    ("/fhir/Encounter", FHIR_CT),
+    ("/cds-services/cpis-patient-view", "application/json"),
+    ("/cds-services/cpis-encounter-start", "application/json"),
+]
 
 
 @pytest.mark.parametrize("path, content_type", BODY_ROUTES)
@@ -658,6 +875,7 @@ async def test_oversized_bodies_are_413(app: App, path: str, content_type: str) 
     big = json.dumps({"resourceType": "Encounter", "note": "x" * (MiB + 10)}).encode()
     r = await app.raw("POST", path, headers, big)  # sent in full
     assert r.status == 413, r.text[:300]
+
     async def chunks() -> AsyncIterator[bytes]:  # 1.5 MiB sent chunked, without a Content-Length
         for _ in range(24):
             yield b" " * 65536

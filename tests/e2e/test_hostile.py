@@ -29,8 +29,9 @@ from tests.conftest import ED, LA1, OPS, record
 from tests.e2e.test_authz import PUBLIC, ROLES, TABLE, all_routes
 from tests.e2e.test_fuzz_fhir import App, in_thread
 
-HOSTILE = settings(max_examples=100, derandomize=True, deadline=None, database=None,
-                   suppress_health_check=list(HealthCheck))
+HOSTILE = settings(
+    max_examples=100, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 READ_BACK = settings(HOSTILE, max_examples=20)
 PER_ROUTE = settings(HOSTILE, max_examples=6)
 CHILD = "9990000018"
@@ -41,24 +42,63 @@ DATE_FIELDS = ("dateOfBirth", "startDate", "endDate", "deleteDate", "expectedDel
 
 # -- strategies ------------------------------------------------------------------------------------------------------
 near = [TODAY + dt.timedelta(days=d) for d in (-1, 0, 1, 365, 366, 5 * 365, 5 * 366 + 1)]
-dates = (st.dates(dt.date(1, 1, 1), dt.date(9999, 12, 31)) | st.sampled_from(
-    [dt.date(1, 1, 1), dt.date(1899, 12, 31), dt.date(1900, 1, 1), dt.date(9999, 12, 31), *near])).map(
-    dt.date.isoformat) | st.sampled_from(["2026-W02-6", "2026-002", "20260102", "2026-1-2", "2026-02-30",
-                                          "\uff12\uff10\uff12\uff16-01-02", "2026-01-02\n", " 2026-01-02", ""])
-offsets = st.sampled_from([dt.UTC, dt.timezone(dt.timedelta(hours=1)), dt.timezone(dt.timedelta(hours=-1)),
-                           dt.timezone(dt.timedelta(hours=14)), dt.timezone(-dt.timedelta(hours=12, minutes=30))])
-instants = (st.datetimes(dt.datetime(1, 1, 1), dt.datetime(9999, 12, 31, 23, 59, 59), timezones=offsets).map(
-    lambda t: t.isoformat()) | st.sampled_from([
-        "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "1900-01-01T00:00:00Z", "2026-11-21T22:05:00Z",
-        "2026-11-21", "2026", "2026-11-21T22:05:00", "2026-11-21T25:00:00Z"]))
-texts = (st.text(max_size=40) | st.text(st.characters(codec="utf-8"), max_size=20)
-         | st.sampled_from(["\x00", "\x1f", "\x1e", "\u202e", "\ud7ff", "9990000018", "a/b", "..", "%2F", "{}", "[["])
-         | st.integers(1000, 70_000).map(lambda n: "x" * n))
+dates = (
+    st.dates(dt.date(1, 1, 1), dt.date(9999, 12, 31))
+    | st.sampled_from([dt.date(1, 1, 1), dt.date(1899, 12, 31), dt.date(1900, 1, 1), dt.date(9999, 12, 31), *near])
+).map(dt.date.isoformat) | st.sampled_from(
+    [
+        "2026-W02-6",
+        "2026-002",
+        "20260102",
+        "2026-1-2",
+        "2026-02-30",
+        "\uff12\uff10\uff12\uff16-01-02",
+        "2026-01-02\n",
+        " 2026-01-02",
+        "",
+    ]
+)
+offsets = st.sampled_from(
+    [
+        dt.UTC,
+        dt.timezone(dt.timedelta(hours=1)),
+        dt.timezone(dt.timedelta(hours=-1)),
+        dt.timezone(dt.timedelta(hours=14)),
+        dt.timezone(-dt.timedelta(hours=12, minutes=30)),
+    ]
+)
+instants = st.datetimes(dt.datetime(1, 1, 1), dt.datetime(9999, 12, 31, 23, 59, 59), timezones=offsets).map(
+    lambda t: t.isoformat()
+) | st.sampled_from(
+    [
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59-01:00",
+        "1900-01-01T00:00:00Z",
+        "2026-11-21T22:05:00Z",
+        "2026-11-21",
+        "2026",
+        "2026-11-21T22:05:00",
+        "2026-11-21T25:00:00Z",
+    ]
+)
+texts = (
+    st.text(max_size=40)
+    | st.text(st.characters(codec="utf-8"), max_size=20)
+    | st.sampled_from(["\x00", "\x1f", "\x1e", "\u202e", "\ud7ff", "9990000018", "a/b", "..", "%2F", "{}", "[["])
+    | st.integers(1000, 70_000).map(lambda n: "x" * n)
+)
 scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | texts | dates | instants
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
-nesting = st.builds(lambda unit, n, close: unit * n + (b"]" * n if close else b""),
-                    st.sampled_from([b"[", b'{"a":', b'[{"a":', b'["]\\"",']), st.integers(30, 40_000), st.booleans())
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+nesting = st.builds(
+    lambda unit, n, close: unit * n + (b"]" * n if close else b""),
+    st.sampled_from([b"[", b'{"a":', b'[{"a":', b'["]\\"",']),
+    st.integers(30, 40_000),
+    st.booleans(),
+)
 
 
 def mutate(value: Any, data: st.DataObject) -> Any:
@@ -84,18 +124,42 @@ def hostile_segment(data: st.DataObject) -> str:
 
 
 def hostile_query(data: st.DataObject) -> str:
-    parts = data.draw(st.lists(st.tuples(st.sampled_from(["nhsNumber", "patient:identifier", "after", "limit",
-                                                          "_include", "_format", "since", "date"]) | texts,
-                                         texts | dates | instants.map(str) | st.integers().map(str)
-                                         | st.sampled_from(["xml", "application/fhir+xml", "json"])), max_size=4))
+    parts = data.draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(
+                    ["nhsNumber", "patient:identifier", "after", "limit", "_include", "_format", "since", "date"]
+                )
+                | texts,
+                texts
+                | dates
+                | instants.map(str)
+                | st.integers().map(str)
+                | st.sampled_from(["xml", "application/fhir+xml", "json"]),
+            ),
+            max_size=4,
+        )
+    )
     return "&".join(quote(k[:300], safe=":") + "=" + quote(v[:1200], safe=":|") for k, v in parts)
 
 
-HEADER_NAMES = ["TraceID", "IsUnscheduledAccessEvent", "Content-Type", "Upload-Sequence", "Upload-Mode",
-                "Upload-Record-Count", "Upload-Confirm-End", "Accept", "X-Correlation-ID", "If-Match"]
-header_values = (texts.map(lambda t: t.encode("utf-8", "surrogatepass")[:4000]) | st.binary(max_size=60)
-                 | st.sampled_from([b"application/fhir+xml", b"application/xml", b"text/html", b"*/*"])).map(
-    lambda b: bytes(c for c in b if c not in b"\r\n") or b"x")
+HEADER_NAMES = [
+    "TraceID",
+    "IsUnscheduledAccessEvent",
+    "Content-Type",
+    "Upload-Sequence",
+    "Upload-Mode",
+    "Upload-Record-Count",
+    "Upload-Confirm-End",
+    "Accept",
+    "X-Correlation-ID",
+    "If-Match",
+]
+header_values = (
+    texts.map(lambda t: t.encode("utf-8", "surrogatepass")[:4000])
+    | st.binary(max_size=60)
+    | st.sampled_from([b"application/fhir+xml", b"application/xml", b"text/html", b"*/*"])
+).map(lambda b: bytes(c for c in b if c not in b"\r\n") or b"x")
 
 
 def _role_headers(allowed: frozenset[str]) -> dict[str, str]:
@@ -124,8 +188,10 @@ async def test_every_route_survives_hostile_input(app: App) -> None:
         path = row.path.split("?")[0]
         if "{" in template:  # replace the parameter segments of the concrete path
             tparts, pparts = template.split("/"), path.split("/")
-            path = "/".join(hostile_segment(data) if t.startswith("{") and data.draw(st.booleans()) else p
-                            for t, p in zip(tparts, pparts, strict=True))
+            path = "/".join(
+                hostile_segment(data) if t.startswith("{") and data.draw(st.booleans()) else p
+                for t, p in zip(tparts, pparts, strict=True)
+            )
         query = row.path.partition("?")[2]
         if data.draw(st.booleans()):
             query = hostile_query(data)
@@ -175,21 +241,23 @@ def assert_readable(app: App, settings: Any, accepted: dict[str, dict[str, Any]]
         got = app.run(r.json())
         for field in DATE_FIELDS:
             assert got[field] == (sent.get(field) or None), (field, got, sent)
-    for path, headers in [(f"/v1/records?nhsNumber={CHILD}", LA1), (f"/v1/children/{CHILD}/accesses", LA1),
-                          (f"/fhir/CareTeam?patient:identifier={quote(NHS_Q)}", {**ED, "IsUnscheduledAccessEvent":
-                                                                                  "false"}),
-                          (f"/fhir/Flag?patient:identifier={quote(NHS_Q)}", {**ED, "IsUnscheduledAccessEvent":
-                                                                              "false"}),
-                          (f"/fhir/AuditEvent?patient:identifier={quote(NHS_Q)}", ED),
-                          (f"/v1/admin/audit?nhsNumber={CHILD}", OPS),
-                          *[(f"/fhir/Encounter/{eid}", ED) for eid in encounters]]:
+    for path, headers in [
+        (f"/v1/records?nhsNumber={CHILD}", LA1),
+        (f"/v1/children/{CHILD}/accesses", LA1),
+        (f"/fhir/CareTeam?patient:identifier={quote(NHS_Q)}", {**ED, "IsUnscheduledAccessEvent": "false"}),
+        (f"/fhir/Flag?patient:identifier={quote(NHS_Q)}", {**ED, "IsUnscheduledAccessEvent": "false"}),
+        (f"/fhir/AuditEvent?patient:identifier={quote(NHS_Q)}", ED),
+        (f"/v1/admin/audit?nhsNumber={CHILD}", OPS),
+        *[(f"/fhir/Encounter/{eid}", ED) for eid in encounters],
+    ]:
         r = app.run(client.get(path, headers=headers))
         assert r.status in (200, 404), (path, r.status)
         app.run(r.read())
     after: str | None = None
     for _ in range(50):  # every notifications page, to the end
-        r = app.run(client.get("/v1/notifications", params={"limit": "50", **({"after": after} if after else {})},
-                               headers=LA1))
+        r = app.run(
+            client.get("/v1/notifications", params={"limit": "50", **({"after": after} if after else {})}, headers=LA1)
+        )
         assert r.status == 200, r.status
         page = app.run(r.json())
         if not page["notifications"]:
@@ -228,6 +296,7 @@ EDGE = dt.date(1900, 1, 1)
 def extreme_record(draw: st.DrawFn) -> dict[str, Any]:
     """Mostly a valid record at the edges of every range (so it is accepted and must read back), sometimes any date
     0001-9999 or any text (so it must be refused cleanly)."""
+
     def day(low: dt.date, high: dt.date) -> str:
         edge = st.sampled_from([low, high]) | st.dates(low, high)
         return draw(edge.map(dt.date.isoformat) if draw(st.integers(0, 4)) else dates)
@@ -236,9 +305,16 @@ def extreme_record(draw: st.DrawFn) -> dict[str, Any]:
     plan = draw(st.sampled_from(["CPP", "LAC", "UCPP"]))
     rec: dict[str, Any] = {
         "localId": draw(st.sampled_from(["R-1", "R/2", "Zoë-3", "R 4", "%41", "😀", "x" * 64])),
-        "planType": plan, "dateOfBirth": day(EDGE, TODAY), "startDate": start.isoformat(),
-        "givenName": draw(st.text(st.characters(categories=["L", "M", "N", "P", "S", "Zs"]), min_size=1,
-                                  max_size=100).filter(lambda t: t.strip() == t) if draw(st.integers(0, 3)) else texts),
+        "planType": plan,
+        "dateOfBirth": day(EDGE, TODAY),
+        "startDate": start.isoformat(),
+        "givenName": draw(
+            st.text(st.characters(categories=["L", "M", "N", "P", "S", "Zs"]), min_size=1, max_size=100).filter(
+                lambda t: t.strip() == t
+            )
+            if draw(st.integers(0, 3))
+            else texts
+        ),
     }
     if draw(st.booleans()):
         rec["endDate"] = day(start, LATEST)
@@ -250,18 +326,29 @@ def extreme_record(draw: st.DrawFn) -> dict[str, Any]:
 
 
 extreme_records = st.lists(extreme_record(), min_size=1, max_size=4)
-now_ish = st.builds(lambda off, mins: (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=mins)).astimezone(off)
-                    .isoformat(timespec="seconds"), offsets, st.integers(-60 * 24 * 365, 4))
-periods = st.fixed_dictionaries({"start": now_ish | st.just("1900-01-01T00:00:00Z") | instants},
-                                optional={"end": now_ish | instants})
+now_ish = st.builds(
+    lambda off, mins: (
+        (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=mins)).astimezone(off).isoformat(timespec="seconds")
+    ),
+    offsets,
+    st.integers(-60 * 24 * 365, 4),
+)
+periods = st.fixed_dictionaries(
+    {"start": now_ish | st.just("1900-01-01T00:00:00Z") | instants}, optional={"end": now_ish | instants}
+)
 
 
 async def test_extreme_values_accepted_by_any_write_path_read_back_everywhere(app: App, settings: Any) -> None:
     sequence = itertools.count(1)
 
     @READ_BACK
-    @given(recs=extreme_records, via=st.sampled_from(["put", "json", "ndjson", "csv"]),
-           period=periods, cds_start=now_ish | instants, event=st.integers(0, 10**9))
+    @given(
+        recs=extreme_records,
+        via=st.sampled_from(["put", "json", "ndjson", "csv"]),
+        period=periods,
+        cds_start=now_ish | instants,
+        event=st.integers(0, 10**9),
+    )
     def case(recs: list[dict[str, Any]], via: str, period: dict[str, str], cds_start: str, event: int) -> None:
         client = app.client
         accepted: dict[str, dict[str, Any]] = {}
@@ -283,20 +370,30 @@ async def test_extreme_values_accepted_by_any_write_path_read_back_everywhere(ap
                 rejected = {x["index"] for x in report["rejections"]}
                 accepted.update({b["localId"]: b for i, b in enumerate(bodies) if i not in rejected})
         encounters: list[str] = []
-        enc = {"resourceType": "Encounter", "status": "arrived",
-               "identifier": [{"system": "urn:test:hostile", "value": f"e-{event}"}],
-               "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER"},
-               "subject": {"identifier": {"system": "https://fhir.nhs.uk/Id/nhs-number", "value": CHILD}},
-               "period": period}
+        enc = {
+            "resourceType": "Encounter",
+            "status": "arrived",
+            "identifier": [{"system": "urn:test:hostile", "value": f"e-{event}"}],
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER"},
+            "subject": {"identifier": {"system": "https://fhir.nhs.uk/Id/nhs-number", "value": CHILD}},
+            "period": period,
+        }
         r = app.run(client.post("/fhir/Encounter", json=enc, headers={**ED, "Content-Type": "application/fhir+json"}))
         assert r.status < 500, r.status
         if r.status == 201:
             encounters.append(r.headers["Location"].rsplit("/", 1)[1])
-        hook = {"hook": "encounter-start", "hookInstance": f"h-{event}",
-                "context": {"userId": "Practitioner/1", "patientId": "p1", "encounterId": f"c-{event}"},
-                "prefetch": {"patient": {"resourceType": "Patient", "identifier": [
-                    {"system": "https://fhir.nhs.uk/Id/nhs-number", "value": CHILD}]},
-                    "encounter": {"resourceType": "Encounter", "period": {"start": cds_start}}}}
+        hook = {
+            "hook": "encounter-start",
+            "hookInstance": f"h-{event}",
+            "context": {"userId": "Practitioner/1", "patientId": "p1", "encounterId": f"c-{event}"},
+            "prefetch": {
+                "patient": {
+                    "resourceType": "Patient",
+                    "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": CHILD}],
+                },
+                "encounter": {"resourceType": "Encounter", "period": {"start": cds_start}},
+            },
+        }
         r = app.run(client.post("/cds-services/cpis-encounter-start", json=hook, headers=ED))
         assert r.status < 500, r.status
         assert_readable(app, settings, accepted, encounters)

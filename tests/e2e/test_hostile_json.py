@@ -77,8 +77,7 @@ for case in json.loads(sys.argv[1]):  # each case in a forked child, so each hig
 def probe(*cases: tuple[str, int, str]) -> list[dict[str, Any]]:
     """Measure each (shape, size, content type) in one subprocess (imports once, forks per case)."""
     args = [[*(part.decode() for part in SHAPES[shape]), size, ct] for shape, size, ct in cases]
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args)], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return [json.loads(line) for line in done.stdout.splitlines()]
 

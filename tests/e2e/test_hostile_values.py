@@ -35,18 +35,21 @@ async def assert_cpr07(r: Any, field: str) -> None:
     assert body["code"] == "CPR07" and field in [e["field"] for e in body["errors"]], body
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("endDate", "9999-12-31"),
-    ("deleteDate", "9999-12-31"),
-    ("endDate", (TODAY + dt.timedelta(days=5 * 366 + 2)).isoformat()),
-    ("dateOfBirth", "1899-12-31"),
-    ("dateOfBirth", "0001-01-01"),
-    ("startDate", "0001-01-01"),
-    ("dateOfBirth", (TODAY + dt.timedelta(days=1)).isoformat()),
-    ("startDate", "2026-W02-6"),  # an ISO week date: a real day to fromisoformat, not YYYY-MM-DD
-    ("dateOfBirth", "2016-W14-6"),
-    ("endDate", "2026-W52-1"),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("endDate", "9999-12-31"),
+        ("deleteDate", "9999-12-31"),
+        ("endDate", (TODAY + dt.timedelta(days=5 * 366 + 2)).isoformat()),
+        ("dateOfBirth", "1899-12-31"),
+        ("dateOfBirth", "0001-01-01"),
+        ("startDate", "0001-01-01"),
+        ("dateOfBirth", (TODAY + dt.timedelta(days=1)).isoformat()),
+        ("startDate", "2026-W02-6"),  # an ISO week date: a real day to fromisoformat, not YYYY-MM-DD
+        ("dateOfBirth", "2016-W14-6"),
+        ("endDate", "2026-W52-1"),
+    ],
+)
 async def test_record_dates_out_of_range_or_shape_are_cpr07(client: Any, field: str, value: str) -> None:
     r = await client.put("/v1/records/CASE-1", json=record(**{field: value}), headers=LA1)
     await assert_cpr07(r, field)
@@ -54,10 +57,15 @@ async def test_record_dates_out_of_range_or_shape_are_cpr07(client: Any, field: 
 
 async def test_expected_delivery_at_most_a_year_ahead_and_plan_dates_five(client: Any) -> None:
     ucpp = {"planType": "UCPP", "expectedDeliveryDate": _years(TODAY, 2)}
-    await assert_cpr07(await client.put("/v1/records/U-1", json=record("U-1", **ucpp), headers=LA1),
-                       "expectedDeliveryDate")
-    ok = {"planType": "UCPP", "expectedDeliveryDate": (TODAY + dt.timedelta(days=200)).isoformat(),
-          "endDate": _years(TODAY, 4), "deleteDate": _years(TODAY, 4)}
+    await assert_cpr07(
+        await client.put("/v1/records/U-1", json=record("U-1", **ucpp), headers=LA1), "expectedDeliveryDate"
+    )
+    ok = {
+        "planType": "UCPP",
+        "expectedDeliveryDate": (TODAY + dt.timedelta(days=200)).isoformat(),
+        "endDate": _years(TODAY, 4),
+        "deleteDate": _years(TODAY, 4),
+    }
     r = await client.put("/v1/records/U-1", json=record("U-1", **ok), headers=LA1)
     assert r.status == 201, await r.text()
 
@@ -75,23 +83,41 @@ async def test_a_bad_date_deep_in_an_upload_rejects_that_record_only(client: Any
 
 
 def test_visibility_window_arithmetic_never_overflows() -> None:
-    far = Record("LA001", "X", PlanType.CPP, NhsNumber(CHILD), dt.date(2016, 4, 2), dt.date(2020, 1, 1),
-                 end_date=dt.date(9999, 12, 31), delete_date=dt.date.min)
+    far = Record(
+        "LA001",
+        "X",
+        PlanType.CPP,
+        NhsNumber(CHILD),
+        dt.date(2016, 4, 2),
+        dt.date(2020, 1, 1),
+        end_date=dt.date(9999, 12, 31),
+        delete_date=dt.date.min,
+    )
     assert far.last_visible_day(VisibilityWindows()) == dt.date.min
-    assert Record("LA001", "X", PlanType.CPP, NhsNumber(CHILD), dt.date(2016, 4, 2), dt.date(2020, 1, 1),
-                  end_date=dt.date(9999, 12, 31)).is_visible(TODAY, VisibilityWindows())
+    assert Record(
+        "LA001",
+        "X",
+        PlanType.CPP,
+        NhsNumber(CHILD),
+        dt.date(2016, 4, 2),
+        dt.date(2020, 1, 1),
+        end_date=dt.date(9999, 12, 31),
+    ).is_visible(TODAY, VisibilityWindows())
 
 
-@pytest.mark.parametrize("period", [
-    {"start": "0001-01-01T00:00:00+01:00"},
-    {"start": "9999-12-31T23:59:59-01:00"},
-    {"start": "1899-12-31T23:59:59Z"},
-    {"start": "2026-01-01T10:00:00Z", "end": "9999-12-31T23:59:59-01:00"},
-    {"start": "2026-01-01T10:00:00Z", "end": "2025-12-31T10:00:00Z"},  # ends before it starts
-    {"start": "2026-01-01T10:00:00"},  # no timezone
-    {"start": "2026"},
-    "future",
-])
+@pytest.mark.parametrize(
+    "period",
+    [
+        {"start": "0001-01-01T00:00:00+01:00"},
+        {"start": "9999-12-31T23:59:59-01:00"},
+        {"start": "1899-12-31T23:59:59Z"},
+        {"start": "2026-01-01T10:00:00Z", "end": "9999-12-31T23:59:59-01:00"},
+        {"start": "2026-01-01T10:00:00Z", "end": "2025-12-31T10:00:00Z"},  # ends before it starts
+        {"start": "2026-01-01T10:00:00"},  # no timezone
+        {"start": "2026"},
+        "future",
+    ],
+)
 async def test_encounter_period_out_of_range_is_422(client: Any, period: Any) -> None:
     assert (await client.put("/v1/records/CASE-1", json=record(), headers=LA1)).status == 201
     if period == "future":  # beyond the allowance for clock skew
@@ -128,12 +154,15 @@ async def test_a_poisoned_stored_access_is_skipped_by_every_reader(client: Any, 
     app = client.app
     ed = app[REGISTRY].care_settings["RXX01"]
     ctx = AuditContext(Principal(subject="u1", role=Role.CARE_SETTING, ods="RXX01", name="Dr Test Example"))
-    arrivals = [dt.datetime(2026, 11, 1, 10, tzinfo=dt.UTC),
-                dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1))),
-                dt.datetime(2026, 11, 2, 10, tzinfo=dt.UTC)]
+    arrivals = [
+        dt.datetime(2026, 11, 1, 10, tzinfo=dt.UTC),
+        dt.datetime(1, 1, 1, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+        dt.datetime(2026, 11, 2, 10, tzinfo=dt.UTC),
+    ]
     for i, arrived in enumerate(arrivals):
-        req = LookupRequest(nhs=NhsNumber(CHILD), care_setting=ed, kind="encounter", source_event_id=f"s|ev-{i}",
-                            arrived_at=arrived)
+        req = LookupRequest(
+            nhs=NhsNumber(CHILD), care_setting=ed, kind="encounter", source_event_id=f"s|ev-{i}", arrived_at=arrived
+        )
         assert (await app[ACCESS].lookup(ctx, req)).status == 1
 
     r = await client.get("/v1/notifications", params={"limit": "2"}, headers=LA1)
@@ -144,7 +173,9 @@ async def test_a_poisoned_stored_access_is_skipped_by_every_reader(client: Any, 
     rest = await r.json()
     assert r.status == 200 and len(rest["notifications"]) == 1, rest  # paging went past it to the third
     assert [a["arrivedAt"] for a in rest["notifications"][0]["recentAccesses"]] == [
-        "2026-11-02T10:00:00.000Z", "2026-11-01T10:00:00.000Z"]
+        "2026-11-02T10:00:00.000Z",
+        "2026-11-01T10:00:00.000Z",
+    ]
 
     r = await client.get(f"/v1/children/{CHILD}/accesses", headers=LA1)
     assert r.status == 200 and len((await r.json())["accesses"]) == 2
@@ -163,22 +194,30 @@ async def test_cds_prefetched_arrival_out_of_range_is_400(client: Any, start: st
     from tests.e2e.test_cds import ES, hook, patient
 
     assert (await client.put("/v1/records/CASE-1", json=record(), headers=LA1)).status == 201
-    r = await client.post(ES, json=hook("encounter-start", prefetch={
-        "patient": patient(), "encounter": {"resourceType": "Encounter", "period": {"start": start}}}), headers=ED)
+    r = await client.post(
+        ES,
+        json=hook(
+            "encounter-start",
+            prefetch={"patient": patient(), "encounter": {"resourceType": "Encounter", "period": {"start": start}}},
+        ),
+        headers=ED,
+    )
     assert r.status == 400, await r.text()
 
 
 @pytest.mark.parametrize("at", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "1899-12-31T00:00:00Z"])
 async def test_cds_feedback_timestamp_out_of_range_is_400(client: Any, at: str) -> None:
-    body = {"feedback": [{"card": "0e6a0f5c-3f1d-4a57-9a4e-6c1b5b1d2a02", "outcome": "accepted",
-                          "outcomeTimestamp": at}]}
+    body = {
+        "feedback": [{"card": "0e6a0f5c-3f1d-4a57-9a4e-6c1b5b1d2a02", "outcome": "accepted", "outcomeTimestamp": at}]
+    }
     r = await client.post("/cds-services/cpis-patient-view/feedback", json=body, headers=ED)
     assert r.status == 400, await r.text()
 
 
 @pytest.mark.parametrize("query", ["from=0001-01-01", "to=9999-12-31", "from=2026-W02-6", "to=1899-12-31"])
-async def test_duty_view_date_filters_out_of_range_ask_again(aiohttp_client: Any, make_settings: Any,
-                                                             query: str) -> None:
+async def test_duty_view_date_filters_out_of_range_ask_again(
+    aiohttp_client: Any, make_settings: Any, query: str
+) -> None:
     from cpis_bridge.app import create_app
     from tests.e2e.test_web_duty import Browser
 

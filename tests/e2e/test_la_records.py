@@ -11,8 +11,19 @@ async def test_create_then_replace_bumps_version(client):
     assert r.headers["Location"] == "/v1/records/CASE-1"
     body = await r.json()
     assert body["version"] == 1 and body["visible"] is True and body["updatedAt"].endswith("Z")
-    assert {k for k in body} >= {"localId", "planType", "nhsNumber", "dateOfBirth", "startDate", "endDate",
-                                 "deleteDate", "expectedDeliveryDate", "lacLegalBasis", "givenName", "familyName"}
+    assert {k for k in body} >= {
+        "localId",
+        "planType",
+        "nhsNumber",
+        "dateOfBirth",
+        "startDate",
+        "endDate",
+        "deleteDate",
+        "expectedDeliveryDate",
+        "lacLegalBasis",
+        "givenName",
+        "familyName",
+    }
     r = await client.put("/v1/records/CASE-1", json=record(endDate="2026-02-01"), headers=LA1)
     assert r.status == 200
     assert (await r.json())["version"] == 2

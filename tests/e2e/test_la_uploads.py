@@ -44,8 +44,11 @@ async def test_none_uploaded_does_not_use_sequence(client):
 
 
 async def test_unreadable_and_count_mismatch_apply_nothing(client):
-    r = await client.post("/v1/uploads", data=b'{"sequence": 1, "mode": "delta", "records": [',
-                          headers={**LA1, "Content-Type": "application/json"})
+    r = await client.post(
+        "/v1/uploads",
+        data=b'{"sequence": 1, "mode": "delta", "records": [',
+        headers={**LA1, "Content-Type": "application/json"},
+    )
     assert r.status == 422 and (await r.json())["code"] == "CPF01"
     status, rep = await upload(client, envelope(1, [record("A")], count=2))
     assert status == 422 and rep["code"] == "CPF01"
@@ -98,8 +101,13 @@ async def test_full_upload_with_nothing_accepted_ends_nothing(client):
 
 async def test_ndjson_and_csv(client):
     lines = b"\n".join(orjson.dumps(record(f"N{i}")) for i in range(3)) + b"\n"
-    headers = {**LA1, "Content-Type": "application/x-ndjson", "Upload-Sequence": "1", "Upload-Mode": "delta",
-               "Upload-Record-Count": "3"}
+    headers = {
+        **LA1,
+        "Content-Type": "application/x-ndjson",
+        "Upload-Sequence": "1",
+        "Upload-Mode": "delta",
+        "Upload-Record-Count": "3",
+    }
     r = await client.post("/v1/uploads", data=lines, headers=headers)
     assert r.status == 200 and (await r.json())["accepted"] == 3
     csv_body = (
@@ -117,8 +125,9 @@ async def test_ndjson_and_csv(client):
 
 async def test_bad_ndjson_csv_and_headers(client):
     base = {**LA1, "Upload-Sequence": "1", "Upload-Mode": "delta"}
-    r = await client.post("/v1/uploads", data=b'{"localId": "A"}\n{oops\n',
-                          headers={**base, "Content-Type": "application/x-ndjson"})
+    r = await client.post(
+        "/v1/uploads", data=b'{"localId": "A"}\n{oops\n', headers={**base, "Content-Type": "application/x-ndjson"}
+    )
     assert r.status == 422 and (await r.json())["code"] == "CPF01"
     r = await client.post("/v1/uploads", data=b"localId,reason\nA,x\n", headers={**base, "Content-Type": "text/csv"})
     assert r.status == 422 and (await r.json())["code"] == "CPF01"
@@ -128,8 +137,9 @@ async def test_bad_ndjson_csv_and_headers(client):
     assert r.status == 422 and (await r.json())["code"] == "CPF01"
     r = await client.post("/v1/uploads", data=b"x", headers={**base, "Content-Type": "application/xml"})
     assert r.status == 415
-    r = await client.post("/v1/uploads", data=b"", headers={**base, "Content-Type": "text/csv",
-                                                            "Upload-Record-Count": "2"})
+    r = await client.post(
+        "/v1/uploads", data=b"", headers={**base, "Content-Type": "text/csv", "Upload-Record-Count": "2"}
+    )
     assert r.status == 422
     assert await ids(client) == {}
 
@@ -155,8 +165,11 @@ async def test_empty_full_upload_is_cpf04_and_ends_nothing(client):
     full = {**LA1, "Upload-Sequence": "2", "Upload-Mode": "full"}
     r = await client.post("/v1/uploads", data=b"", headers={**full, "Content-Type": "application/x-ndjson"})
     assert r.status == 200 and (await r.json())["fileCode"] == "CPF04"
-    r = await client.post("/v1/uploads", data=b"localId,planType\n",
-                          headers={**full, "Content-Type": "text/csv", "Upload-Record-Count": "0"})
+    r = await client.post(
+        "/v1/uploads",
+        data=b"localId,planType\n",
+        headers={**full, "Content-Type": "text/csv", "Upload-Record-Count": "0"},
+    )
     assert r.status == 200 and (await r.json())["fileCode"] == "CPF04"
     got = await ids(client)
     assert got["A"]["endDate"] is None and got["B"]["endDate"] is None
@@ -180,14 +193,16 @@ async def test_full_upload_ending_much_of_a_caseload_needs_the_count_confirmed(c
     got = await ids(client)
     assert all(x["endDate"] is None for x in got.values()) and len(got) == 40  # nothing applied, nothing ended
     for wrong in ("19", "21", "twenty", ""):
-        r = await client.post("/v1/uploads", json=envelope(2, kept, mode="full"),
-                              headers={**LA1, "Upload-Confirm-End": wrong})
+        r = await client.post(
+            "/v1/uploads", json=envelope(2, kept, mode="full"), headers={**LA1, "Upload-Confirm-End": wrong}
+        )
         assert r.status == 422 and (await r.json())["wouldEnd"] == 20
     metrics = await (await client.get("/metrics")).text()
     assert "cpis_upload_mass_end_refused_total 5.0" in metrics
     # The same sequence, confirmed with the right number: applied (the refusals did not use the sequence up).
-    r = await client.post("/v1/uploads", json=envelope(2, kept, mode="full"),
-                          headers={**LA1, "Upload-Confirm-End": "20"})
+    r = await client.post(
+        "/v1/uploads", json=envelope(2, kept, mode="full"), headers={**LA1, "Upload-Confirm-End": "20"}
+    )
     rep = await r.json()
     assert r.status == 200 and rep["fileCode"] == "CPF02" and rep["ended"] == 20
     got = await ids(client)

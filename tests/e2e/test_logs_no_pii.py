@@ -23,9 +23,16 @@ from tests.conftest import DEV_SECRET, HASH_KEY, REGISTRY, auth, record
 
 NUMBERS = ["9990000018", "9990000026", "9990000034"]
 NAMES = ["Zephyrine", "Quillfeather", "Marguerite Testperson", "Ondine", "Brackwater"]
-API_FAMILIES = ["cpis_http_requests_total", "cpis_http_request_duration_seconds", "cpis_accesses_total",
-                "cpis_upload_records_total", "cpis_deliveries_total", "cpis_delivery_pending",
-                "cpis_delivery_oldest_pending_seconds", "cpis_redis_up"]
+API_FAMILIES = [
+    "cpis_http_requests_total",
+    "cpis_http_request_duration_seconds",
+    "cpis_accesses_total",
+    "cpis_upload_records_total",
+    "cpis_deliveries_total",
+    "cpis_delivery_pending",
+    "cpis_delivery_oldest_pending_seconds",
+    "cpis_redis_up",
+]
 
 
 def free_port() -> int:
@@ -41,11 +48,19 @@ def forms(number: str) -> list[str]:
 @pytest.fixture
 def service_env(redis_url: str, key_prefix: str, tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CPIS_")}
-    env.update({
-        "CPIS_REDIS_URL": redis_url, "CPIS_KEY_PREFIX": key_prefix, "CPIS_DATA_DIR": str(tmp_path / "var"),
-        "CPIS_REGISTRY": str(REGISTRY), "CPIS_AUTH_DEV_SECRET": DEV_SECRET, "CPIS_LOG_HASH_KEY": HASH_KEY,
-        "CPIS_LOG_LEVEL": "DEBUG", "CPIS_PORT": str(free_port()), "CPIS_HOST": "127.0.0.1",
-    })
+    env.update(
+        {
+            "CPIS_REDIS_URL": redis_url,
+            "CPIS_KEY_PREFIX": key_prefix,
+            "CPIS_DATA_DIR": str(tmp_path / "var"),
+            "CPIS_REGISTRY": str(REGISTRY),
+            "CPIS_AUTH_DEV_SECRET": DEV_SECRET,
+            "CPIS_LOG_HASH_KEY": HASH_KEY,
+            "CPIS_LOG_LEVEL": "DEBUG",
+            "CPIS_PORT": str(free_port()),
+            "CPIS_HOST": "127.0.0.1",
+        }
+    )
     return env
 
 
@@ -71,6 +86,7 @@ async def drive(base: str) -> str:
     person = {"givenName": "Zephyrine", "familyName": "Quillfeather"}
     trace = {"TraceID": "trace-0001", "X-Request-ID": "req-0001"}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+
         async def call(method: str, path: str, expect: int | None = None, **kw) -> aiohttp.ClientResponse:
             async with http.request(method, base + path, **kw) as r:
                 await r.read()
@@ -78,22 +94,38 @@ async def drive(base: str) -> str:
                     assert r.status == expect, (method, r.status)
                 return r
 
-        await call("PUT", "/v1/records/CASE-1", 201, json=record("CASE-1", NUMBERS[0], **person),
-                   headers={**la, **trace})
+        await call(
+            "PUT", "/v1/records/CASE-1", 201, json=record("CASE-1", NUMBERS[0], **person), headers={**la, **trace}
+        )
         await call("GET", "/v1/records/CASE-1", 200, headers=la)
         await call("GET", f"/v1/records?nhsNumber={NUMBERS[0]}", 200, headers=la)
-        await call("GET", f"/v1/records?nhsNumber={NUMBERS[1][:3]}%20{NUMBERS[1][3:6]}%20{NUMBERS[1][6:]}", 200,
-                   headers=la)
+        await call(
+            "GET", f"/v1/records?nhsNumber={NUMBERS[1][:3]}%20{NUMBERS[1][3:6]}%20{NUMBERS[1][6:]}", 200, headers=la
+        )
         await call("GET", f"/v1/records/{NUMBERS[2]}", 404, headers=la)  # an NHS number where a local id goes
         await call("PUT", "/v1/records/CASE-2", 422, json=record("CASE-2", "9990000019", **person), headers=la)
-        upload = {"sequence": 7, "mode": "delta", "records": [
-            record("CASE-3", NUMBERS[1], **person), record("CASE-4", "1234567890", **person), {"localId": "X"}]}
+        upload = {
+            "sequence": 7,
+            "mode": "delta",
+            "records": [
+                record("CASE-3", NUMBERS[1], **person),
+                record("CASE-4", "1234567890", **person),
+                {"localId": "X"},
+            ],
+        }
         await call("POST", "/v1/uploads", 200, json=upload, headers=la)
-        csv_body = ("localId,planType,nhsNumber,dateOfBirth,givenName,familyName,startDate\n"
-                    f"CASE-5,CPP,{NUMBERS[2]},2017-01-01,Zephyrine,Quillfeather,2026-01-02\n"
-                    "CASE-6,CPP,not-a-number,2017-01-01,Zephyrine,Quillfeather,2026-01-02\n")
-        await call("POST", "/v1/uploads", None, data=csv_body,
-                   headers={**la, "Content-Type": "text/csv", "Upload-Sequence": "8", "Upload-Mode": "delta"})
+        csv_body = (
+            "localId,planType,nhsNumber,dateOfBirth,givenName,familyName,startDate\n"
+            f"CASE-5,CPP,{NUMBERS[2]},2017-01-01,Zephyrine,Quillfeather,2026-01-02\n"
+            "CASE-6,CPP,not-a-number,2017-01-01,Zephyrine,Quillfeather,2026-01-02\n"
+        )
+        await call(
+            "POST",
+            "/v1/uploads",
+            None,
+            data=csv_body,
+            headers={**la, "Content-Type": "text/csv", "Upload-Sequence": "8", "Upload-Mode": "delta"},
+        )
         await call("POST", "/v1/uploads", 422, data=b"{not json", headers={**la, "Content-Type": "application/json"})
         await call("GET", f"/v1/admin/audit?nhsNumber={NUMBERS[0]}", 200, headers=ops)
         await call("GET", "/v1/admin/audit?nhsNumber=12345", 422, headers=ops)
@@ -107,14 +139,16 @@ async def drive(base: str) -> str:
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cpis_bridge", *args], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "cpis_bridge", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 async def test_full_flow_logs_hold_no_nhs_number_or_name(service_env):
     base = f"http://127.0.0.1:{service_env['CPIS_PORT']}"
-    proc = subprocess.Popen([sys.executable, "-m", "cpis_bridge", "serve"], env=service_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cpis_bridge", "serve"], env=service_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         await wait_until_ready(base, proc)
         metrics = await drive(base)
@@ -167,16 +201,32 @@ def encoded_forms(n: str) -> list[str]:
     """Every way the service accepts (NhsNumber.parse drops spaces and hyphens; HTTP and JSON decode the rest)."""
     pct = "".join(f"%3{d}" for d in n)
     return [
-        n, f"{n[:3]} {n[3:6]} {n[6:]}", f"{n[:3]}-{n[3:6]}-{n[6:]}", f"{n[:3]}%20{n[3:6]}%20{n[6:]}",
-        f"{n[:3]}+{n[3:6]}+{n[6:]}", f"{n[:3]}%2D{n[3:6]}%2d{n[6:]}", pct, pct.lower(),
-        " ".join(n), "-".join(n), f"{n[:2]}%39 -{n[3:5]}%20%2D{n[5:]}",  # mixed
-        f"\x01{n}", f"\x1f{n}", f"\t{n}", f"CASE{n}X", f"{n}\x7f",
+        n,
+        f"{n[:3]} {n[3:6]} {n[6:]}",
+        f"{n[:3]}-{n[3:6]}-{n[6:]}",
+        f"{n[:3]}%20{n[3:6]}%20{n[6:]}",
+        f"{n[:3]}+{n[3:6]}+{n[6:]}",
+        f"{n[:3]}%2D{n[3:6]}%2d{n[6:]}",
+        pct,
+        pct.lower(),
+        " ".join(n),
+        "-".join(n),
+        f"{n[:2]}%39 -{n[3:5]}%20%2D{n[5:]}",  # mixed
+        f"\x01{n}",
+        f"\x1f{n}",
+        f"\t{n}",
+        f"CASE{n}X",
+        f"{n}\x7f",
     ]
 
 
 def json_escaped(n: str) -> list[str]:
-    return ["".join(f"\\u003{d}" for d in n), f"{n[:3]}\\u0020{n[3:6]}\\u002d{n[6:]}",
-            f"\\u0001{n}", "".join(f"\\u003{d}" if i % 2 else d for i, d in enumerate(n))]
+    return [
+        "".join(f"\\u003{d}" for d in n),
+        f"{n[:3]}\\u0020{n[3:6]}\\u002d{n[6:]}",
+        f"\\u0001{n}",
+        "".join(f"\\u003{d}" if i % 2 else d for i, d in enumerate(n)),
+    ]
 
 
 def decoded_views(line: str) -> list[str]:
@@ -201,11 +251,13 @@ def raw_requests(forms_: list[str]) -> list[bytes]:
     out = []
     for f in forms_[:6]:
         b = f.encode("latin-1", "replace")
-        out += [b"G\x01T /v1/records?nhsNumber=" + b + b" HTTP/1.1\r\nHost: x\r\n\r\n",
-                b"GET /fhir/CareTeam?patient:identifier=x|" + b + b" HTTP/9.9\r\n\r\n",
-                b"GET / HTTP/1.1\r\nHost: x\r\nTraceID: \x01" + b + b"\r\n\r\n",
-                b"GET / HTTP/1.1\r\nHost: x\r\nX-" + b + b"\x01: 1\r\n\r\n",
-                b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b * 14_000 + b"\r\n\r\n"]
+        out += [
+            b"G\x01T /v1/records?nhsNumber=" + b + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /fhir/CareTeam?patient:identifier=x|" + b + b" HTTP/9.9\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nTraceID: \x01" + b + b"\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-" + b + b"\x01: 1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b * 14_000 + b"\r\n\r\n",
+        ]
     return out
 
 
@@ -216,6 +268,7 @@ async def fuzz(base: str, port: int) -> None:
     forms_ = encoded_forms(FUZZED)
     printable = [f for f in forms_ if f.isprintable()]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+
         async def call(method: str, url: str, **kw) -> None:
             async with http.request(method, url, **kw) as r:
                 await r.read()
@@ -224,32 +277,57 @@ async def fuzz(base: str, port: int) -> None:
         await call("PUT", base + "/v1/records/CASE-9", json=record("CASE-9", FUZZED), headers=la)
         for f in forms_:
             q = f.replace("\x01", "%01").replace("\x1f", "%1F").replace("\t", "%09").replace("\x7f", "%7F")
-            for path in (f"/v1/records/{q}", f"/v1/children/{q}/accesses", f"/v1/records?nhsNumber={q}",
-                         f"/fhir/CareTeam?patient:identifier=https://fhir.nhs.uk/Id/nhs-number|{q}",
-                         f"/fhir/Flag?patient:identifier={q}", f"/v1/admin/audit?nhsNumber={q}",
-                         f"/v1/notifications?after={q}", f"/{q}", f"/fhir/Encounter/{q}"):
+            for path in (
+                f"/v1/records/{q}",
+                f"/v1/children/{q}/accesses",
+                f"/v1/records?nhsNumber={q}",
+                f"/fhir/CareTeam?patient:identifier=https://fhir.nhs.uk/Id/nhs-number|{q}",
+                f"/fhir/Flag?patient:identifier={q}",
+                f"/v1/admin/audit?nhsNumber={q}",
+                f"/v1/notifications?after={q}",
+                f"/{q}",
+                f"/fhir/Encounter/{q}",
+            ):
                 who = ed if path.startswith("/fhir") else ops if "/admin/" in path else la
                 await call("GET", yarl_url(base + path), headers=who)
         for f in printable:
-            await call("GET", base + "/v1/records/CASE-9",
-                       headers={**la, "TraceID": f, "X-Request-ID": f, "X-Anything": f, "User-Agent": f})
-            await call("GET", base + "/fhir/CareTeam", params={"patient:identifier": f"x|{f}"},
-                       headers={**ed, "TraceID": f, "IsUnscheduledAccessEvent": f})
+            await call(
+                "GET",
+                base + "/v1/records/CASE-9",
+                headers={**la, "TraceID": f, "X-Request-ID": f, "X-Anything": f, "User-Agent": f},
+            )
+            await call(
+                "GET",
+                base + "/fhir/CareTeam",
+                params={"patient:identifier": f"x|{f}"},
+                headers={**ed, "TraceID": f, "IsUnscheduledAccessEvent": f},
+            )
             await call("GET", base + "/v1/records/CASE-9", headers={"Authorization": f"Bearer {f}"})
-        bodies = [json.dumps(record("CASE-8", f)) for f in forms_] + [
-            '{"localId":"CASE-7","nhsNumber":"' + e + '"}' for e in json_escaped(FUZZED)] + [
-            '{"nhsNumber": "' + FUZZED + '", ', "nhsNumber=" + FUZZED, FUZZED]
+        bodies = (
+            [json.dumps(record("CASE-8", f)) for f in forms_]
+            + ['{"localId":"CASE-7","nhsNumber":"' + e + '"}' for e in json_escaped(FUZZED)]
+            + ['{"nhsNumber": "' + FUZZED + '", ', "nhsNumber=" + FUZZED, FUZZED]
+        )
         for body in bodies:
-            await call("PUT", base + "/v1/records/CASE-8", data=body,
-                       headers={**la, "Content-Type": "application/json"})
+            await call(
+                "PUT", base + "/v1/records/CASE-8", data=body, headers={**la, "Content-Type": "application/json"}
+            )
             await call("POST", base + "/v1/uploads", data=body, headers={**la, "Content-Type": "application/json"})
-            await call("POST", base + "/fhir/Encounter", data=body,
-                       headers={**ed, "Content-Type": "application/fhir+json"})
-            await call("POST", base + "/cds-services/cpis-patient-view", data=body,
-                       headers={**ed, "Content-Type": "application/json"})
-            await call("POST", base + "/v1/uploads", data=body,
-                       headers={**la, "Content-Type": "text/csv", "Upload-Sequence": body[:40],
-                                "Upload-Mode": "delta"})
+            await call(
+                "POST", base + "/fhir/Encounter", data=body, headers={**ed, "Content-Type": "application/fhir+json"}
+            )
+            await call(
+                "POST",
+                base + "/cds-services/cpis-patient-view",
+                data=body,
+                headers={**ed, "Content-Type": "application/json"},
+            )
+            await call(
+                "POST",
+                base + "/v1/uploads",
+                data=body,
+                headers={**la, "Content-Type": "text/csv", "Upload-Sequence": body[:40], "Upload-Mode": "delta"},
+            )
     for data in raw_requests(forms_):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
@@ -274,8 +352,7 @@ async def test_every_encoding_of_a_number_is_kept_out_of_the_logs(service_env, f
     base = f"http://127.0.0.1:{port}"
     out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"  # files: a full pipe would stall the service
     with out_path.open("wb") as out, err_path.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "cpis_bridge", "serve"], env=service_env, stdout=out,
-                                stderr=err)
+        proc = subprocess.Popen([sys.executable, "-m", "cpis_bridge", "serve"], env=service_env, stdout=out, stderr=err)
         try:
             await wait_until_ready(base, proc)
             await fuzz(base, port)

@@ -12,9 +12,16 @@ from tests.conftest import LA1, OPS, record
 from tests.deploy.chart import PRODUCTION, by_kind, dashboard, render
 
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "${job}": ".*", "$job": ".*"}
-API_FAMILIES = {"cpis_http_requests_total", "cpis_http_request_duration_seconds_bucket", "cpis_accesses_total",
-                "cpis_upload_records_total", "cpis_deliveries_total", "cpis_delivery_pending",
-                "cpis_delivery_oldest_pending_seconds", "cpis_redis_up"}
+API_FAMILIES = {
+    "cpis_http_requests_total",
+    "cpis_http_request_duration_seconds_bucket",
+    "cpis_accesses_total",
+    "cpis_upload_records_total",
+    "cpis_deliveries_total",
+    "cpis_delivery_pending",
+    "cpis_delivery_oldest_pending_seconds",
+    "cpis_redis_up",
+}
 NHS = re.compile(r"(?<![0-9])[0-9]{3}[ -]?[0-9]{3}[ -]?[0-9]{4}(?![0-9])")
 
 
@@ -52,15 +59,23 @@ def used_by_dashboard_and_rules() -> dict[str, set[str]]:
 
 def test_metric_names_come_from_the_parsed_expression():
     assert metric_names('sum(rate(a_total{job=~"$job",x="b_total"}[$__rate_interval])) / on(job) b > bool 3') == {
-        "a_total", "b"}
+        "a_total",
+        "b",
+    }
     assert metric_names("histogram_quantile(0.99, sum by (le) (rate(h_bucket[5m])))") == {"h_bucket"}
 
 
 def test_dashboard_and_rules_cover_the_alerts_the_issue_asks_for():
     [rule] = by_kind(render(PRODUCTION), "PrometheusRule")
     alerts = {r["alert"]: r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]}
-    assert {"CpisNotificationBacklog", "CpisDeadLetters", "CpisNotReady", "CpisHigh5xxRate",
-            "CpisFlagSyncLag", "CpisRedisDown"} <= set(alerts)
+    assert {
+        "CpisNotificationBacklog",
+        "CpisDeadLetters",
+        "CpisNotReady",
+        "CpisHigh5xxRate",
+        "CpisFlagSyncLag",
+        "CpisRedisDown",
+    } <= set(alerts)
     assert "120" in alerts["CpisNotificationBacklog"]  # the production value reached the rule
 
 
@@ -81,8 +96,11 @@ async def test_every_metric_used_is_exposed_after_traffic(client):
     exposed = {s.name for s in samples}
     # Families labelled per LA endpoint have samples only where the registry gives an LA a push channel (the test
     # registry gives none): here they must be declared; tests/integration/test_delivery_isolation.py sees them move.
-    exposed |= {f.name + ("_total" if f.type == "counter" else "") for f in families
-                if not f.samples and "LA ODS code" in f.documentation}
+    exposed |= {
+        f.name + ("_total" if f.type == "counter" else "")
+        for f in families
+        if not f.samples and "LA ODS code" in f.documentation
+    }
     used = used_by_dashboard_and_rules()
     missing = {name: sorted(where) for name, where in used.items() if name not in exposed}
     assert not missing, f"used by the dashboard or the rules but not exposed: {missing}"
@@ -100,4 +118,3 @@ async def test_every_metric_used_is_exposed_after_traffic(client):
         for value in s.labels.values():
             assert not NHS.search(value), (s.name, s.labels)
             assert "Testchild" not in value and "Example" not in value
-

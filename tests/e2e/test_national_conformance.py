@@ -26,8 +26,9 @@ CHILD = "9990000018"
 NO_RECORD = "9990000026"
 MEDIA = {"json": "application/fhir+json", "xml": "application/fhir+xml"}
 # a smartcard user at the emergency department, as the national guide's examples assume
-SMARTCARD = auth(Role.CARE_SETTING, "RXX01", name="Dr Test Example", role_code="R8000",
-                 extra={"sds_user_id": "555000000018"})
+SMARTCARD = auth(
+    Role.CARE_SETTING, "RXX01", name="Dr Test Example", role_code="R8000", extra={"sds_user_id": "555000000018"}
+)
 
 
 @pytest.fixture(params=["json", "xml"])
@@ -65,14 +66,18 @@ def matches(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     assert bundle["resourceType"] == "Bundle" and bundle["type"] == "searchset"
     found = [e for e in bundle.get("entry", []) if e["search"]["mode"] == "match"]
     assert bundle["total"] == len(found)
-    assert all(e["resource"]["resourceType"] == kind and e["fullUrl"].endswith(f"/{kind}/{e['resource']['id']}")
-               for e in found)
+    assert all(
+        e["resource"]["resourceType"] == kind and e["fullUrl"].endswith(f"/{kind}/{e['resource']['id']}") for e in found
+    )
     return [e["resource"] for e in found]
 
 
 def included(bundle: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [e["resource"] for e in bundle.get("entry", [])
-            if e["search"]["mode"] == "include" and e["resource"]["resourceType"] == kind]
+    return [
+        e["resource"]
+        for e in bundle.get("entry", [])
+        if e["search"]["mode"] == "include" and e["resource"]["resourceType"] == kind
+    ]
 
 
 def national_error(outcome: dict[str, Any], code: str) -> None:
@@ -94,8 +99,9 @@ async def test_get_careteam_success(client, fmt):
     # the national mapping, element by element
     assert team["status"] == "active"
     assert team["subject"]["identifier"] == {"system": NHS_NUMBER, "value": CHILD}
-    assert {"system": "http://snomed.info/sct", "code": "342191000000101"}.items() <= team["category"][0][
-        "coding"][0].items()
+    assert {"system": "http://snomed.info/sct", "code": "342191000000101"}.items() <= team["category"][0]["coding"][
+        0
+    ].items()
     assert team["name"] == "Example Borough Council Children's Services"  # the LA
     assert team["period"]["start"] == "2026-01-10" and "end" not in team["period"]
     phones = sorted(t["value"] for t in team["telecom"])
@@ -153,15 +159,18 @@ async def test_get_auditevent_with_practitioner_roles(client, fmt):
     await put(client)
     first = guide_headers()
     await call(client, fmt, search("CareTeam"), first)
-    await call(client, fmt, search("Flag"), guide_headers(auth(Role.CARE_SETTING, "RXX02", name="Nurse Test Sample",
-                                                                role_code="R8001")))
+    await call(
+        client,
+        fmt,
+        search("Flag"),
+        guide_headers(auth(Role.CARE_SETTING, "RXX02", name="Nurse Test Sample", role_code="R8001")),
+    )
     before = await accesses(client)
     # exactly as the guide's example (its IsUnscheduledAccessEvent: true does not make the history an access)
     bundle = await call(client, fmt, search("AuditEvent", extra="&_include=PractitionerRole"), guide_headers())
     assert await accesses(client) == before
     events = matches(bundle, "AuditEvent")
-    assert len(events) == 2 and [e["recorded"] for e in events] == sorted((e["recorded"] for e in events),
-                                                                          reverse=True)
+    assert len(events) == 2 and [e["recorded"] for e in events] == sorted((e["recorded"] for e in events), reverse=True)
     mine, theirs = sorted(events, key=lambda e: e["source"]["observer"]["identifier"]["value"])
     for event, ods in ((mine, "RXX01"), (theirs, "RXX02")):
         assert event["action"] == "R" and event["outcome"] == "0"
@@ -175,11 +184,16 @@ async def test_get_auditevent_with_practitioner_roles(client, fmt):
     roles = {r["id"]: r for r in included(bundle, "PractitionerRole")}
     assert {f"PractitionerRole/{i}" for i in roles} == {e["agent"][0]["who"]["reference"] for e in events}
     doctor = roles[mine["agent"][0]["who"]["reference"].split("/")[1]]
-    assert doctor["practitioner"] == {"identifier": {"system": SDS_USER, "value": "555000000018"},
-                                      "display": "Dr Test Example"}
+    assert doctor["practitioner"] == {
+        "identifier": {"system": SDS_USER, "value": "555000000018"},
+        "display": "Dr Test Example",
+    }
     assert doctor["organization"]["identifier"] == {"system": ODS, "value": "RXX01"}
-    assert doctor["code"][0]["coding"][0] == {"system": SDS_ROLE, "code": "R8000",
-                                              "display": "Clinical Practitioner Access Role"}
+    assert doctor["code"][0]["coding"][0] == {
+        "system": SDS_ROLE,
+        "code": "R8000",
+        "display": "Clinical Practitioner Access Role",
+    }
     # every PractitionerRole reference resolves by a read too
     for ref in {e["agent"][0]["who"]["reference"] for e in events}:
         assert await call(client, fmt, f"/fhir/{ref}", {**SMARTCARD}) == roles[ref.split("/")[1]]
@@ -198,11 +212,13 @@ async def test_error_cases(client, fmt):
     assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
     national_error(await call(client, fmt, search("CareTeam"), guide_headers(token=None), 401), "ACCESS_DENIED")
     national_error(await call(client, fmt, search("CareTeam"), guide_headers(token=LA1), 403), "ACCESS_DENIED")
-    national_error(await call(client, fmt, search("CareTeam"), guide_headers(unscheduled="yes"), 400),
-                   "PRECONDITION_FAILED")
+    national_error(
+        await call(client, fmt, search("CareTeam"), guide_headers(unscheduled="yes"), 400), "PRECONDITION_FAILED"
+    )
     national_error(await call(client, fmt, "/fhir/CareTeam", guide_headers(), 400), "INVALID_SEARCH_DATA")
-    national_error(await call(client, fmt, search("CareTeam", extra="&_count=5"), guide_headers(), 400),
-                   "INVALID_SEARCH_DATA")
+    national_error(
+        await call(client, fmt, search("CareTeam", extra="&_count=5"), guide_headers(), 400), "INVALID_SEARCH_DATA"
+    )
     national_error(await call(client, fmt, "/fhir/Organization/LA999", guide_headers(), 404), "RESOURCE_NOT_FOUND")
     assert await accesses(client) == []
 

@@ -124,8 +124,15 @@ def test_schemas_match_the_domain() -> None:
     headers = {p["name"] for p in upload["parameters"] if p["in"] == "header"}
     assert headers == {"Upload-Sequence", "Upload-Mode", "Upload-Record-Count", "Upload-Confirm-End"}
     report = schemas["UploadReport"]
-    assert set(report["required"]) >= {"sequence", "fileCode", "received", "accepted", "rejected", "ended",
-                                       "rejections"}
+    assert set(report["required"]) >= {
+        "sequence",
+        "fileCode",
+        "received",
+        "accepted",
+        "rejected",
+        "ended",
+        "rejections",
+    }
     assert set(report["properties"]["rejections"]["items"]["required"]) == {"index", "localId", "code", "detail"}
 
 

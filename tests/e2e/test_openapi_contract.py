@@ -70,8 +70,9 @@ async def test_records_conform(client: Any) -> None:
     r = await client.put("/v1/records/C-2", data=b"a,b", headers={**LA1, "Content-Type": "text/csv"})
     assert r.status == 415
     await conforms(r, t)
-    r = await client.put("/v1/records/C-2", data=b" " * (1024 * 1024 + 1),
-                         headers={**LA1, "Content-Type": "application/json"})
+    r = await client.put(
+        "/v1/records/C-2", data=b" " * (1024 * 1024 + 1), headers={**LA1, "Content-Type": "application/json"}
+    )
     assert r.status == 413
     await conforms(r, t)
     r = await client.get("/v1/records?nhsNumber=123", headers=LA1)
@@ -98,20 +99,30 @@ async def test_uploads_conform(client: Any, kind: str) -> None:
     if kind == "json":
         req = {"json": {"sequence": 3, "mode": "delta", "recordCount": 3, "records": rows}}
     elif kind == "ndjson":
-        req = {"data": "".join(json.dumps(x) + "\n" for x in rows).encode(),
-               "headers": {"Content-Type": "application/x-ndjson", "Upload-Sequence": "3", "Upload-Mode": "delta",
-                           "Upload-Record-Count": "3"}}
+        req = {
+            "data": "".join(json.dumps(x) + "\n" for x in rows).encode(),
+            "headers": {
+                "Content-Type": "application/x-ndjson",
+                "Upload-Sequence": "3",
+                "Upload-Mode": "delta",
+                "Upload-Record-Count": "3",
+            },
+        }
     else:
         cols = ["localId", "planType", "nhsNumber", "dateOfBirth", "startDate"]
         text = ",".join(cols) + "\n" + "".join(",".join(str(x[c]) for c in cols) + "\n" for x in rows)
-        req = {"data": text.encode(), "headers": {"Content-Type": "text/csv", "Upload-Sequence": "3",
-                                                  "Upload-Mode": "delta"}}
+        req = {
+            "data": text.encode(),
+            "headers": {"Content-Type": "text/csv", "Upload-Sequence": "3", "Upload-Mode": "delta"},
+        }
     headers = {**LA1, **req.pop("headers", {})}
     r = await client.post(t, headers=headers, **req)
     report = await conforms(r, t)
     assert r.status == 200 and report["fileCode"] == "CPF03"
-    assert [(x["index"], x["localId"], x["code"]) for x in report["rejections"]] == [(1, "U-2", "CPR04"),
-                                                                                      (2, "U-3", "CPR07")]
+    assert [(x["index"], x["localId"], x["code"]) for x in report["rejections"]] == [
+        (1, "U-2", "CPR04"),
+        (2, "U-3", "CPR07"),
+    ]
     r = await client.post(t, headers=headers, **req)
     assert r.status == 200 and r.headers["Upload-Replayed"] == "true"
     assert await conforms(r, t) == report
@@ -119,11 +130,11 @@ async def test_uploads_conform(client: Any, kind: str) -> None:
     r = await client.post(t, json={"sequence": 2, "mode": "delta", "records": []}, headers=LA1)
     assert r.status == 409
     await conforms(r, t)
-    r = await client.post(t, data=b'{"sequence": 9, "mode": "delta", "records": [',
-                          headers={**LA1, "Content-Type": "application/json"})
+    r = await client.post(
+        t, data=b'{"sequence": 9, "mode": "delta", "records": [', headers={**LA1, "Content-Type": "application/json"}
+    )
     assert r.status == 422 and (await conforms(r, t))["code"] == "CPF01"
-    r = await client.post(t, json={"sequence": 9, "mode": "delta", "recordCount": 5, "records": [good]},
-                          headers=LA1)
+    r = await client.post(t, json={"sequence": 9, "mode": "delta", "recordCount": 5, "records": [good]}, headers=LA1)
     assert r.status == 422 and (await conforms(r, t))["code"] == "CPF01"
     r = await client.post(t, data=b"x", headers={**LA1, "Content-Type": "application/xml"})
     assert r.status == 415

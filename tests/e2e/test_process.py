@@ -45,8 +45,13 @@ async def test_records_survive_kill9_of_service_and_of_embedded_redis(tmp_path):
             redis_pid = svc.redis_pid()
             # kill -9 the embedded Redis: the service's supervisor restarts it from the append-only file.
             os.kill(redis_pid, signal.SIGKILL)
-            wait_until(lambda: (svc.data_dir / "redis.pid").exists() and svc.redis_pid() != redis_pid
-                       and svc.status("/readyz") == 200)
+            wait_until(
+                lambda: (
+                    (svc.data_dir / "redis.pid").exists()
+                    and svc.redis_pid() != redis_pid
+                    and svc.status("/readyz") == 200
+                )
+            )
             assert await get(s, svc, "A") == 200
             assert await put(s, svc, "B") == 201
             # kill -9 Redis and the service together, then start again: both records are still there.
@@ -66,8 +71,9 @@ async def test_sigterm_drains_then_finishes_in_flight(tmp_path):
     body = orjson.dumps({"sequence": 1, "mode": "full", "recordCount": len(records), "records": records})
     try:
         async with aiohttp.ClientSession() as s:
-            upload = asyncio.create_task(s.post(f"{svc.url}/v1/uploads", data=body,
-                                                headers={**LA1, "Content-Type": "application/json"}))
+            upload = asyncio.create_task(
+                s.post(f"{svc.url}/v1/uploads", data=body, headers={**LA1, "Content-Type": "application/json"})
+            )
             await asyncio.sleep(0.3)  # the upload is in flight
             assert svc.proc is not None
             svc.proc.send_signal(signal.SIGTERM)

@@ -50,9 +50,16 @@ def test_every_file_is_valid_r4_and_declares_4_0_1():
     assert json.loads((PROFILES / "package.json").read_text())["fhirVersions"] == ["4.0.1"]
 
 
-@pytest.mark.parametrize("name,base", [("CPIS-Flag", "Flag"), ("CPIS-CareTeam", "CareTeam"),
-                                       ("CPIS-AuditEvent", "AuditEvent"), ("CPIS-Encounter", "Encounter"),
-                                       ("CPIS-Organization", "Organization")])
+@pytest.mark.parametrize(
+    "name,base",
+    [
+        ("CPIS-Flag", "Flag"),
+        ("CPIS-CareTeam", "CareTeam"),
+        ("CPIS-AuditEvent", "AuditEvent"),
+        ("CPIS-Encounter", "Encounter"),
+        ("CPIS-Organization", "Organization"),
+    ],
+)
 def test_profiles_derive_from_uk_core(name, base):
     sd = profile(name)
     assert sd["baseDefinition"] == UKCORE + base and sd["derivation"] == "constraint" and sd["type"] == base

@@ -29,8 +29,15 @@ AUDIENCE = "cpis-bridge-test"
 
 def claims(**over: Any) -> dict[str, Any]:
     now = int(time.time())
-    out: dict[str, Any] = {"sub": "user-1", "iat": now, "exp": now + 600, "cpis_role": "local-authority",
-                           "ods": "LA001", "iss": ISSUER, "aud": AUDIENCE}
+    out: dict[str, Any] = {
+        "sub": "user-1",
+        "iat": now,
+        "exp": now + 600,
+        "cpis_role": "local-authority",
+        "ods": "LA001",
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+    }
     out.update(over)
     return {k: v for k, v in out.items() if v is not None}
 
@@ -101,8 +108,14 @@ async def test_dev_mode_rejects(client: Any, name: str, token: str | None) -> No
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": ""}, {"Authorization": "Bearer"}, {"Authorization": "Bearer   "},
-     {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Token abc"}],
+    [
+        {},
+        {"Authorization": ""},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer   "},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Token abc"},
+    ],
 )
 async def test_missing_bearer(client: Any, headers: dict[str, str]) -> None:
     await expect(client, headers, 401)
@@ -118,15 +131,23 @@ async def test_valid_token_wrong_role_or_organisation(client: Any, over: dict[st
 
 @pytest.mark.parametrize(
     "over",
-    [{"ods": None}, {"ods": ""}, {"ods": ["LA001"]}, {"cpis_role": None}, {"cpis_role": ""}, {"cpis_role": 7},
-     {"cpis_role": "care-setting", "ods": None}],
+    [
+        {"ods": None},
+        {"ods": ""},
+        {"ods": ["LA001"]},
+        {"cpis_role": None},
+        {"cpis_role": ""},
+        {"cpis_role": 7},
+        {"cpis_role": "care-setting", "ods": None},
+    ],
 )
 async def test_token_missing_role_or_organisation_claim_is_unauthenticated(client: Any, over: dict[str, Any]) -> None:
     await expect(client, bearer(jwt.encode(claims(**over), DEV_SECRET, algorithm="HS256")), 401)
 
 
-@pytest.mark.parametrize("path", [PATH, "/fhir/CareTeam?patient:identifier=https://fhir.nhs.uk/Id/nhs-number|"
-                                        "9990000018"])
+@pytest.mark.parametrize(
+    "path", [PATH, "/fhir/CareTeam?patient:identifier=https://fhir.nhs.uk/Id/nhs-number|9990000018"]
+)
 async def test_a_100_kb_token_is_refused_as_401_without_echo(client: Any, path: str) -> None:
     """Read in full by the server (not cut off by the HTTP parser's 400) and refused before decoding."""
     token = jwt.encode(claims(padding="9990000018" * 7_600), DEV_SECRET, algorithm="HS256")
@@ -136,7 +157,6 @@ async def test_a_100_kb_token_is_refused_as_401_without_echo(client: Any, path: 
     assert r.status == 401, text[:300]
     assert r.content_type in ("application/problem+json", "application/fhir+json")
     assert "9990000018" not in text and token[:40] not in text and len(text) < 2000
-
 
 
 async def test_dev_mode_checks_issuer_and_audience_when_configured(
@@ -162,10 +182,13 @@ class Keys:
         self.intruder = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
     def jwks(self) -> dict[str, Any]:
-        rs = {**RSAAlgorithm.to_jwk(self.rsa.public_key(), as_dict=True), "kid": "rsa-1", "use": "sig",
-              "alg": "RS256"}
-        rs384 = {**RSAAlgorithm.to_jwk(self.rsa.public_key(), as_dict=True), "kid": "rsa-1-384", "use": "sig",
-                 "alg": "RS384"}
+        rs = {**RSAAlgorithm.to_jwk(self.rsa.public_key(), as_dict=True), "kid": "rsa-1", "use": "sig", "alg": "RS256"}
+        rs384 = {
+            **RSAAlgorithm.to_jwk(self.rsa.public_key(), as_dict=True),
+            "kid": "rsa-1-384",
+            "use": "sig",
+            "alg": "RS384",
+        }
         plain = {**RSAAlgorithm.to_jwk(self.rsa_plain.public_key(), as_dict=True), "kid": "rsa-noalg"}
         es = {**ECAlgorithm.to_jwk(self.ec.public_key(), as_dict=True), "kid": "ec-1", "use": "sig", "alg": "ES256"}
         return {"keys": [rs, rs384, plain, es]}
@@ -177,9 +200,7 @@ def keys() -> Keys:
 
 
 @pytest.fixture
-async def prod(
-    aiohttp_server: Any, aiohttp_client: Any, make_settings: Callable[..., Settings], keys: Keys
-) -> Any:
+async def prod(aiohttp_server: Any, aiohttp_client: Any, make_settings: Callable[..., Settings], keys: Keys) -> Any:
     hits: list[str] = []
 
     async def jwks(request: web.Request) -> web.Response:
@@ -205,8 +226,14 @@ def signed(key: Any, alg: str, kid: str | None, **over: Any) -> str:
 
 @pytest.mark.parametrize(
     "alg, kid, which",
-    [("RS256", "rsa-1", "rsa"), ("RS384", "rsa-1-384", "rsa"), ("ES256", "ec-1", "ec"),
-     ("RS384", "rsa-noalg", "rsa_plain"), ("RS256", "rsa-noalg", "rsa_plain"), ("RS512", "rsa-noalg", "rsa_plain")],
+    [
+        ("RS256", "rsa-1", "rsa"),
+        ("RS384", "rsa-1-384", "rsa"),
+        ("ES256", "ec-1", "ec"),
+        ("RS384", "rsa-noalg", "rsa_plain"),
+        ("RS256", "rsa-noalg", "rsa_plain"),
+        ("RS512", "rsa-noalg", "rsa_plain"),
+    ],
 )
 async def test_production_accepts_asymmetric_tokens(prod: Any, keys: Keys, alg: str, kid: str, which: str) -> None:
     await expect(prod, bearer(signed(getattr(keys, which), alg, kid)), 200)
@@ -276,10 +303,17 @@ def test_serve_without_audience_exits_with_a_configuration_error(tmp_path: Any) 
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CPIS_")}
-    env.update({"CPIS_AUTH_JWKS_URL": "https://idp.test.example/jwks.json", "CPIS_AUTH_ISSUER": ISSUER,
-                "CPIS_REDIS_URL": "redis://127.0.0.1:9/0", "CPIS_DATA_DIR": str(tmp_path)})
-    out = subprocess.run([sys.executable, "-m", "cpis_bridge", "serve"], env=env, capture_output=True, text=True,
-                         timeout=60, check=False)
+    env.update(
+        {
+            "CPIS_AUTH_JWKS_URL": "https://idp.test.example/jwks.json",
+            "CPIS_AUTH_ISSUER": ISSUER,
+            "CPIS_REDIS_URL": "redis://127.0.0.1:9/0",
+            "CPIS_DATA_DIR": str(tmp_path),
+        }
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "cpis_bridge", "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 2
     assert "CPIS_AUTH_AUDIENCE is required" in out.stderr and "Traceback" not in out.stderr
 
@@ -287,7 +321,8 @@ def test_serve_without_audience_exits_with_a_configuration_error(tmp_path: Any) 
 async def test_production_refuses_embedded_redis_without_opt_in(make_settings: Callable[..., Settings]) -> None:
     from cpis_bridge.app import ConfigurationError
 
-    settings = make_settings(redis_url=None, auth_jwks_url="http://127.0.0.1:9/jwks.json", auth_issuer=ISSUER,
-                             auth_audience=AUDIENCE)
+    settings = make_settings(
+        redis_url=None, auth_jwks_url="http://127.0.0.1:9/jwks.json", auth_issuer=ISSUER, auth_audience=AUDIENCE
+    )
     with pytest.raises(ConfigurationError):
         create_app(settings)

@@ -88,8 +88,9 @@ async def test_sigterm_while_applying_answers_503_and_the_next_process_completes
             return
         assert r.status == 503 and int(r.headers["Retry-After"]) > 0, rep
         # The next process completes the journalled upload by itself, then a re-send answers its report.
-        svc = ServiceProcess(tmp_path / "var", redis_url=redis_url, key_prefix=key_prefix, env=GRACE,
-                             port=svc.port).start()
+        svc = ServiceProcess(
+            tmp_path / "var", redis_url=redis_url, key_prefix=key_prefix, env=GRACE, port=svc.port
+        ).start()
         deadline = time.monotonic() + 60
         while await redis.exists(keys.la_journal("LA001")):
             assert time.monotonic() < deadline, "the restarted service did not complete the upload"

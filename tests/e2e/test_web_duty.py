@@ -102,8 +102,9 @@ async def test_sign_in_failures_are_rate_limited_and_audited(web: Any) -> None:
 
 async def _notifications(client: Any, n: int, nhs: str = "9990000018", headers: dict[str, str] = ED) -> None:
     for _ in range(n):
-        r = await client.get("/fhir/CareTeam", params={"patient:identifier": f"https://fhir.nhs.uk/Id/nhs-number|{nhs}"},
-                             headers=headers)
+        r = await client.get(
+            "/fhir/CareTeam", params={"patient:identifier": f"https://fhir.nhs.uk/Id/nhs-number|{nhs}"}, headers=headers
+        )
         assert r.status == 200
 
 
@@ -157,8 +158,9 @@ async def test_500_live_streams_on_one_process_each_get_the_new_notification(web
     assert not feed.started.is_set()  # nobody watches yet: the process does not read the inboxes
     n = 500
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        streams = [await http.get(client.make_url("/la/events"), headers={"Cookie": f"{COOKIE}={b.cookie}"})
-                   for _ in range(n)]
+        streams = [
+            await http.get(client.make_url("/la/events"), headers={"Cookie": f"{COOKIE}={b.cookie}"}) for _ in range(n)
+        ]
         theirs = await http.get(client.make_url("/la/events"), headers={"Cookie": f"{COOKIE}={other.cookie}"})
         streams_all = [*streams, theirs]
         await asyncio.wait_for(feed.started.wait(), 10)

@@ -38,9 +38,10 @@ async def flagged_child_accessed(app, count: int, nhs: str = "9990000018") -> Nh
     await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
     ed = app[REGISTRY].care_settings["RXX01"]
     for i in range(count):
-        await app[ACCESS].lookup(ctx(Role.CARE_SETTING, "RXX01"),
-                                 LookupRequest(nhs=NhsNumber(nhs), care_setting=ed, kind="careteam",
-                                               source_event_id=f"e{i}"))
+        await app[ACCESS].lookup(
+            ctx(Role.CARE_SETTING, "RXX01"),
+            LookupRequest(nhs=NhsNumber(nhs), care_setting=ed, kind="careteam", source_event_id=f"e{i}"),
+        )
     return NhsNumber(nhs)
 
 
@@ -50,11 +51,13 @@ async def test_two_las_one_notification_each_with_own_records(app):
     await records.put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
     await records.put(ctx(Role.LOCAL_AUTHORITY, "LA002"), "LA002", "B-1", record("B-1", planType="LAC"))
     ed = app[REGISTRY].care_settings["RXX01"]
-    out = await app[ACCESS].lookup(ctx(Role.CARE_SETTING, "RXX01"),
-                                   LookupRequest(nhs=nhs, care_setting=ed, kind="careteam", source_event_id="t-1"))
+    out = await app[ACCESS].lookup(
+        ctx(Role.CARE_SETTING, "RXX01"), LookupRequest(nhs=nhs, care_setting=ed, kind="careteam", source_event_id="t-1")
+    )
     assert out.status == 1 and len(out.records) == 2
-    again = await app[ACCESS].lookup(ctx(Role.CARE_SETTING, "RXX01"),
-                                     LookupRequest(nhs=nhs, care_setting=ed, kind="careteam", source_event_id="t-1"))
+    again = await app[ACCESS].lookup(
+        ctx(Role.CARE_SETTING, "RXX01"), LookupRequest(nhs=nhs, care_setting=ed, kind="careteam", source_event_id="t-1")
+    )
     assert again.status == 2 and again.access_id == out.access_id
     redis, keys = app[REDIS], app[KEYS]
     assert await redis.xlen(keys.notify_queue) == 0  # neither LA has a push channel: nothing for the relays
@@ -67,12 +70,14 @@ async def test_two_las_one_notification_each_with_own_records(app):
 async def test_silent_and_unflagged_record_nothing(app):
     gp = app[REGISTRY].care_settings["GP001"]
     await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
-    out = await app[ACCESS].lookup(ctx(Role.CARE_SETTING, "GP001"),
-                                   LookupRequest(nhs=NhsNumber("9990000018"), care_setting=gp, kind="careteam"))
+    out = await app[ACCESS].lookup(
+        ctx(Role.CARE_SETTING, "GP001"), LookupRequest(nhs=NhsNumber("9990000018"), care_setting=gp, kind="careteam")
+    )
     assert out.status == 0 and len(out.records) == 1
     ed = app[REGISTRY].care_settings["RXX01"]
-    out = await app[ACCESS].lookup(ctx(Role.CARE_SETTING, "RXX01"),
-                                   LookupRequest(nhs=NhsNumber("9990000026"), care_setting=ed, kind="careteam"))
+    out = await app[ACCESS].lookup(
+        ctx(Role.CARE_SETTING, "RXX01"), LookupRequest(nhs=NhsNumber("9990000026"), care_setting=ed, kind="careteam")
+    )
     assert out.status == 0 and out.records == []
     redis, keys = app[REDIS], app[KEYS]
     assert await redis.xlen(keys.notify_queue) == 0
@@ -107,14 +112,14 @@ async def test_each_notification_keeps_its_own_25_recent_by_reference(app):
     # Purge by age: the accesses before e5 go; e10's notification keeps e10..e5, e30's is whole.
     log = await redis.lrange(keys.accesses(keys.tag(str(nhs))), 0, -1)
     cutoff = Access.decode(log[-6]).occurred_at  # e5
-    removed = await RedisRetentionStore(redis, keys, Scripts(redis)).trim_accesses(
-        int(cutoff.timestamp() * 1000))
+    removed = await RedisRetentionStore(redis, keys, Scripts(redis)).trim_accesses(int(cutoff.timestamp() * 1000))
     kept = {Access.decode(x).source_event_id for x in await redis.lrange(keys.accesses(keys.tag(str(nhs))), 0, -1)}
     assert removed == 40 - len(kept) and "e0" not in kept and "e5" in kept
     after = [render("LA001", f).body for _, f, _ in await inbox.page("LA001", None, 100)]
     assert after[30] == bodies[30]
     assert [a["sourceEventId"] for a in after[10]["recentAccesses"]] == [
-        f"e{j}" for j in range(10, -1, -1) if f"e{j}" in kept]
+        f"e{j}" for j in range(10, -1, -1) if f"e{j}" in kept
+    ]
 
 
 async def test_inbox_recent_script_finds_the_access_wherever_removals_moved_it(app):

@@ -40,8 +40,10 @@ def make_client(make_settings, aiohttp_client, tmp_path, monkeypatch):
 async def test_two_las_each_get_their_own_signed_notification(make_client):
     r1, r2 = await Receiver().start(), await Receiver().start()
     try:
-        client = await make_client({"LA001": webhook(r1), "LA002": webhook(r2, "LA002_WEBHOOK_SECRET")},
-                                   {"LA001_WEBHOOK_SECRET": r1.secret, "LA002_WEBHOOK_SECRET": r2.secret})
+        client = await make_client(
+            {"LA001": webhook(r1), "LA002": webhook(r2, "LA002_WEBHOOK_SECRET")},
+            {"LA001_WEBHOOK_SECRET": r1.secret, "LA002_WEBHOOK_SECRET": r2.secret},
+        )
         app = client.app
         await flag(app, "LA001", "A-1")
         await flag(app, "LA002", "B-1", planType="LAC")
@@ -56,13 +58,24 @@ async def test_two_las_each_get_their_own_signed_notification(make_client):
             assert latest["subject"] == {"nhsNumber": NHS}
             assert [x["localId"] for x in latest["records"]] == [lid]
             assert latest["access"]["id"] == second.access_id
-            assert latest["access"]["careSetting"] == {"ods": "RXX02", "name": "Example Urgent Treatment Centre",
-                                                       "type": "UTC"}
+            assert latest["access"]["careSetting"] == {
+                "ods": "RXX02",
+                "name": "Example Urgent Treatment Centre",
+                "type": "UTC",
+            }
             assert latest["access"]["user"] == {"id": "u-RXX02", "name": "Test User", "roleCode": "R0001"}
             assert [a["sourceEventId"] for a in latest["recentAccesses"]] == ["e2", "e1"]
             assert latest["recentAccesses"][0] == latest["access"]
-            assert set(latest) == {"type", "id", "createdAt", "localAuthority", "subject", "records", "access",
-                                   "recentAccesses"}
+            assert set(latest) == {
+                "type",
+                "id",
+                "createdAt",
+                "localAuthority",
+                "subject",
+                "records",
+                "access",
+                "recentAccesses",
+            }
         # The same notification in the pull inbox is the same body.
         page = await (await client.get("/v1/notifications", headers=LA1)).json()
         assert len(page["notifications"]) == 2
@@ -77,8 +90,12 @@ async def test_two_las_each_get_their_own_signed_notification(make_client):
 
 async def test_500s_are_retried_with_growing_backoff_until_delivered(make_client, receiver):
     receiver.behaviour = lambda n, _: 500 if n <= 4 else 200
-    client = await make_client({"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret},
-                               delivery_first_retry_s=0.1, delivery_max_backoff_s=2.0)
+    client = await make_client(
+        {"LA001": webhook(receiver)},
+        {"LA001_WEBHOOK_SECRET": receiver.secret},
+        delivery_first_retry_s=0.1,
+        delivery_max_backoff_s=2.0,
+    )
     await flag(client.app)
     await access(client.app, "e1")
     await wait_for(lambda: len(receiver.accepted) == 1)
@@ -135,8 +152,7 @@ async def test_receiver_down_then_back_gets_everything(make_client):
     await receiver.start()
     try:
         await wait_for(lambda: len(receiver.accepted) == 60, timeout=10)
-        assert sorted(b[0]["access"]["id"] for b in receiver.accepted.values()) == sorted(
-            r.access_id for r in results)
+        assert sorted(b[0]["access"]["id"] for b in receiver.accepted.values()) == sorted(r.access_id for r in results)
         assert max(len(v) for v in receiver.accepted.values()) == 1
     finally:
         await receiver.stop()
@@ -169,8 +185,12 @@ async def test_410_dead_letters_at_once_and_ops_can_requeue(make_client, receive
 
 async def test_other_4xx_retried_at_capped_interval(make_client, receiver):
     receiver.behaviour = lambda n, _: 400 if n <= 2 else 200
-    client = await make_client({"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret},
-                               delivery_first_retry_s=0.05, delivery_max_backoff_s=0.4)
+    client = await make_client(
+        {"LA001": webhook(receiver)},
+        {"LA001_WEBHOOK_SECRET": receiver.secret},
+        delivery_first_retry_s=0.05,
+        delivery_max_backoff_s=0.4,
+    )
     await flag(client.app)
     await access(client.app, "e1")
     await wait_for(lambda: len(receiver.accepted) == 1, timeout=5)
@@ -180,8 +200,9 @@ async def test_other_4xx_retried_at_capped_interval(make_client, receiver):
 
 async def test_max_age_dead_letters_and_counts(make_client, receiver):
     receiver.behaviour = lambda n, _: 503
-    client = await make_client({"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret},
-                               delivery_max_age_h=0.6 / 3600)
+    client = await make_client(
+        {"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret}, delivery_max_age_h=0.6 / 3600
+    )
     await flag(client.app)
     await access(client.app, "e1")
     redis, keys = client.app[REDIS], client.app[KEYS]
@@ -234,10 +255,16 @@ async def test_fhir_channel_authenticates_with_oauth2_client_credentials(make_cl
     double = FhirDouble(token="not-yet-issued")
     await double.start()
     try:
-        auth = {"mode": "client-secret", "tokenUrl": f"{double.root}/token", "clientId": "cpis-la002",
-                "clientSecretEnv": "LA002_FHIR_SECRET", "scope": "system/Communication.write"}
-        client = await make_client({"LA002": {"fhir": {"baseUrl": double.base_url, "auth": auth}}},
-                                   {"LA002_FHIR_SECRET": "s3cret-for-tests"})
+        auth = {
+            "mode": "client-secret",
+            "tokenUrl": f"{double.root}/token",
+            "clientId": "cpis-la002",
+            "clientSecretEnv": "LA002_FHIR_SECRET",
+            "scope": "system/Communication.write",
+        }
+        client = await make_client(
+            {"LA002": {"fhir": {"baseUrl": double.base_url, "auth": auth}}}, {"LA002_FHIR_SECRET": "s3cret-for-tests"}
+        )
         await flag(client.app, "LA002", "B-1")
         await access(client.app, "e-oauth")
         await wait_for(lambda: len(double.communications) == 1)
@@ -283,18 +310,17 @@ async def test_relay_stopping_releases_in_flight_entries(make_client, receiver):
 
 async def test_entries_of_a_dead_consumer_are_reclaimed(make_client, receiver):
 
-    client = await make_client({"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret},
-                               relays=False)
+    client = await make_client({"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret}, relays=False)
     app = client.app
     await flag(app)
     await access(app, "e1")
-    outbox = RedisOutbox(app[REDIS], app[KEYS], __import__("cpis_bridge.store.scripts").store.scripts.Scripts(
-        app[REDIS]))
+    outbox = RedisOutbox(
+        app[REDIS], app[KEYS], __import__("cpis_bridge.store.scripts").store.scripts.Scripts(app[REDIS])
+    )
     await outbox.ensure_group()
     taken = await outbox.read("crashed-consumer", 10, 100)
     assert len(taken) == 1  # read, never settled: its consumer "died"
-    await make_client({"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret},
-                      relay_claim_idle_s=0.5)
+    await make_client({"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret}, relay_claim_idle_s=0.5)
     await wait_for(lambda: len(receiver.accepted) == 1, timeout=5)
 
 
@@ -311,8 +337,7 @@ async def test_inbox_only_la_lists_and_acknowledges(make_client):
     assert [n["access"]["sourceEventId"] for n in page1["notifications"]] == ["e0", "e1"]
     page2 = await (await client.get(f"/v1/notifications?limit=2&after={page1['next']}", headers=LA1)).json()
     page3 = await (await client.get(f"/v1/notifications?after={page2['next']}", headers=LA1)).json()
-    assert [n["access"]["sourceEventId"] for n in page2["notifications"] + page3["notifications"]] == [
-        "e2", "e3", "e4"]
+    assert [n["access"]["sourceEventId"] for n in page2["notifications"] + page3["notifications"]] == ["e2", "e3", "e4"]
     empty = await (await client.get(f"/v1/notifications?after={page3['next']}", headers=LA1)).json()
     assert empty["notifications"] == [] and empty["next"]
     nid = page1["notifications"][1]["id"]
@@ -355,7 +380,8 @@ async def test_the_access_step_puts_every_notification_in_the_inbox_and_queues_o
         assert [n["access"]["id"] for n in page["notifications"]] == [o.access_id for o in outs]
         assert [n["id"] for n in page["notifications"]] == [notification_id(o.access_id, la) for o in outs]
         assert await redis.hgetall(keys.inbox_index(la)) == {
-            n["id"]: eid for n, (eid, _) in zip(page["notifications"], inbox, strict=True)}
+            n["id"]: eid for n, (eid, _) in zip(page["notifications"], inbox, strict=True)
+        }
     metrics = app[METRICS].exposition().decode()
     assert 'cpis_deliveries_total{channel="inbox",outcome="delivered"} 40.0' in metrics
     assert not receiver.accepted  # no relay ran: the webhook's notifications wait in the queue
@@ -371,8 +397,13 @@ async def test_entries_for_an_la_that_lost_its_webhook_settle_without_sending(ma
     outs = [await access(app, f"w{i}") for i in range(3)]
     assert await redis.xlen(keys.notify_queue) == 3
     await redis.delete(keys.inbox_index("LA001"))  # so the relay's settle is what writes it
-    relay = Relay(RedisOutbox(redis, keys, app[SCRIPTS]), lambda la: (), policy=RetryPolicy(0.1, 1.0, 3600),
-                  config=RelayConfig(consumer="t-lost-webhook"), observer=MetricsObserver(app[METRICS]))
+    relay = Relay(
+        RedisOutbox(redis, keys, app[SCRIPTS]),
+        lambda la: (),
+        policy=RetryPolicy(0.1, 1.0, 3600),
+        config=RelayConfig(consumer="t-lost-webhook"),
+        observer=MetricsObserver(app[METRICS]),
+    )
     await relay.start()
     try:
         deadline = time.monotonic() + 10
@@ -383,7 +414,8 @@ async def test_entries_for_an_la_that_lost_its_webhook_settle_without_sending(ma
         await relay.stop(1.0)
     inbox = await redis.xrange(keys.inbox("LA001"))
     assert await redis.hgetall(keys.inbox_index("LA001")) == {
-        notification_id(o.access_id, "LA001"): eid for o, (eid, _) in zip(outs, inbox, strict=True)}
+        notification_id(o.access_id, "LA001"): eid for o, (eid, _) in zip(outs, inbox, strict=True)
+    }
     assert not receiver.attempts and await redis.xlen(keys.dead_letters) == 0
 
 

@@ -89,7 +89,9 @@ async def test_a_broken_endpoint_with_hundreds_queued_does_not_delay_another_la(
     client = await make_client(
         {"LA001": webhook(healthy), "LA002": webhook(broken, SECRET_2)},
         {"LA001_WEBHOOK_SECRET": healthy.secret, SECRET_2: broken.secret},
-        delivery_timeout_s=10.0, shutdown_grace_s=0.1, delivery_breaker_cooldown_s=30.0,
+        delivery_timeout_s=10.0,
+        shutdown_grace_s=0.1,
+        delivery_breaker_cooldown_s=30.0,
         delivery_endpoint_concurrency=8,
     )
     app = client.app
@@ -112,9 +114,14 @@ async def test_a_broken_endpoint_with_hundreds_queued_does_not_delay_another_la(
 async def test_breaker_opens_holds_without_attempts_probes_and_closes(make_client, receivers, caplog):
     caplog.set_level(logging.INFO, logger="cpis_bridge.delivery")
     r = await receivers(hung=True)
-    client = await make_client({"LA002": {"fhir": {"baseUrl": r.base}}}, delivery_timeout_s=0.3,
-                               delivery_breaker_failures=3, delivery_breaker_cooldown_s=1.0,
-                               delivery_endpoint_concurrency=2, delivery_max_backoff_s=1.0)
+    client = await make_client(
+        {"LA002": {"fhir": {"baseUrl": r.base}}},
+        delivery_timeout_s=0.3,
+        delivery_breaker_failures=3,
+        delivery_breaker_cooldown_s=1.0,
+        delivery_endpoint_concurrency=2,
+        delivery_max_backoff_s=1.0,
+    )
     app = client.app
     redis, keys = app[REDIS], app[KEYS]
     await flag(app, "LA002", "B-1", CHILD_B)
@@ -150,9 +157,15 @@ async def test_breaker_opens_holds_without_attempts_probes_and_closes(make_clien
 
 async def test_held_entries_still_reach_the_dead_letters_at_the_maximum_age(make_client, receivers):
     r = await receivers(hung=True)
-    client = await make_client({"LA002": webhook(r, SECRET_2)}, {SECRET_2: r.secret}, delivery_timeout_s=0.2,
-                               delivery_breaker_failures=2, delivery_breaker_cooldown_s=30.0,
-                               delivery_endpoint_concurrency=2, delivery_max_age_h=2.0 / 3600)
+    client = await make_client(
+        {"LA002": webhook(r, SECRET_2)},
+        {SECRET_2: r.secret},
+        delivery_timeout_s=0.2,
+        delivery_breaker_failures=2,
+        delivery_breaker_cooldown_s=30.0,
+        delivery_endpoint_concurrency=2,
+        delivery_max_age_h=2.0 / 3600,
+    )
     app = client.app
     await flag(app, "LA002", "B-1", CHILD_B)
     await many(app, 30, CHILD_B, "m")
@@ -174,7 +187,8 @@ async def test_per_endpoint_cap_holds_for_a_slow_endpoint_and_others_flow(make_c
     client = await make_client(
         {"LA001": webhook(healthy), "LA002": webhook(slow, SECRET_2)},
         {"LA001_WEBHOOK_SECRET": healthy.secret, SECRET_2: slow.secret},
-        delivery_timeout_s=5.0, delivery_endpoint_concurrency=3,
+        delivery_timeout_s=5.0,
+        delivery_endpoint_concurrency=3,
     )
     app = client.app
     await flag(app, "LA001", "A-1", CHILD_A)
@@ -209,8 +223,9 @@ async def test_unbuildable_entries_are_dead_lettered_at_once_and_never_block_the
     parts = fields["acc"].split(SEP)
     year0 = SEP.join([parts[0], "bad-instant", "-62135600400000", *parts[3:]])
     await redis.lpush(keys.accesses(fields["tag"]), year0)  # in the child's history too: later ones read it
-    bad_instant = await redis.xadd(keys.inbox("LA001"), {**fields, "acc": year0, "n": str(
-        await redis.llen(keys.accesses(fields["tag"])))})
+    bad_instant = await redis.xadd(
+        keys.inbox("LA001"), {**fields, "acc": year0, "n": str(await redis.llen(keys.accesses(fields["tag"])))}
+    )
     bad_records = await redis.xadd(keys.inbox("LA001"), {**fields, "recs": "{not json"})
     for bad_ref in (bad_instant, bad_records, "1-1"):
         await redis.xadd(keys.notify_queue, {"la": "LA001", "ref": bad_ref})
@@ -224,12 +239,14 @@ async def test_unbuildable_entries_are_dead_lettered_at_once_and_never_block_the
         assert time.monotonic() < deadline, "the bad entries were not settled"
         await asyncio.sleep(0.05)
     letters = sorted((f["ref"], f["reason"], f.get("detail", "")) for _, f in await redis.xrange(keys.dead_letters))
-    assert sorted(letters) == sorted([
-        (bad_instant, "unbuildable", "render: ValueError"),
-        (bad_records, "unbuildable", "render: JSONDecodeError"),
-        ("1-1", "inbox-entry-missing", ""),
-        (ref, "unbuildable", "queue entry: unreadable field"),
-    ])
+    assert sorted(letters) == sorted(
+        [
+            (bad_instant, "unbuildable", "render: ValueError"),
+            (bad_records, "unbuildable", "render: JSONDecodeError"),
+            ("1-1", "inbox-entry-missing", ""),
+            (ref, "unbuildable", "queue entry: unreadable field"),
+        ]
+    )
     assert await redis.zcard(keys.notify_delay) == 0  # nothing left to retry every minute
     assert set(r.accepted) == want  # the later notifications of the same child leave the bad access out
     latest = r.accepted[notification_id(good[-1].access_id, "LA001")][0]

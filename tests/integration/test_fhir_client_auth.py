@@ -32,8 +32,13 @@ async def test_static_bearer(double, session):
 
 async def test_client_secret(double, session):
     double.token = "not-yet-issued"
-    auth = make_auth("client-secret", token_url=f"{double.root}/token", client_id="cpis", client_secret="s3cret",
-                     scope="system/Flag.write")
+    auth = make_auth(
+        "client-secret",
+        token_url=f"{double.root}/token",
+        client_id="cpis",
+        client_secret="s3cret",
+        scope="system/Flag.write",
+    )
     client = FhirClient(double.base_url, session, auth)
     assert (await client.request("GET", "Flag/none")).status == 404
     assert double.last_token_auth == "Basic " + base64.b64encode(b"cpis:s3cret").decode()
@@ -48,8 +53,9 @@ def _key(alg: str, tmp_path):
     else:
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path = tmp_path / "key.pem"
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return key.public_key(), path
 
 
@@ -58,8 +64,15 @@ async def test_private_key_jwt(double, session, tmp_path, alg):
     public, path = _key(alg, tmp_path)
     double.token = "not-yet-issued"
     token_url = f"{double.root}/token"
-    auth = make_auth("private-key-jwt", token_url=token_url, client_id="cpis-bridge", private_key_file=path,
-                     kid="key-1", alg=alg, scope="system/Flag.write")
+    auth = make_auth(
+        "private-key-jwt",
+        token_url=token_url,
+        client_id="cpis-bridge",
+        private_key_file=path,
+        kid="key-1",
+        alg=alg,
+        scope="system/Flag.write",
+    )
     client = FhirClient(double.base_url, session, auth)
     assert (await client.request("GET", "Flag/none")).status == 404
     form = double.last_token_form
@@ -93,5 +106,6 @@ def test_missing_settings_are_named():
     with pytest.raises(ValueError, match="CPIS_FHIR_AUTH_TOKEN"):
         make_auth("bearer")
     with pytest.raises(ValueError, match="CPIS_FHIR_AUTH_ALG"):
-        make_auth("private-key-jwt", token_url="http://127.0.0.1:1/t", client_id="c", private_key_file=__file__,
-                  alg="HS256")
+        make_auth(
+            "private-key-jwt", token_url="http://127.0.0.1:1/t", client_id="c", private_key_file=__file__, alg="HS256"
+        )

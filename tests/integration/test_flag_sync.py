@@ -34,8 +34,16 @@ def puts(double: FhirDouble) -> list[tuple[float, str, str, int]]:
 async def test_backlog_goes_as_batches_and_server_equals_store(env, double):
     numbers = ["9990000018", "9990000026", "9990000034"]
     for i in range(30):
-        await env.put(f"C-{i}", record(f"C-{i}", nhs=numbers[i % 3], startDate="2025-01-10",
-                                       endDate="2025-02-01" if i % 5 == 0 else None, planType=("CPP", "LAC")[i % 2]))
+        await env.put(
+            f"C-{i}",
+            record(
+                f"C-{i}",
+                nhs=numbers[i % 3],
+                startDate="2025-01-10",
+                endDate="2025-02-01" if i % 5 == 0 else None,
+                planType=("CPP", "LAC")[i % 2],
+            ),
+        )
     await env.put("U-1", record("U-1", planType="UCPP", startDate="2026-01-10", endDate="2026-02-01"))
     await env.put("GONE", record("GONE"))
     await env.erase("GONE")
@@ -157,8 +165,13 @@ async def test_412_multiple_matches_is_dead_at_once(aiohttp_client, make_setting
     env = await make_env(aiohttp_client, settings, timeout_s=2.0)
     try:
         for fid in ("x1", "x2"):
-            double.flags[fid] = {"resourceType": "Flag", "id": fid, "status": "active", "meta": {"versionId": "1"},
-                                 "identifier": [{"system": IDENTIFIER_SYSTEM, "value": "LA001|M"}]}
+            double.flags[fid] = {
+                "resourceType": "Flag",
+                "id": fid,
+                "status": "active",
+                "meta": {"versionId": "1"},
+                "identifier": [{"system": IDENTIFIER_SYSTEM, "value": "LA001|M"}],
+            }
         await env.put("M", record("M"))
         await env.drain()
         dead = await env.dead()

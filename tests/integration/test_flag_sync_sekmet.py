@@ -44,7 +44,9 @@ def sekmet(tmp_path_factory: pytest.TempPathFactory):
     log = (work / "sekmet.log").open("wb")
     proc = subprocess.Popen(
         [exe, "serve", "-c", str(work / "settings.yaml"), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=work, stdout=log, stderr=subprocess.STDOUT,
+        cwd=work,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "SEKMET_CONFIG": str(work / "settings.yaml")},
     )
     try:
@@ -91,8 +93,15 @@ async def test_sekmet_ends_equal_to_the_store(aiohttp_client, make_settings, sek
         env.clock.set_day(dt.date(2026, 2, 15))
         numbers = ["9990000018", "9990000026", "9990000034"]
         for i in range(12):  # a backlog: goes as batch Bundles
-            await env.put(f"{p}{i}", record(f"{p}{i}", nhs=numbers[i % 3], planType=("CPP", "LAC", "UCPP")[i % 3],
-                                            endDate="2026-02-01" if i % 4 == 0 else None))
+            await env.put(
+                f"{p}{i}",
+                record(
+                    f"{p}{i}",
+                    nhs=numbers[i % 3],
+                    planType=("CPP", "LAC", "UCPP")[i % 3],
+                    endDate="2026-02-01" if i % 4 == 0 else None,
+                ),
+            )
         await env.put(f"{p}gone", record(f"{p}gone"))
         await env.drain()
         assert env.parts.server.mode == ("id" if mode == "auto" else "conditional")
@@ -114,8 +123,9 @@ async def test_sekmet_ends_equal_to_the_store(aiohttp_client, make_settings, sek
         state.pop(f"LA001|{p}gone")
         assert state[f"LA001|{p}8"][0] == "inactive"
         assert state == await env.expected()
-        drift, _, _ = await compare(env.parts.server, env.parts.queue.all_records(), day=dt.date(2026, 3, 2),
-                                    windows=settings.windows)
+        drift, _, _ = await compare(
+            env.parts.server, env.parts.queue.all_records(), day=dt.date(2026, 3, 2), windows=settings.windows
+        )
         assert drift.missing == [] and drift.wrong == []
     finally:
         await env.session.close()

@@ -94,8 +94,14 @@ async def test_conflicts_shrink_concurrency_and_pause_nothing(aiohttp_client, ma
     double.conflict_above = 2
     double.pace = 400.0
     await double.start()
-    env = await _env(aiohttp_client, make_settings, double, fhir_write_mode="conditional",
-                     delivery_first_retry_s=1.0, delivery_max_backoff_s=10.0)
+    env = await _env(
+        aiohttp_client,
+        make_settings,
+        double,
+        fhir_write_mode="conditional",
+        delivery_first_retry_s=1.0,
+        delivery_max_backoff_s=10.0,
+    )
     try:
         await _put_many(env, "K", 60)
         t0 = time.monotonic()
@@ -115,8 +121,15 @@ async def test_recovery_after_an_outage_keeps_pace_with_the_server(aiohttp_clien
     """The server is down for seconds while changes pile up: once it is back, they arrive in about the server's
     own time for that many writes, not after the backoff the outage built up."""
     server.pace = 100.0
-    env = await _env(aiohttp_client, make_settings, server, timeout_s=10.0, fhir_write_mode="id",
-                     delivery_first_retry_s=1.0, delivery_max_backoff_s=30.0)
+    env = await _env(
+        aiohttp_client,
+        make_settings,
+        server,
+        timeout_s=10.0,
+        fhir_write_mode="id",
+        delivery_first_retry_s=1.0,
+        delivery_max_backoff_s=30.0,
+    )
     try:
         await server.go_down()
         await _put_many(env, "O", 200)

@@ -123,8 +123,9 @@ async def test_multiplexed_answers_many_callers_in_order_on_one_connection(redis
         assert await mux.call("CLIENT", "SETNAME", name) == "OK"
         key = f"{key_prefix}:mux"
         # Each caller's reply is its own: INCRBY by i answers a running total, ECHO answers its own word.
-        out = await asyncio.gather(*(mux.call("ECHO", f"w{i}") for i in range(300)),
-                                   *(mux.call("INCRBY", key, 1) for _ in range(300)))
+        out = await asyncio.gather(
+            *(mux.call("ECHO", f"w{i}") for i in range(300)), *(mux.call("INCRBY", key, 1) for _ in range(300))
+        )
         assert out[:300] == [f"w{i}" for i in range(300)]
         assert sorted(out[300:]) == list(range(1, 301))
         with pytest.raises(ResponseError, match="WRONGTYPE"):

@@ -86,8 +86,7 @@ async def test_upload_over_many_batches_then_full_reupload(app):
     assert (await stored(app, numbers[-1], f"L{len(numbers) - 1}"))["v"] == 1
     # The same caseload again, minus two records, in full mode: nothing re-versioned, the two missing ones ended.
     again = [x for x in items if x["localId"] not in ("L5", "L600")]
-    report, _ = await uploads.apply_upload(ctx(), LA, UploadMeta(2, UploadMode.FULL, len(again)), NDJSON,
-                                           ndjson(again))
+    report, _ = await uploads.apply_upload(ctx(), LA, UploadMeta(2, UploadMode.FULL, len(again)), NDJSON, ndjson(again))
     assert report["accepted"] == len(numbers) - 2 and report["endedLocalIds"] == ["L5", "L600"]
     assert (await stored(app, numbers[7], "L7"))["v"] == 1
     ended = await stored(app, numbers[5], "L5")

@@ -13,8 +13,12 @@ from cpis_bridge.store.embedded import EmbeddedRedis
 async def gauges(client) -> dict[str, float]:
     resp = await client.get("/metrics")
     text = await resp.text()
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name in ("cpis_redis_up", "cpis_ready")}
+    return {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name in ("cpis_redis_up", "cpis_ready")
+    }
 
 
 async def wait_for(client, expected: dict[str, float], timeout: float = 10.0) -> None:

@@ -34,12 +34,14 @@ async def app(aiohttp_client, settings):
 
 
 async def lookup(app, nhs: str, event: str, *, clock=None, encounter=None):
-    service = app[ACCESS] if clock is None else AccessService(app[ACCESS].store, windows=app[ACCESS].windows,
-                                                              clock=clock)
+    service = (
+        app[ACCESS] if clock is None else AccessService(app[ACCESS].store, windows=app[ACCESS].windows, clock=clock)
+    )
     ed = app[REGISTRY].care_settings["RXX01"]
-    return await service.lookup(ctx(Role.CARE_SETTING, "RXX01"),
-                                LookupRequest(nhs=NhsNumber(nhs), care_setting=ed, kind="careteam",
-                                              source_event_id=event, encounter=encounter))
+    return await service.lookup(
+        ctx(Role.CARE_SETTING, "RXX01"),
+        LookupRequest(nhs=NhsNumber(nhs), care_setting=ed, kind="careteam", source_event_id=event, encounter=encounter),
+    )
 
 
 async def test_purge_removes_only_what_is_past_retention(app, settings):
@@ -112,7 +114,9 @@ async def test_export_gathers_everything_for_one_number_and_is_audited(app, sett
         data = await service.export(OPS_CTX, NhsNumber(CHILD_A))
     assert data["nhsNumber"] == CHILD_A
     assert {la: [r["localId"] for r in recs] for la, recs in data["records"].items()} == {
-        "LA001": ["A-1"], "LA002": ["B-1"]}
+        "LA001": ["A-1"],
+        "LA002": ["B-1"],
+    }
     assert data["records"]["LA001"][0]["givenName"] == "Testchild"
     [access] = data["accesses"]
     assert access["id"] == out.access_id and access["sourceEventId"] == "ev-1"
@@ -136,16 +140,32 @@ async def test_export_gathers_everything_for_one_number_and_is_audited(app, sett
 
 
 def run_cli(args, env, timeout=60):
-    return subprocess.run([sys.executable, "-m", "cpis_bridge", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "cpis_bridge", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 async def test_cli_purge_and_export_on_external_redis(app, settings, redis_url, key_prefix, tmp_path):
-    await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "OLD-1",
-                           record("OLD-1", CHILD_A, startDate="2019-01-01", endDate="2020-01-02"))
+    await app[RECORDS].put(
+        ctx(Role.LOCAL_AUTHORITY, "LA001"),
+        "LA001",
+        "OLD-1",
+        record("OLD-1", CHILD_A, startDate="2019-01-01", endDate="2020-01-02"),
+    )
     await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "NEW-1", record("NEW-1", CHILD_B))
-    env = {**os.environ, "CPIS_REDIS_URL": redis_url, "CPIS_KEY_PREFIX": key_prefix, "CPIS_LOG_HASH_KEY": HASH_KEY,
-           "CPIS_DATA_DIR": str(tmp_path / "cli"), "CPIS_REGISTRY": str(settings.registry)}
+    env = {
+        **os.environ,
+        "CPIS_REDIS_URL": redis_url,
+        "CPIS_KEY_PREFIX": key_prefix,
+        "CPIS_LOG_HASH_KEY": HASH_KEY,
+        "CPIS_DATA_DIR": str(tmp_path / "cli"),
+        "CPIS_REGISTRY": str(settings.registry),
+    }
     done = run_cli(["purge", "--actor", "night-job"], env)
     assert done.returncode == 0, done.stderr
     assert orjson.loads(done.stdout)["removed"]["records"] == 1

@@ -57,19 +57,29 @@ async def test_a_frozen_store_answers_503_within_the_deadline_and_readyz_reports
     os.kill(pid, signal.SIGSTOP)
     try:
         # Look-ups in flight together, as under load: each answers by its deadline, not after 10 s + a retry.
-        answers = await asyncio.gather(*(timed(client, "GET", CARETEAM, headers={**ED, "TraceID": f"stalled-{i}"})
-                                         for i in range(8)))
+        answers = await asyncio.gather(
+            *(timed(client, "GET", CARETEAM, headers={**ED, "TraceID": f"stalled-{i}"}) for i in range(8))
+        )
         for status, headers, elapsed in answers:
             assert status == 503 and headers.get("Retry-After") == "1", (status, headers)
             assert elapsed < settings.request_deadline_s + 0.75, elapsed
-        status, headers, elapsed = await timed(client, "POST", "/cds-services/cpis-patient-view", headers=ED,
-                                               json={"hook": "patient-view", "hookInstance": "h-1",
-                                                     "context": {"userId": "PractitionerRole/1", "patientId": "p1"},
-                                                     "prefetch": {"patient": {"resourceType": "Patient",
-                                                                              "identifier": [{
-                                                                                  "system": "https://fhir.nhs.uk/Id/"
-                                                                                            "nhs-number",
-                                                                                  "value": "9990000018"}]}}})
+        status, headers, elapsed = await timed(
+            client,
+            "POST",
+            "/cds-services/cpis-patient-view",
+            headers=ED,
+            json={
+                "hook": "patient-view",
+                "hookInstance": "h-1",
+                "context": {"userId": "PractitionerRole/1", "patientId": "p1"},
+                "prefetch": {
+                    "patient": {
+                        "resourceType": "Patient",
+                        "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9990000018"}],
+                    }
+                },
+            },
+        )
         assert status == 503 and headers.get("Retry-After") == "1" and elapsed < settings.request_deadline_s + 0.75
         status, headers, elapsed = await timed(client, "GET", "/v1/records/CASE-1", headers=LA1)
         assert status == 503 and headers.get("Retry-After") == "1" and elapsed < 1.5 + 0.75, (status, elapsed)

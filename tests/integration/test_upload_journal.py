@@ -67,8 +67,15 @@ async def interrupted_mid_apply(app, items: list[dict], seq: int, mode: UploadMo
     before = await redis.hlen(keys.la_ids(LA))
     control = UploadControl()
     task = asyncio.ensure_future(
-        uploads.apply_upload(ctx(), LA, UploadMeta(seq, mode, len(items)), NDJSON, body_of(items), control=control,
-                             confirm_end=confirm_end)
+        uploads.apply_upload(
+            ctx(),
+            LA,
+            UploadMeta(seq, mode, len(items)),
+            NDJSON,
+            body_of(items),
+            control=control,
+            confirm_end=confirm_end,
+        )
     )
     deadline = time.monotonic() + 30
     while not (control.committed and await redis.hlen(keys.la_ids(LA)) > before):
@@ -103,8 +110,11 @@ async def test_interrupted_full_upload_is_completed_by_the_resumer(client):
         await asyncio.sleep(0.05)
     absent = {x["localId"] for x in old[10:]}
     assert_state_is(await state(app), new, absent)
-    r = await client.post("/v1/uploads", data=b"\n".join(orjson.dumps(x) for x in new),
-                          headers={**LA1, "Content-Type": NDJSON, "Upload-Sequence": "2", "Upload-Mode": "full"})
+    r = await client.post(
+        "/v1/uploads",
+        data=b"\n".join(orjson.dumps(x) for x in new),
+        headers={**LA1, "Content-Type": NDJSON, "Upload-Sequence": "2", "Upload-Mode": "full"},
+    )
     rep = await r.json()
     assert r.status == 200 and r.headers["Upload-Replayed"] == "true"
     assert rep["accepted"] == len(new) and rep["ended"] == 30 and set(rep["endedLocalIds"]) == absent
@@ -116,8 +126,11 @@ async def test_resend_completes_an_interrupted_delta(client):
     app = client.server.app
     items = caseload(N, prefix="D")
     await interrupted_mid_apply(app, items, 7, UploadMode.DELTA)
-    r = await client.post("/v1/uploads", data=b"\n".join(orjson.dumps(x) for x in items),
-                          headers={**LA1, "Content-Type": NDJSON, "Upload-Sequence": "7", "Upload-Mode": "delta"})
+    r = await client.post(
+        "/v1/uploads",
+        data=b"\n".join(orjson.dumps(x) for x in items),
+        headers={**LA1, "Content-Type": NDJSON, "Upload-Sequence": "7", "Upload-Mode": "delta"},
+    )
     rep = await r.json()
     assert r.status == 200 and rep["accepted"] == N and rep["fileCode"] == "CPF02"
     assert_state_is(await state(app), items, set())
@@ -165,8 +178,11 @@ async def test_a_journal_that_cannot_be_read_back_is_dropped_not_left_to_block_t
     await interrupted_mid_apply(app, items, 3, UploadMode.DELTA)
     await redis.ltrim(keys.la_journal_body(LA), 0, 0)  # the store lost most of the body
     await redis.lset(keys.la_journal_body(LA), 0, b"{broken")
-    r = await client.post("/v1/uploads", data=b"\n".join(orjson.dumps(x) for x in items),
-                          headers={**LA1, "Content-Type": NDJSON, "Upload-Sequence": "3", "Upload-Mode": "delta"})
+    r = await client.post(
+        "/v1/uploads",
+        data=b"\n".join(orjson.dumps(x) for x in items),
+        headers={**LA1, "Content-Type": NDJSON, "Upload-Sequence": "3", "Upload-Mode": "delta"},
+    )
     rep = await r.json()
     assert r.status == 200 and rep["accepted"] == N and "Upload-Replayed" not in r.headers
     assert_state_is(await state(app), items, set())

@@ -57,8 +57,9 @@ def test_other_4xx_retry_at_the_cap_for_an_hour() -> None:
     later = T0 + 3_599_000
     plan = decide(POLICY, entry(client_error_since_ms=T0), "webhook", DeliveryResult("client-error", 400), later, 0)
     assert plan.retry is not None
-    plan = decide(POLICY, entry(client_error_since_ms=T0), "webhook", DeliveryResult("client-error", 400),
-                  T0 + 3_600_000, 0)
+    plan = decide(
+        POLICY, entry(client_error_since_ms=T0), "webhook", DeliveryResult("client-error", 400), T0 + 3_600_000, 0
+    )
     assert plan.dead is not None and plan.dead.reason == "client-error"
     # a 5xx breaks the run of 4xx answers
     plan = decide(POLICY, entry(client_error_since_ms=T0), "webhook", DeliveryResult("transient", 500), later, 0)
@@ -89,11 +90,19 @@ def test_retry_after_forms() -> None:
 
 
 def fields() -> dict[str, str]:
-    a1 = Access("RXX01", "ev-1", dt.datetime(2026, 3, 1, 9, 0, tzinfo=dt.UTC), Actor("u1", "Dr A", "R8000"),
-                arrived_at=dt.datetime(2026, 3, 1, 8, 55, tzinfo=dt.UTC))
+    a1 = Access(
+        "RXX01",
+        "ev-1",
+        dt.datetime(2026, 3, 1, 9, 0, tzinfo=dt.UTC),
+        Actor("u1", "Dr A", "R8000"),
+        arrived_at=dt.datetime(2026, 3, 1, 8, 55, tzinfo=dt.UTC),
+    )
     a0 = Access("RXX02", "ev-0", dt.datetime(2026, 2, 1, 9, 0, tzinfo=dt.UTC), Actor("sys"))
     return {
-        "nhs": "9990000018", "tag": "abc123", "acc": a1.encode(), "recent": a1.encode() + "\x1e" + a0.encode(),
+        "nhs": "9990000018",
+        "tag": "abc123",
+        "acc": a1.encode(),
+        "recent": a1.encode() + "\x1e" + a0.encode(),
         "recs": '[{"localId":"A-1","planType":"CPP","startDate":"2026-01-10","endDate":null}]',
         "cs": orjson.dumps({"RXX01": f"Example ED{SEP}ED", "RXX02": f"Example UTC{SEP}UTC"}).decode(),
         "at": "1772355600123",
@@ -108,9 +117,12 @@ def test_render_is_deterministic_and_shaped_per_api() -> None:
     assert body["id"] == notification_id(body["access"]["id"], "LA001") == one.id
     assert body["createdAt"] == "2026-03-01T09:00:00.123Z"
     assert body["access"] == {
-        "id": body["access"]["id"], "occurredAt": "2026-03-01T09:00:00.000Z", "arrivedAt": "2026-03-01T08:55:00.000Z",
+        "id": body["access"]["id"],
+        "occurredAt": "2026-03-01T09:00:00.000Z",
+        "arrivedAt": "2026-03-01T08:55:00.000Z",
         "careSetting": {"ods": "RXX01", "name": "Example ED", "type": "ED"},
-        "user": {"id": "u1", "name": "Dr A", "roleCode": "R8000"}, "sourceEventId": "ev-1",
+        "user": {"id": "u1", "name": "Dr A", "roleCode": "R8000"},
+        "sourceEventId": "ev-1",
     }
     assert [a["sourceEventId"] for a in body["recentAccesses"]] == ["ev-1", "ev-0"]
     assert body["recentAccesses"][1]["user"] == {"id": "sys", "name": None, "roleCode": None}
@@ -121,8 +133,11 @@ def test_signature_verifies_with_the_standardwebhooks_library() -> None:
     secret = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
     body = b'{"id":"n1"}'
     ts = int(dt.datetime.now(dt.UTC).timestamp())
-    headers = {"webhook-id": "n1", "webhook-timestamp": str(ts),
-               "webhook-signature": sign(signing_key(secret), "n1", ts, body)}
+    headers = {
+        "webhook-id": "n1",
+        "webhook-timestamp": str(ts),
+        "webhook-signature": sign(signing_key(secret), "n1", ts, body),
+    }
     assert Webhook(secret).verify(body, headers) == {"id": "n1"}
     with pytest.raises(WebhookSecretError):
         signing_key("not-a-secret")

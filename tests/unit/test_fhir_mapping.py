@@ -22,8 +22,7 @@ LONG_LA = LocalAuthority("LA009", "An Extremely Long Invented Council Name " * 6
 
 
 def rec(plan: PlanType = PlanType.CPP, end: dt.date | None = None, la: str = "LA001") -> Record:
-    return Record(la, "CASE-1", plan, NhsNumber("9990000018"), dt.date(2016, 4, 2), dt.date(2026, 1, 10),
-                  end_date=end)
+    return Record(la, "CASE-1", plan, NhsNumber("9990000018"), dt.date(2016, 4, 2), dt.date(2026, 1, 10), end_date=end)
 
 
 @pytest.mark.parametrize("plan", list(PlanType))
@@ -40,10 +39,16 @@ def test_record_shapes_conform(plan, end):
     assert_conforms(m.organization(LA, False))
 
 
-@pytest.mark.parametrize("today,status", [
-    (dt.date(2026, 1, 10), "active"), (dt.date(2026, 4, 30), "active"), (dt.date(2026, 5, 1), "active"),
-    (dt.date(2026, 5, 2), "inactive"), (dt.date(2027, 1, 1), "inactive"),
-])
+@pytest.mark.parametrize(
+    "today,status",
+    [
+        (dt.date(2026, 1, 10), "active"),
+        (dt.date(2026, 4, 30), "active"),
+        (dt.date(2026, 5, 1), "active"),
+        (dt.date(2026, 5, 2), "inactive"),
+        (dt.date(2027, 1, 1), "inactive"),
+    ],
+)
 def test_careteam_is_active_while_the_plan_runs_and_inactive_once_ended(today, status):
     team = m.careteam(rec(end=dt.date(2026, 5, 1)), LA, today=today, office_open=True)
     assert team["status"] == status and team["period"] == {"start": "2026-01-10", "end": "2026-05-01"}
@@ -54,16 +59,18 @@ def purposes(telecom):
     return [(t["extension"][0]["valueCoding"]["code"], t["value"], t["rank"]) for t in telecom]
 
 
-@pytest.mark.parametrize("office_open,expected", [
-    (True, [("office-hours", "0300 000 0001", 1), ("emergency-duty", "0300 000 0002", 2)]),
-    (False, [("emergency-duty", "0300 000 0002", 1), ("office-hours", "0300 000 0001", 2)]),
-])
+@pytest.mark.parametrize(
+    "office_open,expected",
+    [
+        (True, [("office-hours", "0300 000 0001", 1), ("emergency-duty", "0300 000 0002", 2)]),
+        (False, [("emergency-duty", "0300 000 0002", 1), ("office-hours", "0300 000 0001", 2)]),
+    ],
+)
 def test_careteam_and_organization_rank_the_number_to_ring_now(office_open, expected):
     team = m.careteam(rec(), LA, today=dt.date(2026, 6, 1), office_open=office_open)
     assert team["name"] == LA.name
     assert purposes(team["telecom"]) == expected
-    assert all(t["extension"][0]["url"] == m.EXT_CONTACT_PURPOSE and t["system"] == "phone"
-               for t in team["telecom"])
+    assert all(t["extension"][0]["url"] == m.EXT_CONTACT_PURPOSE and t["system"] == "phone" for t in team["telecom"])
     assert purposes(m.organization(LA, office_open)["telecom"]) == expected
 
 
@@ -86,8 +93,9 @@ def test_access_shapes_conform_without_optional_parts():
 
 def test_cards_name_plan_and_la_never_the_nhs_number():
     today = dt.date(2026, 6, 1)
-    out = cds.cards([rec(PlanType.UCPP), rec(la="LA009")], {"LA001": LA, "LA009": LONG_LA}, today=today,
-                    open_now={"LA001": True})
+    out = cds.cards(
+        [rec(PlanType.UCPP), rec(la="LA009")], {"LA001": LA, "LA009": LONG_LA}, today=today, open_now={"LA001": True}
+    )
     assert len(out["cards"]) == 2
     for card in out["cards"]:
         assert "9990000018" not in str(card) and len(card["summary"]) < 140
@@ -104,13 +112,23 @@ def test_ended_card_summary_keeps_the_end_date_within_140_characters():
     assert card["indicator"] == "info" and len(card["summary"]) <= 139
     assert card["summary"].startswith("Child Protection Plan - An Extremely Long")
     assert card["summary"].endswith("…, ended 4 December 2025")
-    visits = [Access("RXX01", "e2", dt.datetime(2026, 3, 29, 1, 30, tzinfo=dt.UTC), Actor("u")),  # BST from 01:00 UTC
-              Access("RXX02", "e1", dt.datetime(2026, 3, 28, 23, 59, tzinfo=dt.UTC), Actor("u"))]
-    detail = cds.card(ended, LONG_LA, today=dt.date(2026, 6, 1), office_open=False, recent=visits,
-                      care_settings={"RXX01": "Example Hospital Emergency Department"})["detail"]
-    assert ("Recent unscheduled visits (2, newest first):\n"
-            "- Sunday 29 March 2026, 02:30: Example Hospital Emergency Department\n"
-            "- Saturday 28 March 2026, 23:59: RXX02") in detail
+    visits = [
+        Access("RXX01", "e2", dt.datetime(2026, 3, 29, 1, 30, tzinfo=dt.UTC), Actor("u")),  # BST from 01:00 UTC
+        Access("RXX02", "e1", dt.datetime(2026, 3, 28, 23, 59, tzinfo=dt.UTC), Actor("u")),
+    ]
+    detail = cds.card(
+        ended,
+        LONG_LA,
+        today=dt.date(2026, 6, 1),
+        office_open=False,
+        recent=visits,
+        care_settings={"RXX01": "Example Hospital Emergency Department"},
+    )["detail"]
+    assert (
+        "Recent unscheduled visits (2, newest first):\n"
+        "- Sunday 29 March 2026, 02:30: Example Hospital Emergency Department\n"
+        "- Saturday 28 March 2026, 23:59: RXX02"
+    ) in detail
 
 
 def test_encounter_parsing_keeps_only_the_minimal_fields():

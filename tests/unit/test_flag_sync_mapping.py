@@ -16,9 +16,17 @@ from cpis_bridge.fhir.flag_sync import conditional_url, flag_id, flag_status, re
 
 
 def rec(plan: PlanType = PlanType.CPP, end: dt.date | None = None, lid: str = "CASE-1") -> Record:
-    return Record(la="LA001", local_id=lid, plan_type=plan, nhs_number=NhsNumber("9990000018"),
-                  date_of_birth=dt.date(2016, 4, 2), start_date=dt.date(2026, 1, 10), end_date=end,
-                  given_name="Testchild", family_name="Example")
+    return Record(
+        la="LA001",
+        local_id=lid,
+        plan_type=plan,
+        nhs_number=NhsNumber("9990000018"),
+        date_of_birth=dt.date(2016, 4, 2),
+        start_date=dt.date(2026, 1, 10),
+        end_date=end,
+        given_name="Testchild",
+        family_name="Example",
+    )
 
 
 def test_flag_id_is_a_stable_uuid5():
@@ -28,8 +36,10 @@ def test_flag_id_is_a_stable_uuid5():
     assert flag_id("LA001", "CASE-1")[14] == "5"  # version 5
 
 
-@pytest.mark.parametrize("plan,code", [(PlanType.CPP, "342191000000101"), (PlanType.LAC, "764841000000100"),
-                                       (PlanType.UCPP, "818901000000100")])
+@pytest.mark.parametrize(
+    "plan,code",
+    [(PlanType.CPP, "342191000000101"), (PlanType.LAC, "764841000000100"), (PlanType.UCPP, "818901000000100")],
+)
 def test_record_flag_is_valid_r4_and_carries_no_name(plan, code):
     flag = record_flag(rec(plan, end=dt.date(2026, 2, 1)), "active")
     Flag.model_validate(flag)
@@ -67,9 +77,23 @@ def test_retry_after_and_ratelimit_parsing():
     assert ratelimit_reset_s({}) is None
 
 
-@pytest.mark.parametrize("status,outcome", [(200, "ok"), (201, "ok"), (204, "ok"), (408, "retry"), (429, "retry"),
-                                            (500, "retry"), (503, "retry"), (409, "conflict"), (412, "conflict"),
-                                            (400, "dead"), (404, "dead"), (422, "dead")])
+@pytest.mark.parametrize(
+    "status,outcome",
+    [
+        (200, "ok"),
+        (201, "ok"),
+        (204, "ok"),
+        (408, "retry"),
+        (429, "retry"),
+        (500, "retry"),
+        (503, "retry"),
+        (409, "conflict"),
+        (412, "conflict"),
+        (400, "dead"),
+        (404, "dead"),
+        (422, "dead"),
+    ],
+)
 def test_classify(status, outcome):
     assert classify(status, None, {}).outcome == outcome
 
@@ -82,7 +106,16 @@ def test_classify_multiple_matches_is_dead_and_keeps_outcome():
 
 
 def test_read_capabilities():
-    caps = read_capabilities({"fhirVersion": "4.0.1", "rest": [{"mode": "server", "interaction": [{"code": "batch"}],
-                              "resource": [{"type": "Flag", "interaction": [{"code": "update"}],
-                                            "updateCreate": True}]}]})
+    caps = read_capabilities(
+        {
+            "fhirVersion": "4.0.1",
+            "rest": [
+                {
+                    "mode": "server",
+                    "interaction": [{"code": "batch"}],
+                    "resource": [{"type": "Flag", "interaction": [{"code": "update"}], "updateCreate": True}],
+                }
+            ],
+        }
+    )
     assert caps.r4 and caps.update and caps.update_create and caps.batch and not caps.conditional_update

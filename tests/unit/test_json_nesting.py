@@ -35,8 +35,11 @@ def reference(text: bytes, limit: int) -> bool:
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"a", b'"a":', b"[]"]), max_size=120),
-       st.integers(1, 12), st.integers(1, 40))
+@given(
+    st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"a", b'"a":', b"[]"]), max_size=120),
+    st.integers(1, 12),
+    st.integers(1, 40),
+)
 def test_agrees_with_a_reference_scanner(parts: list[bytes], limit: int, chunk_size: int) -> None:
     text = b"".join(parts)
     assert nesting_within(text, limit, chunk_size=chunk_size) == reference(text, limit)

@@ -17,20 +17,23 @@ def london(*args: int) -> dt.datetime:
     return dt.datetime(*args, tzinfo=LONDON)
 
 
-@pytest.mark.parametrize("when,is_open", [
-    (london(2026, 12, 3, 9, 0), True),            # Thursday, opening time
-    (london(2026, 12, 3, 8, 59), False),
-    (london(2026, 12, 3, 16, 59), True),
-    (london(2026, 12, 3, 17, 0), False),          # closing time: emergency duty
-    (london(2026, 12, 5, 12, 0), False),          # Saturday
-    (london(2026, 12, 25, 12, 0), False),         # Christmas Day
-    (london(2026, 12, 28, 12, 0), False),         # Boxing Day substitute (a Monday)
-    (london(2026, 8, 31, 12, 0), False),          # summer bank holiday (England only)
-    (london(2026, 3, 17, 12, 0), True),           # St Patrick's Day: a Northern Ireland holiday, not England's
-    (dt.datetime(2026, 7, 1, 8, 30, tzinfo=dt.UTC), True),    # 09:30 BST
-    (dt.datetime(2026, 7, 1, 16, 30, tzinfo=dt.UTC), False),  # 17:30 BST
-    (dt.datetime(2026, 1, 7, 16, 30, tzinfo=dt.UTC), True),   # 16:30 GMT
-])
+@pytest.mark.parametrize(
+    "when,is_open",
+    [
+        (london(2026, 12, 3, 9, 0), True),  # Thursday, opening time
+        (london(2026, 12, 3, 8, 59), False),
+        (london(2026, 12, 3, 16, 59), True),
+        (london(2026, 12, 3, 17, 0), False),  # closing time: emergency duty
+        (london(2026, 12, 5, 12, 0), False),  # Saturday
+        (london(2026, 12, 25, 12, 0), False),  # Christmas Day
+        (london(2026, 12, 28, 12, 0), False),  # Boxing Day substitute (a Monday)
+        (london(2026, 8, 31, 12, 0), False),  # summer bank holiday (England only)
+        (london(2026, 3, 17, 12, 0), True),  # St Patrick's Day: a Northern Ireland holiday, not England's
+        (dt.datetime(2026, 7, 1, 8, 30, tzinfo=dt.UTC), True),  # 09:30 BST
+        (dt.datetime(2026, 7, 1, 16, 30, tzinfo=dt.UTC), False),  # 17:30 BST
+        (dt.datetime(2026, 1, 7, 16, 30, tzinfo=dt.UTC), True),  # 16:30 GMT
+    ],
+)
 def test_default_office_hours(when, is_open):
     assert DEFAULT_OFFICE_HOURS.open_at(when) is is_open
     assert office_open(DEFAULT_OFFICE_HOURS, when) is is_open
@@ -70,13 +73,16 @@ def test_registry_office_hours_default_and_given(tmp_path):
     assert hours == OfficeHours(frozenset({5, 6}), dt.time(10, 0), dt.time.max, True)
 
 
-@pytest.mark.parametrize("office_hours,message", [
-    (", officeHours: {days: [Monday]}", "field officeHours.days.0"),
-    (", officeHours: {open: '9am'}", "field officeHours.open"),
-    (", officeHours: {open: '17:00', close: '09:00'}", "open (17:00) must be before close (09:00)"),
-    (", officeHours: {bankHolidays: sometimes}", "field officeHours.bankHolidays"),
-    (", officeHours: {hours: 3}", "field officeHours.hours"),
-])
+@pytest.mark.parametrize(
+    "office_hours,message",
+    [
+        (", officeHours: {days: [Monday]}", "field officeHours.days.0"),
+        (", officeHours: {open: '9am'}", "field officeHours.open"),
+        (", officeHours: {open: '17:00', close: '09:00'}", "open (17:00) must be before close (09:00)"),
+        (", officeHours: {bankHolidays: sometimes}", "field officeHours.bankHolidays"),
+        (", officeHours: {hours: 3}", "field officeHours.hours"),
+    ],
+)
 def test_registry_office_hours_errors_name_the_field(tmp_path, office_hours, message):
     with pytest.raises(RegistryError) as exc:
         load_registry(registry(tmp_path, office_hours))

@@ -15,15 +15,25 @@ TODAY = dt.date(2026, 11, 22)
 W = VisibilityWindows()
 
 
-def make(plan: PlanType = PlanType.CPP, start: dt.date = dt.date(2026, 1, 1), end: dt.date | None = None,
-         delete: dt.date | None = None) -> Record:
-    return Record("LA001", "X", plan, NhsNumber("9990000018"), dt.date(2016, 1, 1), start, end_date=end,
-                  delete_date=delete)
+def make(
+    plan: PlanType = PlanType.CPP,
+    start: dt.date = dt.date(2026, 1, 1),
+    end: dt.date | None = None,
+    delete: dt.date | None = None,
+) -> Record:
+    return Record(
+        "LA001", "X", plan, NhsNumber("9990000018"), dt.date(2016, 1, 1), start, end_date=end, delete_date=delete
+    )
 
 
 def body(**kw):
-    b = {"localId": "C-1", "planType": "CPP", "nhsNumber": "9990000018", "dateOfBirth": "2016-04-02",
-         "startDate": "2026-01-10"}
+    b = {
+        "localId": "C-1",
+        "planType": "CPP",
+        "nhsNumber": "9990000018",
+        "dateOfBirth": "2016-04-02",
+        "startDate": "2026-01-10",
+    }
     b.update(kw)
     return b
 
@@ -61,8 +71,11 @@ def test_windows_are_configurable() -> None:
     assert not r.is_visible(dt.date(2026, 3, 20), VisibilityWindows(364, 7))
 
 
-@given(st.dates(dt.date(2020, 1, 1), dt.date(2030, 1, 1)), st.integers(0, 800), st.dates(dt.date(2019, 1, 1),
-       dt.date(2032, 1, 1)))
+@given(
+    st.dates(dt.date(2020, 1, 1), dt.date(2030, 1, 1)),
+    st.integers(0, 800),
+    st.dates(dt.date(2019, 1, 1), dt.date(2032, 1, 1)),
+)
 def test_visibility_matches_last_visible_day(start: dt.date, length: int, day: dt.date) -> None:
     r = make(start=start, end=start + dt.timedelta(days=length))
     last = r.last_visible_day(W)

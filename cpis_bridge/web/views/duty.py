@@ -68,8 +68,7 @@ async def sign_in_page(request: web.Request) -> web.StreamResponse:
 def _sign_in(request: web.Request, session: Session, context: dict[str, Any], status: int = 200) -> web.Response:
     settings = request.config_dict[SETTINGS]
     las = sorted(request.config_dict[REGISTRY].local_authorities.values(), key=lambda la: la.name)
-    return render(request, "la/sign_in.html", {"dev": settings.dev_mode, "las": las, **context}, session,
-                  status=status)
+    return render(request, "la/sign_in.html", {"dev": settings.dev_mode, "las": las, **context}, session, status=status)
 
 
 def _system_ctx(request: web.Request, ods: str) -> AuditContext:
@@ -99,15 +98,20 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
         errors["name"] = "Enter your name"
     if errors:
         await limiter.failed(client)
-        await audit.append(None, _system_ctx(request, ods[:16]).entry("web.signin.failed", None, _now(),
-                                                                     fields=sorted(errors)))
+        await audit.append(
+            None, _system_ctx(request, ods[:16]).entry("web.signin.failed", None, _now(), fields=sorted(errors))
+        )
         return _sign_in(request, session, {"errors": errors, "form": form}, status=400)
     session = await new_session(request)  # a new id: a session fixed before sign-in is worth nothing after it
     who = {"role": LA.value, "ods": ods, "sub": f"dev:{name}", "name": name}
     session[SIGNED_IN] = who
     csrf_token(session)
-    await audit.append(None, AuditContext(Principal(who["sub"], LA, ods, name), None, request.get(REQUEST_ID))
-                       .entry("web.signin", None, _now(), method="dev"))
+    await audit.append(
+        None,
+        AuditContext(Principal(who["sub"], LA, ods, name), None, request.get(REQUEST_ID)).entry(
+            "web.signin", None, _now(), method="dev"
+        ),
+    )
     raise web.HTTPSeeOther(f"{PREFIX}/notifications")
 
 
@@ -156,13 +160,22 @@ async def notifications(request: web.Request, session: Session) -> web.StreamRes
     acked = {"new": False, "acknowledged": True}.get(status)
     flt = InboxFilter(since=dates["from"], until=dates["to"], care_setting=setting, acknowledged=acked)
     who = audit_context(request)
-    items, following = await request.config_dict[INBOX].browse(who, who.principal.ods, flt, q.get("before"),
-                                                                PAGE_SIZE)
+    items, following = await request.config_dict[INBOX].browse(who, who.principal.ods, flt, q.get("before"), PAGE_SIZE)
     keep = {k: v for k, v in q.items() if k in ("from", "to", "setting", "status") and v}
-    return render(request, "la/notifications.html", {
-        "items": items, "next": following, "filters": keep, "errors": errors, "first": "before" in q,
-        "care_settings": sorted(settings_known.values(), key=lambda c: c.name), "status": status,
-    }, session)
+    return render(
+        request,
+        "la/notifications.html",
+        {
+            "items": items,
+            "next": following,
+            "filters": keep,
+            "errors": errors,
+            "first": "before" in q,
+            "care_settings": sorted(settings_known.values(), key=lambda c: c.name),
+            "status": status,
+        },
+        session,
+    )
 
 
 @routes.get("/notifications/{id}")
@@ -192,8 +205,9 @@ async def events(request: web.Request, session: Session) -> web.StreamResponse:
     feed, sessions = request.app[FEED], request.app[SESSIONS]
     queue = feed.watch(la)
     try:
-        async with sse_response(request, headers={"X-Content-Type-Options": "nosniff",
-                                                  "Cache-Control": "no-store"}) as stream:
+        async with sse_response(
+            request, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+        ) as stream:
             while True:
                 try:
                     body = await asyncio.wait_for(queue.get(), SESSION_CHECK_S)
@@ -210,9 +224,13 @@ async def events(request: web.Request, session: Session) -> web.StreamResponse:
 
 
 def _live_row(body: dict[str, Any]) -> dict[str, Any]:
-    return {"href": f"{PREFIX}/notifications/{body['id']}", "seen": london(body["access"]["occurredAt"]),
-            "nhs": nhs_spaced(body["subject"]["nhsNumber"]), "where": body["access"]["careSetting"]["name"],
-            "plans": ", ".join(r["planType"] for r in body["records"])}
+    return {
+        "href": f"{PREFIX}/notifications/{body['id']}",
+        "seen": london(body["access"]["occurredAt"]),
+        "nhs": nhs_spaced(body["subject"]["nhsNumber"]),
+        "where": body["access"]["careSetting"]["name"],
+        "plans": ", ".join(r["planType"] for r in body["records"]),
+    }
 
 
 FEED_TASK = web.AppKey("inbox_feed_task", asyncio.Task[None])
@@ -248,16 +266,22 @@ async def child_lookup(request: web.Request, session: Session) -> web.StreamResp
     try:
         records = await request.config_dict[RECORDS].list_for_number(who, la, raw)
     except ValidationFailed:
-        return render(request, "la/child.html", {"errors": {"nhs": "Enter a 10-digit NHS number, like 999 000 0018"},
-                                                 "nhs": raw[:20]}, session, status=400)
+        return render(
+            request,
+            "la/child.html",
+            {"errors": {"nhs": "Enter a 10-digit NHS number, like 999 000 0018"}, "nhs": raw[:20]},
+            session,
+            status=400,
+        )
     accesses: list[dict[str, Any]] = []
     if records:
         try:
             accesses = await request.config_dict[INBOX].child_accesses(who, la, NhsNumber.parse(raw))
         except NotFound:
             accesses = []
-    return render(request, "la/child.html", {"searched": True, "nhs": raw, "records": records,
-                                             "accesses": accesses}, session)
+    return render(
+        request, "la/child.html", {"searched": True, "nhs": raw, "records": records, "accesses": accesses}, session
+    )
 
 
 def _now() -> dt.datetime:
@@ -277,8 +301,9 @@ def make_app(parent: web.Application) -> web.Application:
 
     async def start_feed(sub: web.Application) -> None:
         inbox = parent[INBOX]  # built when the parent's Redis started, before this runs
-        sub[FEED] = feed = InboxFeed(inbox.inbox, sorted(parent[REGISTRY].local_authorities),
-                                     unreadable=inbox.unreadable)
+        sub[FEED] = feed = InboxFeed(
+            inbox.inbox, sorted(parent[REGISTRY].local_authorities), unreadable=inbox.unreadable
+        )
         sub[FEED_STOP] = stop = asyncio.Event()
         sub[FEED_TASK] = asyncio.create_task(feed.run(stop), name="inbox-feed")
 

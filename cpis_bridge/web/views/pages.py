@@ -31,8 +31,10 @@ CSRF_FIELD = "csrf_token"
 SIGNED_IN = "who"  # the session's identity: {"ods", "sub", "name"}
 ViewHandler = Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
 
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
-       "connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors {ancestors}")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors {ancestors}"
+)
 
 
 def london(value: dt.datetime | str | None, fmt: str = "%d %b %Y %H:%M") -> str:
@@ -58,13 +60,19 @@ def nhs_spaced(value: str) -> str:
     return f"{digits[:3]} {digits[3:6]} {digits[6:]}" if len(digits) == 10 else str(value)
 
 
-def make_subapp(parent: web.Application, *, templates: list[jinja2.BaseLoader], cookie: str,
-                frame_ancestors: Callable[[], str] = lambda: "'none'") -> web.Application:
+def make_subapp(
+    parent: web.Application,
+    *,
+    templates: list[jinja2.BaseLoader],
+    cookie: str,
+    frame_ancestors: Callable[[], str] = lambda: "'none'",
+) -> web.Application:
     """A view's sub-application: its own middlewares (so the API's hot paths pay nothing for sessions), Jinja2
     templates, a Redis session store on the parent's Redis and the security headers on every answer."""
     settings = parent[SETTINGS]
-    storage = RedisSessionStorage(lambda: (parent[REDIS], parent[KEYS]), cookie_name=cookie,
-                                  idle_s=settings.web_session_idle_s)
+    storage = RedisSessionStorage(
+        lambda: (parent[REDIS], parent[KEYS]), cookie_name=cookie, idle_s=settings.web_session_idle_s
+    )
     secure_site = settings.base_url.startswith("https://")
 
     @web.middleware
@@ -100,8 +108,13 @@ def make_subapp(parent: web.Application, *, templates: list[jinja2.BaseLoader], 
     app[SESSIONS] = storage
     # auto_reload off: the templates are package files, and checking each one's mtime on every render and macro
     # import was most of a page's time
-    env = aiohttp_jinja2.setup(app, loader=jinja2.ChoiceLoader(templates), autoescape=True,
-                               undefined=jinja2.ChainableUndefined, auto_reload=False)
+    env = aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.ChoiceLoader(templates),
+        autoescape=True,
+        undefined=jinja2.ChainableUndefined,
+        auto_reload=False,
+    )
     env.filters.update(london=london, day=day, nhs=nhs_spaced)
     env.globals["fixed"] = _fixed_parts(env)
     return app
@@ -124,8 +137,13 @@ def _fixed_parts(env: jinja2.Environment) -> Callable[..., markupsafe.Markup]:
 
 
 def error_page(request: web.Request, status: int, title: str) -> web.Response:
-    messages = {404: "Page not found", 403: "You cannot see this page", 400: "There is a problem with the form",
-                429: "Too many attempts", 405: "Page not found"}
+    messages = {
+        404: "Page not found",
+        403: "You cannot see this page",
+        400: "There is a problem with the form",
+        429: "Too many attempts",
+        405: "Page not found",
+    }
     heading = messages.get(status, title)
     session = request.get(SESSION_KEY)  # loaded: the person is signed in, and the page keeps its sign-out form
     return render(request, "error.html", {"heading": heading, "status": status}, session, status=status)
@@ -202,8 +220,9 @@ def signed_in(role: Role, sign_in_path: str) -> Callable[[ViewHandler], Handler]
     return wrap
 
 
-def render(request: web.Request, template: str, context: dict[str, Any], session: Session | None = None,
-           status: int = 200) -> web.Response:
+def render(
+    request: web.Request, template: str, context: dict[str, Any], session: Session | None = None, status: int = 200
+) -> web.Response:
     ctx = dict(context)
     if session is not None:
         ctx.setdefault("csrf", csrf_token(session))
