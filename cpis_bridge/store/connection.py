@@ -1,7 +1,14 @@
 """Opens the Redis client (external CPIS_REDIS_URL or the embedded server) with a blocking connection pool, the
 relay's dedicated connections (Lane) and the look-up's shared, auto-pipelined connection (Multiplexed). Every one of
 them raises core's StoreUnavailable when Redis cannot be reached or does not answer in time; any other Redis error
-(a ResponseError: our command was wrong) stays what it is."""
+(a ResponseError: our command was wrong) stays what it is.
+
+Private seam: Multiplexed writes each batch with ``conn._writer.writelines`` (redis-py's asyncio connection keeps its
+``asyncio.StreamWriter`` there). The public ``send_packed_command`` is a coroutine that drains the socket after each
+write; calling it per batch would need a task per event-loop tick and would wait on the drain, changing what the
+auto-pipelining costs and how it behaves. So pyproject.toml pins redis exactly (==) and
+tests/integration/test_lane.py (``test_multiplexed_private_writer_seam``) checks the attribute and that one tick's
+commands leave in one write: a redis-py upgrade that moves it fails that test, not production."""
 
 from __future__ import annotations
 
@@ -241,7 +248,8 @@ class Multiplexed:
             return  # that connection failed meanwhile; its callers have their error
         out, self._outgoing = self._outgoing, []
         try:
-            conn._writer.writelines(out)  # type: ignore[union-attr]  # no drain: callers bound what is in flight
+            # The private seam (module docstring); no drain: callers bound what is in flight.
+            conn._writer.writelines(out)  # type: ignore[union-attr]
         except Exception as exc:  # a broken transport fails its callers
             self._fail(conn, ConnectionError(f"Redis connection failed: {exc}"))
 

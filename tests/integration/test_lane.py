@@ -143,6 +143,31 @@ async def test_multiplexed_answers_many_callers_in_order_on_one_connection(redis
     assert await client_count(redis, name) == 0
 
 
+async def test_multiplexed_private_writer_seam(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py is pinned exactly (pyproject.toml) because Multiplexed writes to a connection's private ``_writer``
+    (store/connection.py): an upgrade that moves or changes it fails here. What one event-loop tick submits leaves in
+    one write, and every caller gets its own reply."""
+    mux = Multiplexed(redis)
+    try:
+        assert await mux.call("PING") in ("PONG", True)
+        writer = mux._conn._writer  # type: ignore[union-attr]
+        assert isinstance(writer, asyncio.StreamWriter)
+        writes: list[int] = []
+        real = writer.writelines
+
+        def counted(data: Any) -> None:
+            data = list(data)
+            writes.append(len(data))
+            real(data)
+
+        monkeypatch.setattr(writer, "writelines", counted)
+        out = await asyncio.gather(*(mux.call("ECHO", f"s{i}") for i in range(50)))
+        assert out == [f"s{i}" for i in range(50)]
+        assert writes == [50]
+    finally:
+        await mux.aclose()
+
+
 async def test_multiplexed_cancelled_callers_do_not_shift_the_replies(redis: Any, key_prefix: str) -> None:
     mux = Multiplexed(redis)
     try:
