@@ -17,7 +17,6 @@ import base64
 import datetime as dt
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.access import LookupRequest
 from cpis_bridge.store.embedded import EmbeddedRedis
 from cpis_bridge.web.state import ACCESS, RECORDS, REGISTRY
+from tests.support.polling import eventually, free_port
 
 HASH_KEY = "bench-log-hash-key-0123456789"
 DEV_SECRET = "bench-dev-secret-0123456789-0123456789"
@@ -57,14 +57,9 @@ careSettings:
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Receiver:
-    """The LA webhook: notes when each notification arrived and how old its access was."""
+    """The LA webhook: notes when each notification arrived and how old its access was. Deliberately lighter than
+    tests/support/receivers.py (no signature check), so the figures measure the relay rather than the receiver."""
 
     def __init__(self) -> None:
         self.latencies: list[float] = []
@@ -87,15 +82,6 @@ class Receiver:
         self.hung_attempts += 1
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
-
-
-async def wait_until(cond: Any, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
 
 
 class Bench:
@@ -187,7 +173,7 @@ async def measure(
     ``seconds``; the access-to-receipt percentiles of their notifications."""
     before = len(receiver.ids)
     await bench.access(app, numbers[0], f"{prefix}-warm-up")
-    if not await wait_until(lambda: len(receiver.ids) > before, 30):
+    if not await eventually(lambda: len(receiver.ids) > before, 30, step=0.01):
         raise SystemExit("the relay process did not deliver (see its log)")
     receiver.latencies.clear()
     total = int(rate * seconds)
@@ -200,7 +186,7 @@ async def measure(
         tasks.append(asyncio.create_task(bench.access(app, numbers[i % len(numbers)], f"{prefix}-{i}")))
     await asyncio.gather(*tasks)
     achieved = total / (time.monotonic() - started)
-    await wait_until(lambda: len(receiver.latencies) >= total, 60)
+    await eventually(lambda: len(receiver.latencies) >= total, 60, step=0.01)
     lat = sorted(receiver.latencies)
     return {
         "accesses": total,
@@ -260,7 +246,7 @@ async def backlog(bench: Bench, receiver: Receiver, count: int, children: int) -
     before = len(receiver.ids)
     proc = bench.service("bn2")
     try:
-        ok = await wait_until(lambda: len(receiver.ids) - before >= count, 180)
+        ok = await eventually(lambda: len(receiver.ids) - before >= count, 180, step=0.01)
         arrivals = receiver.arrivals
         span = arrivals[-1] - arrivals[0] if len(arrivals) > 1 else float("nan")
         return {

@@ -21,7 +21,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +30,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from tests.support.polling import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,7 +39,7 @@ def _serve_double(port: int, batch: bool, behaviour: dict[str, Any] | None = Non
     import sys
 
     sys.path.insert(0, str(ROOT))
-    from tests.fhir_double import FhirDouble
+    from tests.support.fhir_double import FhirDouble
 
     async def main() -> None:
         behaviour_ = dict(behaviour or {})
@@ -70,12 +71,6 @@ def _serve_double(port: int, batch: bool, behaviour: dict[str, Any] | None = Non
         await asyncio.Event().wait()
 
     asyncio.run(main())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _wait_up(url: str, step_s: float = 0.05) -> float:
@@ -177,7 +172,7 @@ async def _drain(parts: Any, bound_s: float = 900.0) -> None:
 async def run_case(records: int, batch: bool, redis_url: str, data_dir: Path) -> dict[str, Any]:
     from cpis_bridge.services.sync import epoch_ms, utc_now
 
-    port = _free_port()
+    port = free_port()
     proc = _start_double(port, batch)
     base = f"http://127.0.0.1:{port}/fhir"
     try:
@@ -253,7 +248,7 @@ async def recovery_case(pending: int, outage_s: float, pace: float, redis_url: s
     """The relay runs throughout; the server is killed, ``pending`` changes are made, it is started again after
     ``outage_s``: seconds from its first answer to in sync, against its own time for that many writes."""
     behaviour = {"pace": pace, "conflict_above": 4, "update_create": False, "declared_update_create": False}
-    port = _free_port()
+    port = free_port()
     proc = _start_double(port, True, behaviour)
     base = f"http://127.0.0.1:{port}/fhir"
     try:
@@ -308,7 +303,7 @@ async def rate_limited_case(
 ) -> dict[str, Any]:
     """Single writes (no batch declared) under a limit told only by RateLimit headers: requests per change."""
     behaviour = {"rate_limit": (quota, window_s), "rate_style": "structured"}
-    port = _free_port()
+    port = free_port()
     proc = _start_double(port, False, behaviour)
     base = f"http://127.0.0.1:{port}/fhir"
     try:

@@ -1,5 +1,6 @@
 """Shared fixtures: one real Redis per test process (embedded, or CPIS_TEST_REDIS_URL), a key prefix per test,
-and the app built by create_app, served over real HTTP by pytest-aiohttp."""
+and the app built by create_app, served over real HTTP by pytest-aiohttp. Helpers and constants live in
+tests/support (import them from there, never from this file)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,9 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
-from cpis_bridge.auth import dev_token
 from cpis_bridge.config import Settings
-from cpis_bridge.core.principal import Role
 from cpis_bridge.store.embedded import EmbeddedRedis
-
-DATA = Path(__file__).parent / "data"
-REGISTRY = DATA / "registry.yaml"
-DEV_SECRET = "test-dev-secret-not-for-production-0123456789"
-HASH_KEY = "test-log-hash-key-0123456789"
+from tests.support.world import DEV_SECRET, HASH_KEY, REGISTRY
 
 
 @pytest.fixture(scope="session")
@@ -75,21 +70,6 @@ def settings(make_settings: Callable[..., Settings], request: pytest.FixtureRequ
     return make_settings(relays=request.node.get_closest_marker("no_relays") is None)
 
 
-def token(role: Role | str, ods: str, **kw: Any) -> str:
-    return dev_token(DEV_SECRET, role=Role(role), ods=ods, **kw)
-
-
-def auth(role: Role | str, ods: str, **kw: Any) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token(role, ods, **kw)}"}
-
-
-LA1 = auth(Role.LOCAL_AUTHORITY, "LA001")
-LA2 = auth(Role.LOCAL_AUTHORITY, "LA002")
-ED = auth(Role.CARE_SETTING, "RXX01", name="Dr Test Example", role_code="R8000")
-GP = auth(Role.CARE_SETTING, "GP001")
-OPS = auth(Role.OPS, "OPS")
-
-
 @pytest.fixture
 async def client(aiohttp_client: Any, settings: Settings) -> AsyncIterator[Any]:
     from cpis_bridge.app import create_app
@@ -97,25 +77,10 @@ async def client(aiohttp_client: Any, settings: Settings) -> AsyncIterator[Any]:
     yield await aiohttp_client(create_app(settings))
 
 
-def record(local_id: str = "CASE-1", nhs: str = "9990000018", **kw: Any) -> dict[str, Any]:
-    body = {
-        "localId": local_id,
-        "planType": "CPP",
-        "nhsNumber": nhs,
-        "dateOfBirth": "2016-04-02",
-        "givenName": "Testchild",
-        "familyName": "Example",
-        "startDate": "2026-01-10",
-        "endDate": None,
-    }
-    body.update(kw)
-    return body
-
-
 @pytest.fixture
 async def double() -> AsyncIterator[Any]:
-    """A FHIR R4 server double (tests/fhir_double.py) on loopback, able to fail on purpose."""
-    from tests.fhir_double import FhirDouble
+    """A FHIR R4 server double (tests/support/fhir_double.py) on loopback, able to fail on purpose."""
+    from tests.support.fhir_double import FhirDouble
 
     d = FhirDouble()
     await d.start()

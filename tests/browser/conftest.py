@@ -14,8 +14,8 @@ import pytest
 from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 
-from tests.conftest import token
-from tests.e2e.proc import ServiceProcess
+from tests.support.service import ServiceProcess
+from tests.support.world import token
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 _axe = Axe()

@@ -9,7 +9,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 from tests.browser.conftest import CHROMIUM, ed_lookup, put_record, sign_in
-from tests.e2e.proc import ServiceProcess
+from tests.support.service import ServiceProcess
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 LA1 = "Example Borough Council Children's Services"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import assert_accessible, ed_lookup, focused, put_record, sign_in, tab_to
-from tests.e2e.proc import ServiceProcess
+from tests.support.service import ServiceProcess
 
 LA1 = "Example Borough Council Children's Services"
 LA2 = "Sample County Council Children's Social Care"

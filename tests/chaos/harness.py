@@ -1,121 +1,24 @@
-"""Chaos harness: a webhook receiver that can fail on purpose, a load driver of unscheduled look-ups, and checks
-that every acknowledged access is kept and notified. Loopback only; every loop is bounded in count and time."""
+"""Chaos harness: a load driver of unscheduled look-ups and the moment to inject a fault (the webhook receiver,
+the registry writer and polling come from tests/support). Loopback only; every loop is bounded in count and time."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import itertools
 import random
 import secrets
 import time
-from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
-from standardwebhooks import Webhook
 
 from cpis_bridge.core.nhs import iter_test_numbers
-from tests.conftest import auth, record
+from tests.support.polling import eventually
+from tests.support.world import NHS_SYSTEM, auth, record
 
-NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
 ED = auth("care-setting", "RXX01", name="Dr Chaos Example", role_code="R8000")
 LA1 = auth("local-authority", "LA001")
-
-
-def webhook_secret() -> str:
-    return "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-
-
-def write_registry(path: Path, webhook_url: str | None, secret_env: str = "LA001_WEBHOOK_SECRET") -> Path:
-    notify = f'    notify:\n      webhook: {{url: "{webhook_url}", secretEnv: {secret_env}}}\n' if webhook_url else ""
-    path.write_text(
-        "localAuthorities:\n"
-        "  - ods: LA001\n"
-        "    name: Example Borough Council Children's Services\n"
-        '    officeHoursPhone: "0300 000 0001"\n'
-        '    emergencyDutyPhone: "0300 000 0002"\n'
-        f"{notify}"
-        "careSettings:\n"
-        "  - {ods: RXX01, name: Example Hospital Emergency Department, type: ED, unscheduled: true}\n"
-    )
-    return path
-
-
-@dataclass
-class Receiver:
-    """An LA webhook endpoint. ``mode``: ok, fail (500), slow (sleeps past the sender's timeout), down (refuses)."""
-
-    secret: str
-    mode: str = "ok"
-    received: list[dict[str, Any]] = field(default_factory=list)
-    attempts: list[float] = field(default_factory=list)
-    bad_signatures: int = 0
-    port: int = 0
-    _runner: web.AppRunner | None = None
-    _site: web.TCPSite | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.attempts.append(time.monotonic())
-        body = await request.read()
-        if self.mode == "fail":
-            return web.Response(status=500)
-        if self.mode == "slow":
-            await asyncio.sleep(30)
-            return web.Response(status=504)
-        try:
-            Webhook(self.secret).verify(body, dict(request.headers))
-        except Exception:
-            self.bad_signatures += 1
-            return web.Response(status=400)
-        self.received.append(orjson.loads(body))
-        return web.Response(status=204)
-
-    async def start(self) -> Receiver:
-        app = web.Application()
-        app.router.add_post("/hook", self.handle)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        await self._bind()
-        return self
-
-    async def _bind(self) -> None:
-        assert self._runner is not None
-        self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
-        await self._site.start()
-        if not self.port:
-            server = self._site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    async def go_down(self) -> None:
-        self.mode = "down"
-        if self._site is not None:
-            await self._site.stop()
-            self._site = None
-
-    async def come_back(self) -> None:
-        self.mode = "ok"
-        if self._site is None:
-            await self._bind()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def unique_source_events(self) -> Counter[str]:
-        return Counter(n["access"]["sourceEventId"] for n in self.received)
-
-    def unique_ids(self) -> set[str]:
-        return {n["id"] for n in self.received}
 
 
 def children(n: int, start: int = 0) -> list[str]:
@@ -201,15 +104,6 @@ async def fault_point(result: LoadResult, total: int, timeout: float = 60.0) -> 
     """Wait until a random 10-60 % of ``total`` accesses have been answered (the moment to inject a fault, placed by
     progress so a faster service cannot finish first); returns how many had been answered."""
     target = random.randint(total // 10, total * 6 // 10)
-    done = await wait_for(lambda: len(result.acknowledged) + result.failed >= target, timeout, interval=0.005)
+    done = await eventually(lambda: len(result.acknowledged) + result.failed >= target, timeout, step=0.005)
     assert done, f"the load did not reach {target} answers within {timeout} s"
     return len(result.acknowledged) + result.failed
-
-
-async def wait_for(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(interval)
-    return bool(predicate())

@@ -15,19 +15,11 @@ import redis as redis_sync
 
 from cpis_bridge.core.access import Access
 from cpis_bridge.store.keys import Keys
-from tests.chaos.harness import (
-    LoadResult,
-    Receiver,
-    children,
-    drive_accesses,
-    fault_point,
-    load_children,
-    wait_for,
-    webhook_secret,
-    write_registry,
-)
-from tests.conftest import HASH_KEY
-from tests.e2e.proc import ServiceProcess
+from tests.chaos.harness import LoadResult, children, drive_accesses, fault_point, load_children
+from tests.support.polling import eventually
+from tests.support.receivers import Receiver, webhook_block, webhook_secret, write_registry
+from tests.support.service import ServiceProcess
+from tests.support.world import HASH_KEY
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
@@ -44,7 +36,7 @@ async def receiver():
 
 
 def service(tmp_path: Path, name: str, redis_url: str, receiver: Receiver, **env: str) -> ServiceProcess:
-    registry = write_registry(tmp_path / "registry.yaml", receiver.url)
+    registry = write_registry(tmp_path / "registry.yaml", {"LA001": webhook_block(receiver.url)})
     base_env = {
         "CPIS_REGISTRY": str(registry),
         "LA001_WEBHOOK_SECRET": receiver.secret,
@@ -80,7 +72,7 @@ async def assert_nothing_lost(
     kept = history_traces(redis_url, nhs)
     missing = acknowledged - kept
     assert not missing, f"{len(missing)} acknowledged accesses missing from the history"
-    delivered = await wait_for(lambda: acknowledged <= set(receiver.unique_source_events()), timeout)
+    delivered = await eventually(lambda: acknowledged <= set(receiver.unique_source_events()), timeout, step=0.2)
     got = set(receiver.unique_source_events())
     assert delivered, f"{len(acknowledged - got)} acknowledged accesses never notified"
     assert got <= kept, "a notification was sent for an access that is not in the history"
@@ -146,7 +138,7 @@ async def test_webhook_down_failing_and_slow_for_a_minute(tmp_path, redis_server
         receiver.mode = "fail"
         fail_started = time.monotonic()
         await asyncio.sleep(25)
-        attempts_while_failing = sum(1 for t in receiver.attempts if t >= fail_started)
+        attempts_while_failing = sum(1 for a in receiver.attempts if a.at >= fail_started)
         receiver.mode = "slow"
         await asyncio.sleep(20)
         receiver.mode = "ok"

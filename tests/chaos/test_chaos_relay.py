@@ -5,29 +5,17 @@ gets everything. A real `cpis-bridge serve` process, a real embedded Redis, real
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import secrets
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.chaos.harness import (
-    ED,
-    NHS_SYSTEM,
-    LoadResult,
-    Receiver,
-    children,
-    drive_accesses,
-    load_children,
-    wait_for,
-    webhook_secret,
-)
-from tests.conftest import auth
-from tests.e2e.proc import ServiceProcess
+from tests.chaos.harness import ED, LoadResult, children, drive_accesses, load_children
+from tests.support.polling import eventually
+from tests.support.receivers import Receiver, webhook_block, webhook_secret, write_registry
+from tests.support.service import ServiceProcess
+from tests.support.world import NHS_SYSTEM, auth
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
@@ -35,58 +23,6 @@ HUNG_BACKLOG = 3000
 MEASURED = 1200
 RATE = 200.0
 PREFIX = "chaosrelay"
-
-
-@dataclass
-class TimedReceiver(Receiver):
-    """The harness receiver, noting when each notification arrived; ``hung`` accepts and never answers until
-    ``recover()`` (the sender's timeout ends each attempt)."""
-
-    hung: bool = False
-    arrived: dict[str, float] = field(default_factory=dict)  # notification id -> epoch seconds of first arrival
-    _recovered: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        now = time.time()
-        if self.hung:
-            self.attempts.append(time.monotonic())
-            await self._recovered.wait()
-            return web.Response(status=503)
-        before = len(self.received)
-        response = await super().handle(request)
-        if len(self.received) > before:
-            self.arrived.setdefault(self.received[-1]["id"], now)
-        return response
-
-    def recover(self) -> None:
-        self.hung = False
-        self._recovered.set()
-
-    def latencies(self) -> list[float]:
-        """Access-to-receipt of each notification: its arrival less the access's occurredAt (one machine clock)."""
-        occurred = {
-            n["id"]: dt.datetime.fromisoformat(n["access"]["occurredAt"].replace("Z", "+00:00")).timestamp()
-            for n in self.received
-        }
-        return sorted(self.arrived[i] - occurred[i] for i in self.arrived)
-
-
-def write_registry(path: Path, urls: dict[str, str]) -> Path:
-    lines = ["localAuthorities:"]
-    for i, (ods, url) in enumerate(urls.items()):
-        lines += [
-            f"  - ods: {ods}",
-            f"    name: Example Council {i + 1} Children's Services",
-            '    officeHoursPhone: "0300 000 0001"',
-            '    emergencyDutyPhone: "0300 000 0002"',
-            f'    notify: {{webhook: {{url: "{url}", secretEnv: {ods}_WEBHOOK_SECRET}}}}',
-        ]
-    lines += [
-        "careSettings:",
-        "  - {ods: RXX01, name: Example Hospital Emergency Department, type: ED, unscheduled: true}",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 async def paced_accesses(base: str, nhs_numbers: list[str], total: int, rate: float) -> LoadResult:
@@ -124,9 +60,12 @@ async def paced_accesses(base: str, nhs_numbers: list[str], total: int, rate: fl
 
 
 async def test_one_la_endpoint_hung_while_another_las_latency_is_measured(tmp_path, redis_server):
-    healthy = await TimedReceiver(webhook_secret()).start()
-    hung = await TimedReceiver(webhook_secret(), hung=True).start()
-    registry = write_registry(tmp_path / "registry.yaml", {"LA001": healthy.url, "LA002": hung.url})
+    healthy = await Receiver(webhook_secret()).start()
+    hung = await Receiver(webhook_secret(), hung=True).start()
+    registry = write_registry(
+        tmp_path / "registry.yaml",
+        {"LA001": webhook_block(healthy.url), "LA002": webhook_block(hung.url, "LA002_WEBHOOK_SECRET")},
+    )
     svc = ServiceProcess(
         tmp_path / "svc",
         redis_url=redis_server.url,
@@ -151,7 +90,7 @@ async def test_one_la_endpoint_hung_while_another_las_latency_is_measured(tmp_pa
         measured = await paced_accesses(svc.url, la1, MEASURED, RATE)
         assert measured.failed == 0 and len(measured.acknowledged) == MEASURED
         want = set(measured.acknowledged)
-        delivered = await wait_for(lambda: want <= set(healthy.unique_source_events()), 30)
+        delivered = await eventually(lambda: want <= set(healthy.unique_source_events()), 30, step=0.2)
         assert delivered, f"{len(want - set(healthy.unique_source_events()))} of LA001's notifications never came"
         lat = healthy.latencies()
         p99 = lat[min(int(len(lat) * 0.99), len(lat) - 1)]
@@ -165,7 +104,7 @@ async def test_one_la_endpoint_hung_while_another_las_latency_is_measured(tmp_pa
 
         hung.recover()
         owed = set(queued.acknowledged)
-        recovered = await wait_for(lambda: owed <= set(hung.unique_source_events()), 120)
+        recovered = await eventually(lambda: owed <= set(hung.unique_source_events()), 120, step=0.2)
         assert recovered, f"{len(owed - set(hung.unique_source_events()))} of LA002's notifications never came"
         assert healthy.bad_signatures == hung.bad_signatures == 0
         assert set(healthy.unique_source_events()) == want and set(hung.unique_source_events()) == owed

@@ -16,9 +16,10 @@ import redis as redis_sync
 
 from cpis_bridge.core.records import Record, today_london
 from cpis_bridge.store.keys import Keys
-from tests.chaos.harness import LA1, children, wait_for
-from tests.conftest import HASH_KEY, record
-from tests.e2e.proc import ServiceProcess
+from tests.chaos.harness import LA1, children
+from tests.support.polling import eventually
+from tests.support.service import ServiceProcess
+from tests.support.world import HASH_KEY, record
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
@@ -110,7 +111,7 @@ async def test_kill9_mid_upload_then_resend_or_restart(tmp_path, redis_server, k
                 keys = Keys(PREFIX, HASH_KEY.encode())
                 client = redis_sync.Redis.from_url(redis_server.url)
                 try:
-                    assert await wait_for(lambda: client.hlen(keys.la_ids(LA)) >= target, 120, interval=0.005)
+                    assert await eventually(lambda: client.hlen(keys.la_ids(LA)) >= target, 120, step=0.005)
                 finally:
                     client.close()
             assert not upload.done(), "the upload finished before the kill"
@@ -123,7 +124,7 @@ async def test_kill9_mid_upload_then_resend_or_restart(tmp_path, redis_server, k
         svc = service(tmp_path, redis_server.url).start()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
             if then == "wait":
-                assert await wait_for(lambda: not journal_committed(redis_server.url), 120, interval=0.1), (
+                assert await eventually(lambda: not journal_committed(redis_server.url), 120, step=0.1), (
                     "the restarted service did not complete the journalled upload"
                 )
                 assert_exactly(la_state(redis_server.url), held, full)

@@ -16,7 +16,7 @@ from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.access import LookupRequest
 from cpis_bridge.web.common import policy_of
 from cpis_bridge.web.state import ACCESS, REGISTRY
-from tests.conftest import ED, LA1, LA2, OPS, auth, record
+from tests.support.world import ED, LA1, LA2, OPS, auth, record
 
 NHS = "9990000018"
 NHS_OTHER = "9990000026"

@@ -20,8 +20,8 @@ from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.core.records import LONDON, today_london
 from cpis_bridge.web.state import KEYS, RECORDS, REDIS
-from tests.conftest import DEV_SECRET, ED, GP, LA1, LA2, REGISTRY, auth, record
 from tests.e2e.test_fhir_api import commandstats
+from tests.support.world import DEV_SECRET, ED, GP, LA1, LA2, REGISTRY, auth, record
 
 NHS_SYS = "https://fhir.nhs.uk/Id/nhs-number"
 CHILD = "9990000018"

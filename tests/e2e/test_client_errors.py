@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LA1, OPS
-from tests.e2e.proc import ServiceProcess
+from tests.support.service import ServiceProcess
+from tests.support.world import LA1, OPS
 
 U64 = 2**64 - 1
 BAD_IDS = [

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
 import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,56 +23,17 @@ from cpis_bridge.core.nhs import NhsNumber, iter_test_numbers
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.access import LookupRequest
 from cpis_bridge.web.state import ACCESS, RECORDS, REGISTRY
-from tests.conftest import DEV_SECRET, HASH_KEY, record
-from tests.receivers import Receiver, wait_for, write_registry
+from tests.support.polling import wait_for
+from tests.support.receivers import Receiver, write_registry
+from tests.support.service import ServiceProcess
+from tests.support.world import record
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Service:
-    """One `cpis-bridge serve` subprocess."""
-
-    def __init__(self, env: dict[str, str], tmp: Path, name: str) -> None:
-        self.port = free_port()
-        self.env = {**env, "CPIS_PORT": str(self.port), "CPIS_DATA_DIR": str(tmp / name)}
-        self.log = (tmp / f"{name}.log").open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cpis_bridge", "serve"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT
-        )
-
-    async def ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as s:
-            while True:
-                assert self.proc.poll() is None, "service exited"
-                try:
-                    async with s.get(f"http://127.0.0.1:{self.port}/readyz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "service not ready in time"
-                await asyncio.sleep(0.1)
-
-    async def delivered(self) -> float:
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.port}/metrics") as r:
-            text = await r.text()
-        m = re.search(r'cpis_deliveries_total\{channel="webhook",outcome="delivered"\} ([0-9.e+]+)', text)
-        return float(m.group(1)) if m else 0.0
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.log.close()
+async def delivered(svc: ServiceProcess) -> float:
+    async with aiohttp.ClientSession() as s, s.get(f"{svc.url}/metrics") as r:
+        text = await r.text()
+    m = re.search(r'cpis_deliveries_total\{channel="webhook",outcome="delivered"\} ([0-9.e+]+)', text)
+    return float(m.group(1)) if m else 0.0
 
 
 @pytest.fixture
@@ -88,12 +45,9 @@ async def setup(
         tmp_path / "registry.yaml", {"LA001": {"webhook": {"url": receiver.url, "secretEnv": "LA001_WEBHOOK_SECRET"}}}
     )
     env = {
-        **os.environ,
         "CPIS_REDIS_URL": redis_url,
         "CPIS_KEY_PREFIX": key_prefix,
         "CPIS_REGISTRY": str(registry),
-        "CPIS_AUTH_DEV_SECRET": DEV_SECRET,
-        "CPIS_LOG_HASH_KEY": HASH_KEY,
         "CPIS_LOG_LEVEL": "WARNING",
         "LA001_WEBHOOK_SECRET": receiver.secret,
         "CPIS_DELIVERY_FIRST_RETRY_S": "0.05",
@@ -106,7 +60,7 @@ async def setup(
     }
     # The accesses are made in-process (relays off) against the same Redis and prefix.
     client = await aiohttp_client(create_app(make_settings(registry=registry, relays=False)))
-    services: list[Service] = []
+    services: list[ServiceProcess] = []
     state = {"receiver": receiver, "env": env, "app": client.app, "services": services, "tmp": tmp_path}
     try:
         yield state
@@ -116,10 +70,11 @@ async def setup(
         await receiver.stop()
 
 
-def start(state: dict[str, Any], name: str, **env: str) -> Service:
-    svc = Service({**state["env"], **env}, state["tmp"], name)
+async def start(state: dict[str, Any], name: str, **env: str) -> ServiceProcess:
+    """A `cpis-bridge serve` sharing the test's Redis and key prefix, ready (the receiver keeps answering meanwhile)."""
+    svc = ServiceProcess(state["tmp"] / name, env={**state["env"], **env})
     state["services"].append(svc)
-    return svc
+    return await svc.start_async(timeout=20)
 
 
 async def make_accesses(app: web.Application, n: int, *, children: int = 50, rate: float | None = None) -> list[str]:
@@ -158,23 +113,21 @@ def access_ids(receiver: Receiver) -> list[str]:
 @pytest.mark.parametrize("n", [pytest.param(200), pytest.param(1000, marks=[pytest.mark.chaos])])
 async def test_two_service_processes_share_the_work_exactly_once(setup: dict[str, Any], n: int) -> None:
     receiver: Receiver = setup["receiver"]
-    a, b = start(setup, "a"), start(setup, "b")
-    await asyncio.gather(a.ready(), b.ready())
+    a, b = await asyncio.gather(start(setup, "a"), start(setup, "b"))
     ids = await make_accesses(setup["app"], n, children=20)
     await wait_for(lambda: len(receiver.accepted) >= n, timeout=60)
     await asyncio.sleep(0.5)
     assert sorted(access_ids(receiver)) == sorted(ids)
     assert len(receiver.ids()) == n, "duplicate deliveries"
     assert receiver.bad_signatures == 0
-    delivered = [await a.delivered(), await b.delivered()]
-    assert sum(delivered) == n and min(delivered) > 0, delivered
+    counts = [await delivered(a), await delivered(b)]
+    assert sum(counts) == n and min(counts) > 0, counts
 
 
 async def outage(setup: dict[str, Any], seconds: float, mode: str, n: int) -> None:
     """A receiver refusing connections / answering 500 / too slow for ``seconds`` from a random point."""
     receiver: Receiver = setup["receiver"]
-    svc = start(setup, "a")
-    await svc.ready()
+    await start(setup, "a")
     port = receiver.port
     fault_at = random.uniform(0.1, 0.6) * n
 
@@ -228,15 +181,14 @@ async def test_receiver_out_for_a_minute_gets_everything_after(setup: dict[str, 
 @pytest.mark.timeout(180)
 async def test_kill_9_of_one_relay_process_loses_nothing(setup: dict[str, Any]) -> None:
     receiver: Receiver = setup["receiver"]
-    a, b = start(setup, "a"), start(setup, "b")
-    await asyncio.gather(a.ready(), b.ready())
+    a, _ = await asyncio.gather(start(setup, "a"), start(setup, "b"))
     receiver.slow_s = 0.0
     kill_at = random.randint(100, 700)
 
     async def killer() -> None:
         while len(receiver.accepted) < kill_at:
             await asyncio.sleep(0.005)
-        a.proc.send_signal(signal.SIGKILL)
+        a.send(signal.SIGKILL)
 
     k = asyncio.create_task(killer())
     ids = await make_accesses(setup["app"], 1000, rate=400)

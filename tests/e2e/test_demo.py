@@ -9,7 +9,7 @@ from aiohttp.test_utils import TestServer
 
 from cpis_bridge.app import create_app
 from cpis_bridge.cli import cmd_demo
-from tests.receivers import Receiver, write_registry
+from tests.support.receivers import Receiver, write_registry
 
 
 async def test_demo_shows_the_notification_and_its_webhook_delivery(

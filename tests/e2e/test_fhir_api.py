@@ -16,8 +16,8 @@ from cpis_bridge.app import create_app
 from cpis_bridge.core.principal import Role
 from cpis_bridge.fhir.outcome import operation_outcome
 from cpis_bridge.web.state import KEYS, METRICS, REDIS
-from tests.conftest import ED, GP, LA1, LA2, REGISTRY, auth, record
 from tests.e2e.test_profiles import PROFILES, assert_conforms, example
+from tests.support.world import ED, GP, LA1, LA2, REGISTRY, auth, record
 
 pytestmark = pytest.mark.no_relays  # these tests inspect the notification queue
 

@@ -14,7 +14,7 @@ from fhirclient.models.organization import Organization
 
 from cpis_bridge.app import create_app
 from cpis_bridge.web.state import KEYS, REDIS
-from tests.conftest import ED, LA1, record
+from tests.support.world import ED, LA1, record
 
 NHS_SYS = "https://fhir.nhs.uk/Id/nhs-number"
 CHILD = "9990000018"

@@ -13,7 +13,7 @@ import pytest
 
 from cpis_bridge.app import create_app
 from cpis_bridge.fhir.flag_sync import IDENTIFIER_SYSTEM, flag_id
-from tests.conftest import HASH_KEY, LA1, OPS, REGISTRY, record
+from tests.support.world import HASH_KEY, LA1, OPS, REGISTRY, record
 
 pytestmark = pytest.mark.timeout(60)
 

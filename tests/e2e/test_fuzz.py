@@ -31,8 +31,8 @@ from schemathesis.specs.openapi.checks import (
 
 from cpis_bridge.app import create_app
 from cpis_bridge.config import Settings
-from tests.conftest import DEV_SECRET, HASH_KEY, LA1, LA2, OPS, REGISTRY, record
 from tests.e2e.test_openapi import PENDING_ROUTES
+from tests.support.world import DEV_SECRET, HASH_KEY, LA1, LA2, OPS, REGISTRY, record
 
 UPLOAD_LIMIT = 64 * 1024  # lowered for the test (CPIS_UPLOAD_MAX_BYTES); production keeps 128 MiB
 MiB = 1024 * 1024

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from cpis_bridge.app import create_app
-from tests.conftest import ED, LA1, record
+from tests.support.world import ED, LA1, record
 
 T = TypeVar("T")
 TIMEOUT = 10.0

@@ -25,9 +25,9 @@ from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.core.records import today_london
-from tests.conftest import ED, LA1, OPS, record
 from tests.e2e.test_authz import PUBLIC, ROLES, TABLE, all_routes
 from tests.e2e.test_fuzz_fhir import App, in_thread
+from tests.support.world import ED, LA1, OPS, record
 
 HOSTILE = settings(
     max_examples=100, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)

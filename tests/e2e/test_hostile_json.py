@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ED, LA1
+from tests.support.world import ED, LA1
 
 # Each shape is (prefix, unit, suffix): the unit repeated to the body's size. Strings holding brackets and escaped
 # quotes make the bracket skeleton harder to find; the last shapes are balanced but deep, or valid and wide.
@@ -140,7 +140,7 @@ async def test_every_json_route_refuses_deep_and_unbalanced_bodies(client: Any) 
 
 
 async def test_valid_bodies_with_brackets_in_strings_are_still_accepted(client: Any) -> None:
-    from tests.conftest import record
+    from tests.support.world import record
 
     body = record("CASE-[{x}]", givenName='Br[ack{et"s', familyName="\\]]]}}}")
     r = await client.put("/v1/records/CASE-%5B%7Bx%7D%5D", json=body, headers=LA1)

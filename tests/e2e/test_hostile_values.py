@@ -17,8 +17,8 @@ from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.core.records import PlanType, Record, VisibilityWindows, today_london
 from cpis_bridge.services.access import LookupRequest
 from cpis_bridge.web.state import ACCESS, METRICS, REGISTRY
-from tests.conftest import ED, LA1, record
 from tests.e2e.test_fhir_api import encounter_body
+from tests.support.world import ED, LA1, record
 
 CHILD = "9990000018"
 NHS_Q = f"https://fhir.nhs.uk/Id/nhs-number|{CHILD}"

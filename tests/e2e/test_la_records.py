@@ -2,7 +2,7 @@
 
 import orjson
 
-from tests.conftest import ED, LA1, LA2, OPS, record
+from tests.support.world import ED, LA1, LA2, OPS, record
 
 
 async def test_create_then_replace_bumps_version(client):
@@ -92,7 +92,7 @@ async def test_auth_errors(client):
     assert r.status == 401 and r.content_type == "application/problem+json"
     assert (await client.get("/v1/records/A", headers=ED)).status == 403
     assert (await client.put("/v1/records/A", json=record("A"), headers=OPS)).status == 403
-    from tests.conftest import auth
+    from tests.support.world import auth
 
     assert (await client.get("/v1/records/A", headers=auth("local-authority", "LA999"))).status == 403
 

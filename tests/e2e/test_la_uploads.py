@@ -2,7 +2,7 @@
 
 import orjson
 
-from tests.conftest import LA1, LA2, record
+from tests.support.world import LA1, LA2, record
 
 
 def envelope(seq, records, mode="delta", count=None):
@@ -152,7 +152,7 @@ async def test_duplicate_local_id_in_one_upload(client):
 
 
 async def test_upload_needs_la_role(client):
-    from tests.conftest import ED
+    from tests.support.world import ED
 
     r = await client.post("/v1/uploads", json=envelope(1, [record("A")]), headers=ED)
     assert r.status == 403

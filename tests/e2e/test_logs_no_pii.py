@@ -9,17 +9,16 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import DEV_SECRET, HASH_KEY, REGISTRY, auth, record
+from tests.support.polling import free_port, wait_ready_async
+from tests.support.world import DEV_SECRET, HASH_KEY, REGISTRY, auth, record
 
 NUMBERS = ["9990000018", "9990000026", "9990000034"]
 NAMES = ["Zephyrine", "Quillfeather", "Marguerite Testperson", "Ondine", "Brackwater"]
@@ -33,12 +32,6 @@ API_FAMILIES = [
     "cpis_delivery_oldest_pending_seconds",
     "cpis_redis_up",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def forms(number: str) -> list[str]:
@@ -62,21 +55,6 @@ def service_env(redis_url: str, key_prefix: str, tmp_path: Path) -> dict[str, st
         }
     )
     return env
-
-
-async def wait_until_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "the service exited during start-up"
-            try:
-                async with http.get(base + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("the service did not become ready")
 
 
 async def drive(base: str) -> str:
@@ -150,7 +128,7 @@ async def test_full_flow_logs_hold_no_nhs_number_or_name(service_env):
         [sys.executable, "-m", "cpis_bridge", "serve"], env=service_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        await wait_until_ready(base, proc)
+        await wait_ready_async(base, proc, timeout=20)
         metrics = await drive(base)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -354,7 +332,7 @@ async def test_every_encoding_of_a_number_is_kept_out_of_the_logs(service_env, f
     with out_path.open("wb") as out, err_path.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "cpis_bridge", "serve"], env=service_env, stdout=out, stderr=err)
         try:
-            await wait_until_ready(base, proc)
+            await wait_ready_async(base, proc, timeout=20)
             await fuzz(base, port)
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -8,8 +8,8 @@ import re
 import promql_parser
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import LA1, OPS, record
 from tests.deploy.chart import PRODUCTION, by_kind, dashboard, render
+from tests.support.world import LA1, OPS, record
 
 GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "${job}": ".*", "$job": ".*"}
 API_FAMILIES = {

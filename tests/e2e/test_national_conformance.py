@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from cpis_bridge.core.principal import Role
-from tests.conftest import LA1, auth
 from tests.e2e.test_fhir_api import accesses, from_xml, inbox, put
+from tests.support.world import LA1, auth
 
 pytestmark = pytest.mark.no_relays  # the LA's inbox is inspected
 

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import ClientResponse
 
 from cpis_bridge.web.openapi import document
-from tests.conftest import ED, LA1, OPS, record
+from tests.support.world import ED, LA1, OPS, record
 
 DOC = document()
 NHS = "9990000018"

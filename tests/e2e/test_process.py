@@ -6,25 +6,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 
 import aiohttp
 import orjson
 import pytest
 
-from tests.conftest import LA1, record
-from tests.e2e.proc import ServiceProcess
+from tests.support.polling import wait_until
+from tests.support.service import ServiceProcess
+from tests.support.world import LA1, record
 
 pytestmark = pytest.mark.slow
-
-
-def wait_until(cond, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 async def put(session: aiohttp.ClientSession, svc: ServiceProcess, lid: str) -> int:

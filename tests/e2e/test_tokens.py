@@ -20,7 +20,7 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from cpis_bridge.app import create_app
 from cpis_bridge.config import Settings
-from tests.conftest import DEV_SECRET
+from tests.support.world import DEV_SECRET
 
 PATH = "/v1/records?nhsNumber=9990000018"
 ISSUER = "https://idp.test.example"

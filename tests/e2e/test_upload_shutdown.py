@@ -14,8 +14,8 @@ import redis.asyncio as aioredis
 
 from cpis_bridge.core.nhs import iter_test_numbers
 from cpis_bridge.store.keys import Keys
-from tests.conftest import HASH_KEY, LA1, record
-from tests.e2e.proc import ServiceProcess
+from tests.support.service import ServiceProcess
+from tests.support.world import HASH_KEY, LA1, record
 
 N = 20_000
 GRACE = {"CPIS_SHUTDOWN_GRACE_S": "1", "CPIS_LOG_LEVEL": "WARNING"}

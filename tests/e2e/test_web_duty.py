@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aredis
 
 from cpis_bridge.config import Settings
-from tests.conftest import ED, LA1, LA2, auth, record
+from tests.support.world import ED, LA1, LA2, auth, record
 
 COOKIE = "__Host-cpis-la"
 UTC_ED = auth("care-setting", "RXX02", name="Nurse Ava Example")

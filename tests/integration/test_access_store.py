@@ -17,7 +17,7 @@ from cpis_bridge.store.inbox import RedisInbox, fill_recent
 from cpis_bridge.store.retention import RedisRetentionStore
 from cpis_bridge.store.scripts import Scripts
 from cpis_bridge.web.state import ACCESS, KEYS, RECORDS, REDIS, REGISTRY
-from tests.conftest import record
+from tests.support.world import record
 
 pytestmark = pytest.mark.no_relays
 

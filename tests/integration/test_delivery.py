@@ -20,9 +20,10 @@ from cpis_bridge.notify.observer import MetricsObserver
 from cpis_bridge.services.delivery import Relay, RelayConfig, RetryPolicy
 from cpis_bridge.store.outbox import RedisOutbox
 from cpis_bridge.web.state import KEYS, METRICS, REDIS
-from tests.conftest import LA1, LA2, OPS
-from tests.delivery_support import NHS, access, client_factory, flag, webhook
-from tests.receivers import Receiver, wait_for
+from tests.support.delivery import NHS, access, client_factory, flag, webhook
+from tests.support.polling import wait_for
+from tests.support.receivers import Receiver
+from tests.support.world import LA1, LA2, OPS
 
 
 @pytest.fixture
@@ -250,7 +251,7 @@ async def test_fhir_channel_puts_a_valid_r4_communication(make_client, receiver)
 
 
 async def test_fhir_channel_authenticates_with_oauth2_client_credentials(make_client):
-    from tests.fhir_double import FhirDouble
+    from tests.support.fhir_double import FhirDouble
 
     double = FhirDouble(token="not-yet-issued")
     await double.start()

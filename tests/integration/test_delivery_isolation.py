@@ -13,9 +13,10 @@ import pytest
 
 from cpis_bridge.core.access import SEP, notification_id
 from cpis_bridge.web.state import KEYS, METRICS, REDIS
-from tests.conftest import OPS
-from tests.delivery_support import access, client_factory, flag, webhook
-from tests.receivers import Receiver, wait_for
+from tests.support.delivery import access, client_factory, flag, webhook
+from tests.support.polling import wait_for
+from tests.support.receivers import Receiver
+from tests.support.world import OPS
 
 CHILD_A = "9990000018"  # LA001's
 CHILD_B = "9990000026"  # LA002's

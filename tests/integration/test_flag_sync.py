@@ -12,9 +12,9 @@ import pytest
 from fhir.resources.R4B.flag import Flag
 
 from cpis_bridge.fhir.flag_sync import FLAG_NAMESPACE, IDENTIFIER_SYSTEM, flag_id
-from tests.conftest import record
-from tests.fhir_double import Fault, FhirDouble, outcome
-from tests.sync_support import make_env
+from tests.support.fhir_double import Fault, FhirDouble, outcome
+from tests.support.sync import make_env
+from tests.support.world import record
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from cpis_bridge.fhir.reconcile import compare, server_flags
-from tests.conftest import record
-from tests.sync_support import make_env
+from tests.support.sync import make_env
+from tests.support.world import record
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -14,9 +14,9 @@ from cpis_bridge.fhir.client import rate_limit
 from cpis_bridge.fhir.flag_sync import IDENTIFIER_SYSTEM, flag_id
 from cpis_bridge.fhir.reconcile import compare, repair
 from cpis_bridge.services.sync import PROBE_MAX_S, epoch_ms
-from tests.conftest import record
-from tests.fhir_double import FhirDouble
-from tests.sync_support import make_env
+from tests.support.fhir_double import FhirDouble
+from tests.support.sync import make_env
+from tests.support.world import record
 
 pytestmark = pytest.mark.timeout(60)
 NUMBERS = ["9990000018", "9990000026", "9990000034"]

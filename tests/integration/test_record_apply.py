@@ -13,7 +13,7 @@ from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.uploads import BATCH, UploadMeta, UploadMode
 from cpis_bridge.web.la import UPLOADS
 from cpis_bridge.web.state import KEYS, RECORDS, REDIS
-from tests.conftest import record
+from tests.support.world import record
 
 LA = "LA001"
 NDJSON = "application/x-ndjson"

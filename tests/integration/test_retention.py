@@ -16,7 +16,7 @@ from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.access import AccessService, LookupRequest
 from cpis_bridge.store.embedded import socket_answers
 from cpis_bridge.web.state import ACCESS, KEYS, RECORDS, REDIS, REGISTRY
-from tests.conftest import HASH_KEY, record
+from tests.support.world import HASH_KEY, record
 
 CHILD_A = "9990000018"
 CHILD_B = "9990000026"

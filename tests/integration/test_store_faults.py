@@ -19,7 +19,7 @@ import redis as redis_sync
 from cpis_bridge.app import create_app
 from cpis_bridge.config import Settings
 from cpis_bridge.store.embedded import EmbeddedRedis
-from tests.conftest import ED, LA1, record
+from tests.support.world import ED, LA1, record
 
 CARETEAM = "/fhir/CareTeam?patient:identifier=https://fhir.nhs.uk/Id/nhs-number|9990000018"
 

@@ -19,7 +19,7 @@ from cpis_bridge.core.records import parse_record, today_london
 from cpis_bridge.services.uploads import UploadControl, UploadMeta, UploadMode
 from cpis_bridge.web.la import UPLOADS
 from cpis_bridge.web.state import KEYS, RECORDS, REDIS
-from tests.conftest import LA1, record
+from tests.support.world import LA1, record
 
 LA = "LA001"
 NDJSON = "application/x-ndjson"

@@ -1,4 +1,4 @@
-"""What the delivery tests share: an app factory with webhook/FHIR LAs (real receivers from tests/receivers.py),
+"""What the delivery tests share: an app factory with webhook/FHIR LAs (real receivers from tests/support/receivers.py),
 records to flag a child, and unscheduled look-ups that queue its notifications."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.access import LookupRequest
 from cpis_bridge.web.state import ACCESS, RECORDS, REGISTRY
-from tests.conftest import record
-from tests.receivers import Receiver, write_registry
+from tests.support.receivers import Receiver, write_registry
+from tests.support.world import record
 
 NHS = "9990000018"
 
