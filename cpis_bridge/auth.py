@@ -11,7 +11,7 @@ import datetime as dt
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import jwt
@@ -20,6 +20,9 @@ from jwt import PyJWK
 from cpis_bridge.core.errors import Forbidden, Unauthenticated
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.core.registry import Registry
+
+if TYPE_CHECKING:
+    from jwt.types import Options  # a TypedDict since PyJWT 2.11: for the checker only
 
 ASYMMETRIC_ALGS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384"})
 SIGNING_KEY_TYPES = frozenset({"RSA", "EC"})
@@ -306,7 +309,7 @@ def _decode(
     audience: str | Sequence[str] | None,
     required: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    options: dict[str, Any] = {"require": ["exp", "sub", *required] if not required else ["exp", *required]}
+    options: Options = {"require": ["exp", "sub", *required] if not required else ["exp", *required]}
     if audience is None:
         options["verify_aud"] = False
     try:

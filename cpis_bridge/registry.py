@@ -21,6 +21,7 @@ from cpis_bridge.core.registry import (
     Origin,
     Registry,
     WebhookChannel,
+    Weekday,
     origin_of,
 )
 
@@ -59,9 +60,7 @@ class _OfficeHours(_Strict):
     """When the office-hours number is staffed (Europe/London); default Monday-Friday 09:00-17:00, closed on
     England bank holidays."""
 
-    days: list[Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]] = Field(
-        default_factory=lambda: list(WEEKDAYS[:5])
-    )
+    days: list[Weekday] = Field(default_factory=lambda: list(WEEKDAYS[:5]))
     opens: str = Field(alias="open", default="09:00", pattern=_HHMM)
     closes: str = Field(alias="close", default="17:00", pattern=_HHMM)
     bank_holidays: Literal["closed", "open"] = Field(alias="bankHolidays", default="closed")

@@ -8,7 +8,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, overload
 
 # Fixed namespaces (documented in the README): ids derived from them are stable across releases.
 NS_ACCESS: Final = uuid.UUID("6f1c2f4e-8a55-5b7e-9d3a-2b7c0c1d4e01")
@@ -32,6 +32,10 @@ def _from_ms(ms: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
 
 
+@overload
+def instant(t: dt.datetime) -> str: ...
+@overload
+def instant(t: dt.datetime | None) -> str | None: ...
 def instant(t: dt.datetime | None) -> str | None:
     """An instant as API output: UTC with millisecond precision and a Z."""
     if t is None:

@@ -62,7 +62,7 @@ class StoreClient(Redis):
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         try:
-            return await super().execute_command(*args, **options)
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]  # redis-py's is unannotated
         except UNREACHABLE as exc:
             unavailable(exc)
 

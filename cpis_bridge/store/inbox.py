@@ -5,12 +5,13 @@ reading an entry's recent accesses from the child's access log (fill_recent)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
 from cpis_bridge.core.access import Access, notification_id
 from cpis_bridge.store.keys import Keys
+from cpis_bridge.store.replies import Entries, Streams
 from cpis_bridge.store.scripts import Scripts
 
 SCAN_CHUNK = 500
@@ -42,7 +43,9 @@ class RedisInbox:
         """Up to ``limit`` entries after the entry id ``after`` (oldest first), each with its acknowledged flag."""
         if after == LAST_ENTRY_ID:
             return []  # nothing can follow it, and Redis refuses an exclusive range from it
-        rows = await self.redis.xrange(self.keys.inbox(la), "(" + after if after else "-", "+", count=limit)
+        rows = cast(
+            Entries, await self.redis.xrange(self.keys.inbox(la), "(" + after if after else "-", "+", count=limit)
+        )
         if not rows:
             return []
         flags = await self.redis.smismember(self.keys.inbox_acks(la), [r[0] for r in rows])
@@ -52,12 +55,12 @@ class RedisInbox:
 
     async def find(self, la: str, nid: str) -> str | None:
         """The inbox entry id of notification ``nid`` in this LA's inbox, or None."""
-        ref: str | None = await self.redis.hget(self.keys.inbox_index(la), nid)
+        ref = cast(str | None, await self.redis.hget(self.keys.inbox_index(la), nid))
         if ref is not None:
             return ref
         end = "+"
         while True:  # newest first: an id not indexed yet is most likely a recent one
-            rows = await self.redis.xrevrange(self.keys.inbox(la), end, "-", count=SCAN_CHUNK)
+            rows = cast(Entries, await self.redis.xrevrange(self.keys.inbox(la), end, "-", count=SCAN_CHUNK))
             if not rows:
                 return None
             for eid, f in rows:
@@ -76,8 +79,11 @@ class RedisInbox:
         """Up to ``count`` entries, newest first, older than the entry id ``before`` (None: from the newest) and not
         older than the id ``oldest``, each with its acknowledged flag; without their recent accesses (a list needs
         none of them)."""
-        rows = await self.redis.xrevrange(
-            self.keys.inbox(la), "(" + before if before else "+", oldest or "-", count=count
+        rows = cast(
+            Entries,
+            await self.redis.xrevrange(
+                self.keys.inbox(la), "(" + before if before else "+", oldest or "-", count=count
+            ),
         )
         if not rows:
             return []
@@ -108,7 +114,10 @@ class RedisInbox:
     async def tail(self, after: Mapping[str, str], block_ms: int) -> list[tuple[str, str, dict[str, str]]]:
         """One XREAD over every LA's inbox (a single connection serves every watcher of the process)."""
         prefix = self.keys.inbox("")
-        got = await self.redis.xread({self.keys.inbox(la): eid for la, eid in after.items()}, count=500, block=block_ms)
+        got = cast(
+            Streams | None,
+            await self.redis.xread({self.keys.inbox(la): eid for la, eid in after.items()}, count=500, block=block_ms),
+        )
         return [(stream.removeprefix(prefix), eid, dict(f)) for stream, rows in got or [] for eid, f in rows]
 
     async def ack(self, la: str, ref: str, by: str = "") -> None:

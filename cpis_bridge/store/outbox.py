@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -23,6 +23,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from cpis_bridge.core.ports import ChannelStats, DeadLetter, QueueEntry
 from cpis_bridge.store.connection import Lane
 from cpis_bridge.store.keys import Keys
+from cpis_bridge.store.replies import Entries
 from cpis_bridge.store.scripts import Scripts
 
 GROUP = "relays"
@@ -289,7 +290,7 @@ class RedisOutbox:
         return int(await self._promote(keys=[self.keys.notify_delay, self.keys.notify_queue], args=[now_ms, limit]))
 
     async def held_endpoints(self) -> list[tuple[str, str]]:
-        names = await self.redis.smembers(self.keys.notify_held_index)
+        names = cast(set[str], await self.redis.smembers(self.keys.notify_held_index))
         out = []
         for name in sorted(names):
             channel, _, la = name.partition(":")
@@ -362,7 +363,7 @@ class RedisOutbox:
         # Flag sync (its relay is built elsewhere): queue length, delay zset size, oldest queued entry.
         pending["flag-sync"] = int(await self.redis.xlen(k.sync_queue))
         retrying["flag-sync"] = int(await self.redis.zcard(k.sync_delay))
-        first = await self.redis.xrange(k.sync_queue, "-", "+", count=1)
+        first = cast(Entries, await self.redis.xrange(k.sync_queue, "-", "+", count=1))
         if first:
             seen("flag-sync", entry_ms(first[0][0]))
         for la in channels_of:
@@ -391,7 +392,7 @@ class RedisOutbox:
         start = "-"
         scanned, step = 0, 8  # the oldest entries are usually unacknowledged: read few bodies (~2 KB each) first
         while scanned < SCAN_CAP:
-            rows = await self.redis.xrange(self.keys.inbox(la), start, "+", count=step)
+            rows = cast(Entries, await self.redis.xrange(self.keys.inbox(la), start, "+", count=step))
             step = min(step * 4, 500)
             if not rows:
                 break
@@ -408,7 +409,7 @@ class RedisOutbox:
         out = [(i, dict(f)) for i, f in first]
         rows = first
         while len(rows) == PAGE and len(out) < SCAN_CAP:
-            rows = await self.redis.xrange(key, "(" + out[-1][0], "+", count=PAGE)
+            rows = cast(Entries, await self.redis.xrange(key, "(" + out[-1][0], "+", count=PAGE))
             out += [(i, dict(f)) for i, f in rows]
         return out
 

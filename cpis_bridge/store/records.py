@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -16,6 +16,7 @@ from cpis_bridge.core.errors import UploadInterrupted
 from cpis_bridge.core.ports import Change
 from cpis_bridge.core.records import Record
 from cpis_bridge.store.keys import Keys
+from cpis_bridge.store.replies import Fields
 from cpis_bridge.store.scripts import Scripts
 
 _MAX_RETRIES = 6
@@ -60,7 +61,7 @@ class RedisRecordStore:
             raise AssertionError("the record store's tagger disagrees with Keys.tag")
 
     async def get(self, la: str, local_id: str) -> Record | None:
-        nhs = await self.redis.hget(self.keys.la_ids(la), local_id)
+        nhs = cast(str | None, await self.redis.hget(self.keys.la_ids(la), local_id))
         if nhs is None:
             return None
         raw = await self.redis.hget(self.keys.records(self.keys.tag(nhs)), Keys.record_field(la, local_id))
@@ -70,14 +71,14 @@ class RedisRecordStore:
         return [r for r in await self.all_for_number(nhs) if r.la == la]
 
     async def all_for_number(self, nhs: str) -> list[Record]:
-        raw = await self.redis.hgetall(self.keys.records(self.keys.tag(nhs)))
+        raw = cast(Fields, await self.redis.hgetall(self.keys.records(self.keys.tag(nhs))))
         return [decode_field(f, v) for f, v in sorted(raw.items())]
 
     async def get_many(self, la: str, local_ids: Sequence[str]) -> list[Record | None]:
         """Several records of one LA in two round trips (the index, then each child's field)."""
         if not local_ids:
             return []
-        numbers = await self.redis.hmget(self.keys.la_ids(la), list(local_ids))
+        numbers = cast(list[str | None], await self.redis.hmget(self.keys.la_ids(la), list(local_ids)))
         async with self.redis.pipeline(transaction=False) as pipe:
             for lid, nhs in zip(local_ids, numbers, strict=True):
                 if nhs is not None:
@@ -90,8 +91,7 @@ class RedisRecordStore:
         return out
 
     async def index(self, la: str) -> dict[str, str]:
-        result: dict[str, str] = await self.redis.hgetall(self.keys.la_ids(la))
-        return result
+        return cast(Fields, await self.redis.hgetall(self.keys.la_ids(la)))
 
     async def count(self, la: str) -> int:
         return int(await self.redis.hlen(self.keys.la_ids(la)))
@@ -115,7 +115,8 @@ class RedisRecordStore:
             if attempt == 0:
                 current: list[str | None] = [_NEW_OR_SAME] * len(pending)
             else:
-                current = await self.redis.hmget(ids_key, [changes[i].record.local_id for i in pending])
+                ids = [changes[i].record.local_id for i in pending]
+                current = cast(list[str | None], await self.redis.hmget(ids_key, ids))
             parts: list[str] = []
             tag, dumps = self._tag, orjson.dumps
             for i, cur in zip(pending, current, strict=True):
@@ -166,7 +167,7 @@ class RedisRecordStore:
 
     async def erase(self, la: str, local_id: str, audit: Mapping[str, Any]) -> bool:
         for _ in range(_MAX_RETRIES):
-            nhs = await self.redis.hget(self.keys.la_ids(la), local_id)
+            nhs = cast(str | None, await self.redis.hget(self.keys.la_ids(la), local_id))
             if nhs is None:
                 return False
             tag = self.keys.tag(nhs)

@@ -4,7 +4,7 @@ step) and the gathering of everything held for one NHS number."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -14,6 +14,7 @@ from cpis_bridge.core.ports import InboxItem, SubjectData
 from cpis_bridge.core.records import Record
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import decode_field, decode_fields
+from cpis_bridge.store.replies import Entries
 from cpis_bridge.store.scripts import Scripts
 
 SCAN_COUNT = 1000
@@ -97,7 +98,7 @@ class RedisRetentionStore:
     async def _sscan(self, key: str) -> AsyncIterator[list[str]]:
         cursor: int = 0
         while True:
-            cursor, members = await self.redis.sscan(key, cursor, count=READ_BATCH)
+            cursor, members = cast(tuple[int, list[str]], await self.redis.sscan(key, cursor, count=READ_BATCH))
             if members:
                 yield list(members)
             if cursor == 0:
@@ -161,7 +162,7 @@ class RedisRetentionStore:
                 ack_key = self.keys.inbox_acks(la)
                 start = "-"
                 while True:
-                    entries = await self.redis.xrange(stream, min=start, max="+", count=READ_BATCH)
+                    entries = cast(Entries, await self.redis.xrange(stream, min=start, max="+", count=READ_BATCH))
                     mine = [(eid, fields) for eid, fields in entries if fields.get("tag") == tag]
                     if mine:
                         acked = await self.redis.smismember(ack_key, [eid for eid, _ in mine])
@@ -176,7 +177,7 @@ class RedisRetentionStore:
         needle = tag.encode()
         start = 0
         while True:
-            raw = await self.redis.lrange(self.keys.system_audit, start, start + READ_BATCH - 1)
+            raw = cast(list[str], await self.redis.lrange(self.keys.system_audit, start, start + READ_BATCH - 1))
             for text in raw:
                 if needle in text.encode():
                     entry = orjson.loads(text)

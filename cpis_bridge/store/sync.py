@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -14,6 +14,7 @@ from redis.exceptions import ResponseError
 from cpis_bridge.core.ports import SyncItem, WriteResult
 from cpis_bridge.core.records import Record
 from cpis_bridge.store.keys import Keys
+from cpis_bridge.store.replies import Entries, Fields
 from cpis_bridge.store.scripts import Scripts
 
 GROUP = "relays"
@@ -234,7 +235,7 @@ class RedisSyncQueue:
         return int(qlen) + int(dlen), max(0.0, (now_ms - oldest) / 1000)
 
     async def dead_letters(self, count: int = 1000) -> list[dict[str, str]]:
-        rows = await self.redis.xrange(self.keys.dead_letters, count=count)
+        rows = cast(Entries, await self.redis.xrange(self.keys.dead_letters, count=count))
         return [dict(f) for _id, f in rows if f.get("channel") == CHANNEL]
 
     # -- whole store (reconcile) ------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ class RedisSyncQueue:
             la = key[head:-suffix_len]
             cursor = 0
             while True:
-                cursor, chunk = await self.redis.hscan(key, cursor, count=batch)
+                cursor, chunk = cast(tuple[int, Fields], await self.redis.hscan(key, cursor, count=batch))
                 pairs = list(chunk.items())
                 if pairs:
                     async with self.redis.pipeline(transaction=False) as pipe:

@@ -4,6 +4,7 @@ file of the upload in progress, kept until it is completed)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -23,7 +24,7 @@ class RedisUploadStore:
         return int(await self._script(keys=keys, args=[step, token, *args])) == 1
 
     async def upload_report(self, la: str, sequence: int) -> bytes | None:
-        raw = await self.redis.hget(self.keys.la_uploads(la), str(sequence))
+        raw = cast(str | None, await self.redis.hget(self.keys.la_uploads(la), str(sequence)))
         return None if raw is None else raw.encode()
 
     async def last_sequence(self, la: str) -> int | None:
@@ -35,7 +36,7 @@ class RedisUploadStore:
         for _ in range(3):  # the holder may expire between SET and GET
             if await self.redis.set(key, token, nx=True, px=ttl_ms):
                 return None
-            holder: str | None = await self.redis.get(key)
+            holder = cast(str | None, await self.redis.get(key))
             if holder is not None:
                 return holder
         return ""
@@ -47,7 +48,7 @@ class RedisUploadStore:
         await self._step(la, "release", token)
 
     async def journal(self, la: str) -> bytes | None:
-        raw = await self.redis.get(self.keys.la_journal(la))
+        raw = cast(str | None, await self.redis.get(self.keys.la_journal(la)))
         return None if raw is None else raw.encode()
 
     async def journalled(self, las: Sequence[str]) -> list[str]:

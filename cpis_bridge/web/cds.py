@@ -243,7 +243,8 @@ def _feedback_entry(item: Any, index: int) -> dict[str, Any]:
     reason = item.get("overrideReason")
     coding = reason.get("reason") if isinstance(reason, dict) else None
     if isinstance(coding, dict) and isinstance(coding.get("code"), str):
-        system = coding.get("system") if isinstance(coding.get("system"), str) else ""
+        system = coding.get("system")
+        system = system if isinstance(system, str) else ""
         entry["overrideReason"] = f"{system[:200]}|{coding['code'][:64]}"
     suggestions = item.get("acceptedSuggestions")
     if isinstance(suggestions, list):

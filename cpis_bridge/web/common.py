@@ -19,7 +19,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 H = TypeVar("H", bound=Handler)
 
 PRINCIPAL = web.RequestKey("principal", Principal)
-TRACE_ID = web.RequestKey("trace_id", str | None)  # type: ignore[arg-type]
+TRACE_ID = web.RequestKey[str | None]("trace_id")  # a union is no class: the type goes in the subscript
 REQUEST_ID = web.RequestKey("request_id", str)
 FHIR_FORMAT = web.RequestKey("fhir_format", str)  # "json" or "xml", negotiated before any /fhir handler runs
 ROUTE = web.RequestKey("route", str)  # the route template, for the access log

@@ -16,6 +16,7 @@ import os
 import time
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -165,7 +166,7 @@ async def _checked(request: web.Request, handler: Handler) -> web.StreamResponse
     return await handler(request)
 
 
-def make_middlewares() -> list[web.Middleware]:
+def make_middlewares() -> list[Middleware]:
     """One middleware (each aiohttp middleware layer costs a wrapper call per request): request id and TraceID,
     metrics, then errors around limits, authentication and policy."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -78,7 +79,5 @@ async def audit(request: web.Request) -> web.Response:
     return json_response({"entries": entries})
 
 
-def _now():  # type: ignore[no-untyped-def]
-    import datetime as dt
-
+def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
