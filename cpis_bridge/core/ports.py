@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Protocol
 
 from cpis_bridge.core.access import Access
+from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.records import Record, VisibilityWindows
 
 
@@ -22,7 +24,7 @@ class Change:
 class RecordStore(Protocol):
     async def get(self, la: str, local_id: str) -> Record | None: ...
 
-    async def for_number(self, la: str, nhs: str) -> list[Record]: ...
+    async def for_number(self, la: str, nhs: NhsNumber) -> list[Record]: ...
 
     async def index(self, la: str) -> dict[str, str]: ...
 
@@ -74,18 +76,26 @@ class UploadStore(Protocol):
 
 
 class AuditLog(Protocol):
-    async def append(self, nhs: str | None, entry: Mapping[str, Any]) -> None: ...
+    async def append(self, nhs: NhsNumber | None, entry: Mapping[str, Any]) -> None: ...
 
-    async def query(self, nhs: str, limit: int = 1000) -> list[dict[str, Any]]: ...
+    async def query(self, nhs: NhsNumber, limit: int = 1000) -> list[dict[str, Any]]: ...
+
+
+class LookupStatus(IntEnum):
+    """What the access step did (access.lua answers the number)."""
+
+    NOT_RECORDED = 0  # no access recorded: nothing visible, or the look-up was not unscheduled
+    RECORDED = 1
+    REPEAT = 2  # the source event was recorded before: that access stands
 
 
 @dataclass(frozen=True, slots=True)
 class LookupOutcome:
-    """What the access step found and did. ``status``: 0 nothing recorded, 1 recorded, 2 repeat of a recorded one.
-    ``recent``: the child's newest accesses (at most 25, this one included), when asked for and a record is visible."""
+    """What the access step found and did. ``recent``: the child's newest accesses (at most 25, this one included),
+    when asked for and a record is visible."""
 
     records: list[Record]
-    status: int
+    status: LookupStatus
     access: Access | None
     access_id: str | None
     recent: list[Access] = field(default_factory=list)
@@ -94,7 +104,7 @@ class LookupOutcome:
 class AccessStore(Protocol):
     async def lookup(
         self,
-        nhs: str,
+        nhs: NhsNumber,
         *,
         today_day: int,
         windows: VisibilityWindows,
@@ -105,7 +115,7 @@ class AccessStore(Protocol):
         recent: bool = False,
     ) -> LookupOutcome: ...
 
-    async def history(self, nhs: str) -> tuple[list[Record], list[tuple[str, Access]]]: ...
+    async def history(self, nhs: NhsNumber) -> tuple[list[Record], list[tuple[str, Access]]]: ...
 
     async def encounter(self, encounter_id: str) -> dict[str, Any] | None: ...
 
@@ -115,7 +125,7 @@ class AccessStore(Protocol):
 
     async def practitioner_role(self, role_id: str) -> dict[str, Any] | None: ...
 
-    async def append_audit(self, nhs: str, entry: Mapping[str, Any]) -> None:
+    async def append_audit(self, nhs: NhsNumber, entry: Mapping[str, Any]) -> None:
         """Append to the child's audit trail (kept under the keyed hash of the number)."""
         ...
 
@@ -155,7 +165,7 @@ class Channel(Protocol):
 
     name: str
 
-    async def deliver(self, la: str, notification_id: str, nhs: str, body: bytes) -> DeliveryResult: ...
+    async def deliver(self, la: str, notification_id: str, nhs: NhsNumber, body: bytes) -> DeliveryResult: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +379,6 @@ class RetentionStore(Protocol):
 
     async def trim_audit(self, before: str) -> int: ...
 
-    async def subject(self, nhs: str) -> SubjectData: ...
+    async def subject(self, nhs: NhsNumber) -> SubjectData: ...
 
     async def audit_system(self, entry: Mapping[str, Any]) -> None: ...

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
+from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import Channel, DeliveryResult
 from cpis_bridge.core.registry import LocalAuthority, Registry
 from cpis_bridge.fhir.client import Auth, make_auth
@@ -24,7 +25,7 @@ class MisconfiguredChannel:
         self.name = name
         self.detail = detail
 
-    async def deliver(self, la: str, notification_id: str, nhs: str, body: bytes) -> DeliveryResult:
+    async def deliver(self, la: str, notification_id: str, nhs: NhsNumber, body: bytes) -> DeliveryResult:
         return DeliveryResult("transient", None, None, self.detail)
 
 

@@ -10,6 +10,7 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
+from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import DeliveryResult
 from cpis_bridge.fhir.client import Auth, AuthFailed, NoAuth
 from cpis_bridge.notify.http import send
@@ -25,7 +26,7 @@ def communication_id(notification_id: str) -> str:
     return str(uuid.uuid5(NS_COMMUNICATION, notification_id))
 
 
-def communication(la: str, notification_id: str, nhs: str, body: bytes, sent: str | None) -> dict[str, Any]:
+def communication(la: str, notification_id: str, nhs: NhsNumber, body: bytes, sent: str | None) -> dict[str, Any]:
     """The R4 Communication carrying one notification (built as plain JSON; tests validate it with R4B)."""
     resource: dict[str, Any] = {
         "resourceType": "Communication",
@@ -54,7 +55,7 @@ class FhirCommunicationChannel:
         self.auth: Auth = auth or NoAuth()
         self.timeout_s = timeout_s
 
-    async def deliver(self, la: str, notification_id: str, nhs: str, body: bytes) -> DeliveryResult:
+    async def deliver(self, la: str, notification_id: str, nhs: NhsNumber, body: bytes) -> DeliveryResult:
         sent = orjson.loads(body).get("createdAt")
         resource = orjson.dumps(communication(la, notification_id, nhs, body, sent))
         url = f"{self.base_url}/Communication/{communication_id(notification_id)}"

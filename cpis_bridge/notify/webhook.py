@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import aiohttp
 
+from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import DeliveryResult
 from cpis_bridge.notify.http import send
 
@@ -53,7 +54,7 @@ class WebhookChannel:
         self.timeout_s = timeout_s
         self.clock = clock
 
-    async def deliver(self, la: str, notification_id: str, nhs: str, body: bytes) -> DeliveryResult:
+    async def deliver(self, la: str, notification_id: str, nhs: NhsNumber, body: bytes) -> DeliveryResult:
         def headers() -> dict[str, str]:
             ts = int(self.clock())
             return {

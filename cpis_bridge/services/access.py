@@ -12,7 +12,7 @@ from typing import Any
 from cpis_bridge.core.access import HISTORY_LENGTH, Access, Actor
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber
-from cpis_bridge.core.ports import AccessStore, LookupOutcome
+from cpis_bridge.core.ports import AccessStore, LookupOutcome, LookupStatus
 from cpis_bridge.core.records import Record, VisibilityWindows, today_london
 from cpis_bridge.core.registry import CareSetting
 
@@ -98,7 +98,7 @@ class AccessService:
             encounter=req.encounter,
             recent=req.recent,
         )
-        if out.status == 1 and self.on_notified is not None:
+        if out.status == LookupStatus.RECORDED and self.on_notified is not None:
             self.on_notified(len({r.la for r in out.records}))
         return out
 
@@ -141,7 +141,8 @@ class AccessService:
         owner = ((stored.get("serviceProvider") or {}).get("identifier") or {}).get("value")
         if owner != ctx.principal.ods:
             return None  # another care setting's attendance looks absent
-        nhs = str(((stored.get("subject") or {}).get("identifier") or {}).get("value") or "")
-        if nhs:
+        value = str(((stored.get("subject") or {}).get("identifier") or {}).get("value") or "")
+        if value:
+            nhs = NhsNumber(value)  # as the look-up that kept the Encounter stored it
             await self.store.append_audit(nhs, ctx.entry("read.encounter", nhs, self.clock(), encounterId=encounter_id))
         return stored

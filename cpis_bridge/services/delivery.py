@@ -21,6 +21,7 @@ import orjson
 from cpis_bridge.core.access import SEP, UNREADABLE, Access, instant, notification_id
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.errors import NotFound
+from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import AuditLog, Channel, ChannelStats, DeadLetter, DeliveryResult, Outbox, QueueEntry
 
 log = logging.getLogger("cpis_bridge.delivery")
@@ -41,7 +42,7 @@ def is_entry_id(text: str) -> bool:
 @dataclass(frozen=True, slots=True)
 class Rendered:
     id: str
-    nhs: str
+    nhs: NhsNumber
     body: dict[str, Any]
 
     def encode(self) -> bytes:
@@ -83,7 +84,7 @@ def render(la: str, fields: Mapping[str, str]) -> Rendered:
         "access": current,
         "recentAccesses": recent,
     }
-    return Rendered(nid, fields["nhs"], body)
+    return Rendered(nid, NhsNumber(fields["nhs"]), body)  # as access.lua stored it: checked on the way in
 
 
 def _recent_api(tag: str, recent_raw: str, names: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:

@@ -171,10 +171,11 @@ class InboxService:
             raise NotFound("no such notification")
         fields, by = found
         try:
-            body = render(la, fields).body
+            rendered = render(la, fields)
         except UNREADABLE:
             self.unreadable("notification")
             raise NotFound("no such notification") from None
+        body = rendered.body
         body["acknowledged"] = by is not None
         if by:
             at, _, rest = by.partition(SEP)
@@ -184,7 +185,7 @@ class InboxService:
                 "id": subject,
                 "name": name or None,
             }
-        nhs = body["subject"]["nhsNumber"]
+        nhs = rendered.nhs
         await self.audit.append(nhs, ctx.entry("notification.read", nhs, self.clock(), notification=notification_id))
         return body
 

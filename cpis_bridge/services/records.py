@@ -69,9 +69,8 @@ class RecordService:
         record = await self.store.get(la, local_id)
         if record is None:
             raise NotFound("no such record")
-        await self.audit.append(
-            str(record.nhs_number), ctx.entry("record.read", str(record.nhs_number), self.clock(), localId=local_id)
-        )
+        nhs = record.nhs_number
+        await self.audit.append(nhs, ctx.entry("record.read", nhs, self.clock(), localId=local_id))
         return record
 
     async def list_for_number(self, ctx: AuditContext, la: str, nhs_text: object) -> list[Record]:

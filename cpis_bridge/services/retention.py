@@ -86,7 +86,7 @@ class RetentionService:
         """Everything held for one NHS number (subject access), as JSON-ready data. The export is audited."""
         now = now or dt.datetime.now(dt.UTC)
         today = today_london(now)
-        data = await self.store.subject(str(nhs))
+        data = await self.store.subject(nhs)
         by_la: dict[str, list[dict[str, Any]]] = {}
         for rec in data.records:
             by_la.setdefault(rec.la, []).append(rec.to_api(visible=rec.is_visible(today, self.windows)))

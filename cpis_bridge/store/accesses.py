@@ -19,7 +19,8 @@ from cpis_bridge.core.access import (
     ignore_unreadable,
     readable_accesses,
 )
-from cpis_bridge.core.ports import LookupOutcome
+from cpis_bridge.core.nhs import NhsNumber
+from cpis_bridge.core.ports import LookupOutcome, LookupStatus
 from cpis_bridge.core.records import Record, VisibilityWindows
 from cpis_bridge.store.connection import Multiplexed
 from cpis_bridge.store.keys import Keys
@@ -64,7 +65,7 @@ class RedisAccessStore:
 
     async def lookup(
         self,
-        nhs: str,
+        nhs: NhsNumber,
         *,
         today_day: int,
         windows: VisibilityWindows,
@@ -105,12 +106,12 @@ class RedisAccessStore:
             NS_NOTIFICATION_BYTES,
             "1" if recent else "0",
         )
-        status, existing = int(out[0]), out[1]
+        status, existing = LookupStatus(int(out[0])), out[1]
         records = [_decoded(out[i], out[i + 1]) for i in range(3, len(out), 2)]
         access: Access | None = None
-        if status == 1 and record_access is not None:
+        if status == LookupStatus.RECORDED and record_access is not None:
             access = record_access
-        elif status == 2:
+        elif status == LookupStatus.REPEAT:
             access = Access.decode(existing)
             access_id = access.access_id(tag)
         else:
@@ -129,7 +130,7 @@ class RedisAccessStore:
             script.sha = await self.redis.script_load(script.script)
             return await self.lane.call("EVALSHA", script.sha, 6, *keys_and_args)
 
-    async def history(self, nhs: str) -> tuple[list[Record], list[tuple[str, Access]]]:
+    async def history(self, nhs: NhsNumber) -> tuple[list[Record], list[tuple[str, Access]]]:
         """All the child's records (visible or not) and its last 25 accesses with their ids, newest first."""
         tag = self.keys.tag(nhs)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -161,5 +162,5 @@ class RedisAccessStore:
     async def practitioner_role(self, role_id: str) -> dict[str, Any] | None:
         return await self._json(self.keys.practitioner_role(role_id))
 
-    async def append_audit(self, nhs: str, entry: Mapping[str, Any]) -> None:
+    async def append_audit(self, nhs: NhsNumber, entry: Mapping[str, Any]) -> None:
         await self.redis.lpush(self.keys.audit(self.keys.tag(nhs)), orjson.dumps(dict(entry)))

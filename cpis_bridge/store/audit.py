@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.store.keys import Keys
 
 
@@ -16,12 +17,12 @@ class RedisAuditLog:
         self.redis = redis
         self.keys = keys
 
-    def key_for(self, nhs: str | None) -> str:
+    def key_for(self, nhs: NhsNumber | None) -> str:
         return self.keys.system_audit if nhs is None else self.keys.audit(self.keys.tag(nhs))
 
-    async def append(self, nhs: str | None, entry: Mapping[str, Any]) -> None:
+    async def append(self, nhs: NhsNumber | None, entry: Mapping[str, Any]) -> None:
         await self.redis.lpush(self.key_for(nhs), orjson.dumps(dict(entry)))
 
-    async def query(self, nhs: str, limit: int = 1000) -> list[dict[str, Any]]:
+    async def query(self, nhs: NhsNumber, limit: int = 1000) -> list[dict[str, Any]]:
         raw = await self.redis.lrange(self.key_for(nhs), 0, limit - 1)
         return [orjson.loads(r) for r in raw]

@@ -13,6 +13,7 @@ from redis.exceptions import ResponseError
 
 from cpis_bridge.core.access import UNREADABLE, Unreadable, instant
 from cpis_bridge.core.errors import UploadInterrupted
+from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import Change
 from cpis_bridge.core.records import Record
 from cpis_bridge.store.keys import Keys
@@ -67,10 +68,10 @@ class RedisRecordStore:
         raw = await self.redis.hget(self.keys.records(self.keys.tag(nhs)), Keys.record_field(la, local_id))
         return None if raw is None else Record.from_compact(la, local_id, orjson.loads(raw))
 
-    async def for_number(self, la: str, nhs: str) -> list[Record]:
+    async def for_number(self, la: str, nhs: NhsNumber) -> list[Record]:
         return [r for r in await self.all_for_number(nhs) if r.la == la]
 
-    async def all_for_number(self, nhs: str) -> list[Record]:
+    async def all_for_number(self, nhs: NhsNumber) -> list[Record]:
         raw = cast(Fields, await self.redis.hgetall(self.keys.records(self.keys.tag(nhs))))
         return [decode_field(f, v) for f, v in sorted(raw.items())]
 

@@ -10,6 +10,7 @@ import orjson
 from redis.asyncio import Redis
 
 from cpis_bridge.core.access import Unreadable, ignore_unreadable, readable_accesses
+from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import InboxItem, SubjectData
 from cpis_bridge.core.records import Record
 from cpis_bridge.store.keys import Keys
@@ -125,7 +126,7 @@ class RedisRetentionStore:
         await self.redis.lpush(self.keys.system_audit, orjson.dumps(dict(entry)))
 
     # -- subject access -----------------------------------------------------------------------------------------
-    async def subject(self, nhs: str) -> SubjectData:
+    async def subject(self, nhs: NhsNumber) -> SubjectData:
         k = self.keys
         tag = k.tag(nhs)
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -16,7 +16,7 @@ from multidict import MultiMapping
 from cpis_bridge import __version__
 from cpis_bridge.core.errors import NotFound, UnreadableInput, UnsupportedMediaType
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
-from cpis_bridge.core.ports import LookupOutcome
+from cpis_bridge.core.ports import LookupOutcome, LookupStatus
 from cpis_bridge.core.principal import Role
 from cpis_bridge.core.registry import CareSetting, LocalAuthority, office_open
 from cpis_bridge.fhir import mapping as m
@@ -388,9 +388,9 @@ async def create_encounter(request: web.Request) -> web.Response:
                 "nothing was retained.",
             ),
         )
-    if out.status == 0 or out.access_id is None:
+    if out.status == LookupStatus.NOT_RECORDED or out.access_id is None:
         return fhir_response(request, operation_outcome(200, "No record: nothing was retained."))
-    if out.status == 1:
+    if out.status == LookupStatus.RECORDED:
         location = f"{fhir_base(request)}/Encounter/{out.access_id}"
         return fhir_response(request, with_id(keep, out.access_id), status=201, headers={"Location": location})
     stored = await service.encounter(out.access_id)
