@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import Any, Protocol
 
 from cpis_bridge.core.access import Access
@@ -149,12 +149,18 @@ class QueueEntry:
     problem: str = ""  # why the stored entry could not be read ('' = it could): dead-lettered on sight
 
 
+class DeliveryOutcome(StrEnum):
+    DELIVERED = "delivered"
+    TRANSIENT = "transient"  # 5xx, 408/429, timeout, refused
+    CLIENT_ERROR = "client-error"  # any other 4xx
+    GONE = "gone"  # 410
+
+
 @dataclass(frozen=True, slots=True)
 class DeliveryResult:
-    """What one delivery attempt achieved. ``outcome``: delivered | transient (5xx, 408/429, timeout, refused) |
-    client-error (other 4xx) | gone (410). ``retry_after_s`` is the receiver's Retry-After, if it sent one."""
+    """What one delivery attempt achieved. ``retry_after_s`` is the receiver's Retry-After, if it sent one."""
 
-    outcome: str
+    outcome: DeliveryOutcome
     status: int | None = None
     retry_after_s: float | None = None
     detail: str = ""
@@ -281,19 +287,34 @@ class SyncItem:
     attempts: int = 0  # failed writes of this record so far (its own backoff, not the server's)
 
 
+class FlagStatus(StrEnum):
+    """The Flag statuses a record is mirrored with (FHIR flag-status codes)."""
+
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+    ENTERED_IN_ERROR = "entered-in-error"
+
+
 @dataclass(frozen=True, slots=True)
 class FlagWrite:
-    """Write the record's Flag with this status (active, inactive or entered-in-error)."""
+    """Write the record's Flag with this status."""
 
     record: Record
-    status: str
+    status: FlagStatus
+
+
+class WriteOutcome(StrEnum):
+    OK = "ok"
+    RETRY = "retry"  # transient
+    CONFLICT = "conflict"  # 409, or a version 412: re-read and resend
+    DEAD = "dead"
 
 
 @dataclass(frozen=True, slots=True)
 class WriteResult:
-    """How one Flag write ended: ok, retry (transient), conflict (409/version 412: re-read and resend), dead."""
+    """How one Flag write ended."""
 
-    outcome: str
+    outcome: WriteOutcome
     status: int = 0
     reason: str = ""
     operation_outcome: str | None = None  # the server's OperationOutcome, JSON

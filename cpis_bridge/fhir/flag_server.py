@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from cpis_bridge.core.ports import FlagWrite, WriteResult
+from cpis_bridge.core.ports import FlagWrite, WriteOutcome, WriteResult
 from cpis_bridge.fhir.client import (
     AuthFailed,
     FhirClient,
@@ -82,19 +82,19 @@ def classify(status: int, body: Mapping[str, Any] | None, headers: Mapping[str, 
     412 multiple-matches and every other 4xx dead, with the OperationOutcome kept."""
     outcome = _outcome_json(body)
     if 200 <= status < 300:
-        return WriteResult("ok", status)
+        return WriteResult(WriteOutcome.OK, status)
     if status in (408, 429) or status >= 500:
         wait = None
         if headers is not None:
             wait = retry_after_s(headers.get("Retry-After")) if status in (429, 503) else None
             if wait is None and status == 429:
                 wait = ratelimit_reset_s(headers)
-        return WriteResult("retry", status, f"HTTP {status}", outcome, wait)
+        return WriteResult(WriteOutcome.RETRY, status, f"HTTP {status}", outcome, wait)
     if status == 412 and _multiple_matches(body):
-        return WriteResult("dead", status, "multiple-matches", outcome)
+        return WriteResult(WriteOutcome.DEAD, status, "multiple-matches", outcome)
     if status in (409, 412):
-        return WriteResult("conflict", status, f"HTTP {status}", outcome)
-    return WriteResult("dead", status, f"HTTP {status}", outcome)
+        return WriteResult(WriteOutcome.CONFLICT, status, f"HTTP {status}", outcome)
+    return WriteResult(WriteOutcome.DEAD, status, f"HTTP {status}", outcome)
 
 
 def _entry_status(entry: Mapping[str, Any]) -> tuple[int, Mapping[str, Any] | None]:
@@ -107,7 +107,7 @@ def _entry_status(entry: Mapping[str, Any]) -> tuple[int, Mapping[str, Any] | No
 
 
 def _unavailable(exc: Exception) -> WriteResult:
-    return WriteResult("retry", 0, str(exc))
+    return WriteResult(WriteOutcome.RETRY, 0, str(exc))
 
 
 #: After a server refuses a batch Bundle (4xx), single requests for this long, then batches are tried again.
@@ -227,7 +227,7 @@ class FhirFlagServer:
             first = await self._probe(writes[0])
             if self.mode is None:
                 return [first] * len(writes)
-            if first.outcome == "ok":
+            if first.outcome == WriteOutcome.OK:
                 head, writes, targets = [first], writes[1:], targets[1:]
         if self.use_batch and len(writes) > self.batch_above:
             chunks = [
@@ -247,9 +247,9 @@ class FhirFlagServer:
         except (FhirUnavailable, AuthFailed) as exc:
             return _unavailable(exc)
         result = classify(resp.status, resp.body, resp.headers)
-        if result.outcome == "retry" or resp.status in (401, 403):
+        if result.outcome == WriteOutcome.RETRY or resp.status in (401, 403):
             return result
-        self.mode = "id" if result.outcome == "ok" else "conditional"
+        self.mode = "id" if result.outcome == WriteOutcome.OK else "conditional"
         log.info("fhir.write_mode.chosen", extra={"mode": self.mode, "probeStatus": resp.status})
         return result
 
@@ -295,14 +295,18 @@ class FhirFlagServer:
         to the live one by id. Several live: dead-letter as multiple-matches (``reconcile`` repairs duplicates)."""
         found = await self.matches(write)
         if found is None:
-            return WriteResult("retry", first.status, "412, identifier search failed", first.operation_outcome)
+            return WriteResult(
+                WriteOutcome.RETRY, first.status, "412, identifier search failed", first.operation_outcome
+            )
         live = [f for f in found if f.get("status") != ENTERED_IN_ERROR]
         if len(found) <= 1:
-            return WriteResult("conflict", 412, "version-conflict", first.operation_outcome)
+            return WriteResult(WriteOutcome.CONFLICT, 412, "version-conflict", first.operation_outcome)
         if len(live) > 1:
             text = f"{len(live)} live Flags carry this identifier; cpis-bridge reconcile repairs duplicates"
             told = first.operation_outcome or orjson.dumps(operation_outcome(412, text, code="multiple-matches"))
-            return WriteResult("dead", 412, "multiple-matches", told if isinstance(told, str) else told.decode())
+            return WriteResult(
+                WriteOutcome.DEAD, 412, "multiple-matches", told if isinstance(told, str) else told.decode()
+            )
         keep = live[0] if live else keep_flag(found, flag_id(write.record.la, write.record.local_id))
         return await self._single(write, str(keep["id"]), resolve=False)
 
@@ -313,11 +317,11 @@ class FhirFlagServer:
         async def one(write: FlagWrite, fid: str | None) -> WriteResult:
             found = await self.matches(write)
             if found is None:
-                return WriteResult("retry", 0, "outcome unknown, verification search failed")
+                return WriteResult(WriteOutcome.RETRY, 0, "outcome unknown, verification search failed")
             want = summary(record_flag(write.record, write.status))
             live = [f for f in found if f.get("status") != ENTERED_IN_ERROR]
             if len(live) <= 1 and any(summary(f) == want for f in found):
-                return WriteResult("ok", 200, "verified")
+                return WriteResult(WriteOutcome.OK, 200, "verified")
             return await self._single(write, fid)
 
         return list(await asyncio.gather(*(one(w, t) for w, t in zip(writes, targets, strict=True))))
@@ -335,7 +339,7 @@ class FhirFlagServer:
             except (FhirUnavailable, AuthFailed) as exc:
                 return [_unavailable(exc)] * len(writes)
         whole = classify(resp.status, resp.body, resp.headers)
-        if whole.outcome == "retry":
+        if whole.outcome == WriteOutcome.RETRY:
             return [whole] * len(writes)
         if not resp.ok:  # the server refused the batch itself: single requests for a while, then batches again
             log.warning("fhir.batch.refused", extra={"status": resp.status, "retryBatchInS": BATCH_RETRY_S})

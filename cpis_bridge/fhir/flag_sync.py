@@ -7,6 +7,7 @@ import datetime as dt
 import uuid
 from typing import Any, Final
 
+from cpis_bridge.core.ports import FlagStatus
 from cpis_bridge.core.records import Record, VisibilityWindows
 from cpis_bridge.fhir import mapping
 
@@ -15,9 +16,9 @@ FLAG_NAMESPACE: Final = mapping.NS_FLAG
 IDENTIFIER_SYSTEM: Final = mapping.RECORD_ID
 UKCORE_FLAG: Final = mapping.UKCORE_FLAG
 
-ACTIVE: Final = "active"
-INACTIVE: Final = "inactive"
-ENTERED_IN_ERROR: Final = "entered-in-error"
+ACTIVE: Final = FlagStatus.ACTIVE
+INACTIVE: Final = FlagStatus.INACTIVE
+ENTERED_IN_ERROR: Final = FlagStatus.ENTERED_IN_ERROR
 record_key = mapping.record_key
 
 
@@ -26,7 +27,7 @@ def flag_id(la: str, local_id: str) -> str:
     return str(uuid.uuid5(FLAG_NAMESPACE, record_key(la, local_id)))
 
 
-def flag_status(record: Record, day: dt.date, windows: VisibilityWindows) -> str:
+def flag_status(record: Record, day: dt.date, windows: VisibilityWindows) -> FlagStatus:
     """active while the record is visible on ``day``, inactive after (erasure is decided by the caller)."""
     return ACTIVE if record.is_visible(day, windows) else INACTIVE
 

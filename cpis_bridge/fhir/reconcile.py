@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from cpis_bridge.core.ports import FlagWrite
+from cpis_bridge.core.ports import FlagWrite, WriteOutcome
 from cpis_bridge.core.records import Record, VisibilityWindows
 from cpis_bridge.fhir.client import FhirUnavailable
 from cpis_bridge.fhir.flag_server import FhirFlagServer, classify
@@ -126,7 +126,7 @@ async def _retire(server: FhirFlagServer, flag: dict[str, Any]) -> bool:
     body = {k: v for k, v in flag.items() if k != "meta"}
     body["status"] = ENTERED_IN_ERROR
     resp = await server.client.request("PUT", f"Flag/{flag['id']}", body)
-    return classify(resp.status, resp.body, resp.headers).outcome == "ok"
+    return classify(resp.status, resp.body, resp.headers).outcome == WriteOutcome.OK
 
 
 async def repair(
@@ -144,7 +144,7 @@ async def repair(
         chunk = keys[i : i + 100]
         ids = [str(kept(k, found[k])["id"]) if found.get(k) else None for k in chunk]
         results = await server.write([wanted[k] for k in chunk], ids)
-        drift.failed += [k for k, r in zip(chunk, results, strict=True) if r.outcome != "ok"]
+        drift.failed += [k for k, r in zip(chunk, results, strict=True) if r.outcome != WriteOutcome.OK]
         if tick:
             tick(len(chunk))
     for key in drift.duplicates:

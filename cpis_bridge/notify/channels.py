@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 
 from cpis_bridge.core.nhs import NhsNumber
-from cpis_bridge.core.ports import Channel, DeliveryResult
+from cpis_bridge.core.ports import Channel, DeliveryOutcome, DeliveryResult
 from cpis_bridge.core.registry import LocalAuthority, Registry
 from cpis_bridge.fhir.client import Auth, make_auth
 from cpis_bridge.notify.fhir import FhirCommunicationChannel
@@ -26,7 +26,7 @@ class MisconfiguredChannel:
         self.detail = detail
 
     async def deliver(self, la: str, notification_id: str, nhs: NhsNumber, body: bytes) -> DeliveryResult:
-        return DeliveryResult("transient", None, None, self.detail)
+        return DeliveryResult(DeliveryOutcome.TRANSIENT, None, None, self.detail)
 
 
 def channel_names(la: LocalAuthority) -> list[str]:

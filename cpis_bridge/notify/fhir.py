@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 
 from cpis_bridge.core.nhs import NhsNumber
-from cpis_bridge.core.ports import DeliveryResult
+from cpis_bridge.core.ports import DeliveryOutcome, DeliveryResult
 from cpis_bridge.fhir.client import Auth, AuthFailed, NoAuth
 from cpis_bridge.notify.http import send
 
@@ -62,7 +62,7 @@ class FhirCommunicationChannel:
         try:
             authorization = await self.auth.header(self.session)
         except AuthFailed as exc:
-            return DeliveryResult("transient", None, None, f"token endpoint: {exc}")
+            return DeliveryResult(DeliveryOutcome.TRANSIENT, None, None, f"token endpoint: {exc}")
         extra = {"Authorization": authorization} if authorization else {}
 
         def headers() -> dict[str, str]:

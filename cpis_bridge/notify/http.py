@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
-from cpis_bridge.core.ports import DeliveryResult
+from cpis_bridge.core.ports import DeliveryOutcome, DeliveryResult
 
 TRANSIENT_4XX = frozenset({408, 425, 429})
 MAX_RETRY_AFTER_S = 3600.0
@@ -35,13 +35,13 @@ def retry_after(value: str | None, now: dt.datetime | None = None) -> float | No
 
 def classify(status: int, headers: Mapping[str, str]) -> DeliveryResult:
     if 200 <= status < 300:
-        return DeliveryResult("delivered", status)
+        return DeliveryResult(DeliveryOutcome.DELIVERED, status)
     if status == 410:
-        return DeliveryResult("gone", status)
+        return DeliveryResult(DeliveryOutcome.GONE, status)
     ra = retry_after(headers.get("Retry-After"))
     if 400 <= status < 500 and status not in TRANSIENT_4XX:
-        return DeliveryResult("client-error", status, ra)
-    return DeliveryResult("transient", status, ra)
+        return DeliveryResult(DeliveryOutcome.CLIENT_ERROR, status, ra)
+    return DeliveryResult(DeliveryOutcome.TRANSIENT, status, ra)
 
 
 async def send(
@@ -77,7 +77,7 @@ async def send(
                 with attempt:
                     return await once()
     except TimeoutError:
-        return DeliveryResult("transient", None, None, "timeout")
+        return DeliveryResult(DeliveryOutcome.TRANSIENT, None, None, "timeout")
     except aiohttp.ClientError as exc:
-        return DeliveryResult("transient", None, None, type(exc).__name__)
+        return DeliveryResult(DeliveryOutcome.TRANSIENT, None, None, type(exc).__name__)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -22,7 +22,16 @@ from cpis_bridge.core.access import SEP, UNREADABLE, Access, instant, notificati
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.errors import NotFound
 from cpis_bridge.core.nhs import NhsNumber
-from cpis_bridge.core.ports import AuditLog, Channel, ChannelStats, DeadLetter, DeliveryResult, Outbox, QueueEntry
+from cpis_bridge.core.ports import (
+    AuditLog,
+    Channel,
+    ChannelStats,
+    DeadLetter,
+    DeliveryOutcome,
+    DeliveryResult,
+    Outbox,
+    QueueEntry,
+)
 
 log = logging.getLogger("cpis_bridge.delivery")
 RECENT_SEP = "\x1e"
@@ -145,12 +154,12 @@ def decide(
     """The fate of a failed attempt (pure, so the schedule is unit-testable)."""
     failures = entry.attempt + 1
     deadline = entry.first_ms + int(policy.max_age_s * 1000)
-    if result.outcome == "gone":
+    if result.outcome == DeliveryOutcome.GONE:
         return Plan(dead=DeadLetter(channel, "gone", result.status))
     if now_ms >= deadline:
         return Plan(dead=DeadLetter(channel, "max-age", result.status))
     since = 0
-    if result.outcome == "client-error":
+    if result.outcome == DeliveryOutcome.CLIENT_ERROR:
         since = entry.client_error_since_ms or now_ms
         if now_ms - since >= policy.client_error_window_s * 1000:
             return Plan(dead=DeadLetter(channel, "client-error", result.status))
@@ -636,10 +645,10 @@ class Relay:
             ep.running -= 1
             self._running -= 1
             ep.done.append(self.clock())
-        changed = ep.breaker.record(result.outcome != "transient", self.clock())
+        changed = ep.breaker.record(result.outcome != DeliveryOutcome.TRANSIENT, self.clock())
         if changed is not None:
             self._transition(ep, changed)
-        if result.outcome == "delivered":
+        if result.outcome == DeliveryOutcome.DELIVERED:
             self.observer.count(channel.name, "delivered")
             self.observer.latency(channel.name, max(self.clock() - entry.first_ms / 1000, 0.0))
             self._decided(job)

@@ -10,12 +10,12 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from cpis_bridge.core.ports import FlagServer, FlagWrite, SyncItem, SyncQueue, WriteResult
+from cpis_bridge.core.ports import FlagServer, FlagStatus, FlagWrite, SyncItem, SyncQueue, WriteOutcome, WriteResult
 from cpis_bridge.core.records import Record, VisibilityWindows, today_london
 
 log = logging.getLogger("cpis_bridge.sync")
 
-ACTIVE, INACTIVE, ENTERED_IN_ERROR = "active", "inactive", "entered-in-error"
+ACTIVE, INACTIVE, ENTERED_IN_ERROR = FlagStatus.ACTIVE, FlagStatus.INACTIVE, FlagStatus.ENTERED_IN_ERROR
 EPOCH = dt.date(1970, 1, 1)
 LOCK_TTL_MS = 60_000  # one conditional write per identifier at a time
 BUSY_RETRY_MS = 500
@@ -173,11 +173,11 @@ class FlagSyncRelay:
             conflicts: list[tuple[SyncItem, WriteResult]] = []
             ok: list[SyncItem] = []
             for (item, _), result in zip(sendable, results, strict=True):
-                if result.outcome == "ok":
+                if result.outcome == WriteOutcome.OK:
                     ok.append(item)
-                elif result.outcome == "conflict":
+                elif result.outcome == WriteOutcome.CONFLICT:
                     conflicts.append((item, result))
-                elif result.outcome == "dead":
+                elif result.outcome == WriteOutcome.DEAD:
                     await self._dead(item, result)
                 else:
                     later.append((item, result))
@@ -212,7 +212,9 @@ class FlagSyncRelay:
         dues: list[int] = []
         for item, result in failed:
             if result.status == 412 and item.attempts + 1 >= MAX_VERSION_CONFLICTS:
-                await self._dead(item, WriteResult("dead", 412, "version-conflict", result.operation_outcome))
+                await self._dead(
+                    item, WriteResult(WriteOutcome.DEAD, 412, "version-conflict", result.operation_outcome)
+                )
                 continue
             if result.status in SERVER_WIDE:
                 if result.retry_after_s is not None:

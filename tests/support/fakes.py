@@ -17,7 +17,7 @@ import orjson
 
 from cpis_bridge.core.access import Access
 from cpis_bridge.core.errors import UploadInterrupted
-from cpis_bridge.core.ports import Change, LookupOutcome
+from cpis_bridge.core.ports import Change, LookupOutcome, LookupStatus
 from cpis_bridge.core.records import Record, VisibilityWindows
 from tests.support.world import HASH_KEY
 
@@ -171,15 +171,15 @@ class FakeAccessStore:
         today = EPOCH + dt.timedelta(days=today_day)
         visible = [r for r in self.m.child_records(nhs) if r.is_visible(today, windows)]
         log = self.m.accesses.setdefault(nhs, [])
-        status, access, access_id, recent_raw = 0, None, None, []
+        status, access, access_id, recent_raw = LookupStatus.NOT_RECORDED, None, None, []
         if record_access is not None and visible:
             existing = next((a for a in log[:HISTORY] if a.startswith(record_access.idempotency_prefix)), None)
             if existing is not None:
-                status, access = 2, Access.decode(existing)
+                status, access = LookupStatus.REPEAT, Access.decode(existing)
                 access_id = access.access_id(self.m.tag(nhs))
                 recent_raw = log[:HISTORY]
             else:
-                status, access = 1, record_access
+                status, access = LookupStatus.RECORDED, record_access
                 access_id = access.access_id(self.m.tag(nhs))
                 log.insert(0, record_access.encode())
                 del log[ACCESS_LOG_MAX:]
