@@ -29,14 +29,9 @@ GC_YOUNG_THRESHOLD = 10_000
 
 def settle_heap() -> None:
     """Once started: move every object alive now (modules, models, registry, app) out of the garbage collector's
-    reach, so a full collection walks only what requests create. Without it a full collection walked the whole
-    heap on the event loop: the 99th-percentile latency of every FHIR case fell from 45-85 ms to 15-25 ms with it
-    (bench/, 32 connections).
-
-    Then the youngest generation is collected after 10,000 net new containers instead of 700: 32 requests in flight
-    hold more than 700 between them, so the default collected every ~40 requests, found nothing to free (a request's
-    objects die by reference count) and promoted the live ones towards the older generations. Measured under load:
-    ~2,600 young collections in 30 s (0.8 s of CPU) with 700, two with 10,000. Cyclic garbage waits a little longer."""
+    reach, so a full collection walks only what requests create; then collect the youngest generation after 10,000
+    net new containers instead of 700 (requests in flight hold more than 700 between them, all freed by reference
+    count). Cyclic garbage waits a little longer. Measurements: bench/README.md."""
     gc.collect()
     gc.freeze()
     _, older, oldest = gc.get_threshold()

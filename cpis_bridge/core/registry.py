@@ -48,21 +48,16 @@ class OfficeHours:
 DEFAULT_OFFICE_HOURS: Final = OfficeHours()
 
 
-_OPEN_NOW: dict[OfficeHours, tuple[int, bool]] = {}
-
-
 def office_open(hours: OfficeHours, now: dt.datetime) -> bool:
     """``hours.open_at(now)`` on the look-up path: answered once per UTC minute per set of hours (office hours start
-    and end on whole minutes), so a search costs a dict look-up, not a time-zone conversion."""
-    minute = int(now.timestamp()) // 60
-    cached = _OPEN_NOW.get(hours)
-    if cached is not None and cached[0] == minute:
-        return cached[1]
-    result = hours.open_at(now)
-    if len(_OPEN_NOW) > 1024:
-        _OPEN_NOW.clear()
-    _OPEN_NOW[hours] = (minute, result)
-    return result
+    and end on whole minutes, and the registry accepts only HH:MM), so a search costs a cache look-up, not a
+    time-zone conversion."""
+    return _open_in_minute(hours, int(now.timestamp()) // 60)
+
+
+@lru_cache(maxsize=1024)
+def _open_in_minute(hours: OfficeHours, minute: int) -> bool:
+    return hours.open_at(dt.datetime.fromtimestamp(minute * 60, dt.UTC))
 
 
 Origin = tuple[str, str, int]  # scheme, host (lower case), port

@@ -86,7 +86,7 @@ def _plain_datetime(value: object) -> dt.datetime | None:
 
 
 def _plain(body: dict[str, Any], test_numbers_only: bool) -> InboundEncounter | None:
-    """The InboundEncounter of a plain, valid body without the model (~100 us a request), else None."""
+    """The InboundEncounter of a plain, valid body without the model (bench/README.md), else None."""
     if not _PLAIN_KEYS.issuperset(body):
         return None
     status, idents, cls, subject, period = (body.get(k) for k in ("status", "identifier", "class", "subject", "period"))

@@ -58,19 +58,17 @@ class Rendered:
         return orjson.dumps(self.body)
 
 
-_ACCESS_CACHE: dict[tuple[str, str, tuple[str, str] | None], dict[str, Any]] = {}
-_ACCESS_CACHE_MAX = 50_000
-
-
 def _access_api(tag: str, raw: str, names: dict[str, tuple[str, str]]) -> dict[str, Any]:
-    """``Access.to_api`` memoised: a child's recent accesses recur in each of its notifications (uuid5 per id)."""
-    key = (tag, raw, names.get(raw.partition(SEP)[0]))
-    hit = _ACCESS_CACHE.get(key)
-    if hit is None:
-        if len(_ACCESS_CACHE) >= _ACCESS_CACHE_MAX:
-            _ACCESS_CACHE.clear()
-        hit = _ACCESS_CACHE[key] = Access.decode(raw).to_api(tag, names)
-    return hit
+    """``Access.to_api`` memoised: a child's recent accesses recur in each of its notifications (uuid5 per id). The
+    stored access starts with its care setting's ODS code, the only name ``to_api`` reads."""
+    ods = raw.partition(SEP)[0]
+    return _access_api_of(tag, raw, ods, names.get(ods))
+
+
+@functools.lru_cache(maxsize=50_000)
+def _access_api_of(tag: str, raw: str, ods: str, setting: tuple[str, str] | None) -> dict[str, Any]:
+    """Shared between notification bodies, which only serialise it: never mutate it."""
+    return Access.decode(raw).to_api(tag, {} if setting is None else {ods: setting})
 
 
 def render(la: str, fields: Mapping[str, str]) -> Rendered:

@@ -468,8 +468,7 @@ class UploadService:
     ) -> list[Change] | None:
         """Validate up to BATCH more records on the event loop, a slice at a time, yielding between slices so the
         loop keeps flushing the batch Redis is waiting for (and serving other requests); None when the file is
-        done. (A worker thread would fight the loop for the GIL: each socket write or read costs the loop a whole
-        switch interval, which serialises validation and Redis.)"""
+        done. (Not a worker thread, which fought the loop for the GIL: bench/README.md.)"""
         changes: list[Change] = []
         taken = 0
         today = today_london(now)

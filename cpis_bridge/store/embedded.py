@@ -121,9 +121,8 @@ class EmbeddedRedis:
             "always",
             "--appendfilename",
             "cpis.aof",
-            # An AOF rewrite writes the whole dataset while every write still waits for its fsync: on a slow disk
-            # those fsyncs stalled for up to 0.5 s (bench/, p99 466 ms) each time the AOF passed 64 MB. Rewrite
-            # only past 1 GB (and double the last rewrite); the price: a restart may replay that much AOF.
+            # Rewrite only past 1 GB (and double the last rewrite): a rewrite stalls every fsync'd write
+            # (bench/README.md); the price: a restart may replay that much AOF.
             "--auto-aof-rewrite-min-size",
             AOF_REWRITE_MIN_SIZE,
             "--save",

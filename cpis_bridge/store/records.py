@@ -26,9 +26,8 @@ _FS = "\x1f"  # separates per-record fields in the payload; never inside an id, 
 
 
 class _Tagger:
-    """:meth:`Keys.tag` with the HMAC key schedule done once: copying pre-keyed SHA-256 states gives the same value
-    in a third of the time and, unlike ``hmac.digest``, never releases the GIL per call (a release per record lets the
-    upload's validation thread take the GIL for a whole switch interval each time)."""
+    """:meth:`Keys.tag` with the HMAC key schedule done once (pre-keyed SHA-256 states, copied per call): faster than
+    ``hmac.digest`` and never releasing the GIL per call (bench/README.md)."""
 
     __slots__ = ("_inner", "_outer")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, Final, TypeVar
 
 import orjson
@@ -194,18 +195,16 @@ async def lookup_for_search(request: web.Request, kind: str) -> LookupOutcome:
     return out
 
 
-_ORGS: dict[tuple[str, str, str, str, bool], dict[str, Any]] = {}
-
-
 def _organization(la: LocalAuthority, office_open: bool) -> dict[str, Any]:
-    """The LA's Organization, built once per registry entry and office state (orjson only reads it)."""
-    key = (la.ods, la.name, la.office_hours_phone, la.emergency_duty_phone, office_open)  # what organization() reads
-    org = _ORGS.get(key)
-    if org is None:
-        if len(_ORGS) > 1024:
-            _ORGS.clear()
-        org = _ORGS[key] = m.organization(la, office_open)
-    return org
+    """The LA's Organization, built once per registry entry and office state. Shared between responses, which only
+    serialise it: never mutate it."""
+    return _organization_of(la.ods, la.name, la.office_hours_phone, la.emergency_duty_phone, office_open)
+
+
+@lru_cache(maxsize=1024)
+def _organization_of(ods: str, name: str, office_phone: str, duty_phone: str, office_open: bool) -> dict[str, Any]:
+    # what organization() reads (a LocalAuthority with a FHIR channel is not hashable)
+    return m.organization(LocalAuthority(ods, name, office_phone, duty_phone), office_open)
 
 
 # -- handlers -------------------------------------------------------------------------------------------------------
