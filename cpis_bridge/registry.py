@@ -20,6 +20,7 @@ from cpis_bridge.core.registry import (
     OfficeHours,
     Origin,
     Registry,
+    SmartLaunch,
     WebhookChannel,
     Weekday,
     origin_of,
@@ -96,12 +97,42 @@ def _origins(urls: list[str]) -> list[str]:
     return urls
 
 
+class _Smart(_Strict):
+    """The clinician view's SMART EHR launch (docs/contract.md §7): issuers are FHIR base URLs, compared exactly."""
+
+    client_id: str = Field(alias="clientId", min_length=1, max_length=200)
+    issuers: list[str] = Field(min_length=1)
+    frame_origins: list[str] = Field(alias="frameOrigins", default_factory=list)
+
+    _check_issuers = field_validator("issuers")(_origins)
+
+    @field_validator("frame_origins")
+    @classmethod
+    def _bare_origins(cls, urls: list[str]) -> list[str]:
+        for url in _origins(urls):
+            if url.rstrip("/") != _origin_text(url):
+                raise ValueError(f"{url[:100]!r} must be an origin only (scheme://host[:port])")
+        return [_origin_text(u) for u in urls]
+
+    def build(self) -> SmartLaunch:
+        return SmartLaunch(self.client_id, frozenset(i.rstrip("/") for i in self.issuers), tuple(self.frame_origins))
+
+
+def _origin_text(url: str) -> str:
+    origin = origin_of(url)
+    assert origin is not None
+    scheme, host, port = origin
+    default = {"http": 80, "https": 443}[scheme]
+    return f"{scheme}://{host}" + ("" if port == default else f":{port}")
+
+
 class _CareSetting(_Strict):
     ods: str = Field(pattern=_ODS)
     name: str = Field(min_length=1, max_length=200)
     type: str = Field(min_length=1, max_length=20)
     unscheduled: bool
     fhir_servers: list[str] = Field(alias="fhirServers", default_factory=list)
+    smart_launch: _Smart | None = Field(alias="smartLaunch", default=None)
 
     _check_origins = field_validator("fhir_servers")(_origins)
 
@@ -180,7 +211,8 @@ def load_registry(path: Path) -> Registry:
     for i, cs in enumerate(parsed.care_settings):
         if cs.ods in settings or cs.ods in las:
             problems.append(f"care setting #{i + 1} ({cs.ods}), field ods: duplicate ODS code")
-        settings[cs.ods] = CareSetting(cs.ods, cs.name, cs.type, cs.unscheduled, _origin_set(cs.fhir_servers))
+        smart = cs.smart_launch.build() if cs.smart_launch is not None else None
+        settings[cs.ods] = CareSetting(cs.ods, cs.name, cs.type, cs.unscheduled, _origin_set(cs.fhir_servers), smart)
     cds: dict[str, CdsClient] = {}
     for i, c in enumerate(parsed.cds_clients):
         if c.ods not in settings:

@@ -100,12 +100,24 @@ class LocalAuthority:
 
 
 @dataclass(frozen=True, slots=True)
+class SmartLaunch:
+    """How a care setting's EHR launches the clinician view (SMART App Launch, EHR launch): the FHIR servers
+    (``iss``, exactly as the EHR sends it) it launches from, the client id the EHR registered for us, and the EHR
+    origins allowed to frame the view (CSP frame-ancestors)."""
+
+    client_id: str
+    issuers: frozenset[str]
+    frame_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class CareSetting:
     ods: str
     name: str
     type: str
     unscheduled: bool
     fhir_servers: frozenset[Origin] = frozenset()  # where its own CDS calls' fhirServer may point
+    smart: SmartLaunch | None = None  # the clinician view's SMART launch from this setting's EHR, if registered
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +136,10 @@ class Registry:
     local_authorities: dict[str, LocalAuthority]
     care_settings: dict[str, CareSetting]
     cds_clients: dict[str, CdsClient] = field(default_factory=dict)
+
+    def smart_settings(self, iss: str) -> list[CareSetting]:
+        """The care settings whose EHR may launch the clinician view from FHIR server ``iss``."""
+        return [c for c in self.care_settings.values() if c.smart is not None and iss in c.smart.issuers]
 
     def care_setting_names(self) -> dict[str, tuple[str, str]]:
         return {c.ods: (c.name, c.type) for c in self.care_settings.values()}

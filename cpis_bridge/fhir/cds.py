@@ -188,9 +188,11 @@ def card(
     office_open: bool,
     recent: Sequence[Access] = (),
     care_settings: Mapping[str, str] | None = None,
+    link: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """A running plan is a ``warning``; an ended one (still inside its display window) is ``info`` and says when it
-    ended. ``care_settings``: ODS code -> name, for where each recent visit was."""
+    ended. ``care_settings``: ODS code -> name, for where each recent visit was. ``link``: the card's SMART app link
+    (the clinician view), when the care setting's EHR can launch it."""
     plan = PLAN_NAMES[record.plan_type]
     la_name = la.name if la is not None else record.la
     running = plan_running(record, today)
@@ -206,13 +208,22 @@ def card(
         lines += ["", f"Ring now: **{now_phone}** ({now_label})", f"Other number: {other_phone} ({other_label})"]
     lines += ["", *_visits(recent, care_settings or {})]
     lines += ["", "Contact the local authority's children's social care team if you have safeguarding concerns."]
-    return {
+    out: dict[str, Any] = {
         "uuid": str(uuid.uuid4()),
         "summary": _summary(plan, la_name, None if running else record.end_date),
         "detail": "\n".join(lines),
         "indicator": "warning" if running else "info",
         "source": {"label": SOURCE_LABEL},
     }
+    if link is not None:
+        out["links"] = [dict(link)]
+    return out
+
+
+def smart_link(url: str, app_context: str) -> dict[str, str]:
+    """A CDS Hooks link of type ``smart`` to the clinician view: the EHR launches ``url`` (SMART EHR launch) and
+    hands ``app_context`` (an opaque id, never the NHS number) back to us in its token response."""
+    return {"label": "Open the CP-IS clinician view", "url": url, "type": "smart", "appContext": app_context}
 
 
 def cards(
@@ -223,8 +234,9 @@ def cards(
     open_now: Mapping[str, bool],
     recent: Sequence[Access] = (),
     care_settings: Mapping[str, str] | None = None,
+    link: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """``open_now``: LA ODS code -> whether its office is open (which number to ring)."""
+    """``open_now``: LA ODS code -> whether its office is open (which number to ring); ``link`` on every card."""
     return {
         "cards": [
             card(
@@ -234,6 +246,7 @@ def cards(
                 office_open=open_now.get(r.la, False),
                 recent=recent,
                 care_settings=care_settings,
+                link=link,
             )
             for r in records
         ]

@@ -2,6 +2,7 @@
 
 P:web:s:<id>         STRING the session's JSON, expiring after the idle timeout (every request renews it)
 P:web:fail:<client>  STRING failed sign-ins from one client address in the current window (INCR, EXPIRE)
+P:web:fail:<scope>:<client>  the same for another view (the clinician view's sign-ins and launches: scope "ed")
 """
 
 from __future__ import annotations
@@ -67,15 +68,19 @@ class RedisSessionStorage(AbstractStorage):
 
 
 class SignInLimiter:
-    """Failed sign-ins per client address: at most ``limit`` in ``window_s`` seconds."""
+    """Failed sign-ins per client address: at most ``limit`` in ``window_s`` seconds. Each ``scope`` (a view) counts
+    its own, so one view's failures never lock people out of another."""
 
-    def __init__(self, client: Callable[[], tuple[Redis, Keys]], *, limit: int = 5, window_s: int = 900) -> None:
+    def __init__(
+        self, client: Callable[[], tuple[Redis, Keys]], *, limit: int = 5, window_s: int = 900, scope: str = ""
+    ) -> None:
         self._client = client
         self.limit = limit
         self.window_s = window_s
+        self._scope = f"{scope}:" if scope else ""
 
     def _key(self, who: str) -> str:
-        return f"{self._client()[1].prefix}:web:fail:{who}"
+        return f"{self._client()[1].prefix}:web:fail:{self._scope}{who}"
 
     async def blocked(self, who: str) -> bool:
         count = await self._client()[0].get(self._key(who))

@@ -24,11 +24,14 @@ from cpis_bridge.core.registry import office_open, origin_of
 from cpis_bridge.fhir import cds
 from cpis_bridge.fhir.encounter import instant_problem
 from cpis_bridge.services.access import AccessService, LookupRequest
+from cpis_bridge.store.launch import LaunchContexts
 from cpis_bridge.web.common import MAX_FHIR_NESTING, allow, audit_context, json_response, loads_json, principal
-from cpis_bridge.web.state import ACCESS, AUDIT, METRICS, REGISTRY, SETTINGS
+from cpis_bridge.web.state import ACCESS, AUDIT, KEYS, METRICS, REDIS, REGISTRY, SETTINGS
 
 routes = web.RouteTableDef()
 CDS_HTTP: Final = web.AppKey("cds_http", aiohttp.ClientSession)
+LAUNCHES: Final = web.AppKey("launch_contexts", LaunchContexts)
+ED_LAUNCH_PATH: Final = "/ed/launch"
 FETCH_TIMEOUT_S: Final = 5.0
 MAX_RESOURCE_BYTES: Final = 1024 * 1024
 MAX_FEEDBACK: Final = 100
@@ -206,9 +209,36 @@ async def call_service(request: web.Request) -> web.Response:
     now = dt.datetime.now(dt.UTC)
     open_now = {r.la: office_open(las[r.la].office_hours, now) for r in out.records if r.la in las}
     names = {ods: cs.name for ods, cs in registry.care_settings.items()}
+    link = None
+    if out.records and setting.smart is not None:
+        link = await _smart_link(request, nhs, setting.ods, context["patientId"], user)
     return json_response(
-        cds.cards(out.records, las, today=access.today(), open_now=open_now, recent=out.recent, care_settings=names)
+        cds.cards(
+            out.records,
+            las,
+            today=access.today(),
+            open_now=open_now,
+            recent=out.recent,
+            care_settings=names,
+            link=link,
+        )
     )
+
+
+async def _smart_link(
+    request: web.Request, nhs: NhsNumber, ods: str, patient_id: str, user: cds.User | None
+) -> dict[str, str]:
+    """The cards' SMART link to the clinician view, its appContext an opaque id for this look-up's context."""
+    p = principal(request)
+    who = user or cds.User(p.subject, p.name, p.role_code)
+    context = {
+        "nhs": str(nhs),
+        "cs": ods,
+        "patient": patient_id[:200],
+        "user": {"id": who.id, "name": who.name, "roleCode": who.role_code},
+    }
+    app_context = await request.app[LAUNCHES].mint(context)
+    return cds.smart_link(request.app[SETTINGS].base_url + ED_LAUNCH_PATH, app_context)
 
 
 def _feedback_entry(item: Any, index: int) -> dict[str, Any]:
@@ -278,4 +308,5 @@ async def http_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def setup(app: web.Application) -> None:
+    app[LAUNCHES] = LaunchContexts(lambda: (app[REDIS], app[KEYS]), ttl_s=app[SETTINGS].web_launch_ttl_s)
     app.router.add_routes(routes)

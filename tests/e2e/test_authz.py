@@ -137,6 +137,23 @@ TABLE: dict[tuple[str, str], Row] = {
     ("GET", "/la/events"): Row(PUBLIC, "/la/events", frozenset({200})),
     ("POST", "/la/children"): Row(PUBLIC, "/la/children", frozenset({200})),
     ("GET", "/la/assets/{path}"): Row(PUBLIC, "/la/assets/la.js", frozenset({200})),
+    ("GET", "/ed/"): Row(PUBLIC, "/ed/", frozenset({200})),
+    ("GET", "/ed/sign-in"): Row(PUBLIC, "/ed/sign-in", frozenset({200})),
+    ("POST", "/ed/sign-in"): Row(
+        PUBLIC,
+        "/ed/sign-in",
+        frozenset({400}),
+        data=b"ods=RXX01&name=x",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ),
+    ("POST", "/ed/sign-out"): Row(PUBLIC, "/ed/sign-out", frozenset({200})),
+    ("GET", "/ed/signed-out"): Row(PUBLIC, "/ed/signed-out", frozenset({200})),
+    # a launch from an EHR the registry does not know, and a callback with no launch pending: refused, counted
+    ("GET", "/ed/launch"): Row(PUBLIC, "/ed/launch?iss=https://ehr.example/fhir&launch=x", frozenset({400, 429})),
+    ("GET", "/ed/callback"): Row(PUBLIC, "/ed/callback?code=x&state=y", frozenset({400, 429})),
+    ("GET", "/ed/children/{view}"): Row(PUBLIC, "/ed/children/no-such-view", frozenset({200})),
+    ("POST", "/ed/children"): Row(PUBLIC, "/ed/children", frozenset({200})),
+    ("GET", "/ed/assets/{path}"): Row(PUBLIC, "/ed/assets/ed.js", frozenset({200})),
 }
 
 

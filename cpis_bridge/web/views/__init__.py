@@ -1,4 +1,5 @@
-"""Server-rendered web views for people (the duty-team view under /la/), each a sub-application wired by setup."""
+"""Server-rendered web views for people (the duty-team view under /la/, the clinician view under /ed/), each a
+sub-application wired by setup."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from aiohttp import web
 
 
 def setup(app: web.Application) -> None:
-    from cpis_bridge.web.views import duty
+    from cpis_bridge.web.views import duty, ed
 
     app.add_subapp(duty.PREFIX, duty.make_app(app))
+    app.add_subapp(ed.PREFIX, ed.make_app(app))

@@ -1,0 +1,46 @@
+"""The clinician view's launch contexts in Redis: the opaque ``appContext`` a CDS card's SMART link carries, naming
+the look-up it came from (child, care setting, user), kept for a short time and taken at most once.
+
+P:web:launch:<id>    STRING the context's JSON (NHS number inside, never in the id), expiring after ``ttl_s``
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from cpis_bridge.store.keys import Keys
+
+ID_BYTES = 24  # 192 random bits, URL-safe text of 32 characters
+
+
+class LaunchContexts:
+    def __init__(self, client: Callable[[], tuple[Redis, Keys]], *, ttl_s: int = 600) -> None:
+        self._client = client  # the app's Redis exists only once it has started
+        self.ttl_s = ttl_s
+
+    def _key(self, cid: str) -> str:
+        return f"{self._client()[1].prefix}:web:launch:{cid}"
+
+    async def mint(self, context: dict[str, Any]) -> str:
+        """Keep ``context`` under a new random id (the card's appContext) for ``ttl_s`` seconds."""
+        cid = secrets.token_urlsafe(ID_BYTES)
+        await self._client()[0].set(self._key(cid), orjson.dumps(context), ex=self.ttl_s)
+        return cid
+
+    async def take(self, cid: str) -> dict[str, Any] | None:
+        """The context, removed as it is read (a launch uses it once); None when unknown, expired or malformed."""
+        if not cid or len(cid) > 64 or not cid.isascii():
+            return None
+        raw = await self._client()[0].getdel(self._key(cid))
+        if raw is None:
+            return None
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        return value if isinstance(value, dict) else None
