@@ -11,7 +11,7 @@ import hmac
 import logging
 import secrets
 import time
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 import aiohttp_jinja2
@@ -20,8 +20,6 @@ import jinja2
 from aiohttp import web
 from aiohttp_session import SESSION_KEY, Session, get_session, new_session
 from authlib.common.security import generate_token
-from authlib.integrations.base_client.errors import OAuthError
-from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
@@ -46,6 +44,9 @@ from cpis_bridge.web.views.pages import (
     csrf_token,
     make_subapp,
 )
+
+if TYPE_CHECKING:
+    from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 CS: Final = Role.CARE_SETTING
 PREFIX: Final = "/ed"
@@ -195,6 +196,9 @@ async def _smart_configuration(request: web.Request, iss: str) -> dict[str, str]
 
 
 def _client(request: web.Request, client_id: str) -> AsyncOAuth2Client:
+    # imported on first use: authlib's client package (OAuth 1 included) is most of a second of start-up otherwise
+    from authlib.integrations.httpx_client import AsyncOAuth2Client
+
     settings = request.config_dict[SETTINGS]
     return AsyncOAuth2Client(
         client_id=client_id,
@@ -266,6 +270,8 @@ async def callback(request: web.Request) -> web.StreamResponse:
     code = request.query.get("code") or ""
     if not code or len(code) > 2000:
         return await _launch_failed(request, "missing-code")
+    from authlib.integrations.base_client.errors import OAuthError
+
     try:
         async with _client(request, pending["client"]) as client:
             token = await client.fetch_token(
