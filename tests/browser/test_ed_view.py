@@ -15,9 +15,9 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import api, assert_accessible, focused, put_record, tab_to
-from tests.conftest import token
-from tests.e2e.proc import ServiceProcess
-from tests.ehr_double import Ehr, EhrThread, registry_with_smart
+from tests.support.ehr_double import Ehr, EhrThread, registry_with_smart
+from tests.support.service import ServiceProcess
+from tests.support.world import token
 
 LA1_NAME = "Example Borough Council Children's Services"
 

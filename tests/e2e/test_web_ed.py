@@ -17,8 +17,8 @@ import pytest
 import redis.asyncio as aredis
 
 from cpis_bridge.web.cds import LAUNCHES
-from tests.conftest import ED, LA1, auth, record
-from tests.ehr_double import Ehr, registry_with_smart
+from tests.support.ehr_double import Ehr, registry_with_smart
+from tests.support.world import ED, LA1, auth, record
 
 COOKIE = "__Host-cpis-ed"
 NHS = "9990000018"

@@ -170,7 +170,7 @@ class EhrThread:
 
 def registry_with_smart(ehr: Ehr, ods: str = "RXX01") -> str:
     """The test registry with SMART launch from ``ehr`` registered for care setting ``ods``."""
-    from tests.conftest import REGISTRY
+    from tests.support.world import REGISTRY
 
     lines = []
     for line in REGISTRY.read_text().splitlines():
