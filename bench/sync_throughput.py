@@ -158,7 +158,7 @@ async def _service(
 
 
 async def _drain(parts: Any, bound_s: float = 900.0) -> None:
-    from cpis_bridge.services.sync import epoch_ms, utc_now
+    from cpis_bridge.core.clock import epoch_ms, utc_now
 
     deadline = time.perf_counter() + bound_s
     while time.perf_counter() < deadline:
@@ -170,7 +170,7 @@ async def _drain(parts: Any, bound_s: float = 900.0) -> None:
 
 
 async def run_case(records: int, batch: bool, redis_url: str, data_dir: Path) -> dict[str, Any]:
-    from cpis_bridge.services.sync import epoch_ms, utc_now
+    from cpis_bridge.core.clock import epoch_ms, utc_now
 
     port = free_port()
     proc = _start_double(port, batch)

@@ -20,6 +20,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from cpis_bridge.auth import Authenticator
 from cpis_bridge.config import Settings
 from cpis_bridge.core.access import SEP
+from cpis_bridge.core.clock import Clock, epoch_ms, utc_now
 from cpis_bridge.fhir.client import AuthFailed, FhirClient, FhirUnavailable, make_auth
 from cpis_bridge.fhir.flag_server import FhirFlagServer
 from cpis_bridge.metrics import Metrics
@@ -28,7 +29,7 @@ from cpis_bridge.registry import load_registry
 from cpis_bridge.services.access import AccessService
 from cpis_bridge.services.records import RecordService
 from cpis_bridge.services.retention import RetentionPolicy, RetentionService
-from cpis_bridge.services.sync import Clock, FlagScheduler, FlagSyncRelay, epoch_ms, utc_now
+from cpis_bridge.services.sync import FlagScheduler, FlagSyncRelay
 from cpis_bridge.store.accesses import RedisAccessStore
 from cpis_bridge.store.audit import RedisAuditLog
 from cpis_bridge.store.connection import make_client

@@ -159,7 +159,7 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from cpis_bridge.app import flag_sync_parts, redis_url_for
-    from cpis_bridge.core.records import today_london
+    from cpis_bridge.core.clock import today_london
     from cpis_bridge.fhir.reconcile import compare, repair
     from cpis_bridge.store.connection import make_client
     from cpis_bridge.store.keys import Keys
@@ -278,6 +278,7 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     import orjson
 
     from cpis_bridge.auth import dev_token
+    from cpis_bridge.fhir.formats import JSON_CT
     from cpis_bridge.registry import load_registry
 
     if not settings.dev_mode:
@@ -323,7 +324,7 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
             "GET",
             f"{base}/fhir/CareTeam",
             params={"patient:identifier": f"https://fhir.nhs.uk/Id/nhs-number|{nhs}"},
-            headers={**h_cs, "IsUnscheduledAccessEvent": "true", "TraceID": trace, "Accept": "application/fhir+json"},
+            headers={**h_cs, "IsUnscheduledAccessEvent": "true", "TraceID": trace, "Accept": JSON_CT},
         )
         total = bundle.get("total") if isinstance(bundle, dict) else None
         print(f"2. {cs.ods} ({cs.name}) looked the child up, unscheduled: HTTP {status}, {total} CareTeam(s)")

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final, overload
 
+from cpis_bridge.core.clock import epoch_ms
+
 # Fixed namespaces (documented in the README): ids derived from them are stable across releases.
 NS_ACCESS: Final = uuid.UUID("6f1c2f4e-8a55-5b7e-9d3a-2b7c0c1d4e01")
 NS_NOTIFICATION: Final = uuid.UUID("6f1c2f4e-8a55-5b7e-9d3a-2b7c0c1d4e02")
@@ -22,10 +24,6 @@ def _clean(value: str | None, limit: int) -> str:
     if not value:
         return ""
     return value.replace(SEP, " ").replace("\x1e", " ")[:limit]
-
-
-def _ms(t: dt.datetime) -> int:
-    return int(t.timestamp() * 1000)
 
 
 def _from_ms(ms: int) -> dt.datetime:
@@ -68,8 +66,8 @@ class Access:
             (
                 self.care_setting,
                 _clean(self.source_event_id, _LIMITS["source_event_id"]),
-                str(_ms(self.occurred_at)),
-                "" if self.arrived_at is None else str(_ms(self.arrived_at)),
+                str(epoch_ms(self.occurred_at)),
+                "" if self.arrived_at is None else str(epoch_ms(self.arrived_at)),
                 _clean(self.actor.user_id, _LIMITS["user_id"]),
                 _clean(self.actor.user_name, _LIMITS["user_name"]),
                 _clean(self.actor.role_code, _LIMITS["role_code"]),
@@ -93,7 +91,7 @@ class Access:
 
     def access_id(self, child_key: str) -> str:
         """A stable id for this access (derived, so it costs no storage)."""
-        seed = f"{child_key}|{self.care_setting}|{self.source_event_id}|{_ms(self.occurred_at)}"
+        seed = f"{child_key}|{self.care_setting}|{self.source_event_id}|{epoch_ms(self.occurred_at)}"
         return _uuid5(_NS_ACCESS_BYTES, seed)
 
     def to_api(self, child_key: str, care_settings: dict[str, tuple[str, str]]) -> dict[str, Any]:

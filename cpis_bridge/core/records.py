@@ -8,13 +8,11 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any, Final
-from zoneinfo import ZoneInfo
 
 from cpis_bridge.core.codes import RecordCode
 from cpis_bridge.core.errors import Problems, ValidationFailed
 from cpis_bridge.core.nhs import TEST_RANGE_PREFIX, InvalidNhsNumber, NhsNumber, check_digit
 
-LONDON: Final = ZoneInfo("Europe/London")
 MAX_LOCAL_ID: Final = 64
 MAX_NAME: Final = 100
 MAX_LEGAL_BASIS: Final = 32
@@ -48,12 +46,6 @@ class PlanType(StrEnum):
     CPP = "CPP"
     LAC = "LAC"
     UCPP = "UCPP"
-
-
-def today_london(now: dt.datetime | None = None) -> dt.date:
-    """The Europe/London calendar day at ``now`` (default: the current instant)."""
-    now = now or dt.datetime.now(dt.UTC)
-    return now.astimezone(LONDON).date()
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import holidays
 
-from cpis_bridge.core.records import LONDON
+from cpis_bridge.core.clock import LONDON
 
 Weekday: TypeAlias = Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
 WEEKDAYS: Final[tuple[Weekday, ...]] = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from cpis_bridge.core.access import Access
-from cpis_bridge.core.records import LONDON, Record
+from cpis_bridge.core.clock import LONDON
+from cpis_bridge.core.records import Record
 from cpis_bridge.core.registry import LocalAuthority
 from cpis_bridge.fhir.mapping import EMERGENCY_DUTY, NHS_NUMBER, OFFICE_HOURS, PLAN_NAMES, plan_running
 

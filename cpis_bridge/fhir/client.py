@@ -24,9 +24,10 @@ import orjson
 from multidict import CIMultiDict
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from cpis_bridge.fhir.formats import JSON_CT
+
 log = logging.getLogger("cpis_bridge.fhir.client")
 
-FHIR_JSON = "application/fhir+json"
 TRANSIENT = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
 OVERLOAD = frozenset({409, 429, 503})  # answers that halve the concurrency limit (as timeouts do)
 
@@ -431,9 +432,9 @@ class FhirClient:
     async def _once(self, method: str, path: str, data: bytes | None, extra: Mapping[str, str] | None) -> FhirResponse:
         for auth_try in range(2):
             await self._wait_gate()
-            headers = {"Accept": FHIR_JSON}
+            headers = {"Accept": JSON_CT}
             if data is not None:
-                headers["Content-Type"] = FHIR_JSON
+                headers["Content-Type"] = JSON_CT
             headers.update(extra or {})
             auth = await self.auth.header(self.session)
             if auth:

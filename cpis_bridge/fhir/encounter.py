@@ -11,9 +11,9 @@ from typing import Any, Final
 from fhir.resources.R4B.encounter import Encounter
 from pydantic import ValidationError
 
+from cpis_bridge.core.clock import LONDON
 from cpis_bridge.core.errors import FieldError, ValidationFailed
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
-from cpis_bridge.core.records import LONDON
 from cpis_bridge.fhir.mapping import NHS_NUMBER, PROFILE_ENCOUNTER, ods_identifier
 
 STATUSES: Final = frozenset(

@@ -13,13 +13,13 @@ import orjson
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import DeliveryOutcome, DeliveryResult
 from cpis_bridge.fhir.client import Auth, AuthFailed, NoAuth
+from cpis_bridge.fhir.formats import JSON_CT
 from cpis_bridge.notify.http import send
 
 # Fixed (documented in the README): Communication.id = uuid5(NS_COMMUNICATION, notification id).
 NS_COMMUNICATION: Final = uuid.UUID("6f1c2f4e-8a55-5b7e-9d3a-2b7c0c1d4e03")
 NHS_SYSTEM: Final = "https://fhir.nhs.uk/Id/nhs-number"
 ODS_SYSTEM: Final = "https://fhir.nhs.uk/Id/ods-organization-code"
-FHIR_JSON: Final = "application/fhir+json"
 
 
 def communication_id(notification_id: str) -> str:
@@ -66,7 +66,7 @@ class FhirCommunicationChannel:
         extra = {"Authorization": authorization} if authorization else {}
 
         def headers() -> dict[str, str]:
-            return {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON, **extra}
+            return {"Content-Type": JSON_CT, "Accept": JSON_CT, **extra}
 
         result = await send(self.session, "PUT", url, resource, headers, self.timeout_s)
         if result.status == 401:

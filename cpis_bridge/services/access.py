@@ -11,12 +11,11 @@ from typing import Any
 
 from cpis_bridge.core.access import HISTORY_LENGTH, Access, Actor
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.clock import epoch_day, from_epoch_day, today_london, utc_now
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import AccessStore, LookupOutcome, LookupStatus
-from cpis_bridge.core.records import Record, VisibilityWindows, today_london
+from cpis_bridge.core.records import Record, VisibilityWindows
 from cpis_bridge.core.registry import CareSetting
-
-EPOCH = dt.date(1970, 1, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +46,7 @@ class AccessService:
         self.store = store
         self.on_notified = on_notified
         self.windows = windows
-        self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
+        self.clock = clock or utc_now
         self._day: tuple[dt.datetime, dt.datetime, int] | None = None  # [start, end) of a UTC minute, its day
 
     def _today_day(self, now: dt.datetime) -> int:
@@ -57,13 +56,13 @@ class AccessService:
         if cached is not None and cached[0] <= now < cached[1]:
             return cached[2]
         start = now.replace(second=0, microsecond=0)
-        day = (today_london(now) - EPOCH).days
+        day = epoch_day(today_london(now))
         self._day = (start, start + dt.timedelta(minutes=1), day)
         return day
 
     def today(self) -> dt.date:
         """The Europe/London day now (cached per UTC minute, as for look-ups)."""
-        return EPOCH + dt.timedelta(days=self._today_day(self.clock()))
+        return from_epoch_day(self._today_day(self.clock()))
 
     @staticmethod
     def is_unscheduled(req: LookupRequest) -> bool:

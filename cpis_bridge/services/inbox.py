@@ -17,10 +17,10 @@ from typing import Any
 
 from cpis_bridge.core.access import HISTORY_LENGTH, SEP, UNREADABLE, Unreadable, ignore_unreadable
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.clock import epoch_ms, london_midnight_ms, utc_now
 from cpis_bridge.core.errors import NotFound, UnreadableInput
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import AccessStore, AuditLog, Inbox
-from cpis_bridge.core.records import LONDON
 from cpis_bridge.services.delivery import is_entry_id, render
 
 log = logging.getLogger("cpis_bridge.inbox")
@@ -64,10 +64,6 @@ class InboxFilter:
         return self.care_setting is not None or self.acknowledged is not None
 
 
-def _day_start_ms(day: dt.date) -> int:
-    return int(dt.datetime.combine(day, dt.time(), LONDON).timestamp() * 1000)
-
-
 def _entry_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
@@ -98,7 +94,7 @@ class InboxService:
         self.accesses = accesses
         self.audit = audit
         self.care_settings = care_settings
-        self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
+        self.clock = clock or utc_now
 
     async def notifications(self, ctx: AuditContext, la: str, after: str | None, limit: int) -> dict[str, Any]:
         start = decode_cursor(after) if after else None
@@ -125,10 +121,10 @@ class InboxService:
         cursor of the next page (None on the last). Items carry no recent accesses. Audited like the pull inbox."""
         start = decode_cursor(before) if before else None
         if flt.until is not None:
-            end = f"{_day_start_ms(flt.until + dt.timedelta(days=1))}-0"
+            end = f"{london_midnight_ms(flt.until + dt.timedelta(days=1))}-0"
             if start is None or _entry_key(end) < _entry_key(start):
                 start = end
-        oldest = f"{_day_start_ms(flt.since)}-0" if flt.since is not None else None
+        oldest = f"{london_midnight_ms(flt.since)}-0" if flt.since is not None else None
         chunk = 2 * size if flt.scans else size + 1  # a filter that skips entries reads more, doubling each time
         items: list[dict[str, Any]] = []
         scanned, more = 0, False
@@ -198,7 +194,7 @@ class InboxService:
         if ref is None:
             raise NotFound("no such notification")
         p = ctx.principal
-        by = SEP.join((str(int(now.timestamp() * 1000)), p.subject.replace(SEP, " "), (p.name or "").replace(SEP, " ")))
+        by = SEP.join((str(epoch_ms(now)), p.subject.replace(SEP, " "), (p.name or "").replace(SEP, " ")))
         await self.inbox.ack(la, ref, by)
 
     async def child_accesses(self, ctx: AuditContext, la: str, nhs: NhsNumber) -> list[dict[str, Any]]:

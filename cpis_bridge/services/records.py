@@ -7,17 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.clock import epoch_day, today_london, utc_now
 from cpis_bridge.core.codes import RecordCode
 from cpis_bridge.core.errors import NotFound, ValidationFailed
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
 from cpis_bridge.core.ports import AuditLog, Change, RecordStore
-from cpis_bridge.core.records import Record, VisibilityWindows, parse_record, today_london, validate_local_id
-
-EPOCH = dt.date(1970, 1, 1)
-
-
-def epoch_day(day: dt.date) -> int:
-    return (day - EPOCH).days
+from cpis_bridge.core.records import Record, VisibilityWindows, parse_record, validate_local_id
 
 
 class RecordService:
@@ -34,7 +29,7 @@ class RecordService:
         self.audit = audit
         self.windows = windows
         self.test_numbers_only = test_numbers_only
-        self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
+        self.clock = clock or utc_now
 
     def today(self) -> dt.date:
         return today_london(self.clock())

@@ -10,11 +10,10 @@ from typing import Any
 
 from cpis_bridge.core.access import SEP, UNREADABLE, Access, Unreadable, ignore_unreadable, instant
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.clock import DAY_MS, epoch_ms, today_london, utc_now
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import RetentionStore
-from cpis_bridge.core.records import Record, VisibilityWindows, today_london
-
-DAY_MS = 86_400_000
+from cpis_bridge.core.records import Record, VisibilityWindows
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +48,9 @@ class RetentionService:
 
     async def purge(self, ctx: AuditContext, now: dt.datetime | None = None) -> dict[str, int]:
         """Delete what is past retention; returns counts per kind. The run itself is audited (system list)."""
-        now = now or dt.datetime.now(dt.UTC)
+        now = now or utc_now()
         today = today_london(now)
-        now_ms = int(now.timestamp() * 1000)
+        now_ms = epoch_ms(now)
         p = self.policy
         template = ctx.entry("record.purged", None, now)
         records = 0
@@ -84,7 +83,7 @@ class RetentionService:
 
     async def export(self, ctx: AuditContext, nhs: NhsNumber, now: dt.datetime | None = None) -> dict[str, Any]:
         """Everything held for one NHS number (subject access), as JSON-ready data. The export is audited."""
-        now = now or dt.datetime.now(dt.UTC)
+        now = now or utc_now()
         today = today_london(now)
         data = await self.store.subject(nhs)
         by_la: dict[str, list[dict[str, Any]]] = {}

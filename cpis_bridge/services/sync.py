@@ -10,26 +10,17 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from cpis_bridge.core.clock import Clock, epoch_day, epoch_ms, today_london, utc_now
 from cpis_bridge.core.ports import FlagServer, FlagStatus, FlagWrite, SyncItem, SyncQueue, WriteOutcome, WriteResult
-from cpis_bridge.core.records import Record, VisibilityWindows, today_london
+from cpis_bridge.core.records import Record, VisibilityWindows
 
 log = logging.getLogger("cpis_bridge.sync")
 
 ACTIVE, INACTIVE, ENTERED_IN_ERROR = FlagStatus.ACTIVE, FlagStatus.INACTIVE, FlagStatus.ENTERED_IN_ERROR
-EPOCH = dt.date(1970, 1, 1)
 LOCK_TTL_MS = 60_000  # one conditional write per identifier at a time
 BUSY_RETRY_MS = 500
 
-Clock = Callable[[], dt.datetime]
 Observer = Callable[[str, int], None]
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def epoch_ms(t: dt.datetime) -> int:
-    return int(t.timestamp() * 1000)
 
 
 def desired(record: Record | None, item: SyncItem, day: dt.date, windows: VisibilityWindows) -> FlagWrite | None:
@@ -268,7 +259,7 @@ class FlagScheduler:
         today = today_london(self.clock())
         moved = 0
         while True:  # bounded by the schedule's size: each call removes what it moves
-            n = await self.queue.schedule_due((today - EPOCH).days)
+            n = await self.queue.schedule_due(epoch_day(today))
             moved += n
             if n == 0:
                 break

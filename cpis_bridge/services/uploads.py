@@ -19,6 +19,7 @@ from typing import IO, Any
 import orjson
 
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.clock import today_london
 from cpis_bridge.core.codes import FileCode, RecordCode, file_code
 from cpis_bridge.core.errors import (
     Conflict,
@@ -28,7 +29,7 @@ from cpis_bridge.core.errors import (
     ValidationFailed,
 )
 from cpis_bridge.core.ports import Change, UploadStore
-from cpis_bridge.core.records import MAX_LOCAL_ID, Record, parse_record, today_london
+from cpis_bridge.core.records import MAX_LOCAL_ID, Record, parse_record
 from cpis_bridge.services.records import RecordService
 
 log = logging.getLogger("cpis_bridge.uploads")

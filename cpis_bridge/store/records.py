@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -12,6 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from cpis_bridge.core.access import UNREADABLE, Unreadable, instant
+from cpis_bridge.core.clock import utc_now
 from cpis_bridge.core.errors import UploadInterrupted
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import Change
@@ -143,7 +143,7 @@ class RedisRecordStore:
                     keys=[ids_key, k.sync_queue, k.sync_schedule, k.la_lock(la)],
                     args=[
                         la,
-                        instant(_now()),
+                        instant(utc_now()),
                         "1" if self.sync_enabled else "0",
                         len(pending),
                         _FS.join(parts),
@@ -224,7 +224,3 @@ def decode_fields(raw: Mapping[str, str], unreadable: Unreadable) -> list[Record
         except UNREADABLE:
             unreadable("record")
     return records
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

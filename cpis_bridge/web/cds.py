@@ -16,13 +16,14 @@ import orjson
 from aiohttp import web
 
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.clock import LONDON, today_london
 from cpis_bridge.core.errors import NotFound, PreconditionFailed, UnreadableInput, UnsupportedMediaType
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
 from cpis_bridge.core.principal import Role
-from cpis_bridge.core.records import LONDON, today_london
 from cpis_bridge.core.registry import office_open, origin_of
 from cpis_bridge.fhir import cds
 from cpis_bridge.fhir.encounter import instant_problem
+from cpis_bridge.fhir.formats import JSON_CT
 from cpis_bridge.services.access import AccessService, LookupRequest
 from cpis_bridge.store.launch import LaunchContexts
 from cpis_bridge.web.common import MAX_FHIR_NESTING, allow, audit_context, json_response, loads_json, principal
@@ -95,7 +96,7 @@ async def _fetch(request: web.Request, body: dict[str, Any], server: str | None,
     """GET {fhirServer}/{path} with the hook's fhirAuthorization; None when it cannot be fetched."""
     if server is None:
         return None
-    headers = {"Accept": "application/fhir+json"}
+    headers = {"Accept": JSON_CT}
     auth = body.get("fhirAuthorization")
     if isinstance(auth, dict) and isinstance(auth.get("access_token"), str):
         headers["Authorization"] = f"Bearer {auth['access_token']}"

@@ -39,7 +39,6 @@ from cpis_bridge.web.common import (
 from cpis_bridge.web.state import ACCESS, METRICS, REGISTRY, SETTINGS
 
 routes = web.RouteTableDef()
-FHIR_CT: Final = JSON_CT
 CAPABILITY_DATE: Final = "2026-11-22"
 INTERACTION_ATTR: Final = "__fhir_interactions__"
 INVALID_SEARCH: Final = "INVALID_SEARCH_DATA"
@@ -98,7 +97,7 @@ def fhir_response(
     """In the format negotiated for the request (JSON unless XML was asked for)."""
     fmt = request.get(FHIR_FORMAT) or "json"
     if fmt == "json":
-        return web.Response(body=orjson.dumps(body), status=status, content_type=FHIR_CT, headers=headers)
+        return web.Response(body=orjson.dumps(body), status=status, content_type=JSON_CT, headers=headers)
     return web.Response(body=render(body, fmt), status=status, content_type=CONTENT_TYPES[fmt], headers=headers)
 
 
@@ -353,7 +352,7 @@ async def read_practitioner_role(request: web.Request) -> web.Response:
     )
 )
 async def create_encounter(request: web.Request) -> web.Response:
-    if request.content_type in (FHIR_CT, "application/json"):
+    if request.content_type in (JSON_CT, "application/json"):
         body = loads_json(await request.read(), limit=MAX_FHIR_NESTING)
     elif request.content_type in (XML_CT, "application/xml"):
         try:

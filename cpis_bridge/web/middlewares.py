@@ -32,7 +32,6 @@ log = logging.getLogger("cpis_bridge.web")
 MiB = 1024 * 1024
 UPLOAD_LIMIT = 128 * MiB
 DEFAULT_LIMIT = 1 * MiB
-FHIR_CT = "application/fhir+json"
 CLIENT_CLOSED = 499  # metric status of a request whose client disconnected before the answer (as nginx logs it)
 RETRY_AFTER = {"Retry-After": "1"}
 SHORT_DEADLINE_PREFIXES = ("/fhir", "/cds-services")
@@ -221,4 +220,4 @@ def make_middlewares() -> list[Middleware]:
     return [context]
 
 
-__all__ = ["FHIR_CT", "StoreUnavailable", "error_response", "make_middlewares", "route_template"]
+__all__ = ["StoreUnavailable", "error_response", "make_middlewares", "route_template"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from cpis_bridge.core.clock import utc_now
 from cpis_bridge.core.codes import RecordCode
 from cpis_bridge.core.errors import UnreadableInput, ValidationFailed
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
@@ -75,9 +75,5 @@ async def audit(request: web.Request) -> web.Response:
     log = request.app[AUDIT]
     entries = await log.query(nhs, limit)
     ctx = audit_context(request)
-    await log.append(None, ctx.entry("audit.read", None, _now(), subjectTag=log.keys.tag(nhs)))
+    await log.append(None, ctx.entry("audit.read", None, utc_now(), subjectTag=log.keys.tag(nhs)))
     return json_response({"entries": entries})
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

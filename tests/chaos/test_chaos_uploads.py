@@ -14,7 +14,8 @@ import orjson
 import pytest
 import redis as redis_sync
 
-from cpis_bridge.core.records import Record, today_london
+from cpis_bridge.core.clock import today_london
+from cpis_bridge.core.records import Record
 from cpis_bridge.store.keys import Keys
 from tests.chaos.harness import LA1, children
 from tests.support.polling import eventually

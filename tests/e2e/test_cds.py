@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cpis_bridge.app import create_app
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.clock import LONDON, today_london
 from cpis_bridge.core.principal import Principal, Role
-from cpis_bridge.core.records import LONDON, today_london
 from cpis_bridge.web.state import KEYS, RECORDS, REDIS
 from tests.e2e.test_fhir_api import commandstats
 from tests.support.world import DEV_SECRET, ED, GP, LA1, LA2, REGISTRY, auth, record

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from cpis_bridge.app import create_app, open_retention
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.clock import today_london
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
-from cpis_bridge.core.records import today_london
 from tests.e2e.test_authz import PUBLIC, ROLES, TABLE, all_routes
 from tests.e2e.test_fuzz_fhir import App, in_thread
 from tests.support.world import ED, LA1, OPS, record

@@ -12,9 +12,10 @@ import pytest
 
 from cpis_bridge.app import open_retention
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.clock import today_london
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
-from cpis_bridge.core.records import PlanType, Record, VisibilityWindows, today_london
+from cpis_bridge.core.records import PlanType, Record, VisibilityWindows
 from cpis_bridge.services.access import LookupRequest
 from cpis_bridge.web.state import ACCESS, METRICS, REGISTRY
 from tests.e2e.test_fhir_api import encounter_body

@@ -12,10 +12,11 @@ import pytest
 
 from cpis_bridge.app import create_app
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.clock import today_london
 from cpis_bridge.core.errors import UploadInterrupted
 from cpis_bridge.core.nhs import iter_test_numbers
 from cpis_bridge.core.principal import Principal, Role
-from cpis_bridge.core.records import parse_record, today_london
+from cpis_bridge.core.records import parse_record
 from cpis_bridge.services.uploads import UploadControl, UploadMeta, UploadMode
 from cpis_bridge.web.la import UPLOADS
 from cpis_bridge.web.state import KEYS, RECORDS, REDIS

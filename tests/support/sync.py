@@ -15,10 +15,9 @@ from aiohttp import web
 from cpis_bridge.app import SCRIPTS, FlagSyncParts, create_app, flag_sync_parts
 from cpis_bridge.config import Settings
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.clock import epoch_ms, today_london
 from cpis_bridge.core.principal import Principal, Role
-from cpis_bridge.core.records import today_london
 from cpis_bridge.services.records import RecordService
-from cpis_bridge.services.sync import epoch_ms
 from cpis_bridge.web.state import KEYS, RECORDS, REDIS
 
 LA_CTX = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cpis_bridge.core.records import LONDON
+from cpis_bridge.core.clock import LONDON
 from cpis_bridge.core.registry import DEFAULT_OFFICE_HOURS, OfficeHours, bank_holidays, office_open
 from cpis_bridge.registry import RegistryError, load_registry
 

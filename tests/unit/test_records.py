@@ -6,10 +6,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cpis_bridge.core.clock import today_london
 from cpis_bridge.core.codes import FileCode, file_code
 from cpis_bridge.core.errors import ValidationFailed
 from cpis_bridge.core.nhs import NhsNumber
-from cpis_bridge.core.records import PlanType, Record, VisibilityWindows, parse_record, today_london
+from cpis_bridge.core.records import PlanType, Record, VisibilityWindows, parse_record
 
 TODAY = dt.date(2026, 11, 22)
 W = VisibilityWindows()

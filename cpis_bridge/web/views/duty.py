@@ -15,10 +15,11 @@ from aiohttp_session import Session, get_session, new_session
 from aiohttp_sse import sse_response
 
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.clock import today_london, utc_now
 from cpis_bridge.core.errors import NotFound, ValidationFailed
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
-from cpis_bridge.core.records import parse_day, today_london
+from cpis_bridge.core.records import parse_day
 from cpis_bridge.services.inbox import InboxFeed, InboxFilter
 from cpis_bridge.store.web import SignInLimiter
 from cpis_bridge.web.common import PRINCIPAL, REQUEST_ID, allow, audit_context
@@ -89,7 +90,7 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     audit = request.config_dict[AUDIT]
     ods, name = form.get("ods", ""), " ".join(form.get("name", "").split())[:100]
     if await limiter.blocked(client):
-        await audit.append(None, _system_ctx(request, ods[:16]).entry("web.signin.refused", None, _now()))
+        await audit.append(None, _system_ctx(request, ods[:16]).entry("web.signin.refused", None, utc_now()))
         return render(request, "error.html", {"heading": "Too many attempts", "status": 429}, status=429)
     errors = {}
     if ods not in request.config_dict[REGISTRY].local_authorities:
@@ -99,7 +100,7 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     if errors:
         await limiter.failed(client)
         await audit.append(
-            None, _system_ctx(request, ods[:16]).entry("web.signin.failed", None, _now(), fields=sorted(errors))
+            None, _system_ctx(request, ods[:16]).entry("web.signin.failed", None, utc_now(), fields=sorted(errors))
         )
         return _sign_in(request, session, {"errors": errors, "form": form}, status=400)
     session = await new_session(request)  # a new id: a session fixed before sign-in is worth nothing after it
@@ -109,7 +110,7 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     await audit.append(
         None,
         AuditContext(Principal(who["sub"], LA, ods, name), None, request.get(REQUEST_ID)).entry(
-            "web.signin", None, _now(), method="dev"
+            "web.signin", None, utc_now(), method="dev"
         ),
     )
     raise web.HTTPSeeOther(f"{PREFIX}/notifications")
@@ -119,7 +120,7 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
 @page
 async def sign_out(request: web.Request, session: Session) -> web.StreamResponse:
     await checked_form(request, session)
-    await request.config_dict[AUDIT].append(None, audit_context(request).entry("web.signout", None, _now()))
+    await request.config_dict[AUDIT].append(None, audit_context(request).entry("web.signout", None, utc_now()))
     session.invalidate()
     raise web.HTTPSeeOther(f"{PREFIX}/signed-out")
 
@@ -282,10 +283,6 @@ async def child_lookup(request: web.Request, session: Session) -> web.StreamResp
     return render(
         request, "la/child.html", {"searched": True, "nhs": raw, "records": records, "accesses": accesses}, session
     )
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def make_app(parent: web.Application) -> web.Application:

@@ -17,9 +17,9 @@ import markupsafe
 from aiohttp import web
 from aiohttp_session import SESSION_KEY, Session, get_session, session_middleware
 
+from cpis_bridge.core.clock import LONDON
 from cpis_bridge.core.errors import CpisError
 from cpis_bridge.core.principal import Principal, Role
-from cpis_bridge.core.records import LONDON
 from cpis_bridge.store.web import RedisSessionStorage
 from cpis_bridge.web.common import PRINCIPAL, Handler, allow
 from cpis_bridge.web.state import KEYS, REDIS, SETTINGS
