@@ -20,6 +20,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 from cpis_bridge.auth import Authenticator
 from cpis_bridge.config import Settings
 from cpis_bridge.core.access import SEP
+from cpis_bridge.core.backoff import Backoff
 from cpis_bridge.core.clock import Clock, epoch_ms, utc_now
 from cpis_bridge.fhir.client import AuthFailed, FhirClient, FhirUnavailable, make_auth
 from cpis_bridge.fhir.flag_server import FhirFlagServer
@@ -295,8 +296,9 @@ def flag_sync_parts(
 
 async def _check_capabilities(server: FhirFlagServer, stop: asyncio.Event) -> None:
     """Start-up check of the CapabilityStatement; retried in the background, never blocking start."""
-    delay = 1.0
+    backoff = Backoff(1.0, 60.0, jitter=False)
     for _ in range(20):
+        delay = backoff.next()
         try:
             await server.prepare()
             return
@@ -306,7 +308,6 @@ async def _check_capabilities(server: FhirFlagServer, stop: asyncio.Event) -> No
             await asyncio.wait_for(stop.wait(), timeout=delay)
         if stop.is_set():
             return
-        delay = min(delay * 2, 60.0)
 
 
 async def _sample_sync_metrics(queue: RedisSyncQueue, metrics: Metrics, stop: asyncio.Event) -> None:

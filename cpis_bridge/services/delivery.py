@@ -20,6 +20,7 @@ import orjson
 
 from cpis_bridge.core.access import SEP, UNREADABLE, Access, instant, notification_id
 from cpis_bridge.core.audit import AuditContext
+from cpis_bridge.core.backoff import Backoff, backoff_s
 from cpis_bridge.core.errors import NotFound
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import (
@@ -125,8 +126,7 @@ class RetryPolicy:
 
     def backoff(self, failures: int, rnd: float) -> float:
         """Delay before the next attempt after ``failures`` failed ones: "equal jitter" in [base/2, base]."""
-        base = min(self.max_backoff_s, self.first_retry_s * float(2 ** min(max(failures - 1, 0), 30)))
-        return base / 2 + rnd * base / 2
+        return backoff_s(failures, self.first_retry_s, self.max_backoff_s, rnd)
 
 
 class DeliveryObserver(Protocol):
@@ -377,7 +377,7 @@ class Relay:
             self._room.clear()
 
     async def _read_loop(self) -> None:
-        errors = 0
+        errors = Backoff(0.2, 5.0, jitter=False)
         while not self._stopping.is_set():
             await self._room.wait()
             free = self._free()
@@ -386,15 +386,14 @@ class Relay:
                 continue
             try:
                 entries = await self.outbox.read(self.config.consumer, free, self.config.block_ms)
-                errors = 0
+                errors.reset()
                 if entries:
                     await self._dispatch(entries)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                errors += 1
                 log.exception("relay.read_failed")
-                await asyncio.sleep(min(0.1 * 2**errors, 5.0))
+                await asyncio.sleep(errors.next())
 
     async def _promote(self) -> None:
         while await self.outbox.promote(self._now_ms(), 500) == 500:

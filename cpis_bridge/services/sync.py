@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from cpis_bridge.core.backoff import Backoff
 from cpis_bridge.core.clock import Clock, epoch_day, epoch_ms, today_london, utc_now
 from cpis_bridge.core.ports import FlagServer, FlagStatus, FlagWrite, SyncItem, SyncQueue, WriteOutcome, WriteResult
 from cpis_bridge.core.records import Record, VisibilityWindows
@@ -30,28 +30,6 @@ def desired(record: Record | None, item: SyncItem, day: dt.date, windows: Visibi
     if item.tombstone is not None:
         return FlagWrite(item.tombstone, ENTERED_IN_ERROR)
     return None
-
-
-class Backoff:
-    """Exponential backoff with full jitter between ``first_s`` and ``max_s``; reset after a success."""
-
-    def __init__(self, first_s: float, max_s: float, rng: random.Random | None = None) -> None:
-        self.first_s = first_s
-        self.max_s = max_s
-        self.failures = 0
-        self.rng = rng or random.Random()
-
-    def delay(self, failures: int) -> float:
-        """The wait after ``failures`` failures in a row (the first: about ``first_s``)."""
-        ceiling = min(self.max_s, self.first_s * float(2 ** min(max(0, failures - 1), 30)))
-        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
-
-    def next(self) -> float:
-        self.failures += 1
-        return self.delay(self.failures)
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 #: Answers about the server as a whole (unreachable, throttled, unavailable): they pause every request to it.
