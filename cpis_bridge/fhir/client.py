@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import logging
 import re
 import time
@@ -24,6 +23,7 @@ import orjson
 from multidict import CIMultiDict
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from cpis_bridge.core.backoff import retry_after_s
 from cpis_bridge.fhir.formats import JSON_CT
 
 log = logging.getLogger("cpis_bridge.fhir.client")
@@ -203,22 +203,6 @@ def make_auth(
 
 _PARAM = re.compile(r"(?:^|[;,\s])(r|t|remaining|reset)\s*=\s*(-?\d+(?:\.\d+)?)", re.IGNORECASE)
 _EPOCH_FLOOR = 1_000_000_000  # an X-RateLimit-Reset this large is a Unix time, not a delta
-
-
-def retry_after_s(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,13 +13,13 @@ from typing import Any
 
 import orjson
 
+from cpis_bridge.core.backoff import retry_after_s
 from cpis_bridge.core.ports import FlagWrite, WriteOutcome, WriteResult
 from cpis_bridge.fhir.client import (
     AuthFailed,
     FhirClient,
     FhirUnavailable,
     ratelimit_reset_s,
-    retry_after_s,
 )
 from cpis_bridge.fhir.flag_sync import (
     ENTERED_IN_ERROR,

@@ -3,34 +3,15 @@ and the classification of its answer into a DeliveryResult (2xx, 410, other 4xx,
 
 from __future__ import annotations
 
-import datetime as dt
-import email.utils
 from collections.abc import Callable, Mapping
 
 import aiohttp
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
+from cpis_bridge.core.backoff import retry_after_s
 from cpis_bridge.core.ports import DeliveryOutcome, DeliveryResult
 
 TRANSIENT_4XX = frozenset({408, 425, 429})
-MAX_RETRY_AFTER_S = 3600.0
-
-
-def retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return min(float(value), MAX_RETRY_AFTER_S)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    delta = (when - (now or dt.datetime.now(dt.UTC))).total_seconds()
-    return min(max(delta, 0.0), MAX_RETRY_AFTER_S)
 
 
 def classify(status: int, headers: Mapping[str, str]) -> DeliveryResult:
@@ -38,7 +19,7 @@ def classify(status: int, headers: Mapping[str, str]) -> DeliveryResult:
         return DeliveryResult(DeliveryOutcome.DELIVERED, status)
     if status == 410:
         return DeliveryResult(DeliveryOutcome.GONE, status)
-    ra = retry_after(headers.get("Retry-After"))
+    ra = retry_after_s(headers.get("Retry-After"))
     if 400 <= status < 500 and status not in TRANSIENT_4XX:
         return DeliveryResult(DeliveryOutcome.CLIENT_ERROR, status, ra)
     return DeliveryResult(DeliveryOutcome.TRANSIENT, status, ra)

@@ -12,9 +12,10 @@ from fhir.resources.R4B.communication import Communication
 from standardwebhooks import Webhook
 
 from cpis_bridge.core.access import SEP, Access, Actor, notification_id
+from cpis_bridge.core.backoff import MAX_RETRY_AFTER_S, retry_after_s
 from cpis_bridge.core.ports import DeliveryResult, QueueEntry
 from cpis_bridge.notify.fhir import communication, communication_id
-from cpis_bridge.notify.http import classify, retry_after
+from cpis_bridge.notify.http import classify
 from cpis_bridge.notify.webhook import WebhookSecretError, sign, signing_key
 from cpis_bridge.services.delivery import RetryPolicy, decide, render
 
@@ -83,10 +84,19 @@ def test_classify() -> None:
 
 
 def test_retry_after_forms() -> None:
-    now = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
-    assert retry_after("120") == 120.0
-    assert retry_after("Thu, 01 Jan 2026 12:00:30 GMT", now) == 30.0
-    assert retry_after("soon") is None and retry_after(None) is None
+    now = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC).timestamp()
+    assert retry_after_s("120") == 120.0
+    assert retry_after_s("Thu, 01 Jan 2026 12:00:30 GMT", now) == 30.0
+    assert retry_after_s("Thu, 01 Jan 2026 11:00:00 GMT", now) == 0.0  # in the past: at once
+    assert retry_after_s("soon") is None and retry_after_s(None) is None and retry_after_s("") is None
+    assert retry_after_s("-5") is None and retry_after_s("inf") is None and retry_after_s("nan") is None
+
+
+def test_retry_after_is_capped_at_an_hour_in_both_forms() -> None:
+    now = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC).timestamp()
+    assert retry_after_s("86400") == MAX_RETRY_AFTER_S == 3600.0
+    assert retry_after_s("Sat, 03 Jan 2026 12:00:00 GMT", now) == MAX_RETRY_AFTER_S
+    assert classify(503, {"Retry-After": "999999"}).retry_after_s == MAX_RETRY_AFTER_S
 
 
 def fields() -> dict[str, str]:

@@ -8,9 +8,10 @@ import email.utils
 import pytest
 from fhir.resources.R4B.flag import Flag
 
+from cpis_bridge.core.backoff import retry_after_s
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.records import PlanType, Record, VisibilityWindows
-from cpis_bridge.fhir.client import ratelimit_reset_s, retry_after_s
+from cpis_bridge.fhir.client import ratelimit_reset_s
 from cpis_bridge.fhir.flag_server import classify, read_capabilities
 from cpis_bridge.fhir.flag_sync import conditional_url, flag_id, flag_status, record_flag, summary
 
@@ -103,6 +104,7 @@ def test_classify_multiple_matches_is_dead_and_keeps_outcome():
     result = classify(412, body, {})
     assert result.outcome == "dead" and "multiple-matches" in (result.operation_outcome or "")
     assert classify(429, None, {"Retry-After": "5"}).retry_after_s == 5.0
+    assert classify(503, None, {"Retry-After": "86400"}).retry_after_s == 3600.0  # the one cap, as for delivery
 
 
 def test_read_capabilities():
