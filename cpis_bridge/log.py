@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextvars
 import datetime as dt
-import hashlib
-import hmac
 import logging
 import re
 import sys
@@ -17,6 +15,8 @@ import traceback
 from typing import Any
 
 import orjson
+
+from cpis_bridge.core.nhs import NhsTagger
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 trace_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_id", default=None)
@@ -39,11 +39,14 @@ def digits_of(text: str) -> str:
 
 
 class Redactor:
+    """Replaces every NHS number in a line by ``nhs#`` and its keyed hash: the same tag that names the child's Redis
+    keys and stands in for the number in audit entries (``subjectTag``), so a log line can be matched to them."""
+
     def __init__(self, key: bytes) -> None:
-        self.key = key
+        self._tagger = NhsTagger(key)
 
     def tag(self, nhs: str) -> str:
-        return "nhs#" + hmac.new(self.key, digits_of(nhs).encode(), hashlib.sha256).hexdigest()[:12]
+        return "nhs#" + self._tagger(digits_of(nhs))
 
     def __call__(self, text: str) -> str:
         return NHS_PATTERN.sub(lambda m: self.tag(m.group(0)), text)

@@ -35,19 +35,22 @@ Layout (P = settings.key_prefix, h = child tag):
 from __future__ import annotations
 
 import hashlib
-import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from cpis_bridge.core.nhs import NhsTagger
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str
     hash_key: bytes
+    tag: NhsTagger = field(init=False, repr=False, compare=False)
+    """The keyed hash standing in for an NHS number in key names, logs and no-record audit entries."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tag", NhsTagger(self.hash_key))
 
     # -- children -----------------------------------------------------------------------------------------------
-    def tag(self, nhs: str) -> str:
-        """The keyed hash standing in for an NHS number in key names, logs and no-record audit entries."""
-        return hmac.digest(self.hash_key, nhs.encode(), hashlib.sha256).hex()[:20]  # one C call: same value
 
     def child(self, tag: str) -> str:
         return f"{self.prefix}:c:{{{tag}}}"

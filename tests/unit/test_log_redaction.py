@@ -37,3 +37,17 @@ def test_numbers_become_keyed_hashes_in_message_and_fields():
 
 def test_longer_digit_runs_are_left_alone():
     assert emit(b"k", "order 12345678901")["event"] == "order 12345678901"
+
+
+def test_a_log_tag_is_the_tag_of_the_childs_keys():
+    """One keyed hash: the tag a log line shows is the one naming the child's Redis keys and audit subjectTag."""
+    import hashlib
+    import hmac
+
+    from cpis_bridge.store.keys import Keys
+
+    keys = Keys("cpis", b"key-one")
+    assert logmod.Redactor(b"key-one").tag("999 000 0018") == "nhs#" + keys.tag("9990000018")
+    assert keys.tag("9990000018") == hmac.digest(b"key-one", b"9990000018", hashlib.sha256).hex()[:20]
+    long_key = b"k" * 100  # longer than SHA-256's block: hashed first, as HMAC does
+    assert Keys("cpis", long_key).tag("9990000018") == hmac.new(long_key, b"9990000018", "sha256").hexdigest()[:20]
