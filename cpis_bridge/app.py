@@ -37,6 +37,7 @@ from cpis_bridge.store.connection import make_client
 from cpis_bridge.store.embedded import EmbeddedRedis, socket_answers
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import RedisRecordStore
+from cpis_bridge.store.replicas import Replicas
 from cpis_bridge.store.retention import RedisRetentionStore
 from cpis_bridge.store.scripts import Scripts
 from cpis_bridge.store.sync import RedisSyncQueue
@@ -54,6 +55,7 @@ from cpis_bridge.web.state import (
     RECORDS,
     REDIS,
     REGISTRY,
+    SCRIPTS,
     SETTINGS,
     Lifecycle,
 )
@@ -61,7 +63,6 @@ from cpis_bridge.web.state import (
 log = logging.getLogger("cpis_bridge.app")
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
-SCRIPTS = web.AppKey("scripts", Scripts)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 EMBEDDED = web.AppKey("embedded", EmbeddedRedis)
 
@@ -81,6 +82,17 @@ def redis_url_for(settings: Settings) -> tuple[str, EmbeddedRedis | None]:
     return embedded.url, embedded
 
 
+async def replicas_for(client: Redis, settings: Settings, keys: Keys) -> Replicas:
+    """CPIS_REDIS_MIN_REPLICAS and how this server confirms (WAIT or WAITAOF)."""
+    return await Replicas.for_server(
+        client,
+        settings.redis_min_replicas,
+        settings.redis_replica_timeout_s,
+        fence_key=keys.replica_fence,
+        mode=settings.redis_confirm,
+    )
+
+
 async def _wait_for_redis(client: object) -> None:
     async for attempt in AsyncRetrying(
         stop=stop_after_delay(15),
@@ -95,13 +107,13 @@ async def _wait_for_redis(client: object) -> None:
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     url, embedded = await asyncio.to_thread(redis_url_for, settings)
-    client = make_client(url, max_connections=settings.redis_max_connections)
+    client = make_client(url, max_connections=settings.redis_max_connections, **settings.redis_secrets())
     supervisor: asyncio.Task[None] | None = None
     access_store: RedisAccessStore | None = None
     try:
         await _wait_for_redis(client)
         keys = Keys(settings.key_prefix, settings.hash_key())
-        scripts = Scripts(client)
+        scripts = Scripts(client, await replicas_for(client, settings, keys))
         app[REDIS] = client
         app[KEYS] = keys
         app[SCRIPTS] = scripts
@@ -421,12 +433,13 @@ def unreadable_reporter(metrics: Metrics | None) -> Callable[[str], None]:
 async def open_retention(settings: Settings) -> AsyncIterator[RetentionService]:
     """For the CLI: the retention service on CPIS_REDIS_URL, else the running embedded Redis (or one started here)."""
     url, embedded = await asyncio.to_thread(redis_url_for, settings)
-    client = make_client(url, max_connections=4)
+    client = make_client(url, max_connections=4, **settings.redis_secrets())
     try:
         await _wait_for_redis(client)
         keys = Keys(settings.key_prefix, settings.hash_key())
         report = unreadable_reporter(None)
-        store = RedisRetentionStore(client, keys, Scripts(client), unreadable=report)
+        scripts = Scripts(client, await replicas_for(client, settings, keys))
+        store = RedisRetentionStore(client, keys, scripts, unreadable=report)
         yield RetentionService(store, policy=retention_policy(settings), windows=settings.windows, unreadable=report)
     finally:
         await client.aclose()

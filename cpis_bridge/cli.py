@@ -169,7 +169,7 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
         print("cpis-bridge reconcile: CPIS_FHIR_BASE_URL is not set (Flag sync is off)", file=sys.stderr)
         return 2
     url, embedded = await asyncio.to_thread(redis_url_for, settings)
-    redis = make_client(url)
+    redis = make_client(url, **settings.redis_secrets())
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60, connect=5))
     try:
         keys = Keys(settings.key_prefix, settings.hash_key())

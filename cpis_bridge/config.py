@@ -7,7 +7,7 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cpis_bridge.core.records import VisibilityWindows
@@ -15,13 +15,29 @@ from cpis_bridge.core.records import VisibilityWindows
 BUNDLED_REGISTRY = Path(__file__).parent / "data" / "demo-registry.yaml"
 
 
+def _secret(value: SecretStr | None, file: Path | None) -> str | None:
+    if value is not None:
+        return value.get_secret_value() or None
+    if file is not None:
+        return file.read_text().strip() or None
+    return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CPIS_", env_file=".env", extra="ignore")
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    redis_url: str | None = None
+    redis_url: str | None = None  # redis://, rediss://, unix:// or redis+sentinel://h1:26379,h2:26379/<master>
     redis_max_connections: int = Field(64, ge=2)
+    # High availability (docs/contract.md §1): passwords from the environment or a mounted file, never the URL
+    redis_password: SecretStr | None = None
+    redis_password_file: Path | None = None
+    redis_sentinel_password: SecretStr | None = None  # the Sentinels' own (requirepass), when they have one
+    redis_sentinel_password_file: Path | None = None
+    redis_min_replicas: int = Field(0, ge=0)  # each write step waits until this many replicas hold it; 0 = no wait
+    redis_replica_timeout_s: float = Field(1.0, gt=0)  # that wait's bound; shorter than CPIS_REDIS_TIMEOUT_S
+    redis_confirm: Literal["auto", "wait", "waitaof"] = "auto"  # WAITAOF (replicas' fsync) where the server has it
     key_prefix: str = Field("cpis", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     data_dir: Path = Path("./var")
     registry: Path = BUNDLED_REGISTRY
@@ -99,7 +115,16 @@ class Settings(BaseSettings):
     def _store_waits_fit_the_deadline(self) -> Settings:
         if self.redis_timeout_s >= self.request_deadline_s:
             raise ValueError("CPIS_REDIS_TIMEOUT_S must be shorter than CPIS_REQUEST_DEADLINE_S")
+        if self.redis_min_replicas and self.redis_replica_timeout_s >= self.redis_timeout_s:
+            raise ValueError("CPIS_REDIS_REPLICA_TIMEOUT_S must be shorter than CPIS_REDIS_TIMEOUT_S")
         return self
+
+    def redis_secrets(self) -> dict[str, str | None]:
+        """The Redis and Sentinel passwords (for make_client): the variable, else the file's first line."""
+        return {
+            "password": _secret(self.redis_password, self.redis_password_file),
+            "sentinel_password": _secret(self.redis_sentinel_password, self.redis_sentinel_password_file),
+        }
 
     # -- derived --------------------------------------------------------------------------------------------
     @property

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from cpis_bridge.core.access import (
     NS_NOTIFICATION_BYTES,
@@ -22,7 +22,7 @@ from cpis_bridge.core.access import (
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import LookupOutcome, LookupStatus
 from cpis_bridge.core.records import Record, VisibilityWindows
-from cpis_bridge.store.connection import Multiplexed
+from cpis_bridge.store.connection import Lane, Multiplexed, StoreDown, failover_reply
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import decode_field, decode_fields
 from cpis_bridge.store.scripts import Scripts
@@ -59,9 +59,14 @@ class RedisAccessStore:
         self.scripts = scripts
         self.encounter_ttl_s = encounter_ttl_s
         self.lane = Multiplexed(redis, timeout=timeout)
+        # With replicas to wait for, each look-up's script, fence and WAIT share a connection of their own (a WAIT
+        # on the shared connection would hold every look-up behind it).
+        self.confirmed = Lane(redis, size=64, timeout=timeout) if scripts.replicas.enabled else None
 
     async def aclose(self) -> None:
         await self.lane.aclose()
+        if self.confirmed is not None:
+            await self.confirmed.aclose()
 
     async def lookup(
         self,
@@ -122,13 +127,34 @@ class RedisAccessStore:
 
     async def _eval_access(self, *keys_and_args: Any) -> Any:
         """EVALSHA of access.lua on the hot-path lane (redis-py's Script wrapper costs more per call than the
-        script's own work); loads the script once after NOSCRIPT, as the wrapper would."""
+        script's own work); after NOSCRIPT, EVAL sends it on the same lane."""
         script = self.scripts.access
+        if self.confirmed is not None:
+            return await self._eval_confirmed(script, keys_and_args)
         try:
-            return await self.lane.call("EVALSHA", script.sha, 6, *keys_and_args)
-        except NoScriptError:
-            script.sha = await self.redis.script_load(script.script)
-            return await self.lane.call("EVALSHA", script.sha, 6, *keys_and_args)
+            try:
+                return await self.lane.call("EVALSHA", script.sha, 6, *keys_and_args)
+            except NoScriptError:  # a new or restarted primary: EVAL sends the script on the same lane and caches it
+                return await self.lane.call("EVAL", script.script, 6, *keys_and_args)
+        except ResponseError as exc:
+            if failover_reply(exc):  # a demoted or fenced primary (without Sentinel to follow): 503, not 500
+                raise StoreDown("Redis refused the write: not a primary with enough replicas") from exc
+            raise
+
+    async def _eval_confirmed(self, script: Any, keys_and_args: tuple[Any, ...]) -> Any:
+        """The look-up, its access and notifications acknowledged only once CPIS_REDIS_MIN_REPLICAS replicas hold
+        them (store/replicas.py); a retry with the same event id finds the access already recorded (status 2)."""
+        assert self.confirmed is not None
+        replicas = self.scripts.replicas
+        for call, body in (("EVALSHA", script.sha), ("EVAL", script.script)):
+            out = await self.confirmed.pipeline([(call, body, 6, *keys_and_args), *replicas.commands()])
+            if isinstance(out[0], NoScriptError) and call == "EVALSHA":
+                continue
+            if isinstance(out[0], BaseException):
+                replicas.refused(out[0])
+            replicas.check(out)
+            return out[0]
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def history(self, nhs: NhsNumber) -> tuple[list[Record], list[tuple[str, Access]]]:
         """All the child's records (visible or not) and its last 25 accesses with their ids, newest first."""

@@ -1,7 +1,9 @@
-"""Opens the Redis client (external CPIS_REDIS_URL or the embedded server) with a blocking connection pool, the
-relay's dedicated connections (Lane) and the look-up's shared, auto-pipelined connection (Multiplexed). Every one of
-them raises core's StoreUnavailable when Redis cannot be reached or does not answer in time; any other Redis error
-(a ResponseError: our command was wrong) stays what it is.
+"""Opens the Redis client (external CPIS_REDIS_URL, through Sentinel with redis+sentinel://, or the embedded server)
+with a blocking connection pool, the relay's dedicated connections (Lane) and the look-up's shared, auto-pipelined
+connection (Multiplexed). Every one of them raises core's StoreUnavailable when Redis cannot be reached or does not
+answer in time, and the client does for a primary that was demoted or fenced (READONLY, NOREPLICAS); any other Redis
+error (a ResponseError: our command was wrong) stays what it is. Under Sentinel every new connection asks for the
+current primary, so a connection dropped by a failover reconnects to the new one.
 
 Private seam: Multiplexed writes each batch with ``conn._writer.writelines`` (redis-py's asyncio connection keeps its
 ``asyncio.StreamWriter`` there). The public ``send_packed_command`` is a coroutine that drains the socket after each
@@ -21,6 +23,7 @@ import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -38,6 +41,13 @@ class StoreTimeout(StoreUnavailable, RedisTimeoutError):
 
 
 UNREACHABLE = (ConnectionError, RedisTimeoutError, TimeoutError, OSError)
+# Error replies that mean "not the primary you need right now", not "your command was wrong": a demoted primary
+# (READONLY), a primary fenced by min-replicas-to-write (NOREPLICAS), a replica cut off from its primary (MASTERDOWN).
+FAILOVER_REPLIES = ("READONLY", "NOREPLICAS", "MASTERDOWN")
+
+
+def failover_reply(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and str(exc).startswith(FAILOVER_REPLIES)
 
 
 def unavailable(exc: BaseException) -> NoReturn:
@@ -55,6 +65,10 @@ class StorePipeline(Pipeline):
             return await super().execute(raise_on_error)
         except UNREACHABLE as exc:
             unavailable(exc)
+        except ResponseError as exc:
+            if failover_reply(exc):
+                raise StoreDown("Redis refused the write: not a primary with enough replicas") from exc
+            raise
 
 
 class StoreClient(Redis):
@@ -65,23 +79,85 @@ class StoreClient(Redis):
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]  # redis-py's is unannotated
         except UNREACHABLE as exc:
             unavailable(exc)
+        except ResponseError as exc:
+            if failover_reply(exc):
+                raise StoreDown("Redis refused the write: not a primary with enough replicas") from exc
+            raise
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> StorePipeline:
         return StorePipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        sentinel = getattr(self.connection_pool, "sentinel_manager", None)
+        if sentinel is not None:
+            await sentinel.aclose()
 
-def make_client(url: str, *, max_connections: int = 64, timeout: float = 5.0, command_timeout: float = 10.0) -> Redis:
+
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+
+
+class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The blocking pool (callers wait for a free connection) whose connections ask the Sentinels for the current
+    primary each time they connect. A connection that finds the primary demoted (READONLY) or gone is dropped and
+    the next one follows the failover."""
+
+
+def sentinel_target(url: str) -> tuple[list[tuple[str, int]], str, int, bool] | None:
+    """``redis+sentinel://h1:26379,h2:26379/<master>[/<db>]`` as (sentinels, master name, db, tls); None for any
+    other URL. Passwords come from settings, not the URL (a password in it is refused: URLs get logged)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SENTINEL_SCHEMES:
+        return None
+    netloc, _, path = rest.partition("/")
+    if "@" in netloc:
+        raise ValueError("CPIS_REDIS_URL: give the Sentinel password in CPIS_REDIS_SENTINEL_PASSWORD, not the URL")
+    sentinels = []
+    for node in filter(None, netloc.split(",")):
+        host, colon, port = node.rpartition(":")
+        if not colon or not port.isdigit():
+            host, port = node, "26379"
+        sentinels.append((host.strip("[]"), int(port)))
+    parts = [p for p in path.split("/") if p]
+    if not sentinels or not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError("CPIS_REDIS_URL: expected redis+sentinel://host:26379[,host:26379...]/<master name>[/<db>]")
+    return sentinels, parts[0], int(parts[1]) if len(parts) == 2 else 0, scheme.lower().startswith("rediss")
+
+
+def make_client(
+    url: str,
+    *,
+    max_connections: int = 64,
+    timeout: float = 5.0,
+    command_timeout: float = 10.0,
+    password: str | None = None,
+    sentinel_password: str | None = None,
+) -> Redis:
     """A client whose pool waits up to ``timeout`` for a free connection instead of failing under load
-    (docs/architecture.md). ``command_timeout`` bounds each socket read; requests are bounded by their own deadline."""
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout,
-        decode_responses=True,
-        socket_timeout=command_timeout,
-        socket_connect_timeout=min(5.0, command_timeout),
-        health_check_interval=30,
-    )
+    (docs/architecture.md). ``command_timeout`` bounds each socket read; requests are bounded by their own deadline.
+    A ``redis+sentinel://`` URL finds the primary through the Sentinels (redis-py's asyncio Sentinel) and follows
+    its failovers; ``password`` authenticates to Redis, ``sentinel_password`` to the Sentinels."""
+    options: dict[str, Any] = {
+        "max_connections": max_connections,
+        "timeout": timeout,
+        "decode_responses": True,
+        "socket_timeout": command_timeout,
+        "socket_connect_timeout": min(5.0, command_timeout),
+        "health_check_interval": 30,
+    }
+    if password is not None:
+        options["password"] = password
+    target = sentinel_target(url)
+    if target is None:
+        return StoreClient(connection_pool=BlockingConnectionPool.from_url(url, **options))
+    nodes, master, db, tls = target
+    sentinel_options: dict[str, Any] = {"socket_timeout": min(1.0, command_timeout), "socket_connect_timeout": 1.0}
+    if sentinel_password is not None:
+        sentinel_options["password"] = sentinel_password
+    if tls:
+        sentinel_options["ssl"] = True
+    sentinel = Sentinel(nodes, sentinel_kwargs=sentinel_options)
+    pool = BlockingSentinelPool(master, sentinel, db=db, ssl=tls, **options)
     return StoreClient(connection_pool=pool)
 
 
@@ -126,6 +202,8 @@ class Lane:
                 conn = self._idle.pop() if self._idle else self._connection()
                 try:
                     async with asyncio.timeout(self._timeout):
+                        if not conn.is_connected:  # connect() itself: a Sentinel-managed one asks for the primary
+                            await conn.connect()
                         await conn.send_packed_command(packed, check_health=False)  # the retry below is the check
                         out: list[Any] = []
                         for _ in packed:

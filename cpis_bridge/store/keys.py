@@ -30,6 +30,7 @@ Layout (P = settings.key_prefix, h = child tag):
   P:pause:<ch>:<la>    STRING epoch ms until which that endpoint is paused (Retry-After), with a matching TTL
   P:audit:sys          LIST   audit entries that concern no NHS number (ops reads)
   P:jti:<h>            STRING a CDS client token id already used (h = hash of iss and jti), until the token expires
+  P:ha:fence           STRING written before each WAIT for replicas (store/replicas.py); its value means nothing
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ class Keys:
     @property
     def care_settings(self) -> str:
         return f"{self.prefix}:cs"
+
+    @property
+    def replica_fence(self) -> str:
+        return f"{self.prefix}:ha:fence"
 
     def inbox(self, la: str) -> str:
         return f"{self.prefix}:inbox:{la}"

@@ -89,6 +89,7 @@ class RedisOutbox:
         self.keys = keys
         self.lane = Lane(redis)  # the relay's per-batch reads and settles
         self._settle = scripts.register("settle")
+        self._replicas = scripts.replicas
         self._promote = scripts.register("promote")
         self._requeue = scripts.register("requeue_dead")
         self._release = scripts.register("release")
@@ -269,21 +270,27 @@ class RedisOutbox:
 
     async def _run_settles(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
         """EVALSHA each settle in one pipeline. redis-py's Script-in-pipeline costs a SCRIPT EXISTS round trip on
-        every execute; instead the script is loaded again only when Redis answers NOSCRIPT (after a restart or a
-        flush), and just the calls it refused run again (they did not run)."""
+        every execute; instead the script is sent again (EVAL) only when Redis answers NOSCRIPT (after a restart, a
+        failover or a flush), and just the calls it refused run again (they did not run). With CPIS_REDIS_MIN_REPLICAS
+        the pipeline ends with the fence and WAIT (store/replicas.py)."""
         script = self._settle
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
+        replicas = self._replicas
         for attempt in (1, 2):
+            # After NOSCRIPT (a new or restarted primary) EVAL sends the script on the same connection and caches it.
+            call, body = ("EVALSHA", script.sha) if attempt == 1 else ("EVAL", script.script)
             out = await self.lane.pipeline(
-                [("EVALSHA", script.sha, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in todo]
+                [(call, body, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in todo] + replicas.commands()
             )
+            if replicas.enabled:  # the settles count once replicas hold them (a lost one is delivered again)
+                replicas.check(out)
+                out = out[: len(todo)]
             for i, result in zip(todo, out, strict=True):
                 results[i] = result
             todo = [i for i, result in zip(todo, out, strict=True) if isinstance(result, NoScriptError)]
             if not todo or attempt == 2:
                 break
-            script.sha = await self.redis.script_load(script.script)
         return results
 
     async def promote(self, now_ms: int, limit: int) -> int:

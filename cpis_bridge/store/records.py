@@ -115,7 +115,8 @@ class RedisRecordStore:
                     k.audit(new_tag),
                 )
             try:
-                out = await self.scripts.apply_records(
+                out = await self.scripts.write(
+                    self.scripts.apply_records,
                     keys=[ids_key, k.sync_queue, k.sync_schedule, k.la_lock(la)],
                     args=[
                         la,
@@ -147,7 +148,8 @@ class RedisRecordStore:
             if nhs is None:
                 return False
             tag = self.keys.tag(nhs)
-            done = await self.scripts.erase_record(
+            done = await self.scripts.write(
+                self.scripts.erase_record,
                 keys=[
                     self.keys.la_ids(la),
                     self.keys.records(tag),

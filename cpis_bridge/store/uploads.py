@@ -9,19 +9,21 @@ from typing import cast
 from redis.asyncio import Redis
 
 from cpis_bridge.store.keys import Keys
-from cpis_bridge.store.scripts import source
+from cpis_bridge.store.scripts import Scripts
 
 
 class RedisUploadStore:
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, scripts: Scripts | None = None) -> None:
         self.redis = redis
         self.keys = keys
-        self._script = redis.register_script(source("upload_lease"))
+        self._scripts = scripts or Scripts(redis)
+        self._script = self._scripts.register("upload_lease")
 
     async def _step(self, la: str, step: str, token: str, *args: str | bytes | int) -> bool:
+        """One journal step (push, commit, finish, ...), confirmed by replicas when configured."""
         k = self.keys
         keys = [k.la_lock(la), k.la_journal(la), k.la_journal_body(la), k.la_uploads(la), k.la_sequence(la)]
-        return int(await self._script(keys=keys, args=[step, token, *args])) == 1
+        return int(await self._scripts.write(self._script, keys=keys, args=[step, token, *args])) == 1
 
     async def upload_report(self, la: str, sequence: int) -> bytes | None:
         raw = cast(str | None, await self.redis.hget(self.keys.la_uploads(la), str(sequence)))

@@ -23,7 +23,7 @@ from cpis_bridge.core.principal import Role
 from cpis_bridge.services.uploads import LEASE_MS, UploadControl, UploadMeta, UploadService
 from cpis_bridge.store.uploads import RedisUploadStore
 from cpis_bridge.web.common import allow, audit_context, json_response, loads_json, principal, problem
-from cpis_bridge.web.state import KEYS, LIFECYCLE, METRICS, RECORDS, REDIS, REGISTRY, SETTINGS
+from cpis_bridge.web.state import KEYS, LIFECYCLE, METRICS, RECORDS, REDIS, REGISTRY, SCRIPTS, SETTINGS
 from cpis_bridge.web.uploads import content_type, meta_from_headers, reader_for, spool
 
 routes = web.RouteTableDef()
@@ -182,7 +182,7 @@ async def uploads_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, metrics = app[SETTINGS], app[METRICS]
     service = UploadService(
         app[RECORDS],
-        RedisUploadStore(app[REDIS], app[KEYS]),
+        RedisUploadStore(app[REDIS], app[KEYS], app[SCRIPTS]),
         reader_for,
         max_end_fraction=settings.upload_max_end_fraction,
         on_mass_end_refused=metrics.upload_mass_end_refused.inc,

@@ -15,6 +15,7 @@ from cpis_bridge.services.access import AccessService
 from cpis_bridge.services.records import RecordService
 from cpis_bridge.store.audit import RedisAuditLog
 from cpis_bridge.store.keys import Keys
+from cpis_bridge.store.scripts import Scripts
 
 
 @dataclass
@@ -33,6 +34,7 @@ METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
 REDIS = web.AppKey("redis", Redis)
 KEYS = web.AppKey("keys", Keys)
+SCRIPTS = web.AppKey("scripts", Scripts)
 RECORDS = web.AppKey("records", RecordService)
 ACCESS = web.AppKey("access", AccessService)
 AUDIT = web.AppKey("audit", RedisAuditLog)
