@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -13,6 +13,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from cpis_bridge.core.records import VisibilityWindows
 
 BUNDLED_REGISTRY = Path(__file__).parent / "data" / "demo-registry.yaml"
+
+
+class RedisSecrets(TypedDict):
+    password: str | None
+    sentinel_password: str | None
 
 
 def _secret(value: SecretStr | None, file: Path | None) -> str | None:
@@ -119,7 +124,7 @@ class Settings(BaseSettings):
             raise ValueError("CPIS_REDIS_REPLICA_TIMEOUT_S must be shorter than CPIS_REDIS_TIMEOUT_S")
         return self
 
-    def redis_secrets(self) -> dict[str, str | None]:
+    def redis_secrets(self) -> RedisSecrets:
         """The Redis and Sentinel passwords (for make_client): the variable, else the file's first line."""
         return {
             "password": _secret(self.redis_password, self.redis_password_file),

@@ -102,6 +102,9 @@ class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     primary each time they connect. A connection that finds the primary demoted (READONLY) or gone is dropped and
     the next one follows the failover."""
 
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+
 
 def sentinel_target(url: str) -> tuple[list[tuple[str, int]], str, int, bool] | None:
     """``redis+sentinel://h1:26379,h2:26379/<master>[/<db>]`` as (sentinels, master name, db, tls); None for any

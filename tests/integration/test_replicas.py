@@ -17,8 +17,8 @@ from cpis_bridge.app import create_app
 from cpis_bridge.store.connection import sentinel_target
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.scripts import source
-from tests.conftest import ED, HASH_KEY, LA1, record
-from tests.ha_support import MASTER, Node, in_sync, server_binary, wait_until
+from tests.support.redis_ha import MASTER, Node, in_sync, server_binary, wait_until
+from tests.support.world import ED, HASH_KEY, LA1, record
 
 pytestmark = pytest.mark.skipif(server_binary() is None, reason="no redis-server or valkey-server binary")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,14 +15,9 @@ from typing import Any
 import redis as redis_sync
 
 from cpis_bridge.store.embedded import find_server_binary
+from tests.support.polling import free_port
 
 MASTER = "cpis-primary"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_binary() -> str | None:
