@@ -1,23 +1,39 @@
-"""Time, in one place: the current instant (UTC), the Europe/London calendar day, and the epoch that the stored day
+"""Time, in one place: the clock seam services take (``Clock``, ``EpochClock``; the real clock unless a test injects
+one it can move), the current instant (UTC), the Europe/London calendar day, and the epoch that the stored day
 numbers and millisecond stamps count from (Lua scripts compare the same numbers)."""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
-from typing import Final
+import time
+from typing import Final, Protocol
 from zoneinfo import ZoneInfo
 
 LONDON: Final = ZoneInfo("Europe/London")
 EPOCH: Final = dt.date(1970, 1, 1)
 DAY_MS: Final = 86_400_000
 
-Clock = Callable[[], dt.datetime]
+
+class Clock(Protocol):
+    """What services ask for the current instant (timezone-aware, UTC)."""
+
+    def __call__(self) -> dt.datetime: ...
+
+
+class EpochClock(Protocol):
+    """The current instant in seconds since the epoch (the delivery relay's unit)."""
+
+    def __call__(self) -> float: ...
 
 
 def utc_now() -> dt.datetime:
     """The current instant, timezone-aware in UTC (the default of every injectable clock)."""
     return dt.datetime.now(dt.UTC)
+
+
+def epoch_s() -> float:
+    """The current instant in epoch seconds (the default EpochClock)."""
+    return time.time()
 
 
 def epoch_ms(t: dt.datetime) -> int:

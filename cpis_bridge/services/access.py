@@ -11,7 +11,7 @@ from typing import Any
 
 from cpis_bridge.core.access import HISTORY_LENGTH, Access, Actor
 from cpis_bridge.core.audit import AuditContext
-from cpis_bridge.core.clock import epoch_day, from_epoch_day, today_london, utc_now
+from cpis_bridge.core.clock import Clock, epoch_day, from_epoch_day, today_london, utc_now
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import AccessStore, LookupOutcome, LookupStatus
 from cpis_bridge.core.records import Record, VisibilityWindows
@@ -38,7 +38,7 @@ class AccessService:
         store: AccessStore,
         *,
         windows: VisibilityWindows,
-        clock: Callable[[], dt.datetime] | None = None,
+        clock: Clock = utc_now,
         on_notified: Callable[[int], object] | None = None,
     ) -> None:
         """``on_notified(n)``: n LA notifications were put in their pull inboxes (one per LA holding a visible
@@ -46,7 +46,7 @@ class AccessService:
         self.store = store
         self.on_notified = on_notified
         self.windows = windows
-        self.clock = clock or utc_now
+        self.clock = clock
         self._day: tuple[dt.datetime, dt.datetime, int] | None = None  # [start, end) of a UTC minute, its day
 
     def _today_day(self, now: dt.datetime) -> int:

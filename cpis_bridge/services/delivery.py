@@ -10,7 +10,6 @@ import functools
 import logging
 import random
 import re
-import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,6 +20,7 @@ import orjson
 from cpis_bridge.core.access import SEP, UNREADABLE, Access, instant, notification_id
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.backoff import Backoff, backoff_s
+from cpis_bridge.core.clock import EpochClock, epoch_s
 from cpis_bridge.core.errors import NotFound
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import (
@@ -295,7 +295,7 @@ class Relay:
         policy: RetryPolicy,
         config: RelayConfig,
         observer: DeliveryObserver,
-        clock: Callable[[], float] = time.time,
+        clock: EpochClock = epoch_s,
         rnd: Callable[[], float] = random.random,
     ) -> None:
         self.outbox = outbox
@@ -654,7 +654,8 @@ class Relay:
             until = self._now_ms() + int(result.retry_after_s * 1000)
             self._pauses[(entry.la, channel.name)] = until
             await self.outbox.pause(entry.la, channel.name, until)
-        plan = decide(self.policy, entry, channel.name, result, self._now_ms(), self.rnd())
+        now_ms = self._now_ms()
+        plan = decide(self.policy, entry, channel.name, result, now_ms, self.rnd())
         if plan.retry is not None:
             self.observer.count(channel.name, "retried")
         log.info(
@@ -666,6 +667,7 @@ class Relay:
                 "status": result.status,
                 "attempt": entry.attempt + 1,
                 "detail": result.detail,
+                "retry_in_ms": plan.due_ms - now_ms if plan.retry is not None else None,  # the schedule, as decided
             },
         )
         self._decided(job, retry=(plan.retry, plan.due_ms) if plan.retry is not None else None, dead=plan.dead)
@@ -725,7 +727,7 @@ class DeliveryAdmin:
         outbox: Outbox,
         audit: AuditLog,
         channels_of: Mapping[str, Sequence[str]],
-        clock: Callable[[], float] = time.time,
+        clock: EpochClock = epoch_s,
     ) -> None:
         self.outbox = outbox
         self.audit = audit

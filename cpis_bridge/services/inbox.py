@@ -17,7 +17,7 @@ from typing import Any
 
 from cpis_bridge.core.access import HISTORY_LENGTH, SEP, UNREADABLE, Unreadable, ignore_unreadable
 from cpis_bridge.core.audit import AuditContext
-from cpis_bridge.core.clock import epoch_ms, london_midnight_ms, utc_now
+from cpis_bridge.core.clock import Clock, epoch_ms, london_midnight_ms, utc_now
 from cpis_bridge.core.errors import NotFound, UnreadableInput
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import AccessStore, AuditLog, Inbox
@@ -86,7 +86,7 @@ class InboxService:
         audit: AuditLog,
         *,
         care_settings: Callable[[], dict[str, tuple[str, str]]],
-        clock: Callable[[], dt.datetime] | None = None,
+        clock: Clock = utc_now,
         unreadable: Unreadable = ignore_unreadable,
     ) -> None:
         self.inbox = inbox
@@ -94,7 +94,7 @@ class InboxService:
         self.accesses = accesses
         self.audit = audit
         self.care_settings = care_settings
-        self.clock = clock or utc_now
+        self.clock = clock
 
     async def notifications(self, ctx: AuditContext, la: str, after: str | None, limit: int) -> dict[str, Any]:
         start = decode_cursor(after) if after else None

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
 from typing import Any
 
 from cpis_bridge.core.audit import AuditContext
-from cpis_bridge.core.clock import epoch_day, today_london, utc_now
+from cpis_bridge.core.clock import Clock, epoch_day, today_london, utc_now
 from cpis_bridge.core.codes import RecordCode
 from cpis_bridge.core.errors import NotFound, ValidationFailed
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
@@ -23,13 +22,13 @@ class RecordService:
         *,
         windows: VisibilityWindows,
         test_numbers_only: bool,
-        clock: Callable[[], dt.datetime] | None = None,
+        clock: Clock = utc_now,
     ) -> None:
         self.store = store
         self.audit = audit
         self.windows = windows
         self.test_numbers_only = test_numbers_only
-        self.clock = clock or utc_now
+        self.clock = clock
 
     def today(self) -> dt.date:
         return today_london(self.clock())

@@ -57,19 +57,30 @@ async def test_records_survive_kill9_of_service_and_of_embedded_redis(tmp_path):
 
 
 async def test_sigterm_drains_then_finishes_in_flight(tmp_path):
+    """The signal provably lands mid-upload: half the body is sent, then SIGTERM, and the rest is held back until
+    the process reports draining (/readyz 503), so the upload cannot have finished before the signal arrived."""
     svc = ServiceProcess(tmp_path / "var", env={"CPIS_DRAIN_DELAY_S": "1.5", "CPIS_SHUTDOWN_GRACE_S": "20"}).start()
     records = [record(f"R{i}", nhsNumber="9990000018") for i in range(8000)]
     body = orjson.dumps({"sequence": 1, "mode": "full", "recordCount": len(records), "records": records})
+    half_sent, draining = asyncio.Event(), asyncio.Event()
+
+    async def chunks():
+        yield body[: len(body) // 2]
+        half_sent.set()  # asked for the next chunk: the first is written
+        await draining.wait()
+        yield body[len(body) // 2 :]
+
     try:
         async with aiohttp.ClientSession() as s:
             upload = asyncio.create_task(
-                s.post(f"{svc.url}/v1/uploads", data=body, headers={**LA1, "Content-Type": "application/json"})
+                s.post(f"{svc.url}/v1/uploads", data=chunks(), headers={**LA1, "Content-Type": "application/json"})
             )
-            await asyncio.sleep(0.3)  # the upload is in flight
+            await asyncio.wait_for(half_sent.wait(), 10)
             assert svc.proc is not None
             svc.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            assert await asyncio.to_thread(svc.status, "/readyz") == 503
+            await asyncio.to_thread(wait_until, lambda: svc.status("/readyz") == 503, 10, 0.02, "draining")
+            assert not upload.done()
+            draining.set()
             resp = await upload
             assert resp.status == 200
             assert (await resp.json())["accepted"] == 8000

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
-import hmac
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +64,8 @@ class Memory:
     sequences: dict[str, int] = field(default_factory=dict)
 
     def tag(self, nhs: str) -> str:
-        """The keyed hash of an NHS number, as store/keys.py computes it (access ids derive from it)."""
-        return hmac.digest(self.hash_key, nhs.encode(), hashlib.sha256).hex()[:20]
+        """The keyed hash of an NHS number, as the store computes it (access ids derive from it)."""
+        return NhsTagger(self.hash_key)(nhs)
 
     def lease_holder(self, la: str) -> str | None:
         lease = self.leases.get(la)
@@ -171,7 +169,10 @@ class FakeAccessStore:
         today = EPOCH + dt.timedelta(days=today_day)
         visible = [r for r in self.m.child_records(nhs) if r.is_visible(today, windows)]
         log = self.m.accesses.setdefault(nhs, [])
-        status, access, access_id, recent_raw = LookupStatus.NOT_RECORDED, None, None, []
+        status: LookupStatus = LookupStatus.NOT_RECORDED
+        access: Access | None = None
+        access_id: str | None = None
+        recent_raw: list[str] = []
         if record_access is not None and visible:
             existing = next((a for a in log[:HISTORY] if a.startswith(record_access.idempotency_prefix)), None)
             if existing is not None:

@@ -4,7 +4,6 @@ relay and scheduler with an injected clock), draining the queue, and the store's
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from cpis_bridge.core.clock import epoch_ms, today_london
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.records import RecordService
 from cpis_bridge.web.state import KEYS, RECORDS, REDIS
+from tests.support.clock import ShiftedClock
 
 LA_CTX = {
     la: AuditContext(
@@ -28,27 +28,12 @@ LA_CTX = {
 }
 
 
-class Clock:
-    """An injectable clock: the real time, shifted by ``offset``."""
-
-    def __init__(self) -> None:
-        self.offset = dt.timedelta(0)
-
-    def __call__(self) -> dt.datetime:
-        return dt.datetime.now(dt.UTC) + self.offset
-
-    def set_day(self, day: dt.date) -> None:
-        """Move to noon (London) on ``day``."""
-        target = dt.datetime.combine(day, dt.time(12), tzinfo=dt.UTC)
-        self.offset = target - dt.datetime.now(dt.UTC)
-
-
 @dataclass
 class SyncEnv:
     app: web.Application
     parts: FlagSyncParts
     session: aiohttp.ClientSession
-    clock: Clock
+    clock: ShiftedClock
     settings: Settings
 
     @property
@@ -95,7 +80,7 @@ async def make_env(aiohttp_client: Any, settings: Settings, *, timeout_s: float 
     client = await aiohttp_client(create_app(settings))
     app = client.app
     session = aiohttp.ClientSession()
-    clock = Clock()
+    clock = ShiftedClock()
     parts = flag_sync_parts(settings, app[REDIS], app[KEYS], app[SCRIPTS], session, clock=clock)
     parts.server.client.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 5.0))
     parts.relay.block_ms = 20

@@ -16,6 +16,7 @@ from cpis_bridge.core.records import VisibilityWindows
 from cpis_bridge.core.registry import CareSetting
 from cpis_bridge.services.access import AccessService, LookupRequest
 from cpis_bridge.services.records import RecordService
+from tests.support.clock import ManualClock
 from tests.support.fakes import FakeAccessStore, FakeAuditLog, FakeRecordStore, Memory
 from tests.support.world import record
 
@@ -27,28 +28,18 @@ ED_CTX = AuditContext(Principal("u-ed", Role.CARE_SETTING, "RXX01", name="Dr Tes
 GP_CTX = AuditContext(Principal("u-gp", Role.CARE_SETTING, "GP001"))
 
 
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: dt.datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> dt.datetime:
-        return self.now
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(dt.datetime(2026, 3, 2, 12, 0, tzinfo=dt.UTC))
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock(dt.datetime(2026, 3, 2, 12, 0, tzinfo=dt.UTC))
-
-
-@pytest.fixture
-def memory(clock: Clock) -> Memory:
+def memory(clock: ManualClock) -> Memory:
     return Memory(clock=clock)
 
 
 @pytest.fixture
-def records(memory: Memory, clock: Clock) -> RecordService:
+def records(memory: Memory, clock: ManualClock) -> RecordService:
     return RecordService(
         FakeRecordStore(memory), FakeAuditLog(memory), windows=VisibilityWindows(), test_numbers_only=True, clock=clock
     )
@@ -60,7 +51,7 @@ def notified() -> list[int]:
 
 
 @pytest.fixture
-def access(memory: Memory, clock: Clock, notified: list[int]) -> AccessService:
+def access(memory: Memory, clock: ManualClock, notified: list[int]) -> AccessService:
     return AccessService(FakeAccessStore(memory), windows=VisibilityWindows(), clock=clock, on_notified=notified.append)
 
 
@@ -122,14 +113,14 @@ async def test_an_unscheduled_access_notifies_each_la_once_per_source_event(
 
 
 async def test_visibility_follows_the_clock_across_the_window(
-    records: RecordService, access: AccessService, clock: Clock, memory: Memory
+    records: RecordService, access: AccessService, clock: ManualClock, memory: Memory
 ) -> None:
     """An ended CPP stays visible for 364 days after its end date (docs/domain.md), then the look-up finds nothing
     and its audit entry carries no number; the service's day comes from the injected clock."""
     await records.put(LA_CTX["LA001"], "LA001", "A-1", record("A-1", CHILD, endDate="2026-03-01"))
     clock.now = dt.datetime(2027, 2, 28, 12, 0, tzinfo=dt.UTC)  # the 364th day after the end
     assert (await access.lookup(ED_CTX, req(event="ev-1"))).status == 1
-    clock.now += dt.timedelta(days=1)
+    clock.advance(days=1)
     out = await access.lookup(ED_CTX, req(event="ev-2"))
     assert out.status == 0 and out.records == []
     assert memory.audit[CHILD][0]["nhsNumber"] is None
