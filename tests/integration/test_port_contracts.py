@@ -13,6 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from cpis_bridge.core.access import Access, Actor
+from cpis_bridge.core.clock import EPOCH
 from cpis_bridge.core.errors import UploadInterrupted
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.ports import AccessStore, AuditLog, Change, RecordStore, UploadStore
@@ -23,7 +24,7 @@ from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import RedisRecordStore
 from cpis_bridge.store.scripts import Scripts
 from cpis_bridge.store.uploads import RedisUploadStore
-from tests.support.fakes import EPOCH, FakeAccessStore, FakeAuditLog, FakeRecordStore, FakeUploadStore, Memory
+from tests.support.fakes import FakeAccessStore, FakeAuditLog, FakeRecordStore, FakeUploadStore, Memory
 from tests.support.polling import wait_for_async
 from tests.support.world import HASH_KEY
 

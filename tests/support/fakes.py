@@ -14,12 +14,13 @@ from typing import Any
 import orjson
 
 from cpis_bridge.core.access import Access
+from cpis_bridge.core.clock import EPOCH
 from cpis_bridge.core.errors import UploadInterrupted
+from cpis_bridge.core.nhs import NhsTagger
 from cpis_bridge.core.ports import Change, LookupOutcome, LookupStatus
 from cpis_bridge.core.records import Record, VisibilityWindows
 from tests.support.world import HASH_KEY
 
-EPOCH = dt.date(1970, 1, 1)
 HISTORY = 25  # the newest accesses a look-up sees (access.lua's LRANGE 0 24)
 ACCESS_LOG_MAX = 1000
 
