@@ -6,6 +6,7 @@ import datetime as dt
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -110,7 +111,8 @@ class _Smart(_Strict):
     @classmethod
     def _bare_origins(cls, urls: list[str]) -> list[str]:
         for url in _origins(urls):
-            if url.rstrip("/") != _origin_text(url):
+            parts = urlsplit(url)
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
                 raise ValueError(f"{url[:100]!r} must be an origin only (scheme://host[:port])")
         return [_origin_text(u) for u in urls]
 
@@ -213,6 +215,16 @@ def load_registry(path: Path) -> Registry:
             problems.append(f"care setting #{i + 1} ({cs.ods}), field ods: duplicate ODS code")
         smart = cs.smart_launch.build() if cs.smart_launch is not None else None
         settings[cs.ods] = CareSetting(cs.ods, cs.name, cs.type, cs.unscheduled, _origin_set(cs.fhir_servers), smart)
+    clients: dict[str, str] = {}  # SMART issuer -> the client id registered with it
+    for i, cs in enumerate(parsed.care_settings):
+        launch = cs.smart_launch
+        for iss in launch.issuers if launch is not None else []:
+            assert launch is not None
+            if clients.setdefault(iss.rstrip("/"), launch.client_id) != launch.client_id:
+                problems.append(
+                    f"care setting #{i + 1} ({cs.ods}), field smartLaunch.clientId: {iss[:100]} is registered "
+                    "with another clientId by another care setting (one EHR, one client)"
+                )
     cds: dict[str, CdsClient] = {}
     for i, c in enumerate(parsed.cds_clients):
         if c.ods not in settings:
