@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,25 @@ def focused(page: Page, text: str) -> bool:
             text,
         )
     )
+
+
+def smart_card_link(service: ServiceProcess, nhs: str, ods: str = "RXX01") -> dict[str, Any]:
+    """A patient-view hook call by the EHR, as Dr Sam Launch: the first card's SMART link."""
+    hook = {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {"userId": "PractitionerRole/pr-7", "patientId": "pat-7"},
+        "prefetch": {
+            "patient": {
+                "resourceType": "Patient",
+                "id": "pat-7",
+                "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs}],
+            },
+            "user": {"resourceType": "PractitionerRole", "id": "pr-7", "practitioner": {"display": "Dr Sam Launch"}},
+        },
+    }
+    status, body = api(service, "POST", "/cds-services/cpis-patient-view", token("care-setting", ods), hook)
+    assert status == 200 and body["cards"]
+    (link,) = body["cards"][0]["links"]
+    assert link["type"] == "smart"
+    return dict(link)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from tests.browser.conftest import CHROMIUM, ed_lookup, put_record, sign_in
+from tests.browser.conftest import CHROMIUM, ed_lookup, put_record, sign_in, smart_card_link
+from tests.support.ehr_double import Ehr, EhrThread, registry_with_smart
 from tests.support.service import ServiceProcess
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
@@ -44,5 +45,35 @@ def main() -> None:
             service.stop()
 
 
+def clinician_view() -> None:
+    """The clinician view (/ed/): opened from a CDS card's SMART link through the test EHR, and the dev sign-in."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    ehr = EhrThread(Ehr()).start()
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = Path(tmp) / "registry.yaml"
+        registry.write_text(registry_with_smart(ehr.ehr))
+        service = ServiceProcess(Path(tmp), env={"CPIS_REGISTRY": str(registry)}).start()
+        try:
+            put_record(service, "LA001", "CASE-1", "9990000018")
+            ed_lookup(service, "9990000018", ods="RXX02", name="Nurse Ava Example")
+            link = smart_card_link(service, "9990000018")
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM)
+                page = browser.new_page(viewport={"width": 1100, "height": 800})
+                page.goto(ehr.ehr.launch_url(link["url"], ehr.ehr.new_launch(link["appContext"], patient="pat-7")))
+                page.wait_for_url("**/ed/children/*")
+                page.screenshot(path=OUT / "ed-child.png", full_page=True)
+                page.get_by_role("link", name="Look up another child").click()
+                page.screenshot(path=OUT / "ed-lookup.png", full_page=True)
+                page.context.clear_cookies()
+                page.goto(service.url + "/ed/sign-in")
+                page.screenshot(path=OUT / "ed-sign-in.png", full_page=True)
+                browser.close()
+        finally:
+            service.stop()
+            ehr.stop()
+
+
 if __name__ == "__main__":
     main()
+    clinician_view()

@@ -7,14 +7,13 @@ frame-ancestors; no NHS number in URLs or the service log."""
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import api, assert_accessible, focused, put_record, tab_to
+from tests.browser.conftest import api, assert_accessible, focused, put_record, smart_card_link, tab_to
 from tests.support.ehr_double import Ehr, EhrThread, registry_with_smart
 from tests.support.service import ServiceProcess
 from tests.support.world import token
@@ -52,28 +51,6 @@ def behaving(ehr: Ehr) -> Iterator[None]:
     ehr.mode = ""
 
 
-def card_link(service: ServiceProcess, nhs: str, ods: str = "RXX01") -> dict[str, Any]:
-    """A patient-view hook call by the EHR, as Dr Sam Launch: the first card's SMART link."""
-    hook = {
-        "hook": "patient-view",
-        "hookInstance": str(uuid.uuid4()),
-        "context": {"userId": "PractitionerRole/pr-7", "patientId": "pat-7"},
-        "prefetch": {
-            "patient": {
-                "resourceType": "Patient",
-                "id": "pat-7",
-                "identifier": [{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": nhs}],
-            },
-            "user": {"resourceType": "PractitionerRole", "id": "pr-7", "practitioner": {"display": "Dr Sam Launch"}},
-        },
-    }
-    status, body = api(service, "POST", "/cds-services/cpis-patient-view", token("care-setting", ods), hook)
-    assert status == 200 and body["cards"]
-    (link,) = body["cards"][0]["links"]
-    assert link["type"] == "smart"
-    return dict(link)
-
-
 def la_notifications(service: ServiceProcess) -> list[dict[str, Any]]:
     status, body = api(service, "GET", "/v1/notifications?limit=1000", token("local-authority", "LA001"))
     assert status == 200
@@ -85,7 +62,7 @@ def test_card_smart_link_launches_the_clinician_view(
 ) -> None:
     nhs = "9990000018"
     put_record(service, "LA001", "ED-1", nhs)
-    link = card_link(service, nhs)
+    link = smart_card_link(service, nhs)
     before = len(la_notifications(service))
     page = new_page()
     urls: list[str] = []
@@ -95,7 +72,7 @@ def test_card_smart_link_launches_the_clinician_view(
     assert response is not None
     expect(page.get_by_role("heading", level=1)).to_have_text("Child protection information")
     expect(page.locator(".cpis-phone").first).to_have_text("0300 000 0002")  # out of hours: emergency duty
-    expect(page.get_by_text("Other number:")).to_contain_text("0300 000 0001")
+    expect(page.get_by_text("Other number, office hours:")).to_contain_text("0300 000 0001")
     expect(page.get_by_text(LA1_NAME)).to_be_visible()
     expect(page.locator("#visits tbody tr")).to_have_count(2)  # the card's look-up and this opening
     expect(page.get_by_text("Signed in as Dr Sam Launch")).to_be_visible()
@@ -120,7 +97,7 @@ def test_a_failed_launch_shows_an_accessible_error(
 ) -> None:
     nhs = "9990000026"
     put_record(service, "LA001", f"ED-F-{mode}", nhs)
-    link = card_link(service, nhs)
+    link = smart_card_link(service, nhs)
     ehr.mode = mode
     page = new_page()
     response = page.goto(ehr.launch_url(link["url"], ehr.new_launch(link["appContext"], patient="pat-7")))
