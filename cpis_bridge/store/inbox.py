@@ -18,19 +18,41 @@ SCAN_CHUNK = 500
 LAST_ENTRY_ID = f"{2**64 - 1}-{2**64 - 1}"
 
 
-async def fill_recent(redis: Redis, keys: Keys, script: Any, entries: Sequence[MutableMapping[str, str]]) -> None:
-    """Give each inbox entry that refers to the child's access log (field ``n``, written by access.lua) its
-    ``recent`` field, read by inbox_recent.lua, all in one round trip. Entries that hold a copy (written before the
-    reference) keep it. ``script`` is ``Scripts.register("inbox_recent")``."""
-    todo = [f for f in entries if "recent" not in f and "n" in f]
+async def fill_recent(redis: Redis, keys: Keys, script: Any, loaded: list[Any]) -> None:
+    """Give each inbox entry (fields as access.lua wrote them: ``tag``, ``acc`` and ``n``, the child's access-log
+    length right after the access) its ``recent`` field, read by inbox_recent.lua, all in one round trip. ``loaded``
+    may hold None (an entry not found) and exceptions (a read that failed), left as they are; an entry whose recent
+    accesses cannot be read gets the exception in its place instead of failing the others. ``script`` is
+    ``Scripts.register("inbox_recent")``."""
+    todo = [i for i, f in enumerate(loaded) if isinstance(f, dict)]
     if not todo:
         return
+    sent: list[int] = []
     async with redis.pipeline(transaction=False) as pipe:
-        for f in todo:
-            await script(keys=[keys.accesses(f["tag"])], args=[f["acc"], f["n"]], client=pipe)
-        joined = await pipe.execute()
-    for f, recent in zip(todo, joined, strict=True):
-        f["recent"] = recent
+        for i in todo:
+            f = loaded[i]
+            try:
+                await script(keys=[keys.accesses(f["tag"])], args=[f["acc"], f["n"]], client=pipe)
+            except KeyError as exc:
+                loaded[i] = exc
+                continue
+            sent.append(i)
+        results = await pipe.execute(raise_on_error=False) if sent else []
+    for i, recent in zip(sent, results, strict=True):
+        if isinstance(recent, Exception):
+            loaded[i] = recent
+        else:
+            loaded[i]["recent"] = recent
+
+
+async def _filled(redis: Redis, keys: Keys, script: Any, entries: Sequence[MutableMapping[str, str]]) -> None:
+    """:func:`fill_recent` for the inbox's reads: an entry missing a field is left without recent accesses (the
+    rendering reads it as none), a failed script call fails the read."""
+    loaded: list[Any] = list(entries)
+    await fill_recent(redis, keys, script, loaded)
+    for f in loaded:
+        if isinstance(f, Exception) and not isinstance(f, KeyError):
+            raise f
 
 
 class RedisInbox:
@@ -50,7 +72,7 @@ class RedisInbox:
             return []
         flags = await self.redis.smismember(self.keys.inbox_acks(la), [r[0] for r in rows])
         out = [(eid, dict(f), bool(flag)) for (eid, f), flag in zip(rows, flags, strict=True)]
-        await fill_recent(self.redis, self.keys, self._recent, [f for _, f, _ in out])
+        await _filled(self.redis, self.keys, self._recent, [f for _, f, _ in out])
         return out
 
     async def find(self, la: str, nid: str) -> str | None:
@@ -101,7 +123,7 @@ class RedisInbox:
         if not rows:
             return None
         fields = dict(rows[0][1])
-        await fill_recent(self.redis, self.keys, self._recent, [fields])
+        await _filled(self.redis, self.keys, self._recent, [fields])
         return fields, (by or "") if acked else None
 
     async def heads(self, las: Sequence[str]) -> dict[str, str]:

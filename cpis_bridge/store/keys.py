@@ -15,7 +15,7 @@ Layout (P = settings.key_prefix, h = child tag):
   P:cs                 HASH   care-setting ODS -> "name\\x1ftype" (registry mirror read by Lua)
   P:inbox:<la>         STREAM every notification for that LA (the pull inbox), body parts fixed at queue time:
                               {nhs, tag, acc, n (access-log length after acc: the 25 recent are read by
-                              reference), recs, cs, at}; entries written before the reference hold recent instead
+                              reference), recs, cs, at}
   P:inbox:<la>:ack     SET    acknowledged inbox entry ids
   P:inbox:<la>:ackby   HASH   inbox entry id -> "<ms>\x1f<subject>\x1f<name>" of the acknowledgement (web views)
   P:inbox:<la>:idx     HASH   notification id -> inbox entry id (written by access.lua, rebuilt on demand)

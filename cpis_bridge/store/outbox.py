@@ -22,6 +22,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from cpis_bridge.core.ports import ChannelStats, DeadLetter, QueueEntry
 from cpis_bridge.store.connection import Lane
+from cpis_bridge.store.inbox import fill_recent
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.replies import Entries
 from cpis_bridge.store.scripts import Scripts
@@ -165,33 +166,8 @@ class RedisOutbox:
                 continue
             flat = rows[0][1] if rows else None  # raw reply: [[id, [field, value, ...]]]
             out.append(_pairs(flat) if flat is not None else None)
-        await self._fill_recent(out)
+        await fill_recent(self.redis, self.keys, self._recent, out)  # an unreadable one fails alone
         return out
-
-    async def _fill_recent(self, loaded: list[dict[str, str] | Exception | None]) -> None:
-        """Each entry's recent accesses (inbox_recent.lua) in one round trip, as store.inbox.fill_recent does, but
-        an entry whose read fails gets its exception in its place instead of failing the batch."""
-        todo = [i for i, f in enumerate(loaded) if isinstance(f, dict) and "recent" not in f and "n" in f]
-        if not todo:
-            return
-        sent: list[int] = []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for i in todo:
-                f = loaded[i]
-                assert isinstance(f, dict)
-                try:
-                    await self._recent(keys=[self.keys.accesses(f["tag"])], args=[f["acc"], f["n"]], client=pipe)
-                except KeyError as exc:
-                    loaded[i] = exc
-                    continue
-                sent.append(i)
-            results = await pipe.execute(raise_on_error=False) if sent else []
-        for i, recent in zip(sent, results, strict=True):
-            f = loaded[i]
-            if isinstance(recent, Exception):
-                loaded[i] = recent
-            elif isinstance(f, dict):
-                f["recent"] = recent
 
     async def settle(
         self,

@@ -124,7 +124,7 @@ async def test_each_notification_keeps_its_own_25_recent_by_reference(app):
 
 async def test_inbox_recent_script_finds_the_access_wherever_removals_moved_it(app):
     """inbox_recent.lua against a log edited the ways the service edits it: pushes at the head, removals anywhere
-    (purge), the length cap trimming the tail; and an entry holding a copy (written before the reference) keeps it."""
+    (purge), the length cap trimming the tail."""
     redis, keys = app[REDIS], app[KEYS]
     log = keys.accesses("t-script")
     script = Scripts(redis).register("inbox_recent")
@@ -155,9 +155,10 @@ async def test_inbox_recent_script_finds_the_access_wherever_removals_moved_it(a
         assert await recent(i) == expected(i)
     assert len(expected(120)) == 25
     await redis.delete(log)
-    legacy = {"tag": "t-script", "acc": "a1", "recent": "a1\x1ea0"}
-    await fill_recent(redis, keys, script, [legacy])
-    assert legacy["recent"] == "a1\x1ea0"
+    entries: list[object] = [{"tag": "t-script", "acc": "a1", "n": "2"}, None, {"tag": "t-script"}]
+    await fill_recent(redis, keys, script, entries)  # one round trip for all; a broken entry fails alone
+    assert entries[0] == {"tag": "t-script", "acc": "a1", "n": "2", "recent": "a1"} and entries[1] is None
+    assert isinstance(entries[2], KeyError)
 
 
 async def test_access_log_is_capped_at_1000_and_notifications_still_read_their_25(app):
