@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, Protocol
@@ -32,11 +32,21 @@ class RecordStore(Protocol):
 
     async def get_many(self, la: str, local_ids: Sequence[str]) -> list[Record | None]: ...
 
+    async def get_indexed(self, la: str, entries: Sequence[tuple[str, str]]) -> list[Record | None]:
+        """Records from entries of ``index`` (local id, NHS number) already read: the index is not read again."""
+        ...
+
+    async def put(self, la: str, change: Change) -> tuple[str, Record]:
+        """Write one record; answer its code (C, M or U) and the record as stored, without reading it back."""
+        ...
+
     async def apply(self, la: str, changes: Sequence[Change], *, lease: str | None = None) -> list[tuple[str, int]]:
         """Write the changes; with ``lease``, only while that upload lease is held (else raises UploadInterrupted)."""
         ...
 
-    async def erase(self, la: str, local_id: str, audit: Mapping[str, Any]) -> bool: ...
+    async def erase(self, la: str, local_id: str, audit: Callable[[str], Mapping[str, Any]]) -> bool:
+        """Remove one record, audited with ``audit(nhs)`` for the NHS number it was held under; False when absent."""
+        ...
 
 
 class UploadStore(Protocol):

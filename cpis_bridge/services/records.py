@@ -53,9 +53,7 @@ class RecordService:
             body, la=la, today=self.today(), test_numbers_only=self.test_numbers_only, local_id=local_id
         )
         now = self.clock()
-        [(code, _)] = await self.store.apply(la, [self.change(record, ctx.entry("record.put", None, now))])
-        stored = await self.store.get(la, record.local_id)
-        assert stored is not None
+        code, stored = await self.store.put(la, self.change(record, ctx.entry("record.put", None, now)))
         return stored, code == "C"
 
     async def get(self, ctx: AuditContext, la: str, local_id: str) -> Record:
@@ -81,9 +79,6 @@ class RecordService:
 
     async def erase(self, ctx: AuditContext, la: str, local_id: str) -> None:
         validate_local_id(local_id)
-        record = await self.store.get(la, local_id)
-        if record is None:
-            raise NotFound("no such record")
-        entry = ctx.entry("record.erase", str(record.nhs_number), self.clock(), localId=local_id)
-        if not await self.store.erase(la, local_id, entry):
+        now = self.clock()
+        if not await self.store.erase(la, local_id, lambda nhs: ctx.entry("record.erase", nhs, now, localId=local_id)):
             raise NotFound("no such record")

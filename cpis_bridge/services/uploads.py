@@ -374,11 +374,11 @@ class UploadService:
 
     async def _to_end(self, la: str, named: set[str], today: dt.date) -> list[str]:
         """A full upload is the whole caseload: the LA's records it does not name and that have not ended."""
-        absent = [lid for lid in await self.records.store.index(la) if lid not in named]
+        absent = [(lid, nhs) for lid, nhs in (await self.records.store.index(la)).items() if lid not in named]
         out: list[str] = []
         for start in range(0, len(absent), BATCH * 2):
             chunk = absent[start : start + BATCH * 2]
-            records = await self.records.store.get_many(la, chunk)
+            records = await self.records.store.get_indexed(la, chunk)
             out.extend(r.local_id for r in records if r is not None and not _is_ended(r, today))
         return sorted(out)
 
@@ -399,9 +399,9 @@ class UploadService:
             return
         today = today_london(now)
         visible = 0
-        ids = list(await self.records.store.index(la))
-        for start in range(0, len(ids), BATCH * 2):
-            for r in await self.records.store.get_many(la, ids[start : start + BATCH * 2]):
+        entries = list((await self.records.store.index(la)).items())
+        for start in range(0, len(entries), BATCH * 2):
+            for r in await self.records.store.get_indexed(la, entries[start : start + BATCH * 2]):
                 if r is not None and r.is_visible(today, self.records.windows):
                     visible += 1
         if n <= self.max_end_fraction * visible:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import orjson
@@ -72,17 +72,48 @@ class RedisRecordStore:
     async def count(self, la: str) -> int:
         return int(await self.redis.hlen(self.keys.la_ids(la)))
 
+    async def get_indexed(self, la: str, entries: Sequence[tuple[str, str]]) -> list[Record | None]:
+        """Records of one LA from index entries already read (``index``: local id, NHS number) in one round trip. A
+        record that moved or went meanwhile is looked up again (``get_many``)."""
+        if not entries:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for lid, nhs in entries:
+                pipe.hget(self.keys.records(self._tag(nhs)), Keys.record_field(la, lid))
+            raw = await pipe.execute()
+        out: list[Record | None] = [
+            None if v is None else Record.from_compact(la, lid, orjson.loads(v))
+            for (lid, _), v in zip(entries, raw, strict=True)
+        ]
+        missed = [i for i, r in enumerate(out) if r is None]
+        if missed:
+            for i, r in zip(missed, await self.get_many(la, [entries[i][0] for i in missed]), strict=True):
+                out[i] = r
+        return out
+
+    async def put(self, la: str, change: Change) -> tuple[str, Record]:
+        """One record written, answered as stored (the script returns it: no read-back): its code (C, M or U) and
+        the record with its version and update time."""
+        [(code, _, stored)] = await self._apply(la, [change], lease=None, answer_stored=True)
+        return code, Record.from_compact(la, change.record.local_id, orjson.loads(stored))
+
     async def apply(self, la: str, changes: Sequence[Change], *, lease: str | None = None) -> list[tuple[str, int]]:
         """Write the changes atomically per call; retries records whose index moved under a concurrent write. With
-        ``lease`` (an upload's token) each call first checks that the token still holds the LA's upload lease.
+        ``lease`` (an upload's token) each call first checks that the token still holds the LA's upload lease."""
+        return [(code, version) for code, version, _ in await self._apply(la, changes, lease=lease)]
+
+    async def _apply(
+        self, la: str, changes: Sequence[Change], *, lease: str | None, answer_stored: bool = False
+    ) -> list[tuple[str, int, str]]:
+        """``apply``, each record's stored JSON too with ``answer_stored`` (else '').
 
         The first attempt assumes each record is new or keeps its NHS number (the script checks that, answering
         R otherwise), which saves reading the index first; a retry reads the current number and sends the old
-        child's key. Per-record arguments travel as one \\x1f-joined payload: thousands of separate arguments
-        cost more client CPU to encode than the script costs Redis to run.
+        child's key. Per-record arguments travel as one \\x1f-joined payload (bench/README.md).
         """
         k = self.keys
-        results: list[tuple[str, int]] = [("R", 0)] * len(changes)
+        per = 3 if answer_stored else 2
+        results: list[tuple[str, int, str]] = [("R", 0, "")] * len(changes)
         pending = list(range(len(changes)))
         ids_key = k.la_ids(la)
         for attempt in range(_MAX_RETRIES):
@@ -125,6 +156,7 @@ class RedisRecordStore:
                         len(pending),
                         _FS.join(parts),
                         lease or "",
+                        "1" if answer_stored else "0",
                     ],
                 )
             except ResponseError as exc:
@@ -133,8 +165,8 @@ class RedisRecordStore:
                 raise
             retry = []
             for j, i in enumerate(pending):
-                code, version = out[2 * j], int(out[2 * j + 1])
-                results[i] = (code, version)
+                code, version = out[per * j], int(out[per * j + 1])
+                results[i] = (code, version, out[per * j + 2] if answer_stored else "")
                 if code == "R":
                     retry.append(i)
             pending = retry
@@ -142,7 +174,9 @@ class RedisRecordStore:
             raise RecordIndexMoved("records kept changing NHS number during the write")
         return results
 
-    async def erase(self, la: str, local_id: str, audit: Mapping[str, Any]) -> bool:
+    async def erase(self, la: str, local_id: str, audit: Callable[[str], Mapping[str, Any]]) -> bool:
+        """Remove one record (its audit entry ``audit(nhs)``, from the NHS number the index holds): the index read
+        picks the child's keys, the script checks it still holds and does the rest (two round trips)."""
         for _ in range(_MAX_RETRIES):
             nhs = cast(str | None, await self.redis.hget(self.keys.la_ids(la), local_id))
             if nhs is None:
@@ -157,7 +191,7 @@ class RedisRecordStore:
                     self.keys.sync_schedule,
                     self.keys.audit(tag),
                 ],
-                args=[la, local_id, nhs, "1" if self.sync_enabled else "0", orjson.dumps(dict(audit))],
+                args=[la, local_id, nhs, "1" if self.sync_enabled else "0", orjson.dumps(dict(audit(nhs)))],
             )
             if int(done) >= 0:
                 return int(done) == 1

@@ -164,11 +164,38 @@ async def test_a_record_moved_to_another_number_leaves_the_first_child(ports: Po
 
 async def test_erase_removes_the_record_once_and_audits_it(ports: Ports) -> None:
     await ports.records.apply("LA001", [change(rec())])
-    assert await ports.records.erase("LA001", "A-1", {"action": "record.erase"}) is True
+    assert await ports.records.erase("LA001", "A-1", lambda nhs: {"action": "record.erase", "nhsNumber": nhs}) is True
     assert await ports.records.get("LA001", "A-1") is None
     assert await ports.records.count("LA001") == 0
-    assert await ports.records.erase("LA001", "A-1", {"action": "record.erase"}) is False
+    assert await ports.records.erase("LA001", "A-1", lambda nhs: {"action": "record.erase"}) is False
     assert [e["action"] for e in await ports.audit.query(CHILD)] == ["record.erase", "record.put"]
+    assert (await ports.audit.query(CHILD))[0]["nhsNumber"] == CHILD  # audit(nhs) got the number the index held
+
+
+async def test_put_answers_the_record_as_stored(ports: Ports) -> None:
+    code, first = await ports.records.put("LA001", change(rec()))
+    assert code == "C" and first == await ports.records.get("LA001", "A-1")
+    assert first.version == 1 and first.updated_at is not None and first.given_name == "Testchild"
+    code, same = await ports.records.put("LA001", change(rec()))
+    assert code == "U" and same == first, "an unchanged record is answered as it was stored (its old update time)"
+    code, moved = await ports.records.put("LA001", change(rec(nhs=OTHER, end_date=dt.date(2026, 2, 1))))
+    assert code == "M" and moved == await ports.records.get("LA001", "A-1")
+    assert moved.version == 2 and moved.nhs_number == OTHER and moved.end_date == dt.date(2026, 2, 1)
+
+
+async def test_get_indexed_reads_the_records_the_index_names(ports: Ports) -> None:
+    await ports.records.apply("LA001", [change(rec("A-1")), change(rec("A-2", OTHER)), change(rec("A-3"))])
+    entries = sorted((await ports.records.index("LA001")).items())
+    await ports.records.apply("LA001", [change(rec("A-3", OTHER))])  # moves after the index was read
+    await ports.records.erase("LA001", "A-2", lambda nhs: {"action": "record.erase"})  # goes after it
+    got = await ports.records.get_indexed("LA001", entries)
+    assert got == await ports.records.get_many("LA001", [lid for lid, _ in entries])
+    assert [None if r is None else (r.local_id, str(r.nhs_number)) for r in got] == [
+        ("A-1", CHILD),
+        None,
+        ("A-3", OTHER),
+    ]
+    assert await ports.records.get_indexed("LA001", []) == []
 
 
 async def test_apply_under_a_lease_writes_only_while_the_lease_is_held(ports: Ports) -> None:

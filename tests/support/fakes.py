@@ -102,6 +102,15 @@ class FakeRecordStore:
     async def get_many(self, la: str, local_ids: Sequence[str]) -> list[Record | None]:
         return [await self.get(la, lid) for lid in local_ids]
 
+    async def get_indexed(self, la: str, entries: Sequence[tuple[str, str]]) -> list[Record | None]:
+        return await self.get_many(la, [lid for lid, _ in entries])
+
+    async def put(self, la: str, change: Change) -> tuple[str, Record]:
+        [(code, _)] = await self.apply(la, [change])
+        stored = await self.get(la, change.record.local_id)
+        assert stored is not None
+        return code, stored
+
     async def apply(self, la: str, changes: Sequence[Change], *, lease: str | None = None) -> list[tuple[str, int]]:
         if lease is not None and self.m.lease_holder(la) != lease:
             raise UploadInterrupted("another process took over this upload", applied=True)
@@ -125,12 +134,12 @@ class FakeRecordStore:
             out.append(("C" if old is None else "M", version))
         return out
 
-    async def erase(self, la: str, local_id: str, audit: Mapping[str, Any]) -> bool:
+    async def erase(self, la: str, local_id: str, audit: Callable[[str], Mapping[str, Any]]) -> bool:
         nhs = self.m.ids.get(la, {}).pop(local_id, None)
         if nhs is None:
             return False
         self.m.children.get(nhs, {}).pop(f"{la}|{local_id}", None)
-        self.m.audit.setdefault(nhs, []).insert(0, _stored(audit))
+        self.m.audit.setdefault(nhs, []).insert(0, _stored(audit(nhs)))
         return True
 
 

@@ -7,12 +7,14 @@
 --   when the NHS number is unchanged), audit list. (The per-child keys travel in the payload: a batch spans many
 --   children and so many slots, and thousands of separate arguments cost the client more than the script costs.)
 -- ARGV[6] an upload's lease token ('' = none): the batch is refused (error LEASE) unless that token holds the lease.
+-- ARGV[7] '1' to answer each record as stored too (a single put: no read-back), else '0' or absent.
 -- Returns a flat array: per record a code (C created, M modified, U unchanged, R retry: the index moved) and
--- the resulting version.
+-- the resulting version; with ARGV[7] '1' also the stored record JSON ('' for R).
 -- Stored form: the record JSON as sent with ',"v":<version>,"u":"<now>"' appended inside the braces, so the hot
 -- path needs no JSON decoding: a record is unchanged when the stored text up to that suffix equals the new JSON.
 -- Records stored in any other layout (e.g. re-encoded elsewhere) fall back to a field-by-field comparison.
 local la, now, sync_on, n = ARGV[1], ARGV[2], ARGV[3] == '1', tonumber(ARGV[4])
+local answer_stored = ARGV[7] == '1'
 if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then
   return redis.error_reply('LEASE the upload lease is no longer held')
 end
@@ -51,12 +53,14 @@ for i = 1, n do
   if expected == '*' then as_expected = current == '' or current == nhs end
   if not as_expected then
     out[#out + 1] = 'R'; out[#out + 1] = 0
+    if answer_stored then out[#out + 1] = '' end
   else
     local body = string.sub(json, 1, -2)
     local version, code = 1, 'C'
     local unchanged = false
+    local old_json = false
     if current ~= '' then
-      local old_json = redis.call('HGET', old_hash, field)
+      old_json = redis.call('HGET', old_hash, field)
       if old_json then
         code = 'M'
         local old_body, old_version = split_stored(old_json)
@@ -79,9 +83,11 @@ for i = 1, n do
     end
     if unchanged then
       out[#out + 1] = 'U'; out[#out + 1] = version
+      if answer_stored then out[#out + 1] = old_json end
     else
       if current ~= '' and current ~= nhs then redis.call('HDEL', old_hash, field) end
-      redis.call('HSET', new_hash, field, body .. ',"v":' .. version .. ',"u":"' .. now .. '"}')
+      local stored = body .. ',"v":' .. version .. ',"u":"' .. now .. '"}'
+      redis.call('HSET', new_hash, field, stored)
       if current ~= nhs then redis.call('HSET', KEYS[1], lid, nhs) end
       if sync_on then
         redis.call('XADD', KEYS[2], '*', 'la', la, 'lid', lid)
@@ -89,6 +95,7 @@ for i = 1, n do
       end
       redis.call('LPUSH', audit_key, audit)
       out[#out + 1] = code; out[#out + 1] = version
+      if answer_stored then out[#out + 1] = stored end
     end
   end
 end
