@@ -4,13 +4,13 @@ the child's last 25 accesses, retained Encounters."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from cpis_bridge.core.access import (
     NS_NOTIFICATION_BYTES,
@@ -25,7 +25,8 @@ from cpis_bridge.core.records import Record, VisibilityWindows
 from cpis_bridge.store.connection import Lane, Multiplexed, StoreDown, failover_reply
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.records import decode_field, decode_fields
-from cpis_bridge.store.scripts import Scripts
+from cpis_bridge.store.replicas import Command
+from cpis_bridge.store.scripts import Scripts, run_scripts
 
 # The look-up path decodes the same stored records again and again (a child is looked up several times per
 # attendance); a stored value changes with every write (it carries its version), so it is its own cache key.
@@ -128,33 +129,36 @@ class RedisAccessStore:
     async def _eval_access(self, *keys_and_args: Any) -> Any:
         """EVALSHA of access.lua on the hot-path lane (redis-py's Script wrapper costs more per call than the
         script's own work); after NOSCRIPT, EVAL sends it on the same lane."""
-        script = self.scripts.access
+        call = [(keys_and_args[:6], keys_and_args[6:])]
         if self.confirmed is not None:
-            return await self._eval_confirmed(script, keys_and_args)
-        try:
-            try:
-                return await self.lane.call("EVALSHA", script.sha, 6, *keys_and_args)
-            except NoScriptError:  # a new or restarted primary: EVAL sends the script on the same lane and caches it
-                return await self.lane.call("EVAL", script.script, 6, *keys_and_args)
-        except ResponseError as exc:
-            if failover_reply(exc):  # a demoted or fenced primary (without Sentinel to follow): 503, not 500
-                raise StoreDown("Redis refused the write: not a primary with enough replicas") from exc
-            raise
+            return await self._eval_confirmed(call)
+        [result] = await run_scripts(self._send, self.scripts.access, call)
+        if isinstance(result, ResponseError):
+            if failover_reply(result):  # a demoted or fenced primary (without Sentinel to follow): 503, not 500
+                raise StoreDown("Redis refused the write: not a primary with enough replicas") from result
+            raise result
+        return result
 
-    async def _eval_confirmed(self, script: Any, keys_and_args: tuple[Any, ...]) -> Any:
+    async def _send(self, commands: list[Command]) -> list[Any]:
+        """One command on the shared lane, its error reply in its place (for run_scripts)."""
+        try:
+            return [await self.lane.call(*commands[0])]
+        except ResponseError as exc:
+            return [exc]
+
+    async def _eval_confirmed(self, call: Sequence[tuple[Sequence[Any], Sequence[Any]]]) -> Any:
         """The look-up, its access and notifications acknowledged only once CPIS_REDIS_MIN_REPLICAS replicas hold
         them (store/replicas.py); a retry with the same event id finds the access already recorded (status 2)."""
         assert self.confirmed is not None
         replicas = self.scripts.replicas
-        for call, body in (("EVALSHA", script.sha), ("EVAL", script.script)):
-            out = await self.confirmed.pipeline([(call, body, 6, *keys_and_args), *replicas.commands()])
-            if isinstance(out[0], NoScriptError) and call == "EVALSHA":
-                continue
+
+        def check(out: list[Any]) -> None:
             if isinstance(out[0], BaseException):
                 replicas.refused(out[0])
             replicas.check(out)
-            return out[0]
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        [result] = await run_scripts(self.confirmed.pipeline, self.scripts.access, call, replicas.commands(), check)
+        return result
 
     async def history(self, nhs: NhsNumber) -> tuple[list[Record], list[tuple[str, Access]]]:
         """All the child's records (visible or not) and its last 25 accesses with their ids, newest first."""

@@ -18,14 +18,14 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from cpis_bridge.core.ports import ChannelStats, DeadLetter, QueueEntry
 from cpis_bridge.store.connection import Lane
 from cpis_bridge.store.inbox import fill_recent
 from cpis_bridge.store.keys import Keys
 from cpis_bridge.store.replies import Entries
-from cpis_bridge.store.scripts import Scripts
+from cpis_bridge.store.scripts import Scripts, run_scripts
 
 GROUP = "relays"
 SETTLE_LINGER_S = 0.003
@@ -245,29 +245,11 @@ class RedisOutbox:
                 fut.set_result(bool(result))
 
     async def _run_settles(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """EVALSHA each settle in one pipeline. redis-py's Script-in-pipeline costs a SCRIPT EXISTS round trip on
-        every execute; instead the script is sent again (EVAL) only when Redis answers NOSCRIPT (after a restart, a
-        failover or a flush), and just the calls it refused run again (they did not run). With CPIS_REDIS_MIN_REPLICAS
-        the pipeline ends with the fence and WAIT (store/replicas.py)."""
-        script = self._settle
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
+        """EVALSHA each settle in one pipeline (redis-py's Script-in-pipeline costs a SCRIPT EXISTS round trip on
+        every execute; store/scripts.run_scripts sends EVAL after NOSCRIPT). With CPIS_REDIS_MIN_REPLICAS the pipeline
+        ends with the fence and WAIT (store/replicas.py): the settles count once replicas hold them."""
         replicas = self._replicas
-        for attempt in (1, 2):
-            # After NOSCRIPT (a new or restarted primary) EVAL sends the script on the same connection and caches it.
-            call, body = ("EVALSHA", script.sha) if attempt == 1 else ("EVAL", script.script)
-            out = await self.lane.pipeline(
-                [(call, body, len(calls[i][0]), *calls[i][0], *calls[i][1]) for i in todo] + replicas.commands()
-            )
-            if replicas.enabled:  # the settles count once replicas hold them (a lost one is delivered again)
-                replicas.check(out)
-                out = out[: len(todo)]
-            for i, result in zip(todo, out, strict=True):
-                results[i] = result
-            todo = [i for i, result in zip(todo, out, strict=True) if isinstance(result, NoScriptError)]
-            if not todo or attempt == 2:
-                break
-        return results
+        return await run_scripts(self.lane.pipeline, self._settle, calls, replicas.commands(), replicas.check)
 
     async def promote(self, now_ms: int, limit: int) -> int:
         return int(await self._promote(keys=[self.keys.notify_delay, self.keys.notify_queue], args=[now_ms, limit]))

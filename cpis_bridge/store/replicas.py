@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
 
 from cpis_bridge.core.errors import StoreUnavailable
 from cpis_bridge.store.connection import UNREACHABLE, failover_reply, unavailable
@@ -79,30 +78,6 @@ class Replicas:
         if isinstance(exc, UNREACHABLE):
             unavailable(exc)
         raise exc
-
-    async def run(self, redis: Redis, script: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        """One registered script (redis-py AsyncScript) as a confirmed write step: its EVALSHA, the fence and the
-        wait in one pipeline (one round trip). Without replicas to wait for, the plain script call."""
-        if not self.enabled:
-            return await script(keys=list(keys), args=list(args))
-        for call in ("EVALSHA", "EVAL"):
-            async with redis.pipeline(transaction=False) as pipe:
-                # A new (or restarted) primary answers NOSCRIPT: EVAL then sends the script itself, on the same
-                # connection (a SCRIPT LOAD elsewhere could reach another server), and the server caches it.
-                pipe.execute_command(call, script.sha if call == "EVALSHA" else script.script, len(keys), *keys, *args)
-                for command in self.commands():
-                    pipe.execute_command(*command)
-                out = await pipe.execute(raise_on_error=False)
-            result = out[0]
-            if isinstance(result, NoScriptError) and call == "EVALSHA":
-                continue
-            if isinstance(result, ResponseError) and failover_reply(result):
-                self.refused(result)
-            self.check(out)
-            if isinstance(result, BaseException):
-                raise result
-            return result
-        raise AssertionError("unreachable")  # pragma: no cover
 
 
 NO_REPLICAS = Replicas()
