@@ -227,7 +227,7 @@ def rate_limit(headers: Mapping[str, str], now: float | None = None) -> RateLimi
             else:
                 reset.append(float(number))
     for prefix in ("RateLimit-", "X-RateLimit-"):
-        for name, into in (("Remaining", remaining), ("Reset", reset)):
+        for name in ("Remaining", "Reset"):
             raw = headers.get(prefix + name)
             if not raw:
                 continue
@@ -235,9 +235,12 @@ def rate_limit(headers: Mapping[str, str], now: float | None = None) -> RateLimi
                 number = float(raw.split(",")[0].strip())
             except ValueError:
                 continue
-            if name == "Reset" and number >= _EPOCH_FLOOR:
+            if name == "Remaining":
+                remaining.append(int(number))
+                continue
+            if number >= _EPOCH_FLOOR:
                 number -= time.time() if now is None else now
-            into.append(int(number) if name == "Remaining" else number)  # type: ignore[arg-type]
+            reset.append(number)
     if not remaining and not reset:
         return None
     return RateLimit(min(remaining) if remaining else None, max(0.0, max(reset)) if reset else None)

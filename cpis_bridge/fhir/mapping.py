@@ -247,9 +247,9 @@ def careteam(record: Record, la: LocalAuthority | None, *, today: dt.date, offic
 
 def flag(record: Record, la: LocalAuthority | None) -> dict[str, Any]:
     """One visible record as a UK Core Flag (safety + CP-IS categories, SNOMED plan code, LA as author)."""
-    author = {"identifier": ods_identifier(record.la)}
+    author: dict[str, Any] = {"identifier": ods_identifier(record.la)}
     if la is not None:
-        author["display"] = la.name  # type: ignore[assignment]
+        author["display"] = la.name
     return {
         "resourceType": "Flag",
         "id": flag_id(record),

@@ -103,7 +103,7 @@ class BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     the next one follows the failover."""
 
     def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
-        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]
+        super().__init__(service_name, sentinel_manager, **kwargs)  # type: ignore[no-untyped-call]  # redis-py's is unannotated
 
 
 def sentinel_target(url: str) -> tuple[list[tuple[str, int]], str, int, bool] | None:
@@ -330,7 +330,7 @@ class Multiplexed:
         out, self._outgoing = self._outgoing, []
         try:
             # The private seam (module docstring); no drain: callers bound what is in flight.
-            conn._writer.writelines(out)  # type: ignore[union-attr]
+            conn._writer.writelines(out)  # type: ignore[union-attr]  # None once disconnected: caught below
         except Exception as exc:  # a broken transport fails its callers
             self._fail(conn, ConnectionError(f"Redis connection failed: {exc}"))
 

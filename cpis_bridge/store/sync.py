@@ -10,6 +10,7 @@ from typing import Any, cast
 import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
 from cpis_bridge.core.ports import SyncItem, WriteResult
 from cpis_bridge.core.records import Record
@@ -172,7 +173,7 @@ class RedisSyncQueue:
 
     async def dead(self, item: SyncItem, result: WriteResult) -> None:
         """Dead letter {channel, la, lid, reason, at, outcome} and acknowledge, in one MULTI."""
-        letter = {
+        letter: dict[FieldT, EncodableT] = {
             "channel": CHANNEL,
             "la": item.la,
             "lid": item.local_id,
@@ -182,7 +183,7 @@ class RedisSyncQueue:
             "outcome": result.operation_outcome or "",
         }
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.keys.dead_letters, letter)  # type: ignore[arg-type]
+            pipe.xadd(self.keys.dead_letters, letter)
             pipe.xack(self.keys.sync_queue, GROUP, *item.entry_ids)
             pipe.xdel(self.keys.sync_queue, *item.entry_ids)
             await pipe.execute()
