@@ -94,9 +94,10 @@ class Settings(BaseSettings):
     ucpp_visible_days_after_end: int = Field(28, ge=0)
     test_numbers_only: bool | None = None  # default: true in dev mode
 
-    web_session_idle_s: int = Field(900, ge=30)  # web views: a session ends after this long without a request
+    web_session_idle_s: int = Field(900, ge=1)  # web views: a session ends after this long without a request
     web_signin_failures: int = Field(5, ge=1)  # failed sign-ins allowed per client address in 15 minutes
     web_launch_ttl_s: int = Field(600, ge=30, le=3600)  # a CDS card's SMART link (appContext) can launch this long
+    web_signin_la_failures: int = Field(50, ge=1)  # failed sign-ins allowed per LA (all addresses) in 15 minutes
 
     shutdown_grace_s: float = Field(5.0, ge=0)
     drain_delay_s: float = Field(0.0, ge=0)

@@ -99,6 +99,12 @@ class Metrics:
             ["item"],
             registry=r,
         )
+        self.web_signins = Counter(
+            "cpis_web_signins_total",
+            "Web view sign-in attempts by method (oidc, dev), outcome (signed-in, failed, refused) and reason",
+            ["method", "outcome", "reason"],
+            registry=r,
+        )
         self.audit_entries = Counter("cpis_audit_entries_total", "Audit entries written", ["action"], registry=r)
         self.build = Info("cpis_build", "The running build: package version and Python version", registry=r)
         self.build.info({"version": _version(), "python": platform.python_version()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -19,6 +20,7 @@ from cpis_bridge.core.registry import (
     FhirChannel,
     LocalAuthority,
     OfficeHours,
+    OidcSignIn,
     Origin,
     Registry,
     SmartLaunch,
@@ -82,6 +84,55 @@ class _OfficeHours(_Strict):
         )
 
 
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class _SignIn(_Strict):
+    """The LA's OpenID Connect provider for the web views (README, web views)."""
+
+    issuer: str = Field(min_length=1, max_length=500)
+    client_id: str = Field(alias="clientId", min_length=1, max_length=200)
+    client_secret_env: str | None = Field(alias="clientSecretEnv", default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    client_secret_file: str | None = Field(alias="clientSecretFile", default=None, min_length=1)
+    claim: str = Field(min_length=1, max_length=100)
+    value: str = Field(min_length=1, max_length=200)
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile"])
+
+    @field_validator("issuer")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        origin = origin_of(v)
+        if origin is None:
+            raise ValueError(f"{v[:100]!r} is not an http(s) URL with a host")
+        if origin[0] != "https" and origin[1] not in _LOOPBACK:
+            raise ValueError("the issuer must be an https URL (http only on this machine, for tests)")
+        return v.rstrip("/")
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid(cls, v: list[str]) -> list[str]:
+        if "openid" not in v:
+            raise ValueError("scopes must include openid")
+        return v
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> _SignIn:
+        if (self.client_secret_env is None) == (self.client_secret_file is None):
+            raise ValueError("give exactly one of clientSecretEnv and clientSecretFile (the secret is never here)")
+        return self
+
+    def build(self) -> OidcSignIn:
+        return OidcSignIn(
+            issuer=self.issuer,
+            client_id=self.client_id,
+            claim=self.claim,
+            value=self.value,
+            client_secret_env=self.client_secret_env,
+            client_secret_file=self.client_secret_file,
+            scopes=tuple(self.scopes),
+        )
+
+
 class _LA(_Strict):
     ods: str = Field(pattern=_ODS)
     name: str = Field(min_length=1, max_length=200)
@@ -89,6 +140,7 @@ class _LA(_Strict):
     emergency_duty_phone: str = Field(alias="emergencyDutyPhone", min_length=3, max_length=40)
     office_hours: _OfficeHours = Field(alias="officeHours", default_factory=_OfficeHours)
     notify: _Notify | None = None
+    sign_in: _SignIn | None = Field(alias="signIn", default=None)
 
 
 def _origins(urls: list[str]) -> list[str]:
@@ -208,6 +260,7 @@ def load_registry(path: Path) -> Registry:
             webhook=WebhookChannel(notify.webhook.url, notify.webhook.secret_env) if notify.webhook else None,
             fhir=FhirChannel(notify.fhir.base_url, dict(notify.fhir.auth)) if notify.fhir else None,
             office_hours=la.office_hours.build(),
+            sign_in=la.sign_in.build() if la.sign_in else None,
         )
     settings: dict[str, CareSetting] = {}
     for i, cs in enumerate(parsed.care_settings):
@@ -244,4 +297,26 @@ def webhook_secret_problems(registry: Registry, environ: dict[str, str]) -> list
         value = environ.get(la.webhook.secret_env, "")
         if not re.fullmatch(r"whsec_[A-Za-z0-9+/=]+", value):
             out.append(f"local authority {la.ods}: {la.webhook.secret_env} must hold a whsec_ secret")
+    return out
+
+
+def sign_in_secret(sign_in: OidcSignIn, env: Callable[[str], str | None]) -> str | None:
+    """The client secret of an LA's sign-in: from the environment variable (``env`` looks it up) or the file the
+    registry names."""
+    if sign_in.client_secret_env:
+        return env(sign_in.client_secret_env) or None
+    assert sign_in.client_secret_file is not None
+    try:
+        return Path(sign_in.client_secret_file).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def sign_in_secret_problems(registry: Registry, env: Callable[[str], str | None]) -> list[str]:
+    """LAs whose sign-in client secret cannot be read (the service refuses to start)."""
+    out = []
+    for la in registry.local_authorities.values():
+        if la.sign_in is not None and sign_in_secret(la.sign_in, env) is None:
+            where = la.sign_in.client_secret_env or la.sign_in.client_secret_file
+            out.append(f"local authority {la.ods}: the sign-in client secret ({where}) is missing or empty")
     return out

@@ -1,9 +1,11 @@
-"""The organisations the service knows: local authorities (with contacts, office hours and notify channels), care
-settings and CDS clients; and whether an LA's office is open at a given instant (which of its numbers to ring)."""
+"""The organisations the service knows: local authorities (with contacts, office hours, notify channels and the
+identity provider their people sign in with), care settings and CDS clients; and whether an LA's office is open at a
+given instant (which of its numbers to ring)."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Final, Literal, TypeAlias
@@ -89,6 +91,30 @@ class FhirChannel:
 
 
 @dataclass(frozen=True, slots=True)
+class OidcSignIn:
+    """How an LA's people sign in to the web views: the LA's own OpenID Connect provider (``issuer``), this
+    service's client there, where its secret is kept (an environment variable or a file: never the registry), and
+    the ID token claim that says a person belongs to the LA (``claim`` holding ``value``, or a list containing it)."""
+
+    issuer: str
+    client_id: str
+    claim: str
+    value: str
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    scopes: tuple[str, ...] = ("openid", "profile")
+
+    def admits(self, claims: Mapping[str, object]) -> bool:
+        """Whether the ID token's claims map the person to this LA."""
+        got = claims.get(self.claim)
+        if isinstance(got, str):
+            return got == self.value
+        if isinstance(got, list | tuple):
+            return any(isinstance(g, str) and g == self.value for g in got)
+        return False
+
+
+@dataclass(frozen=True, slots=True)
 class LocalAuthority:
     ods: str
     name: str
@@ -97,6 +123,7 @@ class LocalAuthority:
     webhook: WebhookChannel | None = None
     fhir: FhirChannel | None = None
     office_hours: OfficeHours = DEFAULT_OFFICE_HOURS
+    sign_in: OidcSignIn | None = None
 
 
 @dataclass(frozen=True, slots=True)

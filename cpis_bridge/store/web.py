@@ -2,7 +2,8 @@
 
 P:web:s:<id>         STRING the session's JSON, expiring after the idle timeout (every request renews it)
 P:web:fail:<client>  STRING failed sign-ins from one client address in the current window (INCR, EXPIRE)
-P:web:fail:<scope>:<client>  the same for another view (the clinician view's sign-ins and launches: scope "ed")
+P:web:fail:<scope>:<client>  the same for another view (the clinician view's sign-ins and launches: scope "ed";
+                             the duty view's per-LA count: scope "la", who the LA)
 """
 
 from __future__ import annotations

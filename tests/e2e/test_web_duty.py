@@ -202,3 +202,57 @@ async def test_500_live_streams_on_one_process_each_get_the_new_notification(web
 
 def _subapps(app: Any) -> list[Any]:
     return [r._app for r in app.router.resources() if hasattr(r, "_app")]
+
+
+async def test_sign_in_failures_are_limited_per_council_too(aiohttp_client: Any, make_settings: Any) -> None:
+    """Past CPIS_WEB_SIGNIN_LA_FAILURES failures for one council (from any address), that council's sign-ins
+    wait; other councils' do not. Each failure and refusal is audited and counted in the metric."""
+    from cpis_bridge.app import create_app
+
+    settings: Settings = make_settings(web_signin_failures=100, web_signin_la_failures=2)
+    client = await aiohttp_client(create_app(settings))
+    r = aredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        b = Browser(client)
+        for _ in range(2):
+            assert (await b.sign_in("LA001", name=" ")).status == 400
+        assert (await b.sign_in("LA001")).status == 429
+        assert (await b.sign_in("LA002", "Alex Other")).status == 303
+        audit = [orjson.loads(e) for e in await r.lrange(f"{settings.key_prefix}:audit:sys", 0, -1)]
+        failed = [e for e in audit if e["action"] == "web.signin.failed"]
+        assert len(failed) == 2 and all(e["org"] == "LA001" and e["detail"]["reason"] == "form" for e in failed)
+        assert [e["org"] for e in audit if e["action"] == "web.signin.refused"] == ["LA001"]
+        metrics = await (await client.get("/metrics")).text()
+        assert 'cpis_web_signins_total{method="dev",outcome="failed",reason="form"} 2.0' in metrics
+        assert 'cpis_web_signins_total{method="dev",outcome="refused",reason="rate-limited"} 1.0' in metrics
+    finally:
+        await r.aclose()
+
+
+async def test_a_council_sign_in_without_its_client_secret_stops_the_start(
+    aiohttp_client: Any, make_settings: Any, tmp_path: Any, monkeypatch: Any
+) -> None:
+    import yaml
+
+    from cpis_bridge.app import create_app
+    from tests.conftest import REGISTRY
+
+    doc = yaml.safe_load(REGISTRY.read_text())
+    doc["localAuthorities"][0]["signIn"] = {
+        "issuer": "https://login.la001.example",
+        "clientId": "cpis",
+        "clientSecretEnv": "CPIS_TEST_ABSENT_SECRET",
+        "claim": "groups",
+        "value": "duty",
+    }
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    monkeypatch.delenv("CPIS_TEST_ABSENT_SECRET", raising=False)
+    with pytest.raises(RuntimeError, match="LA001: the sign-in client secret"):
+        await aiohttp_client(create_app(make_settings(registry=path)))
+    monkeypatch.setenv("CPIS_TEST_ABSENT_SECRET", "s3cret")
+    client = await aiohttp_client(create_app(make_settings(registry=path)))
+    page = await (await client.get("/la/sign-in")).text()
+    assert 'action="/la/sign-in/oidc"' in page and 'value="LA001"' in page
+    csp = (await client.get("/la/sign-in")).headers["Content-Security-Policy"]
+    assert "form-action 'self' https://login.la001.example;" in csp  # the provider is reached by a redirect

@@ -4,7 +4,9 @@ filters and paging, one notification, acknowledge), child look-up by NHS number,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import logging
 from typing import Any
 from urllib.parse import quote
 
@@ -24,7 +26,8 @@ from cpis_bridge.services.inbox import InboxFeed, InboxFilter
 from cpis_bridge.store.web import SignInLimiter
 from cpis_bridge.web.common import PRINCIPAL, REQUEST_ID, allow, audit_context
 from cpis_bridge.web.notifications import INBOX
-from cpis_bridge.web.state import AUDIT, KEYS, RECORDS, REDIS, REGISTRY, SETTINGS
+from cpis_bridge.web.state import AUDIT, KEYS, METRICS, RECORDS, REDIS, REGISTRY, SETTINGS
+from cpis_bridge.web.views.oidc import OidcSignIns, ProviderUnavailable, SignInFailed
 from cpis_bridge.web.views.pages import (
     HERE,
     SESSIONS,
@@ -44,10 +47,17 @@ LA = Role.LOCAL_AUTHORITY
 PREFIX = "/la"
 SIGN_IN = f"{PREFIX}/sign-in"
 PAGE_SIZE = 25
-LIMITER = web.AppKey("signin_limiter", SignInLimiter)
+CALLBACK = f"{SIGN_IN}/callback"
+PENDING = "oidc"  # the session's sign-in attempt in progress: state, nonce, code verifier, council
+ID_TOKEN = "id_token"
+LIMITER = web.AppKey("signin_limiter", SignInLimiter)  # failed sign-ins per client address
+LA_LIMITER = web.AppKey("signin_la_limiter", SignInLimiter)  # failed sign-ins per LA, from every address
+OIDC = web.AppKey("oidc_sign_ins", OidcSignIns)
+STREAMS = web.AppKey("live_streams", dict[str, set[asyncio.Queue[dict[str, Any] | None]]])  # by session id
 FEED = web.AppKey("inbox_feed", InboxFeed)
 SESSION_CHECK_S = 30.0  # how often a live stream checks that its session has not ended
 
+log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 page = signed_in(LA, SIGN_IN)
 
@@ -69,59 +79,168 @@ async def sign_in_page(request: web.Request) -> web.StreamResponse:
 def _sign_in(request: web.Request, session: Session, context: dict[str, Any], status: int = 200) -> web.Response:
     settings = request.config_dict[SETTINGS]
     las = sorted(request.config_dict[REGISTRY].local_authorities.values(), key=lambda la: la.name)
-    return render(request, "la/sign_in.html", {"dev": settings.dev_mode, "las": las, **context}, session, status=status)
+    oidc = request.app[OIDC]
+    offered = [la for la in las if oidc.offered(la.ods)]
+    return render(
+        request,
+        "la/sign_in.html",
+        {"dev": settings.dev_mode, "las": las, "offered": offered, **context},
+        session,
+        status=status,
+    )
 
 
 def _system_ctx(request: web.Request, ods: str) -> AuditContext:
     return AuditContext(Principal(subject="-", role=LA, ods=ods or "-"), None, request.get(REQUEST_ID))
 
 
+def _client(request: web.Request) -> str:
+    return request.remote or "-"
+
+
+async def _blocked(request: web.Request, method: str, ods: str) -> web.Response | None:
+    """The 429 page when this address, or this LA, has had too many failed sign-ins lately (audited, counted)."""
+    known = ods in request.config_dict[REGISTRY].local_authorities
+    if not (
+        await request.app[LIMITER].blocked(_client(request)) or (known and await request.app[LA_LIMITER].blocked(ods))
+    ):
+        return None
+    await request.config_dict[AUDIT].append(
+        None, _system_ctx(request, ods[:16] if known else "-").entry("web.signin.refused", None, utc_now(), method=method)
+    )
+    request.config_dict[METRICS].web_signins.labels(method, "refused", "rate-limited").inc()
+    return render(request, "error.html", {"heading": "Too many attempts", "status": 429}, status=429)
+
+
+async def _failed(request: web.Request, method: str, ods: str, reason: str, **detail: Any) -> None:
+    """A failed sign-in: counted against the address and the LA, audited (never with what was typed or claimed)."""
+    known = ods in request.config_dict[REGISTRY].local_authorities
+    await request.app[LIMITER].failed(_client(request))
+    if known:
+        await request.app[LA_LIMITER].failed(ods)
+    await request.config_dict[AUDIT].append(
+        None,
+        _system_ctx(request, ods[:16] if known else "-").entry(
+            "web.signin.failed", None, utc_now(), method=method, reason=reason, **detail
+        ),
+    )
+    request.config_dict[METRICS].web_signins.labels(method, "failed", reason).inc()
+    log.info("web sign-in failed", extra={"method": method, "reason": reason, "la": ods if known else "-"})
+
+
+async def _signed_in(
+    request: web.Request, method: str, who: dict[str, Any], keep: dict[str, Any] | None = None
+) -> web.StreamResponse:
+    session = await new_session(request)  # a new id: a session fixed before sign-in is worth nothing after it
+    session[SIGNED_IN] = who
+    session.update(keep or {})
+    csrf_token(session)
+    await request.config_dict[AUDIT].append(
+        None,
+        AuditContext(Principal(who["sub"], LA, who["ods"], who["name"]), None, request.get(REQUEST_ID)).entry(
+            "web.signin", None, utc_now(), method=method
+        ),
+    )
+    request.config_dict[METRICS].web_signins.labels(method, "signed-in", "-").inc()
+    raise web.HTTPSeeOther(f"{PREFIX}/notifications")
+
+
 @routes.post("/sign-in")
 @allow(public=True)
 async def sign_in(request: web.Request) -> web.StreamResponse:
-    """Dev mode only: sign in as a person of one of the registry's LAs. Failures are counted per client address
-    (rate limited) and audited."""
+    """Dev mode only: sign in as a person of one of the registry's LAs. Failures are counted per client address and
+    per LA (rate limited) and audited."""
     settings = request.config_dict[SETTINGS]
     if not settings.dev_mode:
         raise web.HTTPNotFound()
     session = await get_session(request)
     form = await checked_form(request, session)
-    limiter, client = request.app[LIMITER], request.remote or "-"
-    audit = request.config_dict[AUDIT]
     ods, name = form.get("ods", ""), " ".join(form.get("name", "").split())[:100]
-    if await limiter.blocked(client):
-        await audit.append(None, _system_ctx(request, ods[:16]).entry("web.signin.refused", None, utc_now()))
-        return render(request, "error.html", {"heading": "Too many attempts", "status": 429}, status=429)
+    refused = await _blocked(request, "dev", ods)
+    if refused is not None:
+        return refused
     errors = {}
     if ods not in request.config_dict[REGISTRY].local_authorities:
         errors["ods"] = "Select your council"
     if not name:
         errors["name"] = "Enter your name"
     if errors:
-        await limiter.failed(client)
-        await audit.append(
-            None, _system_ctx(request, ods[:16]).entry("web.signin.failed", None, utc_now(), fields=sorted(errors))
-        )
+        await _failed(request, "dev", ods, "form", fields=sorted(errors))
         return _sign_in(request, session, {"errors": errors, "form": form}, status=400)
-    session = await new_session(request)  # a new id: a session fixed before sign-in is worth nothing after it
-    who = {"role": LA.value, "ods": ods, "sub": f"dev:{name}", "name": name}
-    session[SIGNED_IN] = who
-    csrf_token(session)
-    await audit.append(
-        None,
-        AuditContext(Principal(who["sub"], LA, ods, name), None, request.get(REQUEST_ID)).entry(
-            "web.signin", None, utc_now(), method="dev"
-        ),
-    )
-    raise web.HTTPSeeOther(f"{PREFIX}/notifications")
+    return await _signed_in(request, "dev", {"role": LA.value, "ods": ods, "sub": f"dev:{name}", "name": name})
+
+
+@routes.post("/sign-in/oidc")
+@allow(public=True)
+async def oidc_start(request: web.Request) -> web.StreamResponse:
+    """Sign in with the council's own identity provider: authorization code with PKCE; the attempt's state, nonce
+    and code verifier are kept in the (server-side) session until the provider sends the browser back."""
+    session = await get_session(request)
+    form = await checked_form(request, session)
+    ods = form.get("council", "")
+    oidc = request.app[OIDC]
+    refused = await _blocked(request, "oidc", ods)
+    if refused is not None:
+        return refused
+    if not oidc.offered(ods):
+        return _sign_in(request, session, {"errors": {"council": "Select your council"}}, status=400)
+    try:
+        url, pending = await oidc.begin(ods, request.config_dict[SETTINGS].base_url + CALLBACK)
+    except ProviderUnavailable as exc:
+        log.warning("identity provider unavailable", extra={"la": ods, "reason": exc.reason})
+        request.config_dict[METRICS].web_signins.labels("oidc", "failed", exc.reason).inc()
+        return render(request, "error.html", {"heading": "Sign-in is not available", "status": 503}, status=503)
+    session[PENDING] = pending
+    raise web.HTTPSeeOther(url)
+
+
+@routes.get("/sign-in/callback")
+@allow(public=True)
+async def oidc_callback(request: web.Request) -> web.StreamResponse:
+    """Where the provider sends the browser back: the code is exchanged, the ID token checked (signature, issuer,
+    audience, nonce, lifetime) and its claims mapped to the council the attempt was for."""
+    session = await get_session(request)
+    pending = session.pop(PENDING, None)
+    ods = str(pending.get("ods", "")) if isinstance(pending, dict) else ""
+    refused = await _blocked(request, "oidc", ods)
+    if refused is not None:
+        return refused
+    if not isinstance(pending, dict):
+        await _failed(request, "oidc", "-", "no-attempt")
+        return render(request, "la/sign_in_failed.html", {"reason": "no-attempt"}, session, status=400)
+    query = {k: v for k, v in request.query.items() if k in ("code", "state", "error")}
+    try:
+        person = await request.app[OIDC].finish(pending, query)
+    except ProviderUnavailable as exc:
+        log.warning("identity provider unavailable", extra={"la": ods, "reason": exc.reason})
+        request.config_dict[METRICS].web_signins.labels("oidc", "failed", exc.reason).inc()
+        return render(request, "error.html", {"heading": "Sign-in is not available", "status": 503}, status=503)
+    except SignInFailed as exc:
+        await _failed(request, "oidc", ods, exc.reason)
+        status = 403 if exc.reason == "no-la" else 400
+        return render(request, "la/sign_in_failed.html", {"reason": exc.reason}, session, status=status)
+    who = {"role": LA.value, "ods": ods, "sub": f"oidc:{person.sub}", "name": person.name, "idp": ods}
+    # the ID token stays server-side, for the provider's sign-out (id_token_hint)
+    return await _signed_in(request, "oidc", who, {ID_TOKEN: person.id_token})
 
 
 @routes.post("/sign-out")
 @page
 async def sign_out(request: web.Request, session: Session) -> web.StreamResponse:
+    """Ends the session (its Redis key goes, this process's live streams of it end at once, other processes' within
+    their next check) and, for a provider's sign-in, the provider's session too (RP-initiated logout)."""
     await checked_form(request, session)
     await request.config_dict[AUDIT].append(None, audit_context(request).entry("web.signout", None, utc_now()))
+    who, id_token, sid = session.get(SIGNED_IN) or {}, session.get(ID_TOKEN), session.identity
     session.invalidate()
+    for queue in request.app[STREAMS].pop(str(sid), set()):
+        with contextlib.suppress(asyncio.QueueFull):
+            queue.put_nowait(None)
+    after = request.config_dict[SETTINGS].base_url + f"{PREFIX}/signed-out"
+    if isinstance(who, dict) and who.get("idp") and isinstance(id_token, str):
+        url = await request.app[OIDC].sign_out_url(str(who["idp"]), id_token, after)
+        if url:
+            raise web.HTTPSeeOther(url)
     raise web.HTTPSeeOther(f"{PREFIX}/signed-out")
 
 
@@ -200,20 +319,28 @@ async def acknowledge(request: web.Request, session: Session) -> web.StreamRespo
 @routes.get("/events")
 @page
 async def events(request: web.Request, session: Session) -> web.StreamResponse:
-    """Live updates (Server-Sent Events) for the notifications page: each new notification of this LA, as the few
-    fields a new table row shows. The stream ends with the session, or when the service shuts down."""
+    """Live updates (Server-Sent Events) for the notifications page: a ``ready`` event once the process tails the
+    inboxes, then each new notification of this LA, as the few fields a new table row shows. The stream ends with
+    the session (at once on sign-out in this process), or when the service shuts down."""
     la = request[PRINCIPAL].ods
     feed, sessions = request.app[FEED], request.app[SESSIONS]
+    sid = str(session.identity)
+    check_s = min(SESSION_CHECK_S, request.config_dict[SETTINGS].web_session_idle_s / 2)
     queue = feed.watch(la)
+    request.app[STREAMS].setdefault(sid, set()).add(queue)
     try:
         async with sse_response(
             request, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
         ) as stream:
+            with contextlib.suppress(TimeoutError):  # "ready": from here on, every new notification is sent
+                async with asyncio.timeout(5.0):
+                    await feed.started.wait()
+            await stream.send("{}", event="ready")  # an event with no data is never dispatched
             while True:
                 try:
-                    body = await asyncio.wait_for(queue.get(), SESSION_CHECK_S)
+                    body = await asyncio.wait_for(queue.get(), check_s)
                 except TimeoutError:
-                    if not await sessions.alive(str(session.identity)):
+                    if not await sessions.alive(sid):
                         break
                     continue
                 if body is None:
@@ -221,6 +348,11 @@ async def events(request: web.Request, session: Session) -> web.StreamResponse:
                 await stream.send(orjson.dumps(_live_row(body)).decode(), event="notification")
     finally:
         feed.unwatch(la, queue)
+        mine = request.app[STREAMS].get(sid)
+        if mine is not None:
+            mine.discard(queue)
+            if not mine:
+                del request.app[STREAMS][sid]
     return stream
 
 
@@ -290,9 +422,14 @@ def make_app(parent: web.Application) -> web.Application:
         jinja2.FileSystemLoader(HERE / "templates"),
         jinja2.PrefixLoader({"govuk_frontend_jinja": jinja2.PackageLoader("govuk_frontend_jinja")}),
     ]
-    app = make_subapp(parent, templates=loaders, cookie="__Host-cpis-la")
     settings = parent[SETTINGS]
-    app[LIMITER] = SignInLimiter(lambda: (parent[REDIS], parent[KEYS]), limit=settings.web_signin_failures)
+    oidc = OidcSignIns(parent[REGISTRY], settings.env_secret)
+    app = make_subapp(parent, templates=loaders, cookie="__Host-cpis-la", form_targets=oidc.origins())
+    store = lambda: (parent[REDIS], parent[KEYS])  # noqa: E731
+    app[LIMITER] = SignInLimiter(store, limit=settings.web_signin_failures)
+    app[LA_LIMITER] = SignInLimiter(store, limit=settings.web_signin_la_failures, scope="la")
+    app[OIDC] = oidc
+    app[STREAMS] = {}
     app.router.add_routes(routes)
     app.router.add_get("/assets/{path:.+}", assets_handler(STATIC))
 

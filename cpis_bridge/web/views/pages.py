@@ -33,7 +33,7 @@ ViewHandler = Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
-    "connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors {ancestors}"
+    "connect-src 'self'; form-action 'self'{forms}; base-uri 'none'; object-src 'none'; frame-ancestors {ancestors}"
 )
 
 
@@ -66,14 +66,18 @@ def make_subapp(
     templates: list[jinja2.BaseLoader],
     cookie: str,
     frame_ancestors: Callable[[], str] = lambda: "'none'",
+    form_targets: tuple[str, ...] = (),
 ) -> web.Application:
     """A view's sub-application: its own middlewares (so the API's hot paths pay nothing for sessions), Jinja2
-    templates, a Redis session store on the parent's Redis and the security headers on every answer."""
+    templates, a Redis session store on the parent's Redis and the security headers on every answer.
+    ``form_targets``: origins besides the service's own that a form may lead to (an identity provider, reached by
+    a redirect after sign-in and sign-out forms; the CSP's form-action covers redirects)."""
     settings = parent[SETTINGS]
     storage = RedisSessionStorage(
         lambda: (parent[REDIS], parent[KEYS]), cookie_name=cookie, idle_s=settings.web_session_idle_s
     )
     secure_site = settings.base_url.startswith("https://")
+    forms = "".join(f" {origin}" for origin in form_targets)
 
     @web.middleware
     async def headers(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -91,7 +95,7 @@ def make_subapp(
                 raise
             response = error_page(request, exc.status, exc.title)
         h = response.headers
-        h.setdefault("Content-Security-Policy", CSP.format(ancestors=frame_ancestors()))
+        h.setdefault("Content-Security-Policy", CSP.format(ancestors=frame_ancestors(), forms=forms))
         h["X-Content-Type-Options"] = "nosniff"
         h["Referrer-Policy"] = "no-referrer"
         h.setdefault("Cache-Control", "no-store")

@@ -9,6 +9,7 @@ const table = document.querySelector('table[data-live]')
 const announce = document.getElementById('live')
 if (table && announce && window.EventSource) {
   const source = new EventSource(table.dataset.live)
+  source.addEventListener('ready', () => { table.dataset.liveReady = 'true' })
   source.addEventListener('notification', (event) => {
     const n = JSON.parse(event.data)
     const row = document.createElement('tr')
