@@ -22,8 +22,9 @@ import yaml
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import assert_accessible, ed_lookup, put_record
-from tests.conftest import REGISTRY
-from tests.e2e.proc import ServiceProcess, free_port
+from tests.support.polling import free_port
+from tests.support.service import ServiceProcess
+from tests.support.world import REGISTRY
 
 LA1_SECRET = "la001-client-secret-for-tests"
 

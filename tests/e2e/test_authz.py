@@ -128,6 +128,16 @@ TABLE: dict[tuple[str, str], Row] = {
         data=b"ods=LA001&name=x",
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     ),
+    ("POST", "/la/sign-in/oidc"): Row(
+        PUBLIC,
+        "/la/sign-in/oidc",
+        frozenset({400}),
+        data=b"council=LA001",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ),
+    # an answer no sign-in attempt of this browser started: a failure (400), counted, so 429 once this address has
+    # failed CPIS_WEB_SIGNIN_FAILURES times
+    ("GET", "/la/sign-in/callback"): Row(PUBLIC, "/la/sign-in/callback?code=x&state=y", frozenset({400, 429})),
     ("POST", "/la/sign-out"): Row(PUBLIC, "/la/sign-out", frozenset({200})),
     ("GET", "/la/signed-out"): Row(PUBLIC, "/la/signed-out", frozenset({200})),
     ("GET", "/la/notifications"): Row(PUBLIC, "/la/notifications", frozenset({200})),

@@ -235,7 +235,7 @@ async def test_a_council_sign_in_without_its_client_secret_stops_the_start(
     import yaml
 
     from cpis_bridge.app import create_app
-    from tests.conftest import REGISTRY
+    from tests.support.world import REGISTRY
 
     doc = yaml.safe_load(REGISTRY.read_text())
     doc["localAuthorities"][0]["signIn"] = {
