@@ -1,5 +1,6 @@
 """Screenshots of the web views for the README (docs/screenshots/): `python -m tests.browser.screenshots`.
-Runs the service as a subprocess with invented data, as the browser tests do."""
+Runs the service as a subprocess with invented data, as the browser tests do, its councils signing in at a real
+OpenID Connect provider (oidc-provider-mock) run beside it."""
 
 from __future__ import annotations
 
@@ -8,19 +9,22 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from tests.browser.conftest import CHROMIUM, ed_lookup, put_record, sign_in, smart_card_link
+from tests.browser.conftest import CHROMIUM, ed_lookup, put_record, smart_card_link
 from tests.support.ehr_double import Ehr, EhrThread, registry_with_smart
 from tests.support.service import ServiceProcess
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
-LA1 = "Example Borough Council Children's Services"
 
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        service = ServiceProcess(Path(tmp)).start()
+        provider = Provider(Path(tmp) / "provider.log")
+        registry = registry_with_sign_in(Path(tmp), provider.url)
+        env = {"CPIS_REGISTRY": str(registry), "LA001_OIDC_SECRET": LA1_SECRET}
+        service = ServiceProcess(Path(tmp) / "service", env=env).start()
         try:
+            sam = provider.person("sam.duty@la001.example", name="Sam Duty", groups=["cpis-duty-la001"])
             put_record(service, "LA001", "CASE-1", "9990000018")
             put_record(service, "LA001", "CASE-2", "9990000026", plan="LAC")
             ed_lookup(service, "9990000018", ods="RXX02", name="Nurse Ava Example")
@@ -31,7 +35,11 @@ def main() -> None:
                 page = browser.new_page(viewport={"width": 1100, "height": 800})
                 page.goto(service.url + "/la/sign-in")
                 page.screenshot(path=OUT / "la-sign-in.png", full_page=True)
-                sign_in(page, service, LA1)
+                page.locator("input[name=council][value=LA001]").check()
+                page.get_by_role("button", name="Continue to your council sign-in").click()
+                page.get_by_placeholder("sub").fill(sam)
+                page.get_by_role("button", name="Authorize").click()
+                page.wait_for_url("**/la/notifications")
                 page.screenshot(path=OUT / "la-notifications.png", full_page=True)
                 page.locator("#notifications tbody tr a").first.click()
                 page.screenshot(path=OUT / "la-notification.png", full_page=True)
@@ -40,9 +48,19 @@ def main() -> None:
                 page.get_by_label("NHS number").fill("999 000 0018")
                 page.get_by_role("button", name="Look up").click()
                 page.screenshot(path=OUT / "la-child.png", full_page=True)
+                other = browser.new_page(viewport={"width": 1100, "height": 800})
+                pat = provider.person("pat@la001.example", name="Pat Example", groups=["staff"])
+                other.goto(service.url + "/la/sign-in")
+                other.locator("input[name=council][value=LA001]").check()
+                other.get_by_role("button", name="Continue to your council sign-in").click()
+                other.get_by_placeholder("sub").fill(pat)
+                other.get_by_role("button", name="Authorize").click()
+                other.wait_for_url("**/la/sign-in/callback**")
+                other.screenshot(path=OUT / "la-sign-in-refused.png", full_page=True)
                 browser.close()
         finally:
             service.stop()
+            provider.stop()
 
 
 def clinician_view() -> None:

@@ -6,96 +6,18 @@ refuse a missing or wrong CSRF token; an account that maps to no council is refu
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import assert_accessible, ed_lookup, put_record
-from tests.support.polling import free_port
+from tests.support.oidc import LA1_SECRET, Provider, registry_with_sign_in
 from tests.support.service import ServiceProcess
-from tests.support.world import REGISTRY
-
-LA1_SECRET = "la001-client-secret-for-tests"
-
-
-class Provider:
-    """`python -m oidc_provider_mock` on a free port: a real OpenID Connect provider (discovery, JWKS, RS256 ID
-    tokens, nonce required); people are given their claims through its /users API."""
-
-    def __init__(self, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "oidc_provider_mock", "--port", str(self.port), "--require-nonce"],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "the provider exited"
-            try:
-                with urllib.request.urlopen(self.url + "/.well-known/openid-configuration", timeout=2) as r:
-                    if json.load(r)["issuer"] == self.url:
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("the OpenID provider did not start")
-
-    def person(self, sub: str, **claims: object) -> str:
-        req = urllib.request.Request(
-            f"{self.url}/users/{urllib.parse.quote(sub)}",
-            data=json.dumps(claims).encode(),
-            method="PUT",
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=5) as r:
-            assert r.status == 204
-        return sub
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
-def _registry(tmp: Path, issuer: str) -> Path:
-    """The test registry with each council signing in at the provider: LA001's secret from the environment,
-    LA002's from a file; each council's people carry its own group."""
-    doc = yaml.safe_load(REGISTRY.read_text())
-    secret_file = tmp / "la002-oidc-secret"
-    secret_file.write_text("la002-client-secret-for-tests\n")
-    for la, extra in zip(
-        doc["localAuthorities"],
-        ({"clientSecretEnv": "LA001_OIDC_SECRET"}, {"clientSecretFile": str(secret_file)}),
-        strict=True,
-    ):
-        ods = la["ods"].lower()
-        la["signIn"] = {
-            "issuer": issuer,
-            "clientId": f"cpis-{ods}",
-            "claim": "groups",
-            "value": f"cpis-duty-{ods}",
-            **extra,
-        }
-    path = tmp / "registry.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +33,7 @@ def _service(tmp: Path, provider: Provider, **env: str) -> ServiceProcess:
     return ServiceProcess(
         tmp,
         env={
-            "CPIS_REGISTRY": str(_registry(tmp, provider.url)),
+            "CPIS_REGISTRY": str(registry_with_sign_in(tmp, provider.url)),
             "LA001_OIDC_SECRET": LA1_SECRET,
             "CPIS_LOG_FORMAT": "json",
             **env,
@@ -212,7 +134,8 @@ def test_another_councils_notification_is_not_found_and_forms_need_the_token(
     expect(other.get_by_role("heading", level=1)).to_have_text("Page not found")
     assert other.request.post(mine + "/acknowledge", form={"csrf_token": _csrf(other)}).status == 404
 
-    for form in ({}, {"csrf_token": "not-the-token"}):
+    forms: list[dict[str, str | float | bool]] = [{}, {"csrf_token": "not-the-token"}]
+    for form in forms:
         assert page.request.post(mine + "/acknowledge", form=form).status == 400
         assert page.request.post(oidc_service.url + "/la/sign-out", form=form).status == 400
     page.reload()
