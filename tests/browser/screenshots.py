@@ -11,6 +11,7 @@ from playwright.sync_api import sync_playwright
 
 from tests.browser.conftest import CHROMIUM, ed_lookup, put_record, smart_card_link
 from tests.support.ehr_double import Ehr, EhrThread, registry_with_smart
+from tests.support.oidc import LA1_SECRET, Provider, registry_with_sign_in
 from tests.support.service import ServiceProcess
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "screenshots"

@@ -106,7 +106,8 @@ async def _blocked(request: web.Request, method: str, ods: str) -> web.Response 
     ):
         return None
     await request.config_dict[AUDIT].append(
-        None, _system_ctx(request, ods[:16] if known else "-").entry("web.signin.refused", None, utc_now(), method=method)
+        None,
+        _system_ctx(request, ods[:16] if known else "-").entry("web.signin.refused", None, utc_now(), method=method),
     )
     request.config_dict[METRICS].web_signins.labels(method, "refused", "rate-limited").inc()
     return render(request, "error.html", {"heading": "Too many attempts", "status": 429}, status=429)
