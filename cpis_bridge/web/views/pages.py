@@ -33,7 +33,7 @@ ViewHandler = Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
 
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
-    "connect-src 'self'; form-action 'self'{forms}; base-uri 'none'; object-src 'none'; frame-ancestors {ancestors}"
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'; frame-ancestors {ancestors}"
 )
 
 
@@ -78,6 +78,7 @@ def make_subapp(
     )
     secure_site = settings.base_url.startswith("https://")
     forms = "".join(f" {origin}" for origin in form_targets)
+    policy = CSP.replace("form-action 'self';", f"form-action 'self'{forms};")
 
     @web.middleware
     async def headers(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -95,7 +96,7 @@ def make_subapp(
                 raise
             response = error_page(request, exc.status, exc.title)
         h = response.headers
-        h.setdefault("Content-Security-Policy", CSP.format(ancestors=frame_ancestors(), forms=forms))
+        h.setdefault("Content-Security-Policy", policy.format(ancestors=frame_ancestors()))
         h["X-Content-Type-Options"] = "nosniff"
         h["Referrer-Policy"] = "no-referrer"
         h.setdefault("Cache-Control", "no-store")
