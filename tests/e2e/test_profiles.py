@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from cpis_bridge.fhir import mapping as m
-from cpis_bridge.fhir.profiles import check_differential, conformance_problems, load_definitions, validate_r4
+from tests.support.profiles import check_differential, conformance_problems, load_definitions, validate_r4
 
 PROFILES = Path(__file__).resolve().parents[2] / "fhir_profiles"
 UKCORE = "https://fhir.hl7.org.uk/StructureDefinition/UKCore-"

@@ -1,4 +1,4 @@
-"""Conformance checks used by the tests and tooling: R4 validation with fhir.resources R4B, and a checker of an
+"""Conformance checks for the tests (only tests use them): R4 validation with fhir.resources R4B, and a checker of an
 instance against a StructureDefinition's differential (cardinality, fixed/pattern values, required bindings, slices)."""
 
 from __future__ import annotations
