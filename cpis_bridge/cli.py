@@ -160,7 +160,7 @@ async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
 
     from cpis_bridge.app import flag_sync_parts, redis_url_for
     from cpis_bridge.core.clock import today_london
-    from cpis_bridge.fhir.reconcile import compare, repair
+    from cpis_bridge.services.reconcile import compare, repair
     from cpis_bridge.store.connection import make_client
     from cpis_bridge.store.keys import Keys
     from cpis_bridge.store.scripts import Scripts

@@ -374,6 +374,29 @@ class FlagServer(Protocol):
     def serialised(self) -> bool: ...
 
 
+#: A Flag as the sync server holds it (FHIR JSON); reconcile passes it back to the catalogue without reading it.
+ServerFlag = Mapping[str, Any]
+
+
+class FlagCatalogue(Protocol):
+    """The sync server's Flags as reconcile (services/reconcile.py) sees them: ours listed by record key
+    (``"<la>|<localId>"``), which of several to keep, whether one says what a write calls for, and repairs."""
+
+    async def our_flags(self, tick: Callable[[int], None] | None = None) -> dict[str, list[ServerFlag]]: ...
+
+    def kept(self, key: str, flags: Sequence[ServerFlag]) -> ServerFlag: ...
+
+    def live(self, flags: Sequence[ServerFlag]) -> list[ServerFlag]: ...
+
+    def describes(self, flag: ServerFlag, write: FlagWrite) -> bool: ...
+
+    async def write(
+        self, writes: Sequence[FlagWrite], ids: Sequence[str | None] | None = None
+    ) -> list[WriteResult]: ...
+
+    async def retire(self, flag: ServerFlag) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class InboxItem:
     """One inbox notification mentioning a child, as held (for the subject-access export)."""

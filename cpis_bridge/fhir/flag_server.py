@@ -1,20 +1,22 @@
-"""The sync server as core.ports.FlagServer: CapabilityStatement check, write mode (id / conditional / auto, with a
-probe), single PUTs or `batch` Bundles, and each answer settled as ok / retry / conflict / dead (an unknown outcome
-verified by reading, an uninformative 412 resolved by a search on the identifier)."""
+"""The sync server as core.ports.FlagServer, and as FlagCatalogue for reconcile: CapabilityStatement check, write
+mode (id / conditional / auto, with a probe), single PUTs or `batch` Bundles, and each answer settled as ok / retry /
+conflict / dead (an unknown outcome verified by reading, an uninformative 412 resolved by a search on the identifier);
+our Flags listed, kept, compared and retired."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+from urllib.parse import quote
 
 import orjson
 
 from cpis_bridge.core.backoff import retry_after_s
-from cpis_bridge.core.ports import FlagWrite, WriteOutcome, WriteResult
+from cpis_bridge.core.ports import FlagWrite, ServerFlag, WriteOutcome, WriteResult
 from cpis_bridge.fhir.client import (
     AuthFailed,
     FhirClient,
@@ -23,6 +25,7 @@ from cpis_bridge.fhir.client import (
 )
 from cpis_bridge.fhir.flag_sync import (
     ENTERED_IN_ERROR,
+    IDENTIFIER_SYSTEM,
     conditional_url,
     flag_id,
     keep_flag,
@@ -370,3 +373,47 @@ class FhirFlagServer:
             ):
                 results[i] = r
         return [r for r in results if r is not None]
+
+    # -- core.ports.FlagCatalogue (reconcile) -------------------------------------------------------------------
+    async def our_flags(
+        self, tick: Callable[[int], None] | None = None, *, page_size: int = 200, max_pages: int = 100_000
+    ) -> dict[str, list[ServerFlag]]:
+        """Every Flag on the server carrying our identifier system, by readable key (following `next` links)."""
+        url: str | None = f"Flag?identifier={quote(IDENTIFIER_SYSTEM, safe='')}%7C&_count={page_size}"
+        found: dict[str, list[ServerFlag]] = {}
+        for _ in range(max_pages):
+            if url is None:
+                break
+            resp = await self.client.request("GET", url)
+            if not resp.ok or not resp.body:
+                raise FhirUnavailable(f"Flag search answered {resp.status}")
+            entries = resp.body.get("entry") or []
+            for entry in entries:
+                flag = entry.get("resource") or {}
+                key = our_key(flag)
+                if flag.get("resourceType") == "Flag" and key is not None:
+                    found.setdefault(key, []).append(flag)
+            if tick:
+                tick(len(entries))
+            links = resp.body.get("link") or []
+            url = next((link.get("url") for link in links if link.get("relation") == "next"), None)
+        return found
+
+    def kept(self, key: str, flags: Sequence[ServerFlag]) -> ServerFlag:
+        """Of a record's Flags, the one to keep (flag_sync.keep_flag)."""
+        la, _, local_id = key.partition("|")
+        return keep_flag(cast(list[dict[str, Any]], list(flags)), flag_id(la, local_id))  # the same objects
+
+    def live(self, flags: Sequence[ServerFlag]) -> list[ServerFlag]:
+        return [f for f in flags if f.get("status") != ENTERED_IN_ERROR]
+
+    def describes(self, flag: ServerFlag, write: FlagWrite) -> bool:
+        """The server Flag says what the write calls for (status, period, subject, code, author)."""
+        return summary(dict(flag)) == summary(record_flag(write.record, write.status))
+
+    async def retire(self, flag: ServerFlag) -> bool:
+        """Mark one server Flag entered-in-error (kept, not deleted), by its server id."""
+        body = {k: v for k, v in flag.items() if k != "meta"}
+        body["status"] = ENTERED_IN_ERROR
+        resp = await self.client.request("PUT", f"Flag/{flag['id']}", body)
+        return classify(resp.status, resp.body, resp.headers).outcome == WriteOutcome.OK

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cpis_bridge.fhir.reconcile import compare, server_flags
+from cpis_bridge.services.reconcile import compare
 from tests.support.sync import make_env
 from tests.support.world import record
 
@@ -73,7 +73,7 @@ def sekmet(tmp_path_factory: pytest.TempPathFactory):
 
 
 async def _server_state(env) -> dict[str, tuple]:
-    found = await server_flags(env.parts.server)
+    found = await env.parts.server.our_flags()
     out = {}
     for key, flags in found.items():
         assert len(flags) == 1, f"one Flag per record, got {len(flags)}"

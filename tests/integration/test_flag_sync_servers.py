@@ -13,7 +13,7 @@ import pytest
 from cpis_bridge.core.clock import epoch_ms
 from cpis_bridge.fhir.client import rate_limit
 from cpis_bridge.fhir.flag_sync import IDENTIFIER_SYSTEM, flag_id
-from cpis_bridge.fhir.reconcile import compare, repair
+from cpis_bridge.services.reconcile import compare, repair
 from cpis_bridge.services.sync import PROBE_MAX_S
 from tests.support.fhir_double import FhirDouble
 from tests.support.sync import make_env
