@@ -1,8 +1,11 @@
-"""Use-cases of the local-authority API for single records: put, read, list and erase (uploads: uploads.py)."""
+"""Record writes: what every write of a record shares (RecordWrites: the store, the visibility windows, the test-range
+rule, the clock and the Change a record becomes), and the single-record use-cases of the local-authority API (put,
+read, list, erase). Uploads (uploads.py) write through the same RecordWrites."""
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from typing import Any
 
 from cpis_bridge.core.audit import AuditContext
@@ -14,7 +17,34 @@ from cpis_bridge.core.ports import AuditLog, Change, RecordStore
 from cpis_bridge.core.records import Record, VisibilityWindows, parse_record, validate_local_id
 
 
+@dataclass(frozen=True, slots=True)
+class RecordWrites:
+    """What every record write shares, for single records (RecordService) and uploads (UploadService)."""
+
+    store: RecordStore
+    windows: VisibilityWindows
+    test_numbers_only: bool
+    clock: Clock = utc_now
+
+    def today(self) -> dt.date:
+        return today_london(self.clock())
+
+    def change(self, record: Record, template: dict[str, Any]) -> Change:
+        """The write of one record with its audit entry; ``template`` is ``ctx.entry(action, None, now)`` (built once
+        per batch in uploads), completed here with the record's number and ids. The schedule day is the day after
+        the record's last visible one (its Flag turns inactive then)."""
+        last = record.last_visible_day(self.windows)
+        entry = {
+            **template,
+            "nhsNumber": str(record.nhs_number),
+            "detail": {"localId": record.local_id, "la": record.la},
+        }
+        return Change(record, None if last is None else epoch_day(last) + 1, entry)
+
+
 class RecordService:
+    """Single records: put, read, list by NHS number, erase; each audited."""
+
     def __init__(
         self,
         store: RecordStore,
@@ -24,36 +54,19 @@ class RecordService:
         test_numbers_only: bool,
         clock: Clock = utc_now,
     ) -> None:
+        self.writes = RecordWrites(store, windows, test_numbers_only, clock)
         self.store = store
         self.audit = audit
-        self.windows = windows
-        self.test_numbers_only = test_numbers_only
         self.clock = clock
 
-    def today(self) -> dt.date:
-        return today_london(self.clock())
-
     def render(self, record: Record) -> dict[str, Any]:
-        return record.to_api(visible=record.is_visible(self.today(), self.windows))
+        return record.to_api(visible=record.is_visible(self.writes.today(), self.writes.windows))
 
-    def change(self, record: Record, template: dict[str, Any]) -> Change:
-        """The write of one record with its audit entry; ``template`` is ``ctx.entry(action, None, now)`` (built once
-        per batch in uploads), completed here with the record's number and ids."""
-        last = record.last_visible_day(self.windows)
-        entry = {
-            **template,
-            "nhsNumber": str(record.nhs_number),
-            "detail": {"localId": record.local_id, "la": record.la},
-        }
-        return Change(record, None if last is None else epoch_day(last) + 1, entry)
-
-    # -- single records -------------------------------------------------------------------------------------------
     async def put(self, ctx: AuditContext, la: str, local_id: str, body: object) -> tuple[Record, bool]:
-        record = parse_record(
-            body, la=la, today=self.today(), test_numbers_only=self.test_numbers_only, local_id=local_id
-        )
+        w = self.writes
+        record = parse_record(body, la=la, today=w.today(), test_numbers_only=w.test_numbers_only, local_id=local_id)
         now = self.clock()
-        code, stored = await self.store.put(la, self.change(record, ctx.entry("record.put", None, now)))
+        code, stored = await self.store.put(la, w.change(record, ctx.entry("record.put", None, now)))
         return stored, code == "C"
 
     async def get(self, ctx: AuditContext, la: str, local_id: str) -> Record:

@@ -30,7 +30,7 @@ from cpis_bridge.core.errors import (
 )
 from cpis_bridge.core.ports import Change, UploadStore
 from cpis_bridge.core.records import MAX_LOCAL_ID, Record, parse_record
-from cpis_bridge.services.records import RecordService
+from cpis_bridge.services.records import RecordWrites
 
 log = logging.getLogger("cpis_bridge.uploads")
 
@@ -183,7 +183,7 @@ class _Lease:
 class UploadService:
     def __init__(
         self,
-        records: RecordService,
+        writes: RecordWrites,
         store: UploadStore,
         read_items: ReadItems,
         *,
@@ -191,7 +191,7 @@ class UploadService:
         on_mass_end_refused: Callable[[], None] = lambda: None,
         on_resumed: Callable[[], None] = lambda: None,
     ) -> None:
-        self.records = records
+        self.writes = writes
         self.store = store
         self.read_items = read_items
         self.max_end_fraction = max_end_fraction
@@ -252,7 +252,7 @@ class UploadService:
             await self._complete_journal(la, lease)  # an upload left by a holder that died comes first
             if (stored := await self.check_sequence(la, meta.sequence)) is not None:
                 return stored, True
-            now = self.records.clock()
+            now = self.writes.clock()
             to_end: list[str] = []
             if meta.mode is UploadMode.FULL:
                 to_end = await self._to_end(la, scanned.named, today_london(now))
@@ -374,11 +374,11 @@ class UploadService:
 
     async def _to_end(self, la: str, named: set[str], today: dt.date) -> list[str]:
         """A full upload is the whole caseload: the LA's records it does not name and that have not ended."""
-        absent = [(lid, nhs) for lid, nhs in (await self.records.store.index(la)).items() if lid not in named]
+        absent = [(lid, nhs) for lid, nhs in (await self.writes.store.index(la)).items() if lid not in named]
         out: list[str] = []
         for start in range(0, len(absent), BATCH * 2):
             chunk = absent[start : start + BATCH * 2]
-            records = await self.records.store.get_indexed(la, chunk)
+            records = await self.writes.store.get_indexed(la, chunk)
             out.extend(r.local_id for r in records if r is not None and not _is_ended(r, today))
         return sorted(out)
 
@@ -399,10 +399,10 @@ class UploadService:
             return
         today = today_london(now)
         visible = 0
-        entries = list((await self.records.store.index(la)).items())
+        entries = list((await self.writes.store.index(la)).items())
         for start in range(0, len(entries), BATCH * 2):
-            for r in await self.records.store.get_indexed(la, entries[start : start + BATCH * 2]):
-                if r is not None and r.is_visible(today, self.records.windows):
+            for r in await self.writes.store.get_indexed(la, entries[start : start + BATCH * 2]):
+                if r is not None and r.is_visible(today, self.writes.windows):
                     visible += 1
         if n <= self.max_end_fraction * visible:
             return
@@ -419,7 +419,7 @@ class UploadService:
     def _accepts_any(self, la: str, items: Iterator[object], today: dt.date) -> bool:
         for raw in items:
             try:
-                parse_record(raw, la=la, today=today, test_numbers_only=self.records.test_numbers_only)
+                parse_record(raw, la=la, today=today, test_numbers_only=self.writes.test_numbers_only)
             except ValidationFailed:
                 continue
             return True
@@ -442,7 +442,7 @@ class UploadService:
                     done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:
                         task.result()
-                pending.add(asyncio.ensure_future(self.records.store.apply(la, batch, lease=lease.token)))
+                pending.add(asyncio.ensure_future(self.writes.store.apply(la, batch, lease=lease.token)))
                 await asyncio.sleep(0)  # the apply task sends its batch; Redis runs it while the next is validated
             if pending:
                 await asyncio.gather(*pending)
@@ -497,7 +497,7 @@ class UploadService:
             taken += 1
             record = self._validate_one(out, la, raw, today)
             if record is not None:
-                changes.append(self.records.change(record, template))
+                changes.append(self.writes.change(record, template))
             if taken >= limit:
                 break
         return taken
@@ -507,7 +507,7 @@ class UploadService:
         index = out.received
         out.received += 1
         try:
-            record = parse_record(raw, la=la, today=today, test_numbers_only=self.records.test_numbers_only)
+            record = parse_record(raw, la=la, today=today, test_numbers_only=self.writes.test_numbers_only)
         except ValidationFailed as exc:
             # Echoed in the report only when it is printable text (a lone surrogate could not even be encoded).
             lid_text = named_id(raw)
@@ -541,14 +541,14 @@ class UploadService:
         """End (end date = the upload's day) the given records, skipping any already ended (so a re-run after an
         interruption ends nothing twice)."""
         for start in range(0, len(local_ids), BATCH):
-            records = await self.records.store.get_many(la, local_ids[start : start + BATCH])
+            records = await self.writes.store.get_many(la, local_ids[start : start + BATCH])
             changes = [
-                self.records.change(_ended(r, today), template)
+                self.writes.change(_ended(r, today), template)
                 for r in records
                 if r is not None and not _is_ended(r, today)
             ]
             if changes:
-                await self.records.store.apply(la, changes, lease=lease.token)
+                await self.writes.store.apply(la, changes, lease=lease.token)
 
 
 def _check_stopping(control: UploadControl, work_s: float) -> None:

@@ -181,7 +181,7 @@ async def uploads_ctx(app: web.Application) -> AsyncIterator[None]:
     seconds, for every LA in the registry)."""
     settings, metrics = app[SETTINGS], app[METRICS]
     service = UploadService(
-        app[RECORDS],
+        app[RECORDS].writes,
         RedisUploadStore(app[REDIS], app[KEYS], app[SCRIPTS]),
         reader_for,
         max_end_fraction=settings.upload_max_end_fraction,

@@ -160,7 +160,7 @@ async def test_a_holder_that_lost_its_lease_writes_nothing(client):
     await redis.delete(keys.la_lock(LA))  # lapsed while the holder was stalled
     assert await uploads.store.acquire(LA, "9.other", 10_000) is None  # and taken over
     rec = parse_record(record("A"), la=LA, today=today_london(), test_numbers_only=True)
-    change = app[RECORDS].change(rec, ctx().entry("upload.record", None, dt.datetime.now(dt.UTC)))
+    change = app[RECORDS].writes.change(rec, ctx().entry("upload.record", None, dt.datetime.now(dt.UTC)))
     with pytest.raises(UploadInterrupted):
         await app[RECORDS].store.apply(LA, [change], lease="9.stale")
     assert not await uploads.store.push_body(LA, "9.stale", b"x", first=True)
