@@ -178,3 +178,16 @@ def test_security_headers_and_no_inline_script(service: ServiceProcess, new_page
     assert page.locator("script:not([src])").count() == 0
     (cookie,) = [c for c in page.context.cookies() if c["name"] == "__Host-cpis-ed"]
     assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Lax"
+
+
+def test_works_without_javascript(service: ServiceProcess, new_page: Callable[..., Page]) -> None:
+    put_record(service, "LA001", "ED-NOJS-1", "9990000069")
+    page = new_page(java_script_enabled=False)
+    page.goto(service.url + "/ed/sign-in")
+    page.get_by_label("Example Urgent Treatment Centre").check()
+    page.get_by_label("Your name").fill("Nurse Noel Script")
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_label("NHS number").fill("999 000 0069")
+    page.get_by_role("button", name="Look up").click()
+    expect(page.locator(".cpis-phone").first).to_be_visible()
+    expect(page.get_by_text("Signed in as Nurse Noel Script")).to_be_visible()

@@ -250,3 +250,18 @@ async def test_dev_sign_in_and_posted_nhs_number(ed: Any) -> None:
     nobody = await b.request("POST", "/ed/children", data={"csrf_token": token, "nhs": "9990000026"})
     empty = await b.request("GET", nobody.headers["Location"])
     assert "No child protection plan" in await empty.text()
+
+
+async def test_production_has_no_local_sign_in(aiohttp_client: Any, make_settings: Any) -> None:
+    from cpis_bridge.app import create_app
+
+    settings = make_settings(
+        auth_jwks_url="http://127.0.0.1:9/jwks.json", auth_issuer="https://idp.example", auth_audience="cpis"
+    )
+    b = Browser(await aiohttp_client(create_app(settings)))
+    page = await b.request("GET", "/ed/sign-in")
+    html = await page.text()
+    assert page.status == 200 and "<form" not in html.replace('action="/ed/sign-out"', "")
+    assert "Open this view from the CP-IS card" in html
+    form = {"csrf_token": "x", "ods": "RXX01", "name": "Dr Kim Example"}
+    assert (await b.request("POST", "/ed/sign-in", data=form)).status == 404
