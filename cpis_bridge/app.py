@@ -186,6 +186,7 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     from cpis_bridge.notify.observer import MetricsObserver, refresh_gauges
     from cpis_bridge.services.delivery import DeliveryAdmin, Relay, RelayConfig, RetryPolicy
     from cpis_bridge.services.inbox import InboxService
+    from cpis_bridge.store.delivery_stats import RedisDeliveryLedger
     from cpis_bridge.store.inbox import RedisInbox
     from cpis_bridge.store.outbox import RedisOutbox
 
@@ -193,7 +194,7 @@ async def delivery_ctx(app: web.Application) -> AsyncIterator[None]:
     client, keys = app[REDIS], app[KEYS]
     outbox = RedisOutbox(client, keys, app[SCRIPTS])
     channels_of = {ods: channel_names(la) for ods, la in registry.local_authorities.items()}
-    admin_service = DeliveryAdmin(outbox, app[AUDIT], channels_of)
+    admin_service = DeliveryAdmin(RedisDeliveryLedger(client, keys, app[SCRIPTS]), app[AUDIT], channels_of)
     app[admin.DELIVERIES] = admin_service
     notifications.setup(
         app,

@@ -211,7 +211,8 @@ class ChannelStats:
 
 
 class Outbox(Protocol):
-    """The notification queue: consumer-group reads, reclaim, delayed retries, dead letters, endpoint pauses."""
+    """The notification queue as the relay uses it: consumer-group reads, reclaim, delayed retries, dead letters,
+    endpoint holds and pauses (the admin's view of it: DeliveryLedger)."""
 
     async def ensure_group(self) -> None: ...
 
@@ -252,6 +253,10 @@ class Outbox(Protocol):
     async def pause(self, la: str, channel: str, until_ms: int) -> None: ...
 
     async def paused_until(self, endpoints: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]: ...
+
+
+class DeliveryLedger(Protocol):
+    """What the delivery admin reads and repairs: per channel counts and ages, dead letters put back on their queue."""
 
     async def stats(self, channels_of: Mapping[str, Sequence[str]], now_ms: int) -> dict[str, ChannelStats]: ...
 

@@ -28,6 +28,7 @@ from cpis_bridge.core.ports import (
     Channel,
     ChannelStats,
     DeadLetter,
+    DeliveryLedger,
     DeliveryOutcome,
     DeliveryResult,
     Outbox,
@@ -724,18 +725,18 @@ class DeliveryAdmin:
 
     def __init__(
         self,
-        outbox: Outbox,
+        ledger: DeliveryLedger,
         audit: AuditLog,
         channels_of: Mapping[str, Sequence[str]],
         clock: EpochClock = epoch_s,
     ) -> None:
-        self.outbox = outbox
+        self.ledger = ledger
         self.audit = audit
         self.channels_of = channels_of
         self.clock = clock
 
     async def stats(self) -> dict[str, ChannelStats]:
-        return await self.outbox.stats(self.channels_of, int(self.clock() * 1000))
+        return await self.ledger.stats(self.channels_of, int(self.clock() * 1000))
 
     async def deliveries(self, ctx: AuditContext) -> dict[str, Any]:
         stats = await self.stats()
@@ -743,7 +744,7 @@ class DeliveryAdmin:
         return {"channels": {name: s.to_api() for name, s in stats.items()}}
 
     async def retry_dead_letter(self, ctx: AuditContext, dead_id: str) -> None:
-        ok = is_entry_id(dead_id) and await self.outbox.requeue_dead(dead_id, int(self.clock() * 1000))
+        ok = is_entry_id(dead_id) and await self.ledger.requeue_dead(dead_id, int(self.clock() * 1000))
         await self.audit.append(
             None, ctx.entry("admin.dead-letter.retry", None, self._now(), deadLetter=dead_id, found=ok)
         )
