@@ -153,6 +153,8 @@ async def test_card_link_launch_opens_the_page_as_an_access(ed: Any) -> None:
     assert after[-1]["access"]["user"]["name"] == "Dr Sam Launch"
     actions = [e["action"] for e in await audit(r, prefix)]
     assert "web.signin" in actions
+    metrics = await (await client.get("/metrics")).text()
+    assert 'cpis_web_signins_total{method="smart",outcome="signed-in",reason="-"} 1.0' in metrics
     # the appContext is used once: the same link launched again is refused
     again = await launch(Browser(client), ehr, outside, link)
     assert again.status == 400 and "could not be opened" in await again.text()
@@ -181,6 +183,8 @@ async def test_launch_failures_are_refused_and_audited(ed: Any, mode: str, reaso
     failed = [e for e in await audit(r, prefix) if e["action"] == "web.ed.launch.failed"]
     assert [e["detail"]["reason"] for e in failed] == [reason]
     assert NHS not in orjson.dumps(failed).decode()
+    metrics = await (await client.get("/metrics")).text()
+    assert f'cpis_web_signins_total{{method="smart",outcome="failed",reason="{reason}"}} 1.0' in metrics
     assert (await b.request("GET", "/ed/")).headers["Location"] == "/ed/sign-in"  # not signed in
 
 

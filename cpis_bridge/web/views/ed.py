@@ -153,8 +153,14 @@ async def framing(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 # -- failures: rate limited and audited ----------------------------------------------------------------------------
-async def _refused_if_blocked(request: web.Request, ods: str = "-") -> web.Response | None:
+def _count(request: web.Request, method: str, outcome: str, reason: str = "-") -> None:
+    """cpis_web_signins_total, with the duty view's: methods ``smart`` (a launch) and ``ed-dev`` (dev sign-in)."""
+    request.config_dict[METRICS].web_signins.labels(method, outcome, reason).inc()
+
+
+async def _refused_if_blocked(request: web.Request, ods: str = "-", method: str = "smart") -> web.Response | None:
     if await request.app[LIMITER].blocked(request.remote or "-"):
+        _count(request, method, "refused", "rate-limited")
         await request.config_dict[AUDIT].append(
             None, _system_ctx(request, ods).entry("web.ed.signin.refused", None, _now())
         )
@@ -167,6 +173,7 @@ async def _launch_failed(request: web.Request, reason: str, ods: str = "-") -> w
     await request.config_dict[AUDIT].append(
         None, _system_ctx(request, ods).entry("web.ed.launch.failed", None, _now(), reason=reason)
     )
+    _count(request, "smart", "failed", reason)
     log.warning("clinician view launch refused", extra={"reason": reason})
     return render(request, "error.html", {"heading": "The CP-IS view could not be opened", "status": 400}, status=400)
 
@@ -310,6 +317,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     await request.config_dict[AUDIT].append(
         None, _ctx(request, principal).entry("web.signin", None, _now(), method="smart")
     )
+    _count(request, "smart", "signed-in")
     setting = registry.care_settings[context["cs"]]
     view_id = await _open(request, session, principal, setting, NhsNumber(context["nhs"]))
     raise web.HTTPSeeOther(f"{PREFIX}/children/{view_id}")
@@ -437,7 +445,7 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     session = await get_session(request)
     form = await checked_form(request, session)
     ods, name = form.get("ods", ""), " ".join(form.get("name", "").split())[:100]
-    blocked = await _refused_if_blocked(request, ods[:16] or "-")
+    blocked = await _refused_if_blocked(request, ods[:16] or "-", method="ed-dev")
     if blocked is not None:
         return blocked
     errors = {}
@@ -446,6 +454,7 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     if not name:
         errors["name"] = "Enter your name"
     if errors:
+        _count(request, "ed-dev", "failed", "form")
         await request.app[LIMITER].failed(request.remote or "-")
         await request.config_dict[AUDIT].append(
             None,
@@ -458,6 +467,7 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     who = clinician(session)
     assert who is not None
     await request.config_dict[AUDIT].append(None, _ctx(request, who).entry("web.signin", None, _now(), method="dev"))
+    _count(request, "ed-dev", "signed-in")
     raise web.HTTPSeeOther(f"{PREFIX}/")
 
 
