@@ -101,7 +101,8 @@ class Metrics:
         )
         self.web_signins = Counter(
             "cpis_web_signins_total",
-            "Web view sign-in attempts by method (oidc, dev; the clinician view: smart, ed-dev), outcome (signed-in, failed, refused) and reason",
+            "Web view sign-in attempts by method (oidc, dev; the clinician view: smart, ed-dev), outcome "
+            "(signed-in, failed, refused) and reason",
             ["method", "outcome", "reason"],
             registry=r,
         )
