@@ -6,6 +6,7 @@ P:web:launch:<id>    STRING the context's JSON (NHS number inside, never in the 
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 from cpis_bridge.store.keys import Keys
 
 ID_BYTES = 24  # 192 random bits, URL-safe text of 32 characters
+ID_FORM = re.compile(r"[A-Za-z0-9_-]{32}")
 
 
 class LaunchContexts:
@@ -34,7 +36,7 @@ class LaunchContexts:
 
     async def take(self, cid: str) -> dict[str, Any] | None:
         """The context, removed as it is read (a launch uses it once); None when unknown, expired or malformed."""
-        if not cid or len(cid) > 64 or not cid.isascii():
+        if not ID_FORM.fullmatch(cid):  # not one we minted: no look-up at all
             return None
         raw = await self._client()[0].getdel(self._key(cid))
         if raw is None:
