@@ -158,6 +158,8 @@ async def test_card_link_launch_opens_the_page_as_an_access(ed: Any) -> None:
     # the appContext is used once: the same link launched again is refused
     again = await launch(Browser(client), ehr, outside, link)
     assert again.status == 400 and "could not be opened" in await again.text()
+    # the EHR's SMART configuration was read once for both launches
+    assert [path for path, _ in ehr.seen].count("/fhir/.well-known/smart-configuration") == 1
 
 
 @pytest.mark.parametrize(

@@ -59,10 +59,12 @@ SCOPE: Final = "launch openid fhirUser"
 LAUNCH_MAX_AGE_S: Final = 600  # between our redirect to the EHR and its redirect back
 HTTP_TIMEOUT_S: Final = 5.0
 MAX_CONFIG_BYTES: Final = 64 * 1024
+CONFIG_KEEP_S: Final = 300.0  # an EHR's SMART configuration is read again after this long
 KEEP_CHILDREN: Final = 10  # children a session can show again (newest kept)
 LIMITER = web.AppKey("ed_signin_limiter", SignInLimiter)
 HTTP = web.AppKey("ed_http", httpx2.AsyncClient)
 TLS = web.AppKey("ed_tls", ssl.SSLContext)
+CONFIGS = web.AppKey("ed_smart_configs", dict[str, tuple[float, dict[str, str]]])
 
 routes = web.RouteTableDef()
 log = logging.getLogger(__name__)
@@ -180,7 +182,17 @@ async def _launch_failed(request: web.Request, reason: str, ods: str = "-") -> w
 
 # -- SMART App Launch (EHR launch) ---------------------------------------------------------------------------------
 async def _smart_configuration(request: web.Request, iss: str) -> dict[str, str]:
-    """The EHR's endpoints from ``{iss}/.well-known/smart-configuration``; PKCE S256 must be supported."""
+    """The EHR's endpoints from ``{iss}/.well-known/smart-configuration``; PKCE S256 must be supported. A usable
+    configuration is kept for CONFIG_KEEP_S (launches do not each cost the EHR a request); a failure is not kept."""
+    kept = request.app[CONFIGS].get(iss)
+    if kept is not None and kept[0] > time.monotonic():
+        return kept[1]
+    endpoints = await _read_configuration(request, iss)
+    request.app[CONFIGS][iss] = (time.monotonic() + CONFIG_KEEP_S, endpoints)
+    return endpoints
+
+
+async def _read_configuration(request: web.Request, iss: str) -> dict[str, str]:
     try:
         resp = await request.app[HTTP].get(
             f"{iss}/.well-known/smart-configuration", headers={"Accept": "application/json"}
@@ -494,6 +506,7 @@ def make_app(parent: web.Application) -> web.Application:
     app = make_subapp(parent, templates=loaders, cookie=COOKIE)
     app.middlewares.append(framing)
     settings = parent[SETTINGS]
+    app[CONFIGS] = {}  # keys are registered issuers only: bounded by the registry
     app[LIMITER] = SignInLimiter(lambda: (parent[REDIS], parent[KEYS]), limit=settings.web_signin_failures, scope="ed")
     app.router.add_routes(routes)
     app.router.add_get("/assets/{path:.+}", assets_handler(STATIC))
