@@ -3,6 +3,8 @@
 and connection pool (cpis_bridge.store.connection.make_client).
 
 Run: ``python -m bench.baseline --port 8181 --redis-url unix:///... --children 1000`` (seeds its own keys first).
+``--wait N``: each answer also waits, in the same pipeline, for N replicas (a fence SET and ``WAIT N``, as the
+service does with CPIS_REDIS_MIN_REPLICAS=N): the baseline of the replicated case.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from cpis_bridge.store.connection import make_client
 
 PREFIX = "bench:base"
 REDIS = web.AppKey("redis", object)
+WAIT = web.AppKey("wait", int)
 
 
 def record_key(i: int) -> str:
@@ -64,7 +67,12 @@ async def child(request: web.Request) -> web.Response:
     async with client.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
         pipe.hgetall(record_key(i))
         pipe.lrange(access_key(i), 0, 24)
-        records, accesses = await pipe.execute()
+        if request.app[WAIT]:
+            pipe.set(f"{PREFIX}:fence", "1")
+            pipe.execute_command("WAIT", request.app[WAIT], 1000)
+        records, accesses, *confirmed = await pipe.execute()
+    if confirmed and int(confirmed[-1]) < request.app[WAIT]:
+        return web.Response(status=503)
     body = {
         "resourceType": "Bundle",
         "type": "searchset",
@@ -75,8 +83,9 @@ async def child(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-def make_app(url: str) -> web.Application:
+def make_app(url: str, wait: int = 0) -> web.Application:
     app = web.Application()
+    app[WAIT] = wait
 
     async def redis_ctx(app: web.Application):  # type: ignore[no-untyped-def]
         client = make_client(url)
@@ -89,8 +98,8 @@ def make_app(url: str) -> web.Application:
     return app
 
 
-async def serve(host: str, port: int, url: str) -> int:
-    runner = web.AppRunner(make_app(url), access_log=None, handle_signals=False)
+async def serve(host: str, port: int, url: str, wait: int = 0) -> int:
+    runner = web.AppRunner(make_app(url, wait), access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, host, port, reuse_address=True).start()
     stop = asyncio.Event()
@@ -109,11 +118,12 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8181)
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--children", type=int, default=1000)
+    parser.add_argument("--wait", type=int, default=0, help="replicas each answer waits for (WAIT)")
     args = parser.parse_args()
     seed(args.redis_url, args.children)
     import uvloop
 
-    return uvloop.run(serve(args.host, args.port, args.redis_url))
+    return uvloop.run(serve(args.host, args.port, args.redis_url, args.wait))
 
 
 if __name__ == "__main__":

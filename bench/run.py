@@ -38,7 +38,7 @@ from bench.procs import (
 from bench.wrk import INSTALL_HINT, CaseResult, Load, measure, run_wrk, wrk_binary
 from cpis_bridge.auth import dev_token
 from cpis_bridge.core.principal import Role
-from cpis_bridge.store.embedded import EmbeddedRedis
+from cpis_bridge.store.embedded import EmbeddedRedis, find_server_binary
 from cpis_bridge.store.keys import Keys
 
 HERE = Path(__file__).parent
@@ -335,6 +335,95 @@ class Bench:
             result, paired, rewrites = self._measure(load, kind, baseline=base_load)
             assert paired is not None
             self.add_case(name, result, target=target, baseline=paired.rps, p99_max_ms=p99, aof_rewrites=rewrites)
+
+    def replica_case(self) -> None:
+        """Flagged look-ups with one replica confirming each (CPIS_REDIS_MIN_REPLICAS=1) against a baseline that
+        also waits for it: a primary and its replica on loopback TCP, a second service and baseline on them."""
+        name = "GET /fhir/CareTeam unscheduled, flagged child, 1 replica confirming"
+        print(f"Replicated case: {name}", flush=True)
+        binary = find_server_binary()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CPIS_")}
+        ports = {"primary": free_port(), "replica": free_port(), "baseline": free_port(), "service": free_port()}
+        for role in ("primary", "replica"):
+            folder = self.tmp / f"ha-{role}"
+            folder.mkdir()
+            args = [binary, "--port", str(ports[role]), "--bind", "127.0.0.1", "--dir", str(folder), "--save", ""]
+            args += ["--appendonly", "yes", "--appendfsync", "always", "--auto-aof-rewrite-min-size", "1gb"]
+            if role == "replica":
+                args += ["--replicaof", "127.0.0.1", str(ports["primary"])]
+            proc = Proc(f"redis-{role}", args, env, folder / "server.log")
+            proc.start()
+            self.procs.append(proc)
+        url = f"redis://127.0.0.1:{ports['primary']}/0"
+        primary = redis_sync.Redis.from_url(url, decode_responses=True)
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(redis_sync.RedisError):
+                if primary.info("replication").get("slave0", {}).get("state") == "online":
+                    break
+            if time.monotonic() > deadline:
+                raise BenchError("the bench replica did not come online")
+            time.sleep(0.1)
+        primary.close()
+        registry = self.tmp / "registry.yaml"
+        baseline = Proc(
+            "baseline-wait",
+            python_module(
+                "bench.baseline",
+                *("--port", str(ports["baseline"]), "--redis-url", url),
+                *("--children", str(self.args.http_children), "--wait", "1"),
+            ),
+            env,
+            self.tmp / "baseline-wait.log",
+        )
+        service = Proc(
+            "service-replicated",
+            python_module("cpis_bridge", "serve"),
+            dict(
+                env,
+                CPIS_REDIS_URL=url,
+                CPIS_REDIS_MIN_REPLICAS="1",
+                CPIS_DATA_DIR=str(self.tmp / "var-replicated"),
+                CPIS_LOG_LEVEL="WARNING",
+                CPIS_AUTH_DEV_SECRET=self.secret,
+                CPIS_LOG_HASH_KEY=self.hash_key,
+                CPIS_HOST="127.0.0.1",
+                CPIS_PORT=str(ports["service"]),
+                CPIS_REGISTRY=str(registry),
+                CPIS_KEY_PREFIX=KEY_PREFIX,
+            ),
+            self.tmp / "service-replicated.log",
+        )
+        for proc in (baseline, service):
+            proc.start()
+            self.procs.append(proc)
+        base_url, svc_url = f"http://127.0.0.1:{ports['baseline']}", f"http://127.0.0.1:{ports['service']}"
+        baseline.wait_ready(f"{base_url}/child/0", timeout=60)
+        service.wait_ready(f"{svc_url}/readyz", timeout=60)
+        body = data.upload_body(self.flagged, sequence=1, mode="delta", prefix="HTTP")
+        headers = {"Authorization": f"Bearer {self.la_token[data.LA_HTTP]}", "Content-Type": "application/json"}
+        status, raw = http("POST", f"{svc_url}/v1/uploads", body=body, headers=headers, timeout=900)
+        if status != 200:
+            raise BenchError(f"replicated-case upload answered {status}: {raw[:300]!r}")
+        lists = self.tmp / "lists"
+        base_file = data.write_lines(
+            lists / "baseline-wait.txt", [f"/child/{i}" for i in range(self.args.http_children)]
+        )
+        flagged = data.write_lines(lists / "ct_flagged_ha.txt", [data.careteam_path(n) for n in self.flagged])
+        result, paired = measure(
+            Load(svc_url, flagged, auth=f"Bearer {self.ed_token}"),
+            seconds=self.args.seconds,
+            warmup=self.args.warmup,
+            runs=self.args.runs,
+            label="CareTeam 1 replica",
+            baseline=Load(base_url, base_file),
+        )
+        assert paired is not None
+        self.add_case(name, result, target=0.5, baseline=paired.rps)
+        self.notes.append(
+            "replicated case: its own primary and replica on loopback TCP (same server binary, AOF fsync always); "
+            "its baseline also waits for the replica (fence SET + WAIT 1 in its pipeline)"
+        )
 
     def upload_case(self) -> None:
         n = self.args.upload_records
@@ -667,7 +756,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--upload-records", type=int, default=250_000)
     p.add_argument("--memory-children", type=int, default=10_000)
     p.add_argument("--extra-timeout", type=float, default=900.0, help="bound on each other harness run")
-    p.add_argument("--skip", default="", help="comma list of: http, upload, memory, notify, sync, web")
+    p.add_argument("--skip", default="", help="comma list of: http, replica, upload, memory, notify, sync, web")
     p.add_argument(
         "--case",
         default="",
@@ -702,6 +791,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.memory_case()
         if "http" not in skip:
             bench.http_cases()
+        if "replica" not in skip:
+            bench.replica_case()
         if "upload" not in skip:
             bench.upload_case()
         if "notify" not in skip:  # docs/quality.md notification delivery cases (another engineer's harness)

@@ -10,8 +10,10 @@ import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 
 from cpis_bridge.registry import load_registry
+from cpis_bridge.store.connection import sentinel_target
 from tests.deploy.chart import CHART, CRDS, KUBE_VERSIONS, MINIMAL, PRODUCTION, by_kind, dashboard, render
 
 CRD_SCHEMAS = {
@@ -29,7 +31,9 @@ EXPECTED_KINDS = {
     "PrometheusRule",
     "CronJob",
 }
-CASES = {"minimal": MINIMAL, "production": PRODUCTION}
+HA_VALUES = CHART.parent / "examples" / "ha-values.yaml"
+COMMUNITY_VALUES = CHART.parent / "examples" / "valkey-sentinel.values.yaml"
+CASES = {"minimal": MINIMAL, "production": PRODUCTION, "ha": yaml.safe_load(HA_VALUES.read_text())}
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +216,27 @@ def test_values_schema_rejects_unsafe_or_unknown_values(bad):
             values[key] = value
     with pytest.raises(helm.HelmValuesError):
         render(values)
+
+
+def test_the_ha_example_finds_the_primary_through_the_community_charts_sentinels(rendered):
+    """The example HA values (helm/examples) against the community Valkey chart's values beside them: the service
+    and the purge job reach the Sentinels the community chart runs, for its primary set, with its password Secret,
+    and wait for one replica; the store is fenced and persists with AOF fsync always."""
+    community = yaml.safe_load(COMMUNITY_VALUES.read_text())
+    for kind in ("Deployment", "CronJob"):
+        [manifest] = by_kind(rendered["ha"], kind)
+        spec = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"] if kind == "CronJob" else None
+        spec = spec or manifest["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        nodes, master, _, _ = sentinel_target(env["CPIS_REDIS_URL"]["value"])
+        assert master == community["sentinel"]["primarySet"]
+        assert len(nodes) == community["replica"]["replicaCount"] and {p for _, p in nodes} == {26379}
+        ref = env["CPIS_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == (
+            community["auth"]["existingSecret"],
+            community["auth"]["existingSecretPasswordKey"],
+        )
+        assert env["CPIS_REDIS_MIN_REPLICAS"]["value"] == "1"
+    config = community["commonConfiguration"]
+    for line in ("appendonly yes", "appendfsync always", "min-replicas-to-write 1", "min-replicas-max-lag 5"):
+        assert line in config.splitlines()

@@ -51,7 +51,10 @@ app.kubernetes.io/part-of: cpis-bridge
   value: /etc/cpis/registry.yaml
 - name: CPIS_KEY_PREFIX
   value: {{ .Values.keyPrefix | quote }}
-{{- if .Values.redis.existingSecret }}
+{{- if .Values.redis.sentinel.hosts }}
+- name: CPIS_REDIS_URL
+  value: {{ printf "redis+sentinel://%s/%s" (join "," .Values.redis.sentinel.hosts) (required "redis.sentinel.masterName is required with Sentinel hosts" .Values.redis.sentinel.masterName) | quote }}
+{{- else if .Values.redis.existingSecret }}
 - name: CPIS_REDIS_URL
   valueFrom:
     secretKeyRef:
@@ -60,6 +63,24 @@ app.kubernetes.io/part-of: cpis-bridge
 {{- else }}
 - name: CPIS_REDIS_URL
   value: {{ required "redis.url or redis.existingSecret is required: the chart runs against an external Redis" .Values.redis.url | quote }}
+{{- end }}
+{{- with .Values.redis.passwordSecret }}
+- name: CPIS_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.redis.passwordKey }}
+{{- end }}
+{{- with .Values.redis.sentinel.passwordSecret }}
+- name: CPIS_REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.redis.sentinel.passwordKey }}
+{{- end }}
+{{- if .Values.redis.minReplicas }}
+- name: CPIS_REDIS_MIN_REPLICAS
+  value: {{ .Values.redis.minReplicas | quote }}
 {{- end }}
 {{- with .Values.auth.jwksUrl }}
 - name: CPIS_AUTH_JWKS_URL
