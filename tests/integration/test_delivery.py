@@ -7,8 +7,8 @@ import asyncio
 import base64
 import itertools
 import logging
-import time
 import uuid
+from collections.abc import Awaitable
 
 import orjson
 import pytest
@@ -22,7 +22,7 @@ from cpis_bridge.services.delivery import Relay, RelayConfig, RetryPolicy
 from cpis_bridge.store.outbox import RedisOutbox
 from cpis_bridge.web.state import KEYS, METRICS, REDIS
 from tests.support.delivery import NHS, access, client_factory, flag, webhook
-from tests.support.polling import wait_for
+from tests.support.polling import wait_for, wait_for_async
 from tests.support.receivers import Receiver
 from tests.support.world import LA1, LA2, OPS
 
@@ -155,9 +155,12 @@ async def test_receiver_down_then_back_gets_everything(make_client):
     client = await make_client({"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret})
     await flag(client.app)
     results = await asyncio.gather(*(access(client.app, f"e{i}") for i in range(60)))
-    await asyncio.sleep(1.5)
-    redis, keys = client.app[REDIS], client.app[KEYS]  # waiting: retries, or held while the breaker is open
-    assert await redis.zcard(keys.notify_delay) + await redis.zcard(keys.notify_held("LA001", "webhook")) > 0
+    redis, keys = client.app[REDIS], client.app[KEYS]
+
+    async def waiting() -> bool:  # retries, or held while the breaker is open
+        return await redis.zcard(keys.notify_delay) + await redis.zcard(keys.notify_held("LA001", "webhook")) > 0
+
+    await wait_for_async(waiting, timeout=10, what="nothing waits for the endpoint to come back")
     receiver.port = port
     await receiver.start()
     try:
@@ -175,7 +178,7 @@ async def test_410_dead_letters_at_once_and_ops_can_requeue(make_client, receive
     await access(client.app, "e1")
     redis, keys = client.app[REDIS], client.app[KEYS]
     await wait_for(lambda: len(receiver.attempts) == 1)
-    await asyncio.sleep(0.3)
+    await wait_for_async(lambda: _has(redis.xlen(keys.dead_letters)), what="no dead letter")
     [(dead_id, fields)] = await redis.xrange(keys.dead_letters)
     assert fields["channel"] == "webhook" and fields["reason"] == "gone" and fields["status"] == "410"
     assert NHS not in orjson.dumps(fields).decode()
@@ -216,10 +219,7 @@ async def test_max_age_dead_letters_and_counts(make_client, receiver):
     await flag(client.app)
     await access(client.app, "e1")
     redis, keys = client.app[REDIS], client.app[KEYS]
-    deadline = time.monotonic() + 5
-    while not await redis.xlen(keys.dead_letters):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await wait_for_async(lambda: _has(redis.xlen(keys.dead_letters)), timeout=5, what="no dead letter")
     [(_, fields)] = await redis.xrange(keys.dead_letters)
     assert fields["reason"] == "max-age"
     assert len(receiver.attempts) >= 3
@@ -297,9 +297,14 @@ async def test_two_relays_share_the_work_without_duplicates(make_client, receive
     for start in range(0, 150, 50):
         await asyncio.gather(*(access(a.app if i % 2 else b.app, f"e{i}") for i in range(start, start + 50)))
     await wait_for(lambda: len(receiver.attempts) >= 150, timeout=10)
-    await asyncio.sleep(0.3)
+
+    def delivered() -> list[float]:
+        return [c.app[METRICS].deliveries.labels("webhook", "delivered")._value.get() for c in (a, b)]
+
+    # The receiver records the acceptance before the relay has read the reply: wait for the relays' counts.
+    await wait_for(lambda: sum(delivered()) >= 150, timeout=10)
     assert len(receiver.accepted) == 150 and len(receiver.ids()) == 150
-    done = [c.app[METRICS].deliveries.labels("webhook", "delivered")._value.get() for c in (a, b)]
+    done = delivered()
     assert sum(done) == 150 and min(done) > 0, done
 
 
@@ -416,10 +421,7 @@ async def test_entries_for_an_la_that_lost_its_webhook_settle_without_sending(ma
     )
     await relay.start()
     try:
-        deadline = time.monotonic() + 10
-        while await redis.xlen(keys.notify_queue):
-            assert time.monotonic() < deadline, "the relay did not settle the queue"
-            await asyncio.sleep(0.02)
+        await wait_for_async(lambda: _has(redis.xlen(keys.notify_queue), 0), what="the relay did not settle the queue")
     finally:
         await relay.stop(1.0)
     inbox = await redis.xrange(keys.inbox("LA001"))
@@ -451,3 +453,9 @@ async def test_child_accesses_for_an_la_holding_a_record(make_client):
     assert (await client.get(f"/v1/children/{NHS}/accesses", headers=LA1)).status == 200
     audit = [orjson.loads(a) for a in await app[REDIS].lrange(app[KEYS].audit(app[KEYS].tag(NHS)), 0, -1)]
     assert any(a["action"] == "accesses.read" and a["org"] == "LA001" for a in audit)
+
+
+async def _has(count: Awaitable[int], want: int | None = None) -> bool:
+    """A Redis count is non-zero (or exactly ``want``)."""
+    n = await count
+    return n == want if want is not None else n > 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from cpis_bridge.core.access import SEP, notification_id
 from cpis_bridge.web.state import KEYS, METRICS, REDIS
 from tests.support.delivery import access, client_factory, flag, webhook
-from tests.support.polling import wait_for
+from tests.support.polling import wait_for, wait_for_async
 from tests.support.receivers import Receiver
 from tests.support.world import OPS
 
@@ -131,7 +132,10 @@ async def test_breaker_opens_holds_without_attempts_probes_and_closes(make_clien
     await wait_for(lambda: metric(app, is_open) == 1.0, timeout=5)
     await wait_for(lambda: r.in_flight == 0, timeout=2)  # the attempts made before it opened have timed out
     before = len(r.attempts)
-    await asyncio.sleep(2.6)
+    transitions = 'cpis_delivery_breaker_transitions_total{channel="fhir",la="LA002",state="%s"}'
+    probes = metric(app, transitions % "half-open")
+    # two cool-downs pass (each ends in a half-open probe), however slowly the machine runs
+    await wait_for(lambda: metric(app, transitions % "half-open") >= probes + 2, timeout=10)
     # Open: the entries wait in the endpoint's held set; only a probe per cool-down reaches the endpoint.
     assert len(r.attempts) - before <= 3, len(r.attempts) - before
     assert r.max_in_flight <= 2
@@ -141,7 +145,6 @@ async def test_breaker_opens_holds_without_attempts_probes_and_closes(make_clien
     await wait_for(lambda: len(r.accepted) == 40, timeout=10)
     assert set(r.accepted) == {notification_id(o.access_id, "LA002") for o in outs}
     await wait_for(lambda: metric(app, is_open) == 0.0, timeout=2)
-    transitions = 'cpis_delivery_breaker_transitions_total{channel="fhir",la="LA002",state="%s"}'
     assert metric(app, transitions % "open") >= 1 and metric(app, transitions % "half-open") >= 1
     assert metric(app, transitions % "closed") >= 1
     # Held entries never counted attempts: every "retried" is a real failed request at the receiver.
@@ -172,10 +175,7 @@ async def test_held_entries_still_reach_the_dead_letters_at_the_maximum_age(make
     await many(app, 30, CHILD_B, "m")
     redis, keys = app[REDIS], app[KEYS]
     await wait_for(lambda: metric(app, 'cpis_delivery_breaker_open{channel="webhook",la="LA002"}') == 1.0)
-    deadline = time.monotonic() + 6
-    while await redis.xlen(keys.dead_letters) < 30:
-        assert time.monotonic() < deadline, await redis.xlen(keys.dead_letters)
-        await asyncio.sleep(0.1)
+    await wait_for_async(lambda: _at_least(redis.xlen(keys.dead_letters), 30), timeout=6, what="30 dead letters")
     letters = [f for _, f in await redis.xrange(keys.dead_letters)]
     assert {f["reason"] for f in letters} == {"max-age"} and len(letters) == 30
     assert len(r.attempts) <= 4  # the breaker opened after 2; nothing was attempted once it was open
@@ -235,10 +235,11 @@ async def test_unbuildable_entries_are_dead_lettered_at_once_and_never_block_the
     await make_client({"LA001": webhook(r)}, {"LA001_WEBHOOK_SECRET": r.secret})  # a relay starts
     want = {notification_id(o.access_id, "LA001") for o in good}
     await wait_for(lambda: want <= set(r.accepted), timeout=5)
-    deadline = time.monotonic() + 5
-    while await redis.xlen(keys.notify_queue) or await redis.xlen(keys.dead_letters) < 4:
-        assert time.monotonic() < deadline, "the bad entries were not settled"
-        await asyncio.sleep(0.05)
+
+    async def settled() -> bool:
+        return not await redis.xlen(keys.notify_queue) and await redis.xlen(keys.dead_letters) >= 4
+
+    await wait_for_async(settled, timeout=5, what="the bad entries were not settled")
     letters = sorted((f["ref"], f["reason"], f.get("detail", "")) for _, f in await redis.xrange(keys.dead_letters))
     assert sorted(letters) == sorted(
         [
@@ -255,3 +256,7 @@ async def test_unbuildable_entries_are_dead_lettered_at_once_and_never_block_the
     body = await (await client.get("/v1/admin/deliveries", headers=OPS)).json()
     assert body["channels"]["webhook"]["dead"] == 4
     assert body["channels"]["webhook"]["pending"] == body["channels"]["webhook"]["retrying"] == 0
+
+
+async def _at_least(count: Awaitable[int], n: int) -> bool:
+    return await count >= n
