@@ -13,17 +13,10 @@ import pytest
 
 from cpis_bridge.app import create_app
 from cpis_bridge.fhir.flag_sync import IDENTIFIER_SYSTEM, flag_id
+from tests.support.polling import wait_for, wait_for_async
 from tests.support.world import HASH_KEY, LA1, OPS, REGISTRY, record
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def _until(predicate, timeout_s: float = 10.0) -> None:
-    for _ in range(int(timeout_s / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 async def test_the_app_relays_writes_and_erasures(aiohttp_client, make_settings, double):
@@ -31,13 +24,18 @@ async def test_the_app_relays_writes_and_erasures(aiohttp_client, make_settings,
     r = await client.put("/v1/records/APP-1", json=record("APP-1"), headers=LA1)
     assert r.status == 201
     fid = flag_id("LA001", "APP-1")
-    await _until(lambda: fid in double.flags)
+    await wait_for(lambda: fid in double.flags)
     assert double.flags[fid]["status"] == "active"
     r = await client.delete("/v1/records/APP-1", headers=LA1)
     assert r.status == 204
-    await _until(lambda: double.flags[fid]["status"] == "entered-in-error")
+    await wait_for(lambda: double.flags[fid]["status"] == "entered-in-error")
+    delivered = 'cpis_deliveries_total{channel="flag-sync",outcome="delivered"} 2.0'
+
+    async def counted() -> bool:  # the double holds the Flag before the relay has read its answer
+        return delivered in await (await client.get("/metrics", headers=OPS)).text()
+
+    await wait_for_async(counted, what="the relay did not count both deliveries")
     metrics = await (await client.get("/metrics", headers=OPS)).text()
-    assert 'cpis_deliveries_total{channel="flag-sync",outcome="delivered"} 2.0' in metrics
     assert 'cpis_delivery_pending{channel="flag-sync"}' in metrics
     assert 'cpis_delivery_latency_seconds_count{channel="flag-sync"} 2.0' in metrics
 
@@ -74,8 +72,8 @@ async def test_reconcile_repairs_drift(aiohttp_client, make_settings, double):
     client = await aiohttp_client(create_app(settings))
     for i in range(5):
         assert (await client.put(f"/v1/records/RC-{i}", json=record(f"RC-{i}"), headers=LA1)).status == 201
-    await _until(lambda: len(double.flags) == 5)
-    await _until(lambda: all(f["status"] == "active" for f in double.flags.values()))
+    await wait_for(lambda: len(double.flags) == 5)
+    await wait_for(lambda: all(f["status"] == "active" for f in double.flags.values()))
     await client.close()  # stop the app's relay: the drift below must be found by reconcile alone
     del double.flags[flag_id("LA001", "RC-0")]  # missing
     double.flags[flag_id("LA001", "RC-1")]["status"] = "inactive"  # wrong status

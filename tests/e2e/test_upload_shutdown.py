@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from cpis_bridge.core.nhs import iter_test_numbers
 from cpis_bridge.store.keys import Keys
+from tests.support.polling import wait_until
 from tests.support.service import ServiceProcess
 from tests.support.world import HASH_KEY, LA1, record
 
@@ -33,10 +34,11 @@ def ndjson_headers(seq: int) -> dict[str, str]:
 async def test_sigterm_while_the_body_is_read_answers_503_and_applies_nothing(tmp_path, redis_url, key_prefix):
     svc = ServiceProcess(tmp_path / "var", redis_url=redis_url, key_prefix=key_prefix, env=GRACE).start()
     lines = b"\n".join(orjson.dumps(x) for x in caseload())
-    signalled = asyncio.Event()
+    half_sent, signalled = asyncio.Event(), asyncio.Event()
 
     async def body():
         yield lines[: len(lines) // 2]
+        half_sent.set()  # asked for the next chunk: the first is written
         await signalled.wait()
         yield lines[len(lines) // 2 :]
 
@@ -45,11 +47,12 @@ async def test_sigterm_while_the_body_is_read_answers_503_and_applies_nothing(tm
     try:
         async with aiohttp.ClientSession() as s:
             upload = asyncio.create_task(s.post(f"{svc.url}/v1/uploads", data=body(), headers=ndjson_headers(1)))
-            await asyncio.sleep(0.3)
+            await asyncio.wait_for(half_sent.wait(), 10)
             assert not upload.done()  # the signal lands mid-upload: half the body is still to come
             assert svc.proc is not None
             svc.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.1)
+            # the process has taken the signal (not ready, or no longer listening) before the rest of the body is sent
+            await asyncio.to_thread(wait_until, lambda: svc.status("/readyz") != 200, 10, 0.02, "stopping")
             signalled.set()
             r = await asyncio.wait_for(upload, 10)
             assert r.status == 503 and r.content_type == "application/problem+json"

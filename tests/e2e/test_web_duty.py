@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aredis
 
 from cpis_bridge.config import Settings
+from tests.support.polling import wait_for
 from tests.support.world import ED, LA1, LA2, auth, record
 
 COOKIE = "__Host-cpis-la"
@@ -188,16 +189,9 @@ async def test_500_live_streams_on_one_process_each_get_the_new_notification(web
         finally:
             for s in streams_all:
                 s.close()
-    for _ in range(50):
-        if not feed.watchers["LA001"]:
-            break
-        await asyncio.sleep(0.1)
-    assert not feed.watchers["LA001"]  # closed streams stop watching
-    for _ in range(150):  # the tail notices at the end of its current blocking read (5 s)
-        if not feed.started.is_set():
-            break
-        await asyncio.sleep(0.1)
-    assert not feed.started.is_set()  # and with nobody watching, the tail stops reading
+    await wait_for(lambda: not feed.watchers["LA001"], 5, 0.1, "closed streams stop watching")
+    # and with nobody watching, the tail stops reading (it notices at the end of its current blocking read: 5 s)
+    await wait_for(lambda: not feed.started.is_set(), 15, 0.1, "the tail stops reading")
 
 
 def _subapps(app: Any) -> list[Any]:
