@@ -23,7 +23,7 @@ from cpis_bridge.core.nhs import NhsNumber, iter_test_numbers
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.access import LookupRequest
 from cpis_bridge.web.state import ACCESS, RECORDS, REGISTRY
-from tests.support.polling import wait_for
+from tests.support.polling import wait_for, wait_for_async
 from tests.support.receivers import Receiver, write_registry
 from tests.support.service import ServiceProcess
 from tests.support.world import record
@@ -116,7 +116,11 @@ async def test_two_service_processes_share_the_work_exactly_once(setup: dict[str
     a, b = await asyncio.gather(start(setup, "a"), start(setup, "b"))
     ids = await make_accesses(setup["app"], n, children=20)
     await wait_for(lambda: len(receiver.accepted) >= n, timeout=60)
-    await asyncio.sleep(0.5)
+
+    async def counted() -> bool:  # the receiver holds each one before its relay has read the answer and counted it
+        return await delivered(a) + await delivered(b) >= n
+
+    await wait_for_async(counted, timeout=30, what="the relays did not count every delivery")
     assert sorted(access_ids(receiver)) == sorted(ids)
     assert len(receiver.ids()) == n, "duplicate deliveries"
     assert receiver.bad_signatures == 0
@@ -132,8 +136,7 @@ async def outage(setup: dict[str, Any], seconds: float, mode: str, n: int) -> No
     fault_at = random.uniform(0.1, 0.6) * n
 
     async def fault() -> None:
-        while len(receiver.accepted) < fault_at:
-            await asyncio.sleep(0.01)
+        await wait_for(lambda: len(receiver.accepted) >= fault_at, timeout=120, step=0.01)
         if mode == "refused":
             await receiver.stop()
         elif mode == "500":
@@ -186,8 +189,7 @@ async def test_kill_9_of_one_relay_process_loses_nothing(setup: dict[str, Any]) 
     kill_at = random.randint(100, 700)
 
     async def killer() -> None:
-        while len(receiver.accepted) < kill_at:
-            await asyncio.sleep(0.005)
+        await wait_for(lambda: len(receiver.accepted) >= kill_at, timeout=120, step=0.005)
         a.send(signal.SIGKILL)
 
     k = asyncio.create_task(killer())

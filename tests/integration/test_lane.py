@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +15,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cpis_bridge.store.connection import Lane, Multiplexed, make_client
+from tests.support.polling import wait_for_async
 
 
 @pytest.fixture
@@ -136,11 +137,8 @@ async def test_multiplexed_answers_many_callers_in_order_on_one_connection(redis
         assert await client_count(redis, name) == 1
     finally:
         await mux.aclose()
-    for _ in range(100):  # the server notices the closed socket a moment later
-        if await client_count(redis, name) == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert await client_count(redis, name) == 0
+    # the server notices the closed socket a moment later
+    await wait_for_async(lambda: _none(client_count(redis, name)), timeout=5, what="the connection stayed open")
 
 
 async def test_multiplexed_private_writer_seam(redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,3 +207,7 @@ async def test_multiplexed_hung_server_times_out_as_a_redis_error(silent_server:
     finally:
         await mux.aclose()
         await client.aclose()
+
+
+async def _none(count: Awaitable[int]) -> bool:
+    return await count == 0
