@@ -74,7 +74,7 @@ async def start(state: dict[str, Any], name: str, **env: str) -> ServiceProcess:
     """A `cpis-bridge serve` sharing the test's Redis and key prefix, ready (the receiver keeps answering meanwhile)."""
     svc = ServiceProcess(state["tmp"] / name, env={**state["env"], **env})
     state["services"].append(svc)
-    return await svc.start_async(timeout=20)
+    return await svc.start_async(timeout=60)  # start-up on a loaded machine; not what these tests measure
 
 
 async def make_accesses(app: web.Application, n: int, *, children: int = 50, rate: float | None = None) -> list[str]:

@@ -128,7 +128,7 @@ async def test_full_flow_logs_hold_no_nhs_number_or_name(service_env):
         [sys.executable, "-m", "cpis_bridge", "serve"], env=service_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        await wait_ready_async(base, proc, timeout=20)
+        await wait_ready_async(base, proc, timeout=60)
         metrics = await drive(base)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -332,7 +332,7 @@ async def test_every_encoding_of_a_number_is_kept_out_of_the_logs(service_env, f
     with out_path.open("wb") as out, err_path.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "cpis_bridge", "serve"], env=service_env, stdout=out, stderr=err)
         try:
-            await wait_ready_async(base, proc, timeout=20)
+            await wait_ready_async(base, proc, timeout=60)
             await fuzz(base, port)
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -2,12 +2,12 @@
 is stopped (both gauges drop to 0) and started again on its append-only file (both return to 1)."""
 
 import asyncio
-import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from cpis_bridge.app import create_app, make_monitor
 from cpis_bridge.store.embedded import EmbeddedRedis
+from tests.support.polling import wait_for_async
 
 
 async def gauges(client) -> dict[str, float]:
@@ -22,12 +22,10 @@ async def gauges(client) -> dict[str, float]:
 
 
 async def wait_for(client, expected: dict[str, float], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await gauges(client) == expected:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"gauges stayed {await gauges(client)}, expected {expected}")
+    async def reached() -> bool:
+        return await gauges(client) == expected
+
+    await wait_for_async(reached, timeout, 0.05, f"gauges to read {expected}")
 
 
 async def test_gauges_follow_redis_down_and_up(aiohttp_client, make_settings, tmp_path):
