@@ -29,7 +29,7 @@ ATTEMPT_S = 600  # an attempt (redirect to the provider and back) must finish wi
 TIMEOUT_S = 10.0  # one call to the provider (discovery, token, JWKS)
 
 
-class _Client(AsyncOAuth2Mixin, AsyncOpenIDMixin, BaseApp):  # type: ignore[misc]
+class _Client(AsyncOAuth2Mixin, AsyncOpenIDMixin, BaseApp):  # type: ignore[misc]  # authlib has no type hints: Any bases
     """authlib's framework-neutral OAuth 2 + OpenID client (what its Starlette integration builds on), over httpx."""
 
     client_cls = AsyncOAuth2Client
