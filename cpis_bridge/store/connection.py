@@ -24,7 +24,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.exceptions import ConnectionError, RedisError, ResponseError
+from redis.exceptions import ConnectionError, MasterDownError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cpis_bridge.core.errors import StoreUnavailable
@@ -47,6 +47,9 @@ FAILOVER_REPLIES = ("READONLY", "NOREPLICAS", "MASTERDOWN")
 
 
 def failover_reply(exc: BaseException) -> bool:
+    """redis-py strips the code from the errors it has a class for (READONLY, MASTERDOWN), not from NOREPLICAS."""
+    if isinstance(exc, ReadOnlyError | MasterDownError):
+        return True
     return isinstance(exc, ResponseError) and str(exc).startswith(FAILOVER_REPLIES)
 
 

@@ -159,3 +159,23 @@ async def test_the_service_finds_the_primary_through_sentinel_and_follows_a_fail
         wait_until(lambda: child_state(primary, key_prefix) == (2, 2))  # the old primary follows as a replica
     finally:
         sentinel.stop()
+
+
+async def test_writes_to_a_fenced_or_demoted_primary_are_503_not_500(
+    aiohttp_client: Any, make_settings: Any, nodes: list[Node]
+) -> None:
+    """Without Sentinel to follow, a primary fenced by min-replicas-to-write (NOREPLICAS) and a demoted one
+    (READONLY) are an unavailable store, on the pool's path and on the look-up's."""
+    primary, replica = nodes
+    client = await aiohttp_client(create_app(make_settings(redis_url=primary.url, relays=False)))
+    assert (await client.put("/v1/records/CASE-1", json=record(), headers=LA1)).status == 201
+    primary.client().config_set("min-replicas-to-write", 2)  # it has one
+    r = await client.put("/v1/records/CASE-2", json=record("CASE-2"), headers=LA1)
+    assert r.status == 503 and r.headers["Retry-After"]
+    assert (await client.get(CARETEAM, headers={**ED, "TraceID": "fenced"})).status == 503
+    primary.client().config_set("min-replicas-to-write", 0)
+    replica.client().execute_command("REPLICAOF", "NO", "ONE")
+    primary.client().execute_command("REPLICAOF", "127.0.0.1", str(replica.port))  # demoted
+    r = await client.put("/v1/records/CASE-2", json=record("CASE-2"), headers=LA1)
+    assert r.status == 503 and r.headers["Retry-After"]
+    assert (await client.get(CARETEAM, headers={**ED, "TraceID": "demoted"})).status == 503
