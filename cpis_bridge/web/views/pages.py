@@ -125,15 +125,30 @@ def make_subapp(
     return app
 
 
+FIXED_PARTS = 4096  # distinct rendered parts kept; past it the cache starts again (filter values come from URLs)
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a part's argument (dicts and lists of plain values, frozen dataclasses)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
 def _fixed_parts(env: jinja2.Environment) -> Callable[..., markupsafe.Markup]:
     """``fixed(template, **args)``: a page part that depends only on its few arguments (header, navigation,
-    footer), rendered once per distinct arguments. GOV.UK Frontend's macros are most of a page's render time."""
+    footer, the notifications filter form), rendered once per distinct arguments. GOV.UK Frontend's macros are most
+    of a page's render time."""
     cache: dict[tuple[Any, ...], markupsafe.Markup] = {}
 
     def fixed(template: str, **args: Any) -> markupsafe.Markup:
-        key = (template, *sorted(args.items()))
+        key = (template, *sorted((k, _frozen(v)) for k, v in args.items()))
         hit = cache.get(key)
         if hit is None:
+            if len(cache) >= FIXED_PARTS:
+                cache.clear()
             # the output of an autoescaped template, so already safe markup
             hit = cache[key] = markupsafe.Markup(env.get_template(template).render(**args))  # noqa: S704
         return hit
