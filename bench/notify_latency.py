@@ -35,7 +35,7 @@ from cpis_bridge.core.nhs import NhsNumber, iter_test_numbers
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.access import LookupRequest
 from cpis_bridge.store.embedded import EmbeddedRedis
-from cpis_bridge.web.state import ACCESS, RECORDS, REGISTRY
+from cpis_bridge.web.state import REGISTRY, SERVICES
 from tests.support.polling import eventually, free_port
 
 HASH_KEY = "bench-log-hash-key-0123456789"
@@ -138,7 +138,7 @@ class Bench:
         for first in range(0, count, 100):
             await asyncio.gather(
                 *(
-                    app[RECORDS].put(
+                    app[SERVICES].records.put(
                         la,
                         ods,
                         f"B-{i}",
@@ -160,7 +160,7 @@ class Bench:
     async def access(app: web.Application, nhs: str, event: str) -> None:
         ctx = AuditContext(Principal("bench-ed", Role.CARE_SETTING, "RXX01", name="Bench Clinician", role_code="R1"))
         setting = app[REGISTRY].care_settings["RXX01"]
-        out = await app[ACCESS].lookup(
+        out = await app[SERVICES].access.lookup(
             ctx, LookupRequest(nhs=NhsNumber(nhs), care_setting=setting, kind="careteam", source_event_id=event)
         )
         assert out.status == 1

@@ -104,12 +104,13 @@ async def _service(
 ) -> AsyncIterator[tuple[Any, Callable[[int, str], Awaitable[None]]]]:
     """The app (relays off) on ``base``, its Flag sync parts and a way to write n records (prefix): the bench's
     own service; its Redis keys are deleted afterwards."""
-    from cpis_bridge.app import SCRIPTS, create_app, flag_sync_parts
+    from cpis_bridge.app import KEYS, REDIS, SCRIPTS, create_app
+    from cpis_bridge.compose import flag_sync_parts
     from cpis_bridge.config import Settings
     from cpis_bridge.core.audit import AuditContext
     from cpis_bridge.core.nhs import iter_test_numbers
     from cpis_bridge.core.principal import Principal, Role
-    from cpis_bridge.web.state import KEYS, RECORDS, REDIS
+    from cpis_bridge.web.state import SERVICES
 
     settings = Settings(
         _env_file=None,
@@ -142,7 +143,9 @@ async def _service(
             for i in range(n)
         ]
         for i in range(0, n, 200):
-            await asyncio.gather(*(app[RECORDS].put(ctx, "LA001", b["localId"], b) for b in bodies[i : i + 200]))
+            await asyncio.gather(
+                *(app[SERVICES].records.put(ctx, "LA001", b["localId"], b) for b in bodies[i : i + 200])
+            )
 
     try:
         async with aiohttp.ClientSession() as session:

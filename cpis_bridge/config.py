@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 from typing import Literal, TypedDict
 
@@ -153,30 +152,7 @@ class Settings(BaseSettings):
     def redis_socket(self) -> Path:
         return self.data_dir.resolve() / "redis.sock"
 
-    def _secret_file(self, name: str, nbytes: int) -> str:
-        """Read a generated secret from the data dir, creating it (mode 0600, in a 0700 directory) on first use."""
-        path = self.data_dir / name
-        if path.exists():
-            if path.stat().st_mode & 0o077:
-                path.chmod(0o600)  # written by an earlier release with the default mode
-            return path.read_text().strip()
-        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        value = secrets.token_urlsafe(nbytes)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            os.fchmod(out.fileno(), 0o600)
-            out.write(value)
-        tmp.replace(path)
-        return value
-
     @staticmethod
     def env_secret(name: str) -> str | None:
         """A secret the registry names by environment variable (webhook secrets, FHIR tokens)."""
         return os.environ.get(name) or None
-
-    def dev_secret(self) -> str:
-        return self.auth_dev_secret or self._secret_file("dev-secret", 32)
-
-    def hash_key(self) -> bytes:
-        return (self.log_hash_key or self._secret_file("log-hash-key", 32)).encode()

@@ -1,4 +1,5 @@
-"""Protocols for the adapters the use-cases need (implemented in store/, wired in app.py)."""
+"""Protocols for the adapters the use-cases and the web layer need (implemented in store/, fhir/ and notify/, wired
+in compose.py)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ class AuditLog(Protocol):
     async def append(self, nhs: NhsNumber | None, entry: Mapping[str, Any]) -> None: ...
 
     async def query(self, nhs: NhsNumber, limit: int = 1000) -> list[dict[str, Any]]: ...
+
+    def tag(self, nhs: NhsNumber) -> str: ...  # the keyed hash standing in for the number in audit entries
 
 
 class LookupStatus(IntEnum):
@@ -441,3 +444,35 @@ class RetentionStore(Protocol):
     async def subject(self, nhs: NhsNumber) -> SubjectData: ...
 
     async def audit_system(self, entry: Mapping[str, Any]) -> None: ...
+
+
+class StoreHealth(Protocol):
+    async def ping(self, timeout_s: float) -> bool: ...  # answered within timeout_s; False for any failure
+
+
+class WebSessions(Protocol):
+    """Server-side sessions of the web views: opaque data under a random id, gone ``idle_s`` after the last save."""
+
+    async def load(self, sid: str) -> bytes | None: ...
+
+    async def save(self, sid: str, data: bytes, idle_s: int) -> None: ...
+
+    async def drop(self, sid: str) -> None: ...
+
+    async def alive(self, sid: str) -> bool: ...
+
+
+class SignInThrottle(Protocol):
+    """Failed sign-ins per client address, over a fixed window."""
+
+    async def blocked(self, who: str) -> bool: ...
+
+    async def failed(self, who: str) -> int: ...
+
+
+class LaunchStore(Protocol):
+    """The clinician view's launch contexts: kept briefly under an opaque random id, taken at most once."""
+
+    async def mint(self, context: dict[str, Any]) -> str: ...
+
+    async def take(self, cid: str) -> dict[str, Any] | None: ...

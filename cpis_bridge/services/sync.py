@@ -1,16 +1,19 @@
-"""Flag sync use-cases: the relay (queue -> FHIR server, newest state only, retries, dead letters) and the
-scheduler that queues records whose visibility window has ended (time-driven status, no upload needed)."""
+"""Flag sync use-cases: the relay (queue -> FHIR server, newest state only, retries, dead letters), the
+scheduler that queues records whose visibility window has ended (time-driven status, no upload needed), the start-up
+check of the server's CapabilityStatement and the sampling of the queue's backlog."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 
 from cpis_bridge.core.backoff import Backoff
 from cpis_bridge.core.clock import Clock, epoch_day, epoch_ms, today_london, utc_now
+from cpis_bridge.core.errors import StoreUnavailable
 from cpis_bridge.core.ports import FlagServer, FlagStatus, FlagWrite, SyncItem, SyncQueue, WriteOutcome, WriteResult
 from cpis_bridge.core.records import Record, VisibilityWindows
 
@@ -261,3 +264,43 @@ class FlagScheduler:
                 await asyncio.wait_for(stop.wait(), timeout=wait)
             except TimeoutError:
                 pass
+
+
+async def check_capabilities(
+    prepare: Callable[[], Awaitable[object]],
+    stop: asyncio.Event,
+    *,
+    transient: tuple[type[Exception], ...],
+    attempts: int = 20,
+) -> None:
+    """Start-up check of the server's CapabilityStatement (``prepare``, the adapter's); retried in the background on
+    the ``transient`` errors, backing off to a minute, never blocking start."""
+    backoff = Backoff(1.0, 60.0, jitter=False)
+    for _ in range(attempts):
+        delay = backoff.next()
+        try:
+            await prepare()
+            return
+        except transient as exc:
+            log.warning("fhir.capabilities.unavailable", extra={"error": str(exc), "retryInS": delay})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        if stop.is_set():
+            return
+
+
+async def sample_backlog(
+    stats: Callable[[int], Awaitable[tuple[int, float]]],
+    report: Callable[[int, float], None],
+    stop: asyncio.Event,
+    *,
+    interval_s: float = 5.0,
+    clock: Clock = utc_now,
+) -> None:
+    """Every ``interval_s``: the queue's backlog (entries waiting, age of the oldest) to ``report``; a store that
+    cannot be reached skips a sample."""
+    while not stop.is_set():
+        with contextlib.suppress(StoreUnavailable):
+            report(*await stats(epoch_ms(clock())))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)

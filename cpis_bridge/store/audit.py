@@ -17,6 +17,9 @@ class RedisAuditLog:
         self.redis = redis
         self.keys = keys
 
+    def tag(self, nhs: NhsNumber) -> str:
+        return self.keys.tag(nhs)
+
     def key_for(self, nhs: NhsNumber | None) -> str:
         return self.keys.system_audit if nhs is None else self.keys.audit(self.keys.tag(nhs))
 

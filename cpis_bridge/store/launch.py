@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -21,24 +20,27 @@ ID_FORM = re.compile(r"[A-Za-z0-9_-]{32}")
 
 
 class LaunchContexts:
-    def __init__(self, client: Callable[[], tuple[Redis, Keys]], *, ttl_s: int = 600) -> None:
-        self._client = client  # the app's Redis exists only once it has started
+    """core's LaunchStore in Redis."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, ttl_s: int = 600) -> None:
+        self.redis = redis
+        self.prefix = keys.prefix
         self.ttl_s = ttl_s
 
     def _key(self, cid: str) -> str:
-        return f"{self._client()[1].prefix}:web:launch:{cid}"
+        return f"{self.prefix}:web:launch:{cid}"
 
     async def mint(self, context: dict[str, Any]) -> str:
         """Keep ``context`` under a new random id (the card's appContext) for ``ttl_s`` seconds."""
         cid = secrets.token_urlsafe(ID_BYTES)
-        await self._client()[0].set(self._key(cid), orjson.dumps(context), ex=self.ttl_s)
+        await self.redis.set(self._key(cid), orjson.dumps(context), ex=self.ttl_s)
         return cid
 
     async def take(self, cid: str) -> dict[str, Any] | None:
         """The context, removed as it is read (a launch uses it once); None when unknown, expired or malformed."""
         if not ID_FORM.fullmatch(cid):  # not one we minted: no look-up at all
             return None
-        raw = await self._client()[0].getdel(self._key(cid))
+        raw = await self.redis.getdel(self._key(cid))
         if raw is None:
             return None
         try:

@@ -6,11 +6,10 @@ from aiohttp import web
 
 from cpis_bridge.core.errors import UnreadableInput
 from cpis_bridge.core.principal import Role
-from cpis_bridge.services.delivery import DeliveryAdmin
 from cpis_bridge.web.common import allow, audit_context, json_response
+from cpis_bridge.web.state import SERVICES
 
 routes = web.RouteTableDef()
-DELIVERIES = web.AppKey("deliveries", DeliveryAdmin)
 
 
 @routes.get("/v1/admin/deliveries")
@@ -18,11 +17,11 @@ DELIVERIES = web.AppKey("deliveries", DeliveryAdmin)
 async def deliveries(request: web.Request) -> web.Response:
     if request.query:
         raise UnreadableInput("this endpoint takes no query parameters")
-    return json_response(await request.app[DELIVERIES].deliveries(audit_context(request)))
+    return json_response(await request.app[SERVICES].deliveries.deliveries(audit_context(request)))
 
 
 @routes.post("/v1/admin/dead-letters/{id}/retry")
 @allow(Role.OPS)
 async def retry_dead_letter(request: web.Request) -> web.Response:
-    await request.app[DELIVERIES].retry_dead_letter(audit_context(request), request.match_info["id"])
+    await request.app[SERVICES].deliveries.retry_dead_letter(audit_context(request), request.match_info["id"])
     return web.Response(status=204)

@@ -25,13 +25,11 @@ from cpis_bridge.fhir import cds
 from cpis_bridge.fhir.encounter import instant_problem
 from cpis_bridge.fhir.formats import JSON_CT
 from cpis_bridge.services.access import AccessService, LookupRequest
-from cpis_bridge.store.launch import LaunchContexts
 from cpis_bridge.web.common import MAX_FHIR_NESTING, allow, audit_context, json_response, loads_json, principal
-from cpis_bridge.web.state import ACCESS, AUDIT, KEYS, METRICS, REDIS, REGISTRY, SETTINGS
+from cpis_bridge.web.state import METRICS, REGISTRY, SERVICES, SETTINGS
 
 routes = web.RouteTableDef()
 CDS_HTTP: Final = web.AppKey("cds_http", aiohttp.ClientSession)
-LAUNCHES: Final = web.AppKey("launch_contexts", LaunchContexts)
 ED_LAUNCH_PATH: Final = "/ed/launch"
 FETCH_TIMEOUT_S: Final = 5.0
 MAX_RESOURCE_BYTES: Final = 1024 * 1024
@@ -200,7 +198,7 @@ async def call_service(request: web.Request) -> web.Response:
         arrived_at=arrived,
         recent=True,
     )
-    access = request.app[ACCESS]
+    access = request.app[SERVICES].access
     out = await access.lookup(_acting(request, user), req)
     request.app[METRICS].accesses.labels(
         kind="unscheduled" if AccessService.is_unscheduled(req) else "silent",
@@ -238,7 +236,7 @@ async def _smart_link(
         "patient": patient_id[:200],
         "user": {"id": who.id, "name": who.name, "roleCode": who.role_code},
     }
-    app_context = await request.app[LAUNCHES].mint(context)
+    app_context = await request.app[SERVICES].launches.mint(context)
     return cds.smart_link(request.app[SETTINGS].base_url + ED_LAUNCH_PATH, app_context)
 
 
@@ -294,7 +292,7 @@ async def feedback(request: web.Request) -> web.Response:
         raise UnreadableInput(f"feedback must be a list of 1 to {MAX_FEEDBACK} items")
     entries = [_feedback_entry(item, i) for i, item in enumerate(items)]
     ctx = audit_context(request)
-    await request.app[AUDIT].append(
+    await request.app[SERVICES].audit.append(
         None, ctx.entry("cds.feedback", None, dt.datetime.now(dt.UTC), service=service_id, feedback=entries)
     )
     return web.Response(status=200)
@@ -309,5 +307,4 @@ async def http_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def setup(app: web.Application) -> None:
-    app[LAUNCHES] = LaunchContexts(lambda: (app[REDIS], app[KEYS]), ttl_s=app[SETTINGS].web_launch_ttl_s)
     app.router.add_routes(routes)

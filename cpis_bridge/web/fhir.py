@@ -36,7 +36,7 @@ from cpis_bridge.web.common import (
     loads_json,
     principal,
 )
-from cpis_bridge.web.state import ACCESS, METRICS, REGISTRY, SETTINGS
+from cpis_bridge.web.state import METRICS, REGISTRY, SERVICES, SETTINGS
 
 routes = web.RouteTableDef()
 CAPABILITY_DATE: Final = "2026-11-22"
@@ -189,7 +189,7 @@ async def lookup_for_search(request: web.Request, kind: str) -> LookupOutcome:
         unscheduled_claimed=unscheduled_claimed(request),
         source_event_id=request.get(TRACE_ID),
     )
-    out = await request.app[ACCESS].lookup(audit_context(request), req)
+    out = await request.app[SERVICES].access.lookup(audit_context(request), req)
     count_access(request, unscheduled=AccessService.is_unscheduled(req), flagged=bool(out.records))
     return out
 
@@ -236,7 +236,7 @@ async def metadata(request: web.Request) -> web.Response:
 async def search_careteam(request: web.Request) -> web.Response:
     out = await lookup_for_search(request, "careteam")
     las = request.app[REGISTRY].local_authorities
-    today, now = request.app[ACCESS].today(), dt.datetime.now(dt.UTC)
+    today, now = request.app[SERVICES].access.today(), dt.datetime.now(dt.UTC)
     owners = {
         la: office_open(las[la].office_hours, now) for la in dict.fromkeys(r.la for r in out.records) if la in las
     }
@@ -281,7 +281,7 @@ async def search_flag(request: web.Request) -> web.Response:
 async def search_auditevent(request: web.Request) -> web.Response:
     params, includes = search_params(request.query, SEARCH_PARAMS, AUDIT_INCLUDES)
     nhs = patient_nhs(params, test_numbers_only=request.app[SETTINGS].only_test_numbers)
-    service = request.app[ACCESS]
+    service = request.app[SERVICES].access
     _, accesses = await service.history(nhs, ctx=audit_context(request), kind="auditevent")
     names = request.app[REGISTRY].care_setting_names()
     viewer = principal(request).ods
@@ -332,7 +332,7 @@ async def read_organization(request: web.Request) -> web.Response:
     )
 )
 async def read_practitioner_role(request: web.Request) -> web.Response:
-    role = await request.app[ACCESS].practitioner_role(_resource_id(request, "PractitionerRole"))
+    role = await request.app[SERVICES].access.practitioner_role(_resource_id(request, "PractitionerRole"))
     if role is None:
         raise NotFound("no such PractitionerRole")
     return fhir_response(request, role)
@@ -374,7 +374,7 @@ async def create_encounter(request: web.Request) -> web.Response:
         arrived_at=inbound.arrived_at,
         encounter=keep,
     )
-    service = request.app[ACCESS]
+    service = request.app[SERVICES].access
     out = await service.lookup(audit_context(request), req)
     count_access(request, unscheduled=setting.unscheduled, flagged=bool(out.records))
     if not setting.unscheduled:
@@ -407,7 +407,7 @@ async def create_encounter(request: web.Request) -> web.Response:
 )
 async def read_encounter(request: web.Request) -> web.Response:
     encounter_id = _resource_id(request, "Encounter")
-    stored = await request.app[ACCESS].encounter(encounter_id, ctx=audit_context(request))
+    stored = await request.app[SERVICES].access.encounter(encounter_id, ctx=audit_context(request))
     if stored is None:
         raise NotFound("no such Encounter")
     return fhir_response(request, with_id(stored, encounter_id))

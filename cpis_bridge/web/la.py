@@ -20,19 +20,16 @@ from cpis_bridge.core.errors import (
     ValidationFailed,
 )
 from cpis_bridge.core.principal import Role
-from cpis_bridge.services.uploads import LEASE_MS, UploadControl, UploadMeta, UploadService
-from cpis_bridge.store.uploads import RedisUploadStore
+from cpis_bridge.services.uploads import LEASE_MS, UploadControl, UploadMeta
 from cpis_bridge.web.common import allow, audit_context, json_response, loads_json, principal, problem
-from cpis_bridge.web.state import KEYS, LIFECYCLE, METRICS, RECORDS, REDIS, REGISTRY, SCRIPTS, SETTINGS
-from cpis_bridge.web.uploads import content_type, meta_from_headers, reader_for, spool
+from cpis_bridge.web.state import LIFECYCLE, METRICS, SERVICES, SETTINGS
+from cpis_bridge.web.uploads import content_type, meta_from_headers, spool
 
 routes = web.RouteTableDef()
 LA = Role.LOCAL_AUTHORITY
 # Any printable localId (braces included: aiohttp's default segment pattern refuses them); "/" arrives as %2F.
 RECORD_PATH = "/v1/records/{localId:[^/]+}"
-UPLOADS = web.AppKey("uploads", UploadService)
 UPLOAD_TASKS = web.AppKey("upload_tasks", set[asyncio.Future[Any]])
-RESUME_INTERVAL_S = 5.0
 ANSWER_MARGIN_S = 0.5  # an interrupted upload is answered this long before the server's grace period ends
 
 
@@ -46,7 +43,7 @@ async def read_json(request: web.Request, *, types: tuple[str, ...] = ("applicat
 @routes.put(RECORD_PATH)
 @allow(LA)
 async def put_record(request: web.Request) -> web.Response:
-    service = request.app[RECORDS]
+    service = request.app[SERVICES].records
     body = await read_json(request)
     la = principal(request).ods
     try:
@@ -62,7 +59,7 @@ async def put_record(request: web.Request) -> web.Response:
 @routes.get(RECORD_PATH)
 @allow(LA)
 async def get_record(request: web.Request) -> web.Response:
-    service = request.app[RECORDS]
+    service = request.app[SERVICES].records
     record = await service.get(audit_context(request), principal(request).ods, request.match_info["localId"])
     return json_response(service.render(record), headers={"ETag": f'W/"{record.version}"'})
 
@@ -73,7 +70,7 @@ async def list_records(request: web.Request) -> web.Response:
     unknown = set(request.query) - {"nhsNumber"}
     if unknown or "nhsNumber" not in request.query:
         raise UnreadableInput("the only search parameter is nhsNumber, and it is required")
-    service = request.app[RECORDS]
+    service = request.app[SERVICES].records
     records = await service.list_for_number(audit_context(request), principal(request).ods, request.query["nhsNumber"])
     return json_response({"records": [service.render(r) for r in records]})
 
@@ -81,14 +78,16 @@ async def list_records(request: web.Request) -> web.Response:
 @routes.delete(RECORD_PATH)
 @allow(LA)
 async def delete_record(request: web.Request) -> web.Response:
-    await request.app[RECORDS].erase(audit_context(request), principal(request).ods, request.match_info["localId"])
+    await request.app[SERVICES].records.erase(
+        audit_context(request), principal(request).ods, request.match_info["localId"]
+    )
     return web.Response(status=204)
 
 
 @routes.post("/v1/uploads")
 @allow(LA)
 async def post_upload(request: web.Request) -> web.Response:
-    uploads = request.app[UPLOADS]
+    uploads = request.app[SERVICES].uploads
     metrics = request.app[METRICS]
     la = principal(request).ods
     ct = content_type(request)
@@ -125,7 +124,7 @@ async def _upload(
 ) -> tuple[dict[str, Any], bool]:
     spooled = await spool(request, request.app[SETTINGS].upload_max_bytes)
     try:
-        return await request.app[UPLOADS].apply_upload(
+        return await request.app[SERVICES].uploads.apply_upload(
             audit_context(request), la, meta, ct, spooled, confirm_end=_confirm_end(request), control=control
         )
     finally:
@@ -177,28 +176,14 @@ def _forget(app: web.Application) -> Callable[[asyncio.Future[Any]], None]:
 
 
 async def uploads_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The upload use-case, and the task that completes uploads whose process died (at start-up, then every few
-    seconds, for every LA in the registry)."""
-    settings, metrics = app[SETTINGS], app[METRICS]
-    service = UploadService(
-        app[RECORDS].writes,
-        RedisUploadStore(app[REDIS], app[KEYS], app[SCRIPTS]),
-        reader_for,
-        max_end_fraction=settings.upload_max_end_fraction,
-        on_mass_end_refused=metrics.upload_mass_end_refused.inc,
-        on_resumed=metrics.uploads_resumed.inc,
-    )
-    app[UPLOADS] = service
+    """Uploads being completed after their request was answered (the service stopping): cancelled on the way out,
+    their journal outlives them. (The task completing uploads of processes that died is the app's.)"""
     app[UPLOAD_TASKS] = set()
-    stop = asyncio.Event()
-    resumer = asyncio.create_task(
-        service.run_resumer(list(app[REGISTRY].local_authorities), stop, RESUME_INTERVAL_S), name="upload-resumer"
-    )
     yield
-    stop.set()
-    for task in (resumer, *app[UPLOAD_TASKS]):
+    tasks = [*app[UPLOAD_TASKS]]
+    for task in tasks:
         task.cancel()
-    for task in (resumer, *app[UPLOAD_TASKS]):
+    for task in tasks:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
 

@@ -17,15 +17,13 @@ import time
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cpis_bridge.core.errors import CpisError, Forbidden, PayloadTooLarge, StoreUnavailable
 from cpis_bridge.fhir.formats import CONTENT_TYPES, NotAcceptable, negotiate, render
 from cpis_bridge.fhir.outcome import operation_outcome
 from cpis_bridge.log import request_id_var, trace_id_var
 from cpis_bridge.web.common import FHIR_FORMAT, PRINCIPAL, REQUEST_ID, ROUTE, TRACE_ID, Handler, policy_of, problem
-from cpis_bridge.web.state import AUTH, METRICS, SETTINGS
+from cpis_bridge.web.state import METRICS, SERVICES, SETTINGS
 
 log = logging.getLogger("cpis_bridge.web")
 
@@ -123,9 +121,6 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return error_response(
             request, exc.status, exc.title, exc.detail, code=exc.code, errors=[e.as_dict() for e in exc.errors]
         )
-    except (RedisConnectionError, RedisTimeoutError) as exc:  # a driver error the store did not translate
-        log.error("web.store_unavailable", extra={"error": type(exc).__name__, "route": route_template(request)})
-        return store_unavailable(request)
     except web.HTTPRequestEntityTooLarge:
         return error_response(request, 413, "Payload too large", "the request body is too large")
     except web.HTTPException as exc:
@@ -152,7 +147,7 @@ async def _checked(request: web.Request, handler: Handler) -> web.StreamResponse
         raise Forbidden("this route has no access policy")
     if policy.public:
         return await handler(request)
-    auth = request.app[AUTH]
+    auth = request.app[SERVICES].auth
     if policy.cds:
         url = request.app[SETTINGS].base_url + request.path
         # a feedback call's token may name the service itself (CDS Hooks: aud is the service's endpoint)

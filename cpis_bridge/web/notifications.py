@@ -7,11 +7,11 @@ from aiohttp import web
 from cpis_bridge.core.errors import NotFound, UnreadableInput
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
 from cpis_bridge.core.principal import Role
-from cpis_bridge.services.inbox import DEFAULT_LIMIT, MAX_LIMIT, InboxService
+from cpis_bridge.services.inbox import DEFAULT_LIMIT, MAX_LIMIT
 from cpis_bridge.web.common import allow, audit_context, json_response, principal
+from cpis_bridge.web.state import SERVICES
 
 routes = web.RouteTableDef()
-INBOX = web.AppKey("inbox", InboxService)
 
 
 @routes.get("/v1/children/{nhs}/accesses")
@@ -23,7 +23,7 @@ async def child_accesses(request: web.Request) -> web.Response:
         nhs = NhsNumber.parse(request.match_info["nhs"])
     except InvalidNhsNumber:
         raise NotFound("no such child") from None  # section 4: anything but a held number looks absent
-    items = await request.app[INBOX].child_accesses(audit_context(request), principal(request).ods, nhs)
+    items = await request.app[SERVICES].inbox.child_accesses(audit_context(request), principal(request).ods, nhs)
     return json_response({"accesses": items})
 
 
@@ -40,7 +40,7 @@ async def list_notifications(request: web.Request) -> web.Response:
         raise UnreadableInput("limit must be an integer from 1 to 1000") from None
     if limit < 1:
         raise UnreadableInput("limit must be an integer from 1 to 1000")
-    body = await request.app[INBOX].notifications(
+    body = await request.app[SERVICES].inbox.notifications(
         audit_context(request), principal(request).ods, request.query.get("after") or None, min(limit, MAX_LIMIT)
     )
     return json_response(body)
@@ -49,9 +49,7 @@ async def list_notifications(request: web.Request) -> web.Response:
 @routes.post("/v1/notifications/{id}/ack")
 @allow(Role.LOCAL_AUTHORITY)
 async def ack_notification(request: web.Request) -> web.Response:
-    await request.app[INBOX].acknowledge(audit_context(request), principal(request).ods, request.match_info["id"])
+    await request.app[SERVICES].inbox.acknowledge(
+        audit_context(request), principal(request).ods, request.match_info["id"]
+    )
     return web.Response(status=204)
-
-
-def setup(app: web.Application, service: InboxService) -> None:
-    app[INBOX] = service

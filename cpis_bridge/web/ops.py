@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -13,7 +11,7 @@ from cpis_bridge.core.errors import UnreadableInput, ValidationFailed
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
 from cpis_bridge.core.principal import Role
 from cpis_bridge.web.common import allow, audit_context, json_response
-from cpis_bridge.web.state import AUDIT, LIFECYCLE, METRICS, REDIS
+from cpis_bridge.web.state import LIFECYCLE, METRICS, SERVICES
 
 routes = web.RouteTableDef()
 READY_PROBE_S = 1.0
@@ -32,13 +30,7 @@ async def readyz(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     redis_ok = False
     if life.started and not life.draining:
-        try:
-            # A stalled Redis (frozen, or swapping) accepts connections and never answers: only a short probe
-            # tells it from a healthy one.
-            async with asyncio.timeout(READY_PROBE_S):
-                redis_ok = bool(await request.app[REDIS].ping())
-        except Exception:
-            redis_ok = False
+        redis_ok = await request.app[SERVICES].store.ping(READY_PROBE_S)
     metrics.redis_up.set(1 if redis_ok else 0)
     ready = life.started and not life.draining and redis_ok
     metrics.ready.set(1 if ready else 0)
@@ -72,8 +64,8 @@ async def audit(request: web.Request) -> web.Response:
         limit = min(max(int(request.query.get("limit", "1000")), 1), 10000)
     except ValueError:
         raise UnreadableInput("limit must be an integer") from None
-    log = request.app[AUDIT]
+    log = request.app[SERVICES].audit
     entries = await log.query(nhs, limit)
     ctx = audit_context(request)
-    await log.append(None, ctx.entry("audit.read", None, utc_now(), subjectTag=log.keys.tag(nhs)))
+    await log.append(None, ctx.entry("audit.read", None, utc_now(), subjectTag=log.tag(nhs)))
     return json_response({"entries": entries})

@@ -15,7 +15,7 @@ from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.access import LookupRequest
 from cpis_bridge.web.common import policy_of
-from cpis_bridge.web.state import ACCESS, REGISTRY
+from cpis_bridge.web.state import REGISTRY, SERVICES
 from tests.support.world import ED, LA1, LA2, OPS, auth, record
 
 NHS = "9990000018"
@@ -303,7 +303,7 @@ async def test_other_las_records_look_absent(client: Any) -> None:
 async def _record_access(app: web.Application) -> None:
     setting = app[REGISTRY].care_settings["RXX01"]
     ctx = AuditContext(Principal("dev-care-setting-RXX01", Role.CARE_SETTING, "RXX01", name="Dr Test Example"))
-    outcome = await app[ACCESS].lookup(
+    outcome = await app[SERVICES].access.lookup(
         ctx, LookupRequest(NhsNumber.parse(NHS), setting, "careteam", source_event_id="authz-evt-1")
     )
     assert outcome.status == 1 and outcome.access_id

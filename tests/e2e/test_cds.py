@@ -15,11 +15,11 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from cpis_bridge.app import create_app
+from cpis_bridge.app import KEYS, REDIS, create_app
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.clock import LONDON, today_london
 from cpis_bridge.core.principal import Principal, Role
-from cpis_bridge.web.state import KEYS, RECORDS, REDIS
+from cpis_bridge.web.state import SERVICES
 from tests.e2e.test_fhir_api import commandstats
 from tests.support.world import DEV_SECRET, ED, GP, LA1, LA2, REGISTRY, auth, record
 
@@ -503,7 +503,7 @@ async def production(aiohttp_server, aiohttp_client, make_settings, rsa_key, tmp
     assert not settings.dev_mode
     client = await aiohttp_client(create_app(settings))
     la_ctx = AuditContext(Principal("la-user", Role.LOCAL_AUTHORITY, "LA001"))
-    await client.app[RECORDS].put(la_ctx, "LA001", "CASE-1", record())
+    await client.app[SERVICES].records.put(la_ctx, "LA001", "CASE-1", record())
     client.hits = hits
     return client
 

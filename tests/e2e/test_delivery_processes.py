@@ -22,7 +22,7 @@ from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber, iter_test_numbers
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.access import LookupRequest
-from cpis_bridge.web.state import ACCESS, RECORDS, REGISTRY
+from cpis_bridge.web.state import REGISTRY, SERVICES
 from tests.support.polling import wait_for, wait_for_async
 from tests.support.receivers import Receiver, write_registry
 from tests.support.service import ServiceProcess
@@ -82,12 +82,12 @@ async def make_accesses(app: web.Application, n: int, *, children: int = 50, rat
     numbers = [str(x) for x, _ in zip(iter_test_numbers(), range(children), strict=False)]
     la = AuditContext(Principal("u-la", Role.LOCAL_AUTHORITY, "LA001"))
     for i, nhs in enumerate(numbers):
-        await app[RECORDS].put(la, "LA001", f"C-{i}", record(f"C-{i}", nhs))
+        await app[SERVICES].records.put(la, "LA001", f"C-{i}", record(f"C-{i}", nhs))
     ed = AuditContext(Principal("u-ed", Role.CARE_SETTING, "RXX01", name="Dr Test", role_code="R8000"))
     setting = app[REGISTRY].care_settings["RXX01"]
 
     async def one(i: int) -> str:
-        out = await app[ACCESS].lookup(
+        out = await app[SERVICES].access.lookup(
             ed,
             LookupRequest(
                 nhs=NhsNumber(numbers[i % children]), care_setting=setting, kind="careteam", source_event_id=f"ev-{i}"

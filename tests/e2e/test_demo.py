@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 
 from cpis_bridge.app import create_app
-from cpis_bridge.cli import cmd_demo
+from cpis_bridge.demo import run_demo
 from tests.support.receivers import Receiver, write_registry
 
 
@@ -28,7 +28,7 @@ async def test_demo_shows_the_notification_and_its_webhook_delivery(
         args = argparse.Namespace(
             la=None, care_setting=None, nhs_number="9990000018", url=str(server.make_url("")), wait=10.0
         )
-        assert await cmd_demo(settings, args) == 0
+        assert await run_demo(settings, args) == 0
         out = capsys.readouterr().out
         assert "1 CareTeam(s)" in out and "pull inbox holds notification" in out and ": delivered" in out
         assert len(receiver.accepted) == 1

@@ -12,10 +12,10 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from lxml import etree
 
-from cpis_bridge.app import create_app
+from cpis_bridge.app import KEYS, REDIS, create_app
 from cpis_bridge.core.principal import Role
 from cpis_bridge.fhir.outcome import operation_outcome
-from cpis_bridge.web.state import KEYS, METRICS, REDIS
+from cpis_bridge.web.state import METRICS
 from tests.e2e.test_profiles import PROFILES, assert_conforms, example
 from tests.support.world import ED, GP, LA1, LA2, REGISTRY, auth, record
 

@@ -12,8 +12,7 @@ from fhirclient.models.careteam import CareTeam
 from fhirclient.models.flag import Flag
 from fhirclient.models.organization import Organization
 
-from cpis_bridge.app import create_app
-from cpis_bridge.web.state import KEYS, REDIS
+from cpis_bridge.app import KEYS, REDIS, create_app
 from tests.support.world import ED, LA1, record
 
 NHS_SYS = "https://fhir.nhs.uk/Id/nhs-number"

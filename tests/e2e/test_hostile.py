@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cpis_bridge.app import create_app, open_retention
+from cpis_bridge.app import create_app
+from cpis_bridge.compose import open_services
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.clock import today_london
 from cpis_bridge.core.nhs import NhsNumber
@@ -265,7 +266,8 @@ def assert_readable(app: App, settings: Any, accepted: dict[str, dict[str, Any]]
         after = page["next"]
 
     async def export() -> None:
-        async with open_retention(settings) as service:
+        async with open_services(settings) as opened:
+            service = opened.retention
             data = await service.export(OPS_CTX, NhsNumber(CHILD))
         orjson.dumps(data)
 

@@ -10,14 +10,14 @@ from urllib.parse import quote
 
 import pytest
 
-from cpis_bridge.app import open_retention
+from cpis_bridge.compose import open_services
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.clock import today_london
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.core.records import PlanType, Record, VisibilityWindows
 from cpis_bridge.services.access import LookupRequest
-from cpis_bridge.web.state import ACCESS, METRICS, REGISTRY
+from cpis_bridge.web.state import METRICS, REGISTRY, SERVICES
 from tests.e2e.test_fhir_api import encounter_body
 from tests.support.world import ED, LA1, record
 
@@ -164,7 +164,7 @@ async def test_a_poisoned_stored_access_is_skipped_by_every_reader(client: Any, 
         req = LookupRequest(
             nhs=NhsNumber(CHILD), care_setting=ed, kind="encounter", source_event_id=f"s|ev-{i}", arrived_at=arrived
         )
-        assert (await app[ACCESS].lookup(ctx, req)).status == 1
+        assert (await app[SERVICES].access.lookup(ctx, req)).status == 1
 
     r = await client.get("/v1/notifications", params={"limit": "2"}, headers=LA1)
     first = await r.json()
@@ -183,7 +183,8 @@ async def test_a_poisoned_stored_access_is_skipped_by_every_reader(client: Any, 
     r = await client.get("/fhir/AuditEvent", params={"patient:identifier": NHS_Q}, headers=ED)
     assert r.status == 200 and (await r.json())["total"] == 2
 
-    async with open_retention(settings) as service:
+    async with open_services(settings) as opened:
+        service = opened.retention
         data = await service.export(ctx, NhsNumber(CHILD))
     assert len(data["accesses"]) == 2 and len(data["inboxNotifications"]) == 2
     skipped = app[METRICS].unreadable

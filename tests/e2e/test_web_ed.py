@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis.asyncio as aredis
 
-from cpis_bridge.web.cds import LAUNCHES
+from cpis_bridge.web.state import SERVICES
 from tests.support.ehr_double import Ehr, registry_with_smart
 from tests.support.world import ED, LA1, auth, record
 
@@ -199,7 +199,9 @@ async def test_launch_needs_a_registered_iss_and_its_own_care_setting(ed: Any) -
     out = await b.request("GET", f"/ed/launch?iss={ehr.iss}")  # no launch
     assert out.status == 400
     # a context minted for another care setting (RXX02 registers no SMART launch) cannot be launched from this iss
-    other = await client.app[LAUNCHES].mint({"nhs": NHS, "cs": "RXX02", "patient": "pat-1", "user": {"id": "x"}})
+    other = await client.app[SERVICES].launches.mint(
+        {"nhs": NHS, "cs": "RXX02", "patient": "pat-1", "user": {"id": "x"}}
+    )
     out = await launch(b, ehr, outside, {"url": "http://127.0.0.1:8080/ed/launch", "appContext": other})
     assert out.status == 400
     reasons = [e["detail"]["reason"] for e in await audit(r, prefix) if e["action"] == "web.ed.launch.failed"]

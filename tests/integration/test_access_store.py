@@ -6,7 +6,7 @@ import datetime as dt
 import orjson
 import pytest
 
-from cpis_bridge.app import SCRIPTS, create_app
+from cpis_bridge.app import KEYS, REDIS, SCRIPTS, create_app
 from cpis_bridge.core.access import Access, notification_id
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber
@@ -16,7 +16,7 @@ from cpis_bridge.services.delivery import render
 from cpis_bridge.store.inbox import RedisInbox, fill_recent
 from cpis_bridge.store.retention import RedisRetentionStore
 from cpis_bridge.store.scripts import Scripts
-from cpis_bridge.web.state import ACCESS, KEYS, RECORDS, REDIS, REGISTRY
+from cpis_bridge.web.state import REGISTRY, SERVICES
 from tests.support.world import record
 
 pytestmark = pytest.mark.no_relays
@@ -35,10 +35,10 @@ def ctx(role: Role, ods: str) -> AuditContext:
 
 async def flagged_child_accessed(app, count: int, nhs: str = "9990000018") -> NhsNumber:
     """LA001 flags the child, then RXX01 looks it up ``count`` times (source events e0, e1, ...)."""
-    await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
+    await app[SERVICES].records.put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
     ed = app[REGISTRY].care_settings["RXX01"]
     for i in range(count):
-        await app[ACCESS].lookup(
+        await app[SERVICES].access.lookup(
             ctx(Role.CARE_SETTING, "RXX01"),
             LookupRequest(nhs=NhsNumber(nhs), care_setting=ed, kind="careteam", source_event_id=f"e{i}"),
         )
@@ -47,15 +47,15 @@ async def flagged_child_accessed(app, count: int, nhs: str = "9990000018") -> Nh
 
 async def test_two_las_one_notification_each_with_own_records(app):
     nhs = NhsNumber("9990000018")
-    records = app[RECORDS]
+    records = app[SERVICES].records
     await records.put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
     await records.put(ctx(Role.LOCAL_AUTHORITY, "LA002"), "LA002", "B-1", record("B-1", planType="LAC"))
     ed = app[REGISTRY].care_settings["RXX01"]
-    out = await app[ACCESS].lookup(
+    out = await app[SERVICES].access.lookup(
         ctx(Role.CARE_SETTING, "RXX01"), LookupRequest(nhs=nhs, care_setting=ed, kind="careteam", source_event_id="t-1")
     )
     assert out.status == 1 and len(out.records) == 2
-    again = await app[ACCESS].lookup(
+    again = await app[SERVICES].access.lookup(
         ctx(Role.CARE_SETTING, "RXX01"), LookupRequest(nhs=nhs, care_setting=ed, kind="careteam", source_event_id="t-1")
     )
     assert again.status == 2 and again.access_id == out.access_id
@@ -69,13 +69,13 @@ async def test_two_las_one_notification_each_with_own_records(app):
 
 async def test_silent_and_unflagged_record_nothing(app):
     gp = app[REGISTRY].care_settings["GP001"]
-    await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
-    out = await app[ACCESS].lookup(
+    await app[SERVICES].records.put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1"))
+    out = await app[SERVICES].access.lookup(
         ctx(Role.CARE_SETTING, "GP001"), LookupRequest(nhs=NhsNumber("9990000018"), care_setting=gp, kind="careteam")
     )
     assert out.status == 0 and len(out.records) == 1
     ed = app[REGISTRY].care_settings["RXX01"]
-    out = await app[ACCESS].lookup(
+    out = await app[SERVICES].access.lookup(
         ctx(Role.CARE_SETTING, "RXX01"), LookupRequest(nhs=NhsNumber("9990000026"), care_setting=ed, kind="careteam")
     )
     assert out.status == 0 and out.records == []
@@ -88,7 +88,7 @@ async def test_silent_and_unflagged_record_nothing(app):
 
 async def test_history_keeps_newest_25(app):
     nhs = await flagged_child_accessed(app, 30)
-    visible, history = await app[ACCESS].history(nhs)
+    visible, history = await app[SERVICES].access.history(nhs)
     assert [a.source_event_id for _, a in history] == [f"e{i}" for i in range(29, 4, -1)]
     assert visible and all(isinstance(a.occurred_at, dt.datetime) for _, a in history)
 

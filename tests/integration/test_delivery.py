@@ -14,13 +14,13 @@ import orjson
 import pytest
 from fhir.resources.R4B.communication import Communication
 
-from cpis_bridge.app import SCRIPTS
+from cpis_bridge.app import KEYS, REDIS, SCRIPTS
 from cpis_bridge.core.access import notification_id
 from cpis_bridge.notify.fhir import NS_COMMUNICATION
 from cpis_bridge.notify.observer import MetricsObserver
 from cpis_bridge.services.delivery import Relay, RelayConfig, RetryPolicy
 from cpis_bridge.store.outbox import RedisOutbox
-from cpis_bridge.web.state import KEYS, METRICS, REDIS
+from cpis_bridge.web.state import METRICS
 from tests.support.delivery import NHS, access, client_factory, flag, webhook
 from tests.support.polling import wait_for, wait_for_async
 from tests.support.receivers import Receiver

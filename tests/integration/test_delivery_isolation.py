@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from cpis_bridge.app import KEYS, REDIS
 from cpis_bridge.core.access import SEP, notification_id
-from cpis_bridge.web.state import KEYS, METRICS, REDIS
+from cpis_bridge.web.state import METRICS
 from tests.support.delivery import access, client_factory, flag, webhook
 from tests.support.polling import wait_for, wait_for_async
 from tests.support.receivers import Receiver

@@ -267,8 +267,8 @@ async def _second_relay(env):
     """Another service process: its own HTTP session and FHIR client, the same Redis."""
     import aiohttp
 
-    from cpis_bridge.app import SCRIPTS, flag_sync_parts
-    from cpis_bridge.web.state import KEYS, REDIS
+    from cpis_bridge.app import KEYS, REDIS, SCRIPTS
+    from cpis_bridge.compose import flag_sync_parts
 
     session = aiohttp.ClientSession()
     parts = flag_sync_parts(env.settings, env.app[REDIS], env.app[KEYS], env.app[SCRIPTS], session, clock=env.clock)

@@ -25,7 +25,7 @@ async def redis(redis_url: str) -> AsyncIterator[aredis.Redis]:
 
 
 async def test_taken_once_and_opaque(redis: aredis.Redis, key_prefix: str) -> None:
-    contexts = LaunchContexts(lambda: (redis, Keys(key_prefix, HASH_KEY.encode())), ttl_s=60)
+    contexts = LaunchContexts(redis, Keys(key_prefix, HASH_KEY.encode()), ttl_s=60)
     cid = await contexts.mint(CONTEXT)
     assert len(cid) == 32 and "9990000018" not in cid
     keys = [k.decode() async for k in redis.scan_iter(match=f"{key_prefix}:*")]
@@ -36,7 +36,7 @@ async def test_taken_once_and_opaque(redis: aredis.Redis, key_prefix: str) -> No
 
 
 async def test_expires(redis: aredis.Redis, key_prefix: str) -> None:
-    contexts = LaunchContexts(lambda: (redis, Keys(key_prefix, HASH_KEY.encode())), ttl_s=1)
+    contexts = LaunchContexts(redis, Keys(key_prefix, HASH_KEY.encode()), ttl_s=1)
     cid = await contexts.mint(CONTEXT)
     await asyncio.sleep(1.2)
     assert await contexts.take(cid) is None
@@ -44,6 +44,6 @@ async def test_expires(redis: aredis.Redis, key_prefix: str) -> None:
 
 @pytest.mark.parametrize("cid", ["", "x" * 33, "é" * 32, "*" * 32, "x" * 31 + "\n"])
 async def test_ids_that_cannot_be_ours_are_not_looked_up(redis: aredis.Redis, key_prefix: str, cid: Any) -> None:
-    contexts = LaunchContexts(lambda: (redis, Keys(key_prefix, HASH_KEY.encode())))
+    contexts = LaunchContexts(redis, Keys(key_prefix, HASH_KEY.encode()))
     await redis.set(f"{key_prefix}:web:launch:{cid}", b"{}")
     assert await contexts.take(cid) is None

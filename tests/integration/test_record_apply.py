@@ -6,13 +6,12 @@ import tempfile
 import orjson
 import pytest
 
-from cpis_bridge.app import create_app
+from cpis_bridge.app import KEYS, REDIS, create_app
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import iter_test_numbers
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.uploads import BATCH, UploadMeta, UploadMode
-from cpis_bridge.web.la import UPLOADS
-from cpis_bridge.web.state import KEYS, RECORDS, REDIS
+from cpis_bridge.web.state import SERVICES
 from tests.support.world import record
 
 LA = "LA001"
@@ -35,7 +34,7 @@ async def stored(app, nhs: str, local_id: str) -> dict:
 
 
 async def test_versions_unchanged_and_changed(app):
-    svc = app[RECORDS]
+    svc = app[SERVICES].records
     rec, created = await svc.put(ctx(), LA, "A", record("A"))
     assert created and rec.version == 1
     rec, created = await svc.put(ctx(), LA, "A", record("A"))
@@ -49,7 +48,7 @@ async def test_versions_unchanged_and_changed(app):
 
 
 async def test_record_stored_in_another_layout_is_compared_field_by_field(app):
-    svc, redis, keys = app[RECORDS], app[REDIS], app[KEYS]
+    svc, redis, keys = app[SERVICES].records, app[REDIS], app[KEYS]
     await svc.put(ctx(), LA, "A", record("A"))
     doc = await stored(app, "9990000018", "A")
     u, _ = doc.pop("u"), doc.pop("v")
@@ -69,7 +68,7 @@ def ndjson(items: list[dict]):
 
 
 async def test_upload_over_many_batches_then_full_reupload(app):
-    svc, uploads = app[RECORDS], app[UPLOADS]
+    svc, uploads = app[SERVICES].records, app[SERVICES].uploads
     numbers = [str(n) for _, n in zip(range(BATCH * 2 + 7), iter_test_numbers(), strict=False)]
     items = [record(f"L{i}", nhs) for i, nhs in enumerate(numbers)]
     items.insert(3, record("BAD", nhsNumber="123"))

@@ -8,14 +8,15 @@ import sys
 import orjson
 import pytest
 
-from cpis_bridge.app import create_app, open_retention
+from cpis_bridge.app import KEYS, REDIS, create_app
+from cpis_bridge.compose import open_services
 from cpis_bridge.core.access import instant
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.access import AccessService, LookupRequest
 from cpis_bridge.store.embedded import socket_answers
-from cpis_bridge.web.state import ACCESS, KEYS, RECORDS, REDIS, REGISTRY
+from cpis_bridge.web.state import REGISTRY, SERVICES
 from tests.support.world import HASH_KEY, record
 
 CHILD_A = "9990000018"
@@ -35,7 +36,9 @@ async def app(aiohttp_client, settings):
 
 async def lookup(app, nhs: str, event: str, *, clock=None, encounter=None):
     service = (
-        app[ACCESS] if clock is None else AccessService(app[ACCESS].store, windows=app[ACCESS].windows, clock=clock)
+        app[SERVICES].access
+        if clock is None
+        else AccessService(app[SERVICES].access.store, windows=app[SERVICES].access.windows, clock=clock)
     )
     ed = app[REGISTRY].care_settings["RXX01"]
     return await service.lookup(
@@ -45,7 +48,7 @@ async def lookup(app, nhs: str, event: str, *, clock=None, encounter=None):
 
 
 async def test_purge_removes_only_what_is_past_retention(app, settings):
-    redis, keys, records = app[REDIS], app[KEYS], app[RECORDS]
+    redis, keys, records = app[REDIS], app[KEYS], app[SERVICES].records
     la = ctx(Role.LOCAL_AUTHORITY, "LA001")
     now = dt.datetime.now(dt.UTC)
     # Inbox entries with explicit old ids go first (stream ids only grow): one acknowledged, one not.
@@ -74,7 +77,8 @@ async def test_purge_removes_only_what_is_past_retention(app, settings):
     await redis.rpush(keys.system_audit, ancient)
     child_audit_before = await redis.llen(keys.audit(keys.tag(CHILD_B)))
 
-    async with open_retention(settings) as service:
+    async with open_services(settings) as opened:
+        service = opened.retention
         counts = await service.purge(OPS_CTX)
         assert counts == {"records": 1, "accesses": 1, "inboxEntries": 1, "auditEntries": 2}
         again = await service.purge(OPS_CTX)
@@ -101,7 +105,7 @@ async def test_purge_removes_only_what_is_past_retention(app, settings):
 
 
 async def test_export_gathers_everything_for_one_number_and_is_audited(app, settings):
-    redis, keys, records = app[REDIS], app[KEYS], app[RECORDS]
+    redis, keys, records = app[REDIS], app[KEYS], app[SERVICES].records
     await records.put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-1", record("A-1", CHILD_A))
     await records.put(ctx(Role.LOCAL_AUTHORITY, "LA002"), "LA002", "B-1", record("B-1", CHILD_A, planType="LAC"))
     await records.put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "A-2", record("A-2", CHILD_B))
@@ -110,7 +114,8 @@ async def test_export_gathers_everything_for_one_number_and_is_audited(app, sett
     [(first_id, _)] = await redis.xrange(keys.inbox("LA001"), count=1)
     await redis.sadd(keys.inbox_acks("LA001"), first_id)
 
-    async with open_retention(settings) as service:
+    async with open_services(settings) as opened:
+        service = opened.retention
         data = await service.export(OPS_CTX, NhsNumber(CHILD_A))
     assert data["nhsNumber"] == CHILD_A
     assert {la: [r["localId"] for r in recs] for la, recs in data["records"].items()} == {
@@ -134,7 +139,8 @@ async def test_export_gathers_everything_for_one_number_and_is_audited(app, sett
     assert exported["detail"]["subjectTag"] == keys.tag(CHILD_A) and exported["nhsNumber"] is None
     assert CHILD_A not in orjson.dumps(exported).decode()
     # The next export finds the first one in the system audit.
-    async with open_retention(settings) as service:
+    async with open_services(settings) as opened:
+        service = opened.retention
         data = await service.export(OPS_CTX, NhsNumber(CHILD_A))
     assert [e["action"] for e in data["systemAudit"]] == ["subject-access.export"]
 
@@ -151,13 +157,13 @@ def run_cli(args, env, timeout=60):
 
 
 async def test_cli_purge_and_export_on_external_redis(app, settings, redis_url, key_prefix, tmp_path):
-    await app[RECORDS].put(
+    await app[SERVICES].records.put(
         ctx(Role.LOCAL_AUTHORITY, "LA001"),
         "LA001",
         "OLD-1",
         record("OLD-1", CHILD_A, startDate="2019-01-01", endDate="2020-01-02"),
     )
-    await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "NEW-1", record("NEW-1", CHILD_B))
+    await app[SERVICES].records.put(ctx(Role.LOCAL_AUTHORITY, "LA001"), "LA001", "NEW-1", record("NEW-1", CHILD_B))
     env = {
         **os.environ,
         "CPIS_REDIS_URL": redis_url,
@@ -221,7 +227,7 @@ async def test_a_record_changed_after_the_scan_is_not_purged(app, settings):
     from cpis_bridge.store.retention import RedisRetentionStore
     from cpis_bridge.store.scripts import Scripts
 
-    redis, keys, records = app[REDIS], app[KEYS], app[RECORDS]
+    redis, keys, records = app[REDIS], app[KEYS], app[SERVICES].records
     la = ctx(Role.LOCAL_AUTHORITY, "LA001")
     await records.put(la, "LA001", "OLD-1", record("OLD-1", CHILD_A, startDate="2019-01-01", endDate="2020-01-02"))
     store = RedisRetentionStore(redis, keys, Scripts(redis))
@@ -238,8 +244,8 @@ async def test_a_record_changed_after_the_scan_is_not_purged(app, settings):
 async def test_purge_of_accesses_trims_the_old_tail_and_any_old_entry_out_of_order(app, settings):
     redis, keys = app[REDIS], app[KEYS]
     la = ctx(Role.LOCAL_AUTHORITY, "LA001")
-    await app[RECORDS].put(la, "LA001", "NEW-1", record("NEW-1", CHILD_B, startDate="2019-01-01"))
-    await app[RECORDS].put(la, "LA001", "NEW-2", record("NEW-2", CHILD_A, startDate="2019-01-01"))
+    await app[SERVICES].records.put(la, "LA001", "NEW-1", record("NEW-1", CHILD_B, startDate="2019-01-01"))
+    await app[SERVICES].records.put(la, "LA001", "NEW-2", record("NEW-2", CHILD_A, startDate="2019-01-01"))
     now = dt.datetime.now(dt.UTC)
     old = now - dt.timedelta(days=800)
     # CHILD_B: two old at the tail, one old between new ones (a process whose clock was behind); CHILD_A: all old.
@@ -247,7 +253,8 @@ async def test_purge_of_accesses_trims_the_old_tail_and_any_old_entry_out_of_ord
         await lookup(app, CHILD_B, event, clock=lambda at=at: at)
     for event in ("a1", "a2"):
         await lookup(app, CHILD_A, event, clock=lambda: old)
-    async with open_retention(settings) as service:
+    async with open_services(settings) as opened:
+        service = opened.retention
         counts = await service.purge(OPS_CTX)
     assert counts["accesses"] == 5
     history = await redis.lrange(keys.accesses(keys.tag(CHILD_B)), 0, -1)

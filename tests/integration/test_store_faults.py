@@ -17,6 +17,7 @@ import pytest
 import redis as redis_sync
 
 from cpis_bridge.app import create_app
+from cpis_bridge.bootstrap import dev_secret, hash_key
 from cpis_bridge.config import Settings
 from cpis_bridge.store.embedded import EmbeddedRedis
 from tests.support.polling import wait_for_async
@@ -137,8 +138,8 @@ def test_the_data_directory_and_every_file_in_it_are_the_owners_only(tmp_path: P
     old_umask = os.umask(0o022)  # the usual umask: the service must not depend on the caller's
     try:
         settings = Settings(_env_file=None, data_dir=data)  # type: ignore[call-arg]
-        assert settings.dev_secret() == "an-old-dev-secret-0123456789"
-        settings.hash_key()  # generated on first use
+        assert dev_secret(settings) == "an-old-dev-secret-0123456789"
+        hash_key(settings)  # generated on first use
         server = EmbeddedRedis(data)
         server.start()
         try:

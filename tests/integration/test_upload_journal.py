@@ -10,7 +10,7 @@ import time
 import orjson
 import pytest
 
-from cpis_bridge.app import create_app
+from cpis_bridge.app import KEYS, REDIS, create_app
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.clock import today_london
 from cpis_bridge.core.errors import UploadInterrupted
@@ -18,8 +18,7 @@ from cpis_bridge.core.nhs import iter_test_numbers
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.core.records import parse_record
 from cpis_bridge.services.uploads import UploadControl, UploadMeta, UploadMode
-from cpis_bridge.web.la import UPLOADS
-from cpis_bridge.web.state import KEYS, RECORDS, REDIS
+from cpis_bridge.web.state import SERVICES
 from tests.support.world import LA1, record
 
 LA = "LA001"
@@ -48,7 +47,7 @@ def caseload(n: int, prefix: str = "R") -> list[dict]:
 
 
 async def state(app) -> dict[str, dict]:
-    store = app[RECORDS].store
+    store = app[SERVICES].records.store
     ids = sorted(await store.index(LA))
     return {r.local_id: r.to_api(visible=True) for r in await store.get_many(LA, ids) if r is not None}
 
@@ -64,7 +63,7 @@ def assert_state_is(got: dict[str, dict], items: list[dict], ended: set[str]) ->
 
 async def interrupted_mid_apply(app, items: list[dict], seq: int, mode: UploadMode, confirm_end=None) -> int:
     """Start an upload and cancel it once some (not all) of its records are written; how many were."""
-    uploads, redis, keys = app[UPLOADS], app[REDIS], app[KEYS]
+    uploads, redis, keys = app[SERVICES].uploads, app[REDIS], app[KEYS]
     before = await redis.hlen(keys.la_ids(LA))
     control = UploadControl()
     task = asyncio.ensure_future(
@@ -97,7 +96,9 @@ N = 5000
 async def test_interrupted_full_upload_is_completed_by_the_resumer(client):
     app = client.server.app
     old = caseload(40, prefix="R")
-    report, _ = await app[UPLOADS].apply_upload(ctx(), LA, UploadMeta(1, UploadMode.DELTA), NDJSON, body_of(old))
+    report, _ = await app[SERVICES].uploads.apply_upload(
+        ctx(), LA, UploadMeta(1, UploadMode.DELTA), NDJSON, body_of(old)
+    )
     assert report["accepted"] == 40
     new = caseload(N, prefix="S") + old[:10]
     for x in new[::7]:
@@ -107,7 +108,7 @@ async def test_interrupted_full_upload_is_completed_by_the_resumer(client):
     deadline = time.monotonic() + 30
     while await app[REDIS].exists(app[KEYS].la_journal(LA)):
         assert time.monotonic() < deadline
-        await app[UPLOADS].resume([LA, "LA002"])
+        await app[SERVICES].uploads.resume([LA, "LA002"])
         await asyncio.sleep(0.05)
     absent = {x["localId"] for x in old[10:]}
     assert_state_is(await state(app), new, absent)
@@ -120,7 +121,7 @@ async def test_interrupted_full_upload_is_completed_by_the_resumer(client):
     assert r.status == 200 and r.headers["Upload-Replayed"] == "true"
     assert rep["accepted"] == len(new) and rep["ended"] == 30 and set(rep["endedLocalIds"]) == absent
     assert not await app[REDIS].exists(app[KEYS].la_journal(LA), app[KEYS].la_journal_body(LA))
-    assert await app[UPLOADS].resume([LA]) == 0
+    assert await app[SERVICES].uploads.resume([LA]) == 0
 
 
 async def test_resend_completes_an_interrupted_delta(client):
@@ -155,20 +156,20 @@ async def test_a_dead_holders_lease_lapses_and_a_resend_waits_for_it(client):
 
 async def test_a_holder_that_lost_its_lease_writes_nothing(client):
     app = client.server.app
-    redis, keys, uploads = app[REDIS], app[KEYS], app[UPLOADS]
+    redis, keys, uploads = app[REDIS], app[KEYS], app[SERVICES].uploads
     assert await uploads.store.acquire(LA, "9.stale", 10_000) is None
     await redis.delete(keys.la_lock(LA))  # lapsed while the holder was stalled
     assert await uploads.store.acquire(LA, "9.other", 10_000) is None  # and taken over
     rec = parse_record(record("A"), la=LA, today=today_london(), test_numbers_only=True)
-    change = app[RECORDS].writes.change(rec, ctx().entry("upload.record", None, dt.datetime.now(dt.UTC)))
+    change = app[SERVICES].records.writes.change(rec, ctx().entry("upload.record", None, dt.datetime.now(dt.UTC)))
     with pytest.raises(UploadInterrupted):
-        await app[RECORDS].store.apply(LA, [change], lease="9.stale")
+        await app[SERVICES].records.store.apply(LA, [change], lease="9.stale")
     assert not await uploads.store.push_body(LA, "9.stale", b"x", first=True)
     assert not await uploads.store.commit(LA, "9.stale", b"{}")
     assert not await uploads.store.finish(LA, "9.stale", 9, b"{}")
     assert not await uploads.store.renew(LA, "9.stale", 10_000)
     assert await redis.hlen(keys.la_ids(LA)) == 0 and not await redis.exists(keys.la_journal_body(LA))
-    await app[RECORDS].store.apply(LA, [change], lease="9.other")
+    await app[SERVICES].records.store.apply(LA, [change], lease="9.other")
     assert await redis.hlen(keys.la_ids(LA)) == 1
 
 

@@ -13,7 +13,7 @@ from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.access import LookupRequest
-from cpis_bridge.web.state import ACCESS, RECORDS, REGISTRY
+from cpis_bridge.web.state import REGISTRY, SERVICES
 from tests.support.receivers import Receiver, write_registry
 from tests.support.world import record
 
@@ -25,11 +25,11 @@ def ctx(role: Role, ods: str) -> AuditContext:
 
 
 async def flag(app: Any, la: str = "LA001", lid: str = "A-1", nhs: str = NHS, **kw: Any) -> None:
-    await app[RECORDS].put(ctx(Role.LOCAL_AUTHORITY, la), la, lid, record(lid, nhs, **kw))
+    await app[SERVICES].records.put(ctx(Role.LOCAL_AUTHORITY, la), la, lid, record(lid, nhs, **kw))
 
 
 async def access(app: Any, event: str, nhs: str = NHS, cs: str = "RXX01") -> Any:
-    out = await app[ACCESS].lookup(
+    out = await app[SERVICES].access.lookup(
         ctx(Role.CARE_SETTING, cs),
         LookupRequest(
             nhs=NhsNumber(nhs), care_setting=app[REGISTRY].care_settings[cs], kind="careteam", source_event_id=event

@@ -11,13 +11,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from cpis_bridge.app import SCRIPTS, FlagSyncParts, create_app, flag_sync_parts
+from cpis_bridge.app import KEYS, REDIS, SCRIPTS, create_app
+from cpis_bridge.compose import FlagSyncParts, flag_sync_parts
 from cpis_bridge.config import Settings
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.clock import epoch_ms, today_london
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.services.records import RecordService
-from cpis_bridge.web.state import KEYS, RECORDS, REDIS
+from cpis_bridge.web.state import SERVICES
 from tests.support.clock import ShiftedClock
 
 LA_CTX = {
@@ -38,7 +39,7 @@ class SyncEnv:
 
     @property
     def records(self) -> RecordService:
-        return self.app[RECORDS]
+        return self.app[SERVICES].records
 
     async def put(self, lid: str, body: dict[str, Any], la: str = "LA001") -> None:
         await self.records.put(LA_CTX[la], la, lid, body)

@@ -23,10 +23,8 @@ from cpis_bridge.core.nhs import NhsNumber
 from cpis_bridge.core.principal import Principal, Role
 from cpis_bridge.core.records import parse_day
 from cpis_bridge.services.inbox import InboxFeed, InboxFilter
-from cpis_bridge.store.web import SignInLimiter
 from cpis_bridge.web.common import PRINCIPAL, REQUEST_ID, allow, audit_context
-from cpis_bridge.web.notifications import INBOX
-from cpis_bridge.web.state import AUDIT, KEYS, METRICS, RECORDS, REDIS, REGISTRY, SETTINGS
+from cpis_bridge.web.state import METRICS, REGISTRY, SERVICES, SETTINGS
 from cpis_bridge.web.views.oidc import OidcSignIns, ProviderUnavailable, SignInFailed
 from cpis_bridge.web.views.pages import (
     HERE,
@@ -50,8 +48,6 @@ PAGE_SIZE = 25
 CALLBACK = f"{SIGN_IN}/callback"
 PENDING = "oidc"  # the session's sign-in attempt in progress: state, nonce, code verifier, council
 ID_TOKEN = "id_token"
-LIMITER = web.AppKey("signin_limiter", SignInLimiter)  # failed sign-ins per client address
-LA_LIMITER = web.AppKey("signin_la_limiter", SignInLimiter)  # failed sign-ins per LA, from every address
 OIDC = web.AppKey("oidc_sign_ins", OidcSignIns)
 STREAMS = web.AppKey("live_streams", dict[str, set[asyncio.Queue[dict[str, Any] | None]]])  # by session id
 FEED = web.AppKey("inbox_feed", InboxFeed)
@@ -102,10 +98,11 @@ async def _blocked(request: web.Request, method: str, ods: str) -> web.Response 
     """The 429 page when this address, or this LA, has had too many failed sign-ins lately (audited, counted)."""
     known = ods in request.config_dict[REGISTRY].local_authorities
     if not (
-        await request.app[LIMITER].blocked(_client(request)) or (known and await request.app[LA_LIMITER].blocked(ods))
+        await request.config_dict[SERVICES].signin.blocked(_client(request))
+        or (known and await request.config_dict[SERVICES].la_signin.blocked(ods))
     ):
         return None
-    await request.config_dict[AUDIT].append(
+    await request.config_dict[SERVICES].audit.append(
         None,
         _system_ctx(request, ods[:16] if known else "-").entry("web.signin.refused", None, utc_now(), method=method),
     )
@@ -116,10 +113,10 @@ async def _blocked(request: web.Request, method: str, ods: str) -> web.Response 
 async def _failed(request: web.Request, method: str, ods: str, reason: str, **detail: Any) -> None:
     """A failed sign-in: counted against the address and the LA, audited (never with what was typed or claimed)."""
     known = ods in request.config_dict[REGISTRY].local_authorities
-    await request.app[LIMITER].failed(_client(request))
+    await request.config_dict[SERVICES].signin.failed(_client(request))
     if known:
-        await request.app[LA_LIMITER].failed(ods)
-    await request.config_dict[AUDIT].append(
+        await request.config_dict[SERVICES].la_signin.failed(ods)
+    await request.config_dict[SERVICES].audit.append(
         None,
         _system_ctx(request, ods[:16] if known else "-").entry(
             "web.signin.failed", None, utc_now(), method=method, reason=reason, **detail
@@ -136,7 +133,7 @@ async def _signed_in(
     session[SIGNED_IN] = who
     session.update(keep or {})
     csrf_token(session)
-    await request.config_dict[AUDIT].append(
+    await request.config_dict[SERVICES].audit.append(
         None,
         AuditContext(Principal(who["sub"], LA, who["ods"], who["name"]), None, request.get(REQUEST_ID)).entry(
             "web.signin", None, utc_now(), method=method
@@ -231,7 +228,7 @@ async def sign_out(request: web.Request, session: Session) -> web.StreamResponse
     """Ends the session (its Redis key goes, this process's live streams of it end at once, other processes' within
     their next check) and, for a provider's sign-in, the provider's session too (RP-initiated logout)."""
     await checked_form(request, session)
-    await request.config_dict[AUDIT].append(None, audit_context(request).entry("web.signout", None, utc_now()))
+    await request.config_dict[SERVICES].audit.append(None, audit_context(request).entry("web.signout", None, utc_now()))
     who, id_token, sid = session.get(SIGNED_IN) or {}, session.get(ID_TOKEN), session.identity
     session.invalidate()
     for queue in request.app[STREAMS].pop(str(sid), set()):
@@ -281,7 +278,9 @@ async def notifications(request: web.Request, session: Session) -> web.StreamRes
     acked = {"new": False, "acknowledged": True}.get(status)
     flt = InboxFilter(since=dates["from"], until=dates["to"], care_setting=setting, acknowledged=acked)
     who = audit_context(request)
-    items, following = await request.config_dict[INBOX].browse(who, who.principal.ods, flt, q.get("before"), PAGE_SIZE)
+    items, following = await request.config_dict[SERVICES].inbox.browse(
+        who, who.principal.ods, flt, q.get("before"), PAGE_SIZE
+    )
     keep = {k: v for k, v in q.items() if k in ("from", "to", "setting", "status") and v}
     return render(
         request,
@@ -303,8 +302,10 @@ async def notifications(request: web.Request, session: Session) -> web.StreamRes
 @page
 async def notification(request: web.Request, session: Session) -> web.StreamResponse:
     who = audit_context(request)
-    body = await request.config_dict[INBOX].notification(who, who.principal.ods, request.match_info["id"])
-    records = await request.config_dict[RECORDS].list_for_number(who, who.principal.ods, body["subject"]["nhsNumber"])
+    body = await request.config_dict[SERVICES].inbox.notification(who, who.principal.ods, request.match_info["id"])
+    records = await request.config_dict[SERVICES].records.list_for_number(
+        who, who.principal.ods, body["subject"]["nhsNumber"]
+    )
     return render(request, "la/notification.html", {"n": body, "records": records}, session)
 
 
@@ -313,7 +314,7 @@ async def notification(request: web.Request, session: Session) -> web.StreamResp
 async def acknowledge(request: web.Request, session: Session) -> web.StreamResponse:
     await checked_form(request, session)
     who = audit_context(request)
-    await request.config_dict[INBOX].acknowledge(who, who.principal.ods, request.match_info["id"])
+    await request.config_dict[SERVICES].inbox.acknowledge(who, who.principal.ods, request.match_info["id"])
     raise web.HTTPSeeOther(f"{PREFIX}/notifications/{quote(request.match_info['id'], safe='')}")
 
 
@@ -398,7 +399,7 @@ async def child_lookup(request: web.Request, session: Session) -> web.StreamResp
     who = audit_context(request)
     la = who.principal.ods
     try:
-        records = await request.config_dict[RECORDS].list_for_number(who, la, raw)
+        records = await request.config_dict[SERVICES].records.list_for_number(who, la, raw)
     except ValidationFailed:
         return render(
             request,
@@ -410,7 +411,7 @@ async def child_lookup(request: web.Request, session: Session) -> web.StreamResp
     accesses: list[dict[str, Any]] = []
     if records:
         try:
-            accesses = await request.config_dict[INBOX].child_accesses(who, la, NhsNumber.parse(raw))
+            accesses = await request.config_dict[SERVICES].inbox.child_accesses(who, la, NhsNumber.parse(raw))
         except NotFound:
             accesses = []
     return render(
@@ -426,16 +427,13 @@ def make_app(parent: web.Application) -> web.Application:
     settings = parent[SETTINGS]
     oidc = OidcSignIns(parent[REGISTRY], settings.env_secret)
     app = make_subapp(parent, templates=loaders, cookie="__Host-cpis-la", form_targets=oidc.origins())
-    store = lambda: (parent[REDIS], parent[KEYS])  # noqa: E731
-    app[LIMITER] = SignInLimiter(store, limit=settings.web_signin_failures)
-    app[LA_LIMITER] = SignInLimiter(store, limit=settings.web_signin_la_failures, scope="la")
     app[OIDC] = oidc
     app[STREAMS] = {}
     app.router.add_routes(routes)
     app.router.add_get("/assets/{path:.+}", assets_handler(STATIC))
 
     async def start_feed(sub: web.Application) -> None:
-        inbox = parent[INBOX]  # built when the parent's Redis started, before this runs
+        inbox = parent[SERVICES].inbox  # built when the parent's store opened, before this runs
         sub[FEED] = feed = InboxFeed(
             inbox.inbox, sorted(parent[REGISTRY].local_authorities), unreadable=inbox.unreadable
         )

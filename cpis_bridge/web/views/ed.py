@@ -31,10 +31,8 @@ from cpis_bridge.core.registry import CareSetting, office_open, origin_of
 from cpis_bridge.fhir.cds import plain_date, plain_instant
 from cpis_bridge.fhir.mapping import EMERGENCY_DUTY, OFFICE_HOURS, PLAN_NAMES, plan_running
 from cpis_bridge.services.access import AccessService, LookupRequest
-from cpis_bridge.store.web import SignInLimiter
-from cpis_bridge.web.cds import LAUNCHES
 from cpis_bridge.web.common import PRINCIPAL, REQUEST_ID, Handler, allow
-from cpis_bridge.web.state import ACCESS, AUDIT, KEYS, METRICS, REDIS, REGISTRY, SETTINGS
+from cpis_bridge.web.state import METRICS, REGISTRY, SERVICES, SETTINGS
 from cpis_bridge.web.views.pages import (
     CSP,
     HERE,
@@ -61,7 +59,6 @@ HTTP_TIMEOUT_S: Final = 5.0
 MAX_CONFIG_BYTES: Final = 64 * 1024
 CONFIG_KEEP_S: Final = 300.0  # an EHR's SMART configuration is read again after this long
 KEEP_CHILDREN: Final = 10  # children a session can show again (newest kept)
-LIMITER = web.AppKey("ed_signin_limiter", SignInLimiter)
 HTTP = web.AppKey("ed_http", httpx2.AsyncClient)
 TLS = web.AppKey("ed_tls", ssl.SSLContext)
 CONFIGS = web.AppKey("ed_smart_configs", dict[str, tuple[float, dict[str, str]]])
@@ -161,9 +158,9 @@ def _count(request: web.Request, method: str, outcome: str, reason: str = "-") -
 
 
 async def _refused_if_blocked(request: web.Request, ods: str = "-", method: str = "smart") -> web.Response | None:
-    if await request.app[LIMITER].blocked(request.remote or "-"):
+    if await request.config_dict[SERVICES].ed_signin.blocked(request.remote or "-"):
         _count(request, method, "refused", "rate-limited")
-        await request.config_dict[AUDIT].append(
+        await request.config_dict[SERVICES].audit.append(
             None, _system_ctx(request, ods).entry("web.ed.signin.refused", None, _now())
         )
         return render(request, "error.html", {"heading": "Too many attempts", "status": 429}, status=429)
@@ -171,8 +168,8 @@ async def _refused_if_blocked(request: web.Request, ods: str = "-", method: str 
 
 
 async def _launch_failed(request: web.Request, reason: str, ods: str = "-") -> web.Response:
-    await request.app[LIMITER].failed(request.remote or "-")
-    await request.config_dict[AUDIT].append(
+    await request.config_dict[SERVICES].ed_signin.failed(request.remote or "-")
+    await request.config_dict[SERVICES].audit.append(
         None, _system_ctx(request, ods).entry("web.ed.launch.failed", None, _now(), reason=reason)
     )
     _count(request, "smart", "failed", reason)
@@ -303,7 +300,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     except (OAuthError, httpx2.HTTPError, ValueError):
         return await _launch_failed(request, "token-refused")
     app_context = token.get("appContext")
-    context = await request.config_dict[LAUNCHES].take(app_context) if isinstance(app_context, str) else None
+    context = await request.config_dict[SERVICES].launches.take(app_context) if isinstance(app_context, str) else None
     if context is None:
         return await _launch_failed(request, "unknown-app-context")
     registry = request.config_dict[REGISTRY]
@@ -326,7 +323,7 @@ async def callback(request: web.Request) -> web.StreamResponse:
     csrf_token(session)
     principal = clinician(session)
     assert principal is not None
-    await request.config_dict[AUDIT].append(
+    await request.config_dict[SERVICES].audit.append(
         None, _ctx(request, principal).entry("web.signin", None, _now(), method="smart")
     )
     _count(request, "smart", "signed-in")
@@ -342,7 +339,7 @@ async def _open(request: web.Request, session: Session, who: Principal, setting:
     req = LookupRequest(
         nhs=nhs, care_setting=setting, kind="ed-view", source_event_id="ed-view:" + secrets.token_urlsafe(12)
     )
-    out = await request.config_dict[ACCESS].lookup(_ctx(request, who), req)
+    out = await request.config_dict[SERVICES].access.lookup(_ctx(request, who), req)
     request.config_dict[METRICS].count_access(unscheduled=AccessService.is_unscheduled(req), flagged=bool(out.records))
     view_id = secrets.token_urlsafe(16)
     children = dict(session.get("children") or {})
@@ -386,7 +383,7 @@ async def child(request: web.Request, session: Session) -> web.StreamResponse:
     if not isinstance(raw, str):
         raise web.HTTPNotFound()
     who = request[PRINCIPAL]
-    service = request.config_dict[ACCESS]
+    service = request.config_dict[SERVICES].access
     records, accesses = await service.history(NhsNumber(raw), ctx=_ctx(request, who), kind="ed-view")
     names = request.config_dict[REGISTRY].care_setting_names()
     visits = [
@@ -467,8 +464,8 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
         errors["name"] = "Enter your name"
     if errors:
         _count(request, "ed-dev", "failed", "form")
-        await request.app[LIMITER].failed(request.remote or "-")
-        await request.config_dict[AUDIT].append(
+        await request.config_dict[SERVICES].ed_signin.failed(request.remote or "-")
+        await request.config_dict[SERVICES].audit.append(
             None,
             _system_ctx(request, ods[:16] or "-").entry("web.ed.signin.failed", None, _now(), fields=sorted(errors)),
         )
@@ -478,7 +475,9 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
     csrf_token(session)
     who = clinician(session)
     assert who is not None
-    await request.config_dict[AUDIT].append(None, _ctx(request, who).entry("web.signin", None, _now(), method="dev"))
+    await request.config_dict[SERVICES].audit.append(
+        None, _ctx(request, who).entry("web.signin", None, _now(), method="dev")
+    )
     _count(request, "ed-dev", "signed-in")
     raise web.HTTPSeeOther(f"{PREFIX}/")
 
@@ -487,7 +486,9 @@ async def sign_in(request: web.Request) -> web.StreamResponse:
 @page
 async def sign_out(request: web.Request, session: Session) -> web.StreamResponse:
     await checked_form(request, session)
-    await request.config_dict[AUDIT].append(None, _ctx(request, request[PRINCIPAL]).entry("web.signout", None, _now()))
+    await request.config_dict[SERVICES].audit.append(
+        None, _ctx(request, request[PRINCIPAL]).entry("web.signout", None, _now())
+    )
     session.invalidate()
     raise web.HTTPSeeOther(f"{PREFIX}/signed-out")
 
@@ -505,9 +506,7 @@ def make_app(parent: web.Application) -> web.Application:
     ]
     app = make_subapp(parent, templates=loaders, cookie=COOKIE)
     app.middlewares.append(framing)
-    settings = parent[SETTINGS]
     app[CONFIGS] = {}  # keys are registered issuers only: bounded by the registry
-    app[LIMITER] = SignInLimiter(lambda: (parent[REDIS], parent[KEYS]), limit=settings.web_signin_failures, scope="ed")
     app.router.add_routes(routes)
     app.router.add_get("/assets/{path:.+}", assets_handler(STATIC))
 

@@ -14,19 +14,19 @@ from typing import Any
 import aiohttp_jinja2
 import jinja2
 import markupsafe
+import orjson
 from aiohttp import web
-from aiohttp_session import SESSION_KEY, Session, get_session, session_middleware
+from aiohttp_session import SESSION_KEY, AbstractStorage, Session, get_session, session_middleware
 
 from cpis_bridge.core.clock import LONDON
 from cpis_bridge.core.errors import CpisError
+from cpis_bridge.core.ports import WebSessions
 from cpis_bridge.core.principal import Principal, Role
-from cpis_bridge.store.web import RedisSessionStorage
 from cpis_bridge.web.common import PRINCIPAL, Handler, allow
-from cpis_bridge.web.state import KEYS, REDIS, SETTINGS
+from cpis_bridge.web.state import SERVICES, SETTINGS
 
 HERE = Path(__file__).parent
 STATIC = HERE / "static"
-SESSIONS = web.AppKey("sessions", RedisSessionStorage)
 CSRF_FIELD = "csrf_token"
 SIGNED_IN = "who"  # the session's identity: {"ods", "sub", "name"}
 ViewHandler = Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
@@ -73,9 +73,7 @@ def make_subapp(
     ``form_targets``: origins besides the service's own that a form may lead to (an identity provider, reached by
     a redirect after sign-in and sign-out forms; the CSP's form-action covers redirects)."""
     settings = parent[SETTINGS]
-    storage = RedisSessionStorage(
-        lambda: (parent[REDIS], parent[KEYS]), cookie_name=cookie, idle_s=settings.web_session_idle_s
-    )
+    storage = SessionStorage(lambda: parent[SERVICES].sessions, cookie_name=cookie, idle_s=settings.web_session_idle_s)
     secure_site = settings.base_url.startswith("https://")
     forms = "".join(f" {origin}" for origin in form_targets)
     policy = CSP.replace("form-action 'self';", f"form-action 'self'{forms};")
@@ -123,6 +121,52 @@ def make_subapp(
     env.filters.update(london=london, day=day, nhs=nhs_spaced)
     env.globals["fixed"] = _fixed_parts(env)
     return app
+
+
+class SessionStorage(AbstractStorage):
+    """aiohttp-session storage on the store's WebSessions: the cookie carries only a random id. The cookie has no
+    expiry of its own (it ends with the browser); the stored session expires ``idle_s`` after the last request."""
+
+    def __init__(self, sessions: Callable[[], WebSessions], *, cookie_name: str, idle_s: int) -> None:
+        super().__init__(cookie_name=cookie_name, path="/", secure=True, httponly=True, samesite="Lax")
+        self._sessions = sessions  # the app's store exists only once it has started
+        self.idle_s = idle_s
+
+    async def load_session(self, request: web.Request) -> Session:
+        sid = self.load_cookie(request)
+        if not sid or len(sid) > 64:
+            return Session(None, data=None, new=True)
+        raw = await self._sessions().load(sid)
+        if raw is None:
+            return Session(None, data=None, new=True)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return Session(None, data=None, new=True)
+        return Session(sid, data=data, new=False)
+
+    async def save_session(self, request: web.Request, response: web.StreamResponse, session: Session) -> None:
+        sessions = self._sessions()
+        old = self.load_cookie(request)
+        if session.empty:
+            if old and len(old) <= 64:
+                await sessions.drop(old)
+            self.save_cookie(response, "")
+            return
+        sid = session.identity
+        if sid is None:
+            sid = secrets.token_urlsafe(32)
+            if old and len(old) <= 64:  # a new session (sign-in) replaces the one the browser held
+                await sessions.drop(old)
+            self.save_cookie(response, sid)
+        await sessions.save(str(sid), orjson.dumps(self._get_session_data(session)), self.idle_s)
+
+    async def alive(self, sid: str) -> bool:
+        """Whether the session still exists (a long-lived stream checks now and then that it has not ended)."""
+        return await self._sessions().alive(sid)
+
+
+SESSIONS = web.AppKey("sessions", SessionStorage)
 
 
 FIXED_PARTS = 4096  # distinct rendered parts kept; past it the cache starts again (filter values come from URLs)
