@@ -1,6 +1,6 @@
 """The operator's commands: token (a dev token), upload (a batch file to a running service), reconcile (the store
 against the Flag sync server), purge (retention) and export (subject access). The store-side ones run on
-compose.open_services, as the service does."""
+compose.open_services, as the service does (imported when used: token and upload need none of it)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,11 @@ from tqdm import tqdm
 
 from cpis_bridge.auth import dev_token
 from cpis_bridge.bootstrap import dev_secret
-from cpis_bridge.compose import open_services
 from cpis_bridge.config import Settings
 from cpis_bridge.core.audit import AuditContext
 from cpis_bridge.core.clock import today_london
 from cpis_bridge.core.nhs import InvalidNhsNumber, NhsNumber
 from cpis_bridge.core.principal import Principal, Role
-from cpis_bridge.services.reconcile import compare, repair
 
 log = logging.getLogger("cpis_bridge.cli")
 
@@ -98,6 +96,9 @@ async def cmd_upload(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_reconcile(settings: Settings, args: argparse.Namespace) -> int:
     """Compare the store with the Flag sync server, repair drift, verify; prints one JSON line. Exit 0 = in sync."""
+    from cpis_bridge.compose import open_services
+    from cpis_bridge.services.reconcile import compare, repair
+
     if not settings.fhir_base_url:
         print("cpis-bridge reconcile: CPIS_FHIR_BASE_URL is not set (Flag sync is off)", file=sys.stderr)
         return 2
@@ -142,6 +143,8 @@ def cli_context(actor: str | None) -> AuditContext:
 
 
 async def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
+    from cpis_bridge.compose import open_services
+
     async with open_services(settings) as opened:
         counts = await opened.retention.purge(cli_context(args.actor))
     log.info("retention.purged", extra={"removed": counts})
@@ -155,6 +158,8 @@ async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     except InvalidNhsNumber as exc:
         print(f"cpis-bridge export: {exc}", file=sys.stderr)
         return 2
+    from cpis_bridge.compose import open_services
+
     async with open_services(settings) as opened:
         data = await opened.retention.export(cli_context(args.actor), nhs)
     text = orjson.dumps(data, option=orjson.OPT_INDENT_2).decode()
