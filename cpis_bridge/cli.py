@@ -13,12 +13,19 @@ from cpis_bridge import log as logmod
 from cpis_bridge.bootstrap import hash_key
 from cpis_bridge.config import Settings
 from cpis_bridge.core.principal import Role
+from cpis_bridge.workers import worker_count
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpis-bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the service")
+    srv = sub.add_parser("serve", help="run the service")
+    srv.add_argument(
+        "--workers",
+        type=worker_count,
+        default=1,
+        help="processes serving one port (SO_REUSEPORT); 'auto' = the machine's cores (default 1)",
+    )
     tok = sub.add_parser("token", help="print a dev token signed with the dev secret")
     tok.add_argument("--role", required=True, choices=[r.value for r in Role])
     tok.add_argument("--ods", required=True)
@@ -65,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logmod.configure(settings.log_level, settings.log_format, hash_key(settings))
     if args.command == "serve":
+        if args.workers > 1:
+            from cpis_bridge.workers import run_workers
+
+            return run(run_workers(settings, args.workers))
         from cpis_bridge.serve import serve
 
         return run(serve(settings))

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    reuse_port: bool = False  # SO_REUSEPORT: set for its workers by ``serve --workers N`` (several on one port)
     redis_url: str | None = None  # redis://, rediss://, unix:// or redis+sentinel://h1:26379,h2:26379/<master>
     redis_max_connections: int = Field(64, ge=2)
     # High availability (docs/contract.md §1): passwords from the environment or a mounted file, never the URL

@@ -52,7 +52,7 @@ async def serve(settings: Settings) -> int:
         handle_signals=False,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True, reuse_port=settings.reuse_port or None)
     await site.start()
     settle_heap()
     log.info("serve.listening", extra={"host": settings.host, "port": settings.port})

@@ -25,6 +25,7 @@ class ServiceProcess:
         key_prefix: str = "cpis",
         env: dict[str, str] | None = None,
         port: int | None = None,
+        args: list[str] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
@@ -42,6 +43,7 @@ class ServiceProcess:
         if redis_url:
             self.env["CPIS_REDIS_URL"] = redis_url
         self.env.update(env or {})
+        self.args = args or []  # after `serve` (e.g. --workers 2)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / f"service-{self.port}.log"
 
@@ -54,7 +56,7 @@ class ServiceProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cpis_bridge", "serve"],
+                [sys.executable, "-m", "cpis_bridge", "serve", *self.args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
