@@ -70,6 +70,7 @@ class Bench:
         (tmp / "lists").mkdir(exist_ok=True)
         self.cases: list[dict[str, Any]] = []
         self.notes: list[str] = []
+        self.skip: set[str] = set()  # --skip
         self.results: dict[str, Any] = {}
         self.la_token = {
             la: self._token(Role.LOCAL_AUTHORITY, la) for la in (data.LA_HTTP, data.LA_UPLOAD, data.LA_MEMORY)
@@ -122,6 +123,7 @@ class Bench:
             CPIS_REGISTRY=str(registry),
             CPIS_KEY_PREFIX=KEY_PREFIX,
         )
+        self.svc_env = svc_env
         service = Proc("service", python_module("cpis_bridge", "serve"), svc_env, self.tmp / "service.log")
         for proc in (baseline, service):
             proc.start()
@@ -335,6 +337,29 @@ class Bench:
             result, paired, rewrites = self._measure(load, kind, baseline=base_load)
             assert paired is not None
             self.add_case(name, result, target=target, baseline=paired.rps, p99_max_ms=p99, aof_rewrites=rewrites)
+        if "workers" not in self.skip and (not self.args.case or self.args.case in WORKERS_CASE):
+            self.workers_case(flagged_ct, base_load, ed)
+
+    def workers_case(self, paths: Path, base_load: Load, auth: str) -> None:
+        """Labelled, no target: the flagged look-up against `serve --workers 2` (same Redis, same data), paired with
+        the baseline like the others; the single process stays up but idle meanwhile."""
+        port = free_port()
+        env = dict(self.svc_env, CPIS_PORT=str(port), CPIS_DATA_DIR=str(self.tmp / "var-workers"))
+        proc = Proc(
+            "service-2-workers",
+            python_module("cpis_bridge", "serve", "--workers", "2"),
+            env,
+            self.tmp / "service-workers.log",
+        )
+        proc.start()
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        proc.wait_ready(f"{url}/readyz", timeout=60)
+        result, paired, rewrites = self._measure(Load(url, paths, auth=auth), "CareTeam-2w", baseline=base_load)
+        assert paired is not None
+        self.add_case(WORKERS_CASE, result, target=None, baseline=paired.rps, p99_max_ms=None, aof_rewrites=rewrites)
+        proc.stop()
+        self.procs.remove(proc)
 
     def replica_case(self) -> None:
         """Flagged look-ups with one replica confirming each (CPIS_REDIS_MIN_REPLICAS=1) against a baseline that
@@ -756,7 +781,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--upload-records", type=int, default=250_000)
     p.add_argument("--memory-children", type=int, default=10_000)
     p.add_argument("--extra-timeout", type=float, default=900.0, help="bound on each other harness run")
-    p.add_argument("--skip", default="", help="comma list of: http, replica, upload, memory, notify, sync, web")
+    p.add_argument(
+        "--skip", default="", help="comma list of: http, replica, upload, memory, notify, sync, web, workers"
+    )
     p.add_argument(
         "--case",
         default="",
@@ -771,6 +798,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+WORKERS_CASE = "GET /fhir/CareTeam unscheduled, flagged child, serve --workers 2"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if wrk_binary() is None:
@@ -779,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     tmp = Path(tempfile.mkdtemp(prefix="cpis-bench-"))
     bench = Bench(args, tmp)
+    bench.skip = skip
     try:
         bench.start()
         print(
