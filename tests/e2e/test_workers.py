@@ -59,20 +59,20 @@ def test_two_workers_share_the_port_replace_a_killed_one_and_stop_together(tmp_p
     svc.start(timeout=60)
     try:
         assert svc.proc is not None
-        wait_until(lambda: len(workers_of(svc.proc.pid)) == 2, timeout=30, what="two workers")
+        wait_until(lambda: len(workers_of(svc.proc.pid)) == 2, timeout=60, what="two workers")
         first = workers_of(svc.proc.pid)
         redis_pid = svc.redis_pid()
         assert redis_pid in children(svc.proc.pid), "the supervisor, not a worker, owns the embedded Redis"
-        wait_until(lambda: len(start_times(svc.url)) == 2, timeout=30, what="both workers answering")
+        wait_until(lambda: len(start_times(svc.url)) == 2, timeout=60, what="both workers answering")
 
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
         wait_until(
             lambda: len(workers_of(svc.proc.pid)) == 2 and victim not in workers_of(svc.proc.pid),
-            timeout=30,
+            timeout=60,
             what="the killed worker replaced",
         )
-        wait_until(lambda: svc.status("/readyz") == 200, timeout=30, what="ready after the restart")
+        wait_until(lambda: svc.status("/readyz") == 200, timeout=60, what="ready after the restart")
         assert svc.output().count("workers.exited") == 1
     finally:
         code = svc.terminate(timeout=60)
