@@ -156,7 +156,16 @@ class RedisOutbox:
         await self.lane.aclose()
 
     async def load(self, entries: Sequence[QueueEntry]) -> list[dict[str, str] | Exception | None]:
-        found = await self.lane.pipeline([("XRANGE", self.keys.inbox(e.la), e.ref, e.ref) for e in entries])
+        """Each entry's notification body. With CPIS_REDIS_MIN_REPLICAS the read ends with the fence and WAIT: only
+        what replicas hold is delivered, so a notification never reaches an LA for an access a failover then loses
+        (unconfirmed: the entries stay pending and are reclaimed later)."""
+        replicas = self._replicas
+        found = await self.lane.pipeline(
+            [("XRANGE", self.keys.inbox(e.la), e.ref, e.ref) for e in entries] + replicas.commands()
+        )
+        if replicas.enabled:
+            replicas.check(found)
+            found = found[: len(entries)]
         out: list[dict[str, str] | Exception | None] = []
         for rows in found:
             if isinstance(rows, Exception):
