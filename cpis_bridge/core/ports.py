@@ -223,6 +223,10 @@ class Outbox(Protocol):
 
     async def reclaim(self, consumer: str, min_idle_ms: int, count: int) -> list[QueueEntry]: ...
 
+    async def touch(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        """Keep entries the consumer is still handling from looking abandoned (their idle time starts again)."""
+        ...
+
     async def load(self, entries: Sequence[QueueEntry]) -> list[dict[str, str] | Exception | None]:
         """Each entry's inbox fields (with its recent accesses); None when the inbox entry is gone; the exception
         when it could not be read (one bad entry never fails the others)."""

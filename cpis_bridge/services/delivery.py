@@ -318,6 +318,7 @@ class Relay:
         self._starved: set[_Endpoint] = set()  # waiting for a free slot
         self._tasks: set[asyncio.Task[None]] = set()
         self._settling: set[asyncio.Task[None]] = set()
+        self._mine: set[str] = set()  # entry ids taken on and not yet settled: never handed to a second sender
         self._pauses: dict[tuple[str, str], int] = {}
         self._loops: list[asyncio.Task[None]] = []
 
@@ -401,6 +402,10 @@ class Relay:
             pass
 
     async def _reclaim(self) -> None:
+        if self._mine:
+            # Still ours (waiting, in flight or settling): reset their idle time so that no relay, this one
+            # included, reclaims them as abandoned while an attempt may be running (a second, concurrent send).
+            await self.outbox.touch(self.config.consumer, sorted(self._mine))
         free = self._free()
         if free <= 0:
             return
@@ -492,6 +497,10 @@ class Relay:
         return ep.waiting.popleft()
 
     async def _dispatch(self, entries: Sequence[QueueEntry]) -> None:
+        # An entry this relay already holds (reclaimed from itself, read twice) is not taken on again: its first
+        # copy is being handled, and two copies would be two concurrent attempts of one notification.
+        entries = [e for e in entries if e.id not in self._mine]
+        self._mine.update(e.id for e in entries)
         endpoints = sorted({(e.la, c.name) for e in entries for c in self.channels(e.la)})
         if endpoints:
             paused = await self.outbox.paused_until(endpoints)
@@ -717,6 +726,8 @@ class Relay:
             )
         except Exception:
             log.exception("relay.settle_failed")  # still pending in the group: reclaimed and handled again
+        finally:
+            self._mine.discard(entry.id)
 
 
 # -- operations -----------------------------------------------------------------------------------------------------

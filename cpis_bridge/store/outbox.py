@@ -152,6 +152,14 @@ class RedisOutbox:
             await self.redis.xack(self.keys.notify_queue, GROUP, *gone)
         return entries
 
+    async def touch(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        """Reset the idle time of entries this consumer is still handling (XCLAIM JUSTID, min idle 0), so that
+        XAUTOCLAIM never takes them as abandoned while an attempt may still be running. An id no longer pending
+        (settled meanwhile) is ignored by Redis."""
+        for start in range(0, len(entry_ids), PAGE):
+            page = entry_ids[start : start + PAGE]
+            await self.redis.xclaim(self.keys.notify_queue, GROUP, consumer, 0, list(page), justid=True)
+
     async def aclose(self) -> None:
         await self.lane.aclose()
 

@@ -152,7 +152,11 @@ async def test_receiver_down_then_back_gets_everything(make_client):
     receiver = await Receiver().start()
     port = receiver.port
     await receiver.stop()  # connection refused from here on
-    client = await make_client({"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret})
+    # The outage is refused connections (immediate), so the factory's 0.3 s attempt timeout plays no part; under a
+    # heavy load it would make a slow 2xx a timed-out attempt, retried: a legitimate at-least-once duplicate.
+    client = await make_client(
+        {"LA001": webhook(receiver)}, {"LA001_WEBHOOK_SECRET": receiver.secret}, delivery_timeout_s=10.0
+    )
     await flag(client.app)
     results = await asyncio.gather(*(access(client.app, f"e{i}") for i in range(60)))
     await asyncio.sleep(1.5)  # the outage lasts 1.5 s: every entry tried, then retrying or held by the breaker
@@ -166,6 +170,38 @@ async def test_receiver_down_then_back_gets_everything(make_client):
         assert max(len(v) for v in receiver.accepted.values()) == 1
     finally:
         await receiver.stop()
+
+
+async def test_an_attempt_outlasting_the_claim_idle_time_is_not_sent_again(make_client, receiver):
+    """An entry stays pending in the group while its attempt runs: once it has been idle longer than the claim idle
+    time, XAUTOCLAIM (by this relay's own reclaim step too) must not hand it to a second sender while the first
+    attempt is still running. The receiver accepts the first copy and answers only after 3 claim idle times."""
+    answered = asyncio.Event()
+
+    async def slow_answer(_body: object) -> None:
+        if not answered.is_set():
+            await asyncio.sleep(1.5)
+            answered.set()
+
+    receiver.on_accept = slow_answer
+    client = await make_client(
+        {"LA001": webhook(receiver)},
+        {"LA001_WEBHOOK_SECRET": receiver.secret},
+        delivery_timeout_s=10.0,
+        relay_claim_idle_s=0.5,
+        relay_reclaim_interval_s=0.05,
+    )
+    await flag(client.app)
+    await access(client.app, "e1")
+    await asyncio.wait_for(answered.wait(), timeout=15)
+    redis, keys = client.app[REDIS], client.app[KEYS]
+    await wait_for_async(lambda: _is_zero(redis.xlen(keys.notify_queue)), what="entry not settled")
+    await asyncio.sleep(0.3)  # a second copy, had it been dispatched, would have reached the receiver by now
+    assert len(receiver.attempts) == 1 and [len(v) for v in receiver.accepted.values()] == [1]
+
+
+async def _is_zero(n: Awaitable[int]) -> bool:
+    return await n == 0
 
 
 async def test_410_dead_letters_at_once_and_ops_can_requeue(make_client, receiver):
