@@ -16,6 +16,7 @@ from cpis_bridge.core.nhs import iter_test_numbers
 
 LA_HTTP, LA_UPLOAD, LA_MEMORY = "LA001", "LA002", "LA003"
 CARE_SETTING = "RXX01"
+OTHER_CARE_SETTING = "GP001"  # in the registry; no bench look-up comes from it
 NHS_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
 
 REGISTRY = f"""# cpis-bridge benchmark registry: invented organisations, placeholder ODS codes.
@@ -28,7 +29,7 @@ localAuthorities:
      officeHoursPhone: "0300 000 0021", emergencyDutyPhone: "0300 000 0022"}}
 careSettings:
   - {{ods: {CARE_SETTING}, name: Bench Hospital Emergency Department, type: ED, unscheduled: true}}
-  - {{ods: GP001, name: Bench Surgery, type: GP, unscheduled: false}}
+  - {{ods: {OTHER_CARE_SETTING}, name: Bench Surgery, type: GP, unscheduled: false}}
 """
 
 # Start offsets into iter_test_numbers (each yields ~10 valid numbers per 11 offsets).

@@ -279,6 +279,17 @@ class Inbox(Protocol):
         self, la: str, before: str | None, oldest: str | None, count: int
     ) -> list[tuple[str, dict[str, str], bool]]: ...
 
+    async def matching(
+        self,
+        la: str,
+        before: str | None,
+        oldest: str | None,
+        want: int,
+        budget: int,
+        care_setting: str | None,
+        acknowledged: bool | None,
+    ) -> tuple[list[tuple[str, dict[str, str], bool]], str | None, int]: ...
+
     async def entry(self, la: str, ref: str) -> tuple[dict[str, str], str | None] | None: ...
 
     async def find(self, la: str, notification_id: str) -> str | None: ...

@@ -46,7 +46,6 @@ def decode_cursor(cursor: str) -> str:
 
 
 SCAN_BUDGET = 2000  # entries one filtered page reads at most before it offers the next page
-SCAN_CHUNK = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,35 +124,58 @@ class InboxService:
             if start is None or _entry_key(end) < _entry_key(start):
                 start = end
         oldest = f"{london_midnight_ms(flt.since)}-0" if flt.since is not None else None
-        chunk = 2 * size if flt.scans else size + 1  # a filter that skips entries reads more, doubling each time
         items: list[dict[str, Any]] = []
-        scanned, more = 0, False
-        while not more:
-            rows = await self.inbox.newest(la, start, oldest, chunk)
-            for eid, fields, acked in rows:
-                if len(items) == size:
+        more = False
+        if flt.scans:  # filtered inside Redis: only matching entries come back, at most SCAN_BUDGET read a page
+            budget = SCAN_BUDGET
+            while True:
+                rows, last, read = await self.inbox.matching(
+                    la, start, oldest, size - len(items) + 1, budget, flt.care_setting, flt.acknowledged
+                )
+                budget -= read
+                more = self._take(la, rows, items, size)
+                if more:
+                    start = items[-1]["_entry"]
+                    break
+                if last is None:
+                    break
+                start = last
+                if budget <= 0:
                     more = True
                     break
-                scanned += 1
-                start = eid
-                if flt.acknowledged is not None and acked != flt.acknowledged:
-                    continue
-                if flt.care_setting is not None and fields.get("acc", "").partition(SEP)[0] != flt.care_setting:
-                    continue
-                body = readable_body(la, fields, self.unreadable)
-                if body is None:
-                    continue
-                body["acknowledged"] = acked
-                items.append(body)
-            if len(rows) < chunk:
-                break
-            if scanned >= SCAN_BUDGET:
-                more = True
-            chunk = min(2 * chunk, SCAN_CHUNK)
+        else:
+            while True:
+                want = size + 1 - len(items)
+                page = await self.inbox.newest(la, start, oldest, want)
+                more = self._take(la, page, items, size)
+                if more:
+                    start = items[-1]["_entry"]
+                    break
+                if len(page) < want:
+                    break
+                start = page[-1][0]
+        for item in items:
+            del item["_entry"]
         await self.audit.append(
             None, ctx.entry("notifications.read", None, self.clock(), count=len(items), ids=[i["id"] for i in items])
         )
         return items, encode_cursor(start) if more and start else None
+
+    def _take(
+        self, la: str, rows: list[tuple[str, dict[str, str], bool]], items: list[dict[str, Any]], size: int
+    ) -> bool:
+        """Render ``rows`` onto ``items`` (each with its entry id as ``_entry``) until it holds ``size``; True when a
+        row was left over (there is a next page)."""
+        for eid, fields, acked in rows:
+            if len(items) == size:
+                return True
+            body = readable_body(la, fields, self.unreadable)
+            if body is None:
+                continue
+            body["acknowledged"] = acked
+            body["_entry"] = eid
+            items.append(body)
+        return False
 
     async def notification(self, ctx: AuditContext, la: str, notification_id: str) -> dict[str, Any]:
         """One notification of this LA with its recent accesses and who acknowledged it when; NotFound for any

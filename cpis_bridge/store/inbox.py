@@ -60,6 +60,7 @@ class RedisInbox:
         self.redis = redis
         self.keys = keys
         self._recent = scripts.register("inbox_recent")
+        self._filter = scripts.register("inbox_filter")
 
     async def page(self, la: str, after: str | None, limit: int) -> list[tuple[str, dict[str, str], bool]]:
         """Up to ``limit`` entries after the entry id ``after`` (oldest first), each with its acknowledged flag."""
@@ -111,6 +112,33 @@ class RedisInbox:
             return []
         flags = await self.redis.smismember(self.keys.inbox_acks(la), [r[0] for r in rows])
         return [(eid, dict(f), bool(flag)) for (eid, f), flag in zip(rows, flags, strict=True)]
+
+    async def matching(
+        self,
+        la: str,
+        before: str | None,
+        oldest: str | None,
+        want: int,
+        budget: int,
+        care_setting: str | None,
+        acknowledged: bool | None,
+    ) -> tuple[list[tuple[str, dict[str, str], bool]], str | None, int]:
+        """Like :meth:`newest` filtered inside Redis (inbox_filter.lua, one round trip): up to ``want`` entries from
+        ``care_setting`` and with the ``acknowledged`` flag (None: any), reading at most ``budget`` entries. With the
+        last entry id read (None when the range ran out) and how many were read."""
+        kept, last, read = await self._filter(
+            keys=[self.keys.inbox(la), self.keys.inbox_acks(la)],
+            args=[
+                "(" + before if before else "+",
+                oldest or "-",
+                want,
+                budget,
+                care_setting or "",
+                "" if acknowledged is None else int(acknowledged),
+            ],
+        )
+        rows = [(str(eid), dict(zip(f[::2], f[1::2], strict=True)), bool(flag)) for eid, f, flag in kept]
+        return rows, (str(last) or None), int(read)
 
     async def entry(self, la: str, ref: str) -> tuple[dict[str, str], str | None] | None:
         """One entry with its recent accesses, and who acknowledged it when (``"<ms>\x1f<subject>\x1f<name>"``;

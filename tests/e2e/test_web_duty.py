@@ -146,6 +146,39 @@ async def test_list_filters_and_pages(web: Any) -> None:
     assert bad.status == 200 and "Enter a real date" in await bad.text()
 
 
+async def test_a_selective_filter_pages_through_every_match_within_its_read_budget(web: Any, monkeypatch: Any) -> None:
+    """The care-setting filter runs inside Redis and reads at most SCAN_BUDGET entries a page: with a budget smaller
+    than the gaps between matches, pages may come short but following "next" still shows every match once."""
+    from cpis_bridge.services import inbox
+
+    client, _, _ = web
+    assert (await client.put("/v1/records/CASE-1", json=record(), headers=LA1)).status == 201
+    await _notifications(client, 10, headers=UTC_ED)
+    await _notifications(client, 20)
+    await _notifications(client, 18, headers=UTC_ED)
+    b = Browser(client)
+    await b.sign_in()
+
+    async def walk(path: str) -> list[list[str]]:
+        pages = []
+        while True:
+            html = await (await b.request("GET", path)).text()
+            pages.append(_rows(html))
+            after = re.search(r'href="/la/notifications\?([^"]+)" rel="next"', html)
+            if not after:
+                return pages
+            path = "/la/notifications?" + after.group(1).replace("&amp;", "&")
+
+    pages = await walk("/la/notifications?setting=RXX02")
+    assert [len(p) for p in pages] == [25, 3]
+    everything = [i for p in pages for i in p]
+    monkeypatch.setattr(inbox, "SCAN_BUDGET", 15)
+    budgeted = await walk("/la/notifications?setting=RXX02")
+    assert [i for p in budgeted for i in p] == everything and len(budgeted) > 2  # same rows, same order
+    others = [i for p in await walk("/la/notifications?setting=RXX01") for i in p]
+    assert len(others) == 20 and not set(others) & set(everything)
+
+
 async def test_500_live_streams_on_one_process_each_get_the_new_notification(web: Any) -> None:
     client, _, _ = web
     from cpis_bridge.web.views.duty import FEED
