@@ -33,8 +33,9 @@ def test_bench_quick_mode_runs_every_case(tmp_path):
     doc = orjson.loads(out.read_bytes())
     assert doc["machine"]["cpus"] >= 1 and doc["machine"]["wrk"]
     names = [c["name"] for c in doc["cases"]]
-    assert names[0].startswith("baseline") and len(names) == 6
-    assert names[-1].endswith("1 replica confirming")  # the replicated case, with its own waiting baseline
+    assert names[0].startswith("baseline") and len(names) == 7
+    assert any(n.endswith("serve --workers 2") for n in names)
+    assert any(n.endswith("1 replica confirming") for n in names)  # the replicated case, with its own waiting baseline
     baseline = doc["cases"][0]
     assert baseline["rps"] > 0 and baseline["p99_ms"] >= baseline["p50_ms"] > 0 and baseline["errors"] == 0
     for case in doc["cases"][1:]:
