@@ -4,12 +4,11 @@ killed with -9 is replaced; SIGTERM stops every worker and the Redis; bad counts
 from __future__ import annotations
 
 import os
-import re
 import signal
+import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -42,16 +41,38 @@ def workers_of(pid: int) -> set[int]:
     return {c for c in children(pid) if "cpis_bridge" in cmdline(c)}
 
 
-def start_times(url: str, scrapes: int = 60) -> set[str]:
-    """The distinct process start times /metrics reports over fresh connections (one per answering process)."""
-    seen = set()
-    for _ in range(scrapes):
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:  # a new connection each time
-            text = resp.read().decode()
-        match = re.search(r"^process_start_time_seconds (\S+)$", text, re.M)
-        assert match, "no process_start_time_seconds in /metrics"
-        seen.add(match.group(1))
-    return seen
+def socket_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").glob("*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+
+def serving_workers(port: int, workers: set[int], connections: int = 24) -> set[int]:
+    """The workers holding at least one of ``connections`` kept-alive connections to ``port`` (each answered once):
+    the kernel spreads new connections over the SO_REUSEPORT listeners, so both show up unless one is not serving."""
+    held = []
+    try:
+        for _ in range(connections):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(64).startswith(b"HTTP/1.1"), "no answer"
+            held.append(s)
+        ours = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    ours.add(fields[9])  # the server side of an established connection to our port
+        return {pid for pid in workers if socket_inodes(pid) & ours}
+    finally:
+        for s in held:
+            s.close()
 
 
 def test_two_workers_share_the_port_replace_a_killed_one_and_stop_together(tmp_path: Path) -> None:
@@ -63,7 +84,7 @@ def test_two_workers_share_the_port_replace_a_killed_one_and_stop_together(tmp_p
         first = workers_of(svc.proc.pid)
         redis_pid = svc.redis_pid()
         assert redis_pid in children(svc.proc.pid), "the supervisor, not a worker, owns the embedded Redis"
-        wait_until(lambda: len(start_times(svc.url)) == 2, timeout=60, what="both workers answering")
+        wait_until(lambda: serving_workers(svc.port, first) == first, timeout=60, what="both workers answering")
 
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
