@@ -500,7 +500,17 @@ class Relay:
         # An entry this relay already holds (reclaimed from itself, read twice) is not taken on again: its first
         # copy is being handled, and two copies would be two concurrent attempts of one notification.
         entries = [e for e in entries if e.id not in self._mine]
-        self._mine.update(e.id for e in entries)
+        taken = {e.id for e in entries}
+        self._mine.update(taken)
+        try:
+            await self._take_on(entries)
+        except BaseException:
+            # Redis failed before these reached an attempt (reading pauses or bodies): they are still pending in the
+            # group and must stay reclaimable, by this relay too, never held here (and kept fresh by touch) forever.
+            self._mine.difference_update(taken)
+            raise
+
+    async def _take_on(self, entries: Sequence[QueueEntry]) -> None:
         endpoints = sorted({(e.la, c.name) for e in entries for c in self.channels(e.la)})
         if endpoints:
             paused = await self.outbox.paused_until(endpoints)
